@@ -1,0 +1,149 @@
+"""Loading a frozen CLIP through open_clip's public API.
+
+Three ways to name the weights:
+- an open_clip pretrained tag (``ViT-B-16`` + ``openai``), downloaded to open_clip's cache by users with internet;
+- a local checkpoint file (``--pretrained /path/to/ViT-B-16.pt``);
+- ``none``: random weights, for offline smoke runs and benchmarks (speed does not depend on weight values).
+
+The architecture is an open_clip model name or a path to an open_clip model-config JSON (registered with
+``open_clip.add_model_config``, keyed by the file stem).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import open_clip
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+NO_WEIGHTS = ("none", "random", "")
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be obtained (no network and nothing cached). The message is one actionable line."""
+
+
+@dataclass
+class LoadedClip:
+    """A frozen CLIP with everything CoOp needs from it.
+
+    model: the open_clip model in eval mode with ``requires_grad=False`` everywhere.
+    tokenizer: open_clip's tokenizer for this architecture.
+    preprocess_val: open_clip's test transform (resize + centre crop + CLIP normalisation).
+    image_size / mean / std: what the transforms need.
+    model_name: the resolved open_clip architecture name; pretrained: the weights spec as given.
+    """
+
+    model: nn.Module
+    tokenizer: Callable
+    preprocess_val: Callable
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    model_name: str
+    pretrained: str
+
+
+def resolve_model_name(backbone: str) -> str:
+    """Return an open_clip model name for ``backbone``, registering a model-config JSON path when given one."""
+    path = Path(backbone)
+    if backbone.endswith(".json"):
+        if not path.is_file():
+            raise FileNotFoundError(f"model-config JSON not found: {backbone}")
+        open_clip.add_model_config(path)
+        return path.stem
+    if backbone not in open_clip.list_models():
+        raise ValueError(
+            f"unknown open_clip architecture {backbone!r}; use one of open_clip.list_models() (e.g. ViT-B-16, RN50) "
+            "or a path to a model-config JSON"
+        )
+    return backbone
+
+
+def _ensure_weights(model_name: str, pretrained: str, cache_dir: str | None, timeout_s: float) -> str:
+    """Resolve ``pretrained`` to a local checkpoint path, downloading a tag with a short network timeout.
+
+    Raises:
+        WeightsUnavailableError: the tag is unknown for this architecture or cannot be downloaded.
+    """
+    if os.path.isfile(pretrained):
+        return pretrained
+    if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        raise WeightsUnavailableError(f"checkpoint file not found: {pretrained}")
+    cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        raise WeightsUnavailableError(
+            f"no pretrained tag {pretrained!r} for {model_name}; known tags: {', '.join(tags) or 'none'}; "
+            "or pass a local checkpoint path, or 'none' for random weights"
+        )
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout_s)
+    env_backup = {k: os.environ.get(k) for k in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT")}
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(timeout_s)))
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(timeout_s)))
+    try:
+        path = open_clip.download_pretrained(cfg, cache_dir=cache_dir)
+    except Exception as err:  # network errors come in many types (socket, requests, huggingface_hub)
+        raise WeightsUnavailableError(
+            f"cannot download pretrained weights {model_name}/{pretrained} ({type(err).__name__}); "
+            f"download them where there is internet and pass --pretrained /path/to/checkpoint.pt, "
+            f"or pre-populate the open_clip/Hugging Face cache, or use --pretrained none for random weights"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+        for key, value in env_backup.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    if not path:
+        raise WeightsUnavailableError(f"open_clip returned no file for {model_name}/{pretrained}")
+    return path
+
+
+def load_clip(
+    backbone: str,
+    pretrained: str = "openai",
+    *,
+    device: str | torch.device = "cpu",
+    cache_dir: str | None = None,
+    download_timeout_s: float = 10.0,
+) -> LoadedClip:
+    """Load a frozen open_clip CLIP.
+
+    Args:
+        backbone: open_clip architecture name or model-config JSON path.
+        pretrained: pretrained tag, checkpoint path, or "none" for random weights.
+        device: where to put the model.
+        cache_dir: open_clip download cache.
+        download_timeout_s: network timeout for a tag download; offline this fails fast with one line.
+
+    Returns:
+        The frozen model, its tokenizer and test transform.
+    """
+    model_name = resolve_model_name(backbone)
+    weights = None if pretrained.lower() in NO_WEIGHTS else _ensure_weights(
+        model_name, pretrained, cache_dir, download_timeout_s
+    )
+    model, _, preprocess_val = open_clip.create_model_and_transforms(
+        model_name, pretrained=weights, device=device, cache_dir=cache_dir
+    )
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    pp = getattr(model.visual, "preprocess_cfg", None) or {}
+    size = pp.get("size", model.visual.image_size)
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    mean = tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(pp.get("std", open_clip.OPENAI_DATASET_STD))
+    logger.info("loaded %s (%s) on %s", model_name, pretrained, device)
+    return LoadedClip(model, tokenizer, preprocess_val, int(size), mean, std, model_name, pretrained)

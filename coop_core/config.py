@@ -1,0 +1,144 @@
+"""Frozen, validated configuration for CoOp.
+
+Every config is a frozen dataclass that validates itself at construction and raises a ``ValueError`` saying what is
+wrong and what is allowed. Override fields with ``dataclasses.replace``; serialise with ``dataclasses.asdict`` (the
+JSON written next to every checkpoint and logged as MLflow params).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
+PRECISIONS = ("fp32", "bf16", "amp")
+FEATURE_MODES = ("cached", "exact")
+
+# CoOp's schedule: epochs by number of shots (Zhou et al., Sec. 4.1 / configs/trainers/CoOp/*.yaml).
+EPOCHS_BY_SHOTS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
+
+
+def default_epochs(shots: int) -> int:
+    """CoOp's epoch count for ``shots`` (1 -> 50, 2/4 -> 100, 8/16 -> 200; other values use the next larger key)."""
+    if shots < 1:
+        raise ValueError(f"shots must be >= 1, got {shots}")
+    for k in sorted(EPOCHS_BY_SHOTS):
+        if shots <= k:
+            return EPOCHS_BY_SHOTS[k]
+    return EPOCHS_BY_SHOTS[16]
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """How the learnable prompt is built.
+
+    n_ctx: number of learnable context vectors (ignored when ``ctx_init`` is given: its word-token count wins).
+    ctx_init: words to initialise the context from (e.g. "a photo of a"); "" means random N(0, 0.02^2).
+    csc: class-specific context (one context per class) instead of one unified context.
+    class_token_position: where the class name sits relative to the context: end, middle or front.
+    """
+
+    n_ctx: int = 16
+    ctx_init: str = ""
+    csc: bool = False
+    class_token_position: str = "end"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n_ctx, int) or isinstance(self.n_ctx, bool) or self.n_ctx < 1:
+            raise ValueError(f"n_ctx must be a positive integer, got {self.n_ctx!r}")
+        if self.n_ctx > 64:
+            raise ValueError(f"n_ctx must be <= 64 (the prompt must fit CLIP's 77-token context), got {self.n_ctx}")
+        if not isinstance(self.ctx_init, str):
+            raise ValueError(f"ctx_init must be a string ('' for random init), got {self.ctx_init!r}")
+        if self.class_token_position not in CLASS_TOKEN_POSITIONS:
+            raise ValueError(
+                f"class_token_position must be one of {CLASS_TOKEN_POSITIONS}, got {self.class_token_position!r}"
+            )
+        if not isinstance(self.csc, bool):
+            raise ValueError(f"csc must be a bool, got {self.csc!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """CoOp's training recipe; defaults are the paper's.
+
+    lr/momentum/weight_decay: SGD hyper-parameters. epochs: None means CoOp's schedule by shots.
+    warmup_epochs/warmup_lr: constant-lr warm-up before the cosine schedule. batch_size: the *global* batch.
+    precision: fp32, bf16 (autocast, fp32 master context) or amp (fp16 autocast + loss scaling, CUDA only).
+    feature_mode: "cached" trains from pre-computed frozen image features (``n_views`` augmented views per image);
+    "exact" runs the frozen image encoder on freshly augmented images every step, as the reference does.
+    """
+
+    shots: int = 16
+    seed: int = 1
+    epochs: int | None = None
+    batch_size: int = 32
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    precision: str = "fp32"
+    feature_mode: str = "cached"
+    n_views: int = 10
+    eval_every: int = 1
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.shots < 1:
+            raise ValueError(f"shots must be >= 1, got {self.shots}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1 or None (CoOp's schedule by shots), got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.feature_mode not in FEATURE_MODES:
+            raise ValueError(f"feature_mode must be one of {FEATURE_MODES}, got {self.feature_mode!r}")
+        if self.n_views < 1:
+            raise ValueError(f"n_views must be >= 1, got {self.n_views}")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+
+    @property
+    def resolved_epochs(self) -> int:
+        """Epochs to run: the explicit value, or CoOp's schedule for ``shots``."""
+        return self.epochs if self.epochs is not None else default_epochs(self.shots)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which CLIP to load.
+
+    backbone: an open_clip architecture name (``ViT-B-16``, ``RN50``) or a path to an open_clip model-config JSON.
+    pretrained: an open_clip pretrained tag (``openai``), a local checkpoint path, or "none" for random weights.
+    """
+
+    backbone: str = "ViT-B-16"
+    pretrained: str = "openai"
+
+    def __post_init__(self) -> None:
+        if not self.backbone:
+            raise ValueError("backbone must be an open_clip model name or a model-config JSON path")
+        if not self.pretrained:
+            raise ValueError("pretrained must be a tag (e.g. 'openai'), a checkpoint path, or 'none'")
+
+
+def to_json(cfg: Any) -> str:
+    """Serialise a config dataclass (or a dict of them) to stable, sorted JSON."""
+    data = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {
+        k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in cfg.items()
+    }
+    return json.dumps(data, sort_keys=True, indent=2)

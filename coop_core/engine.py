@@ -1,0 +1,241 @@
+"""CoOp's training and evaluation loops: plain functions, one process, distribution injected.
+
+The loop iterates over *global* batches drawn from a generator seeded by ``(seed, epoch)``; a worker of a
+data-parallel run takes the strided shard ``batch[rank::world_size]`` of each global batch, computes
+``sum(cross_entropy) / len(global batch)`` and the injected ``Distributed.all_reduce_sum_`` adds up the context
+gradient, so N workers take exactly the optimisation step one worker would take on the whole batch. The core never
+knows about Ray or process groups; ``SingleProcess`` is the default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from coop_core.config import TrainConfig
+from coop_core.features import FeatureSet, TrainSource
+from coop_core.model import CoOpModel
+
+logger = logging.getLogger(__name__)
+
+
+class Distributed(Protocol):
+    """What the loop needs from a process group."""
+
+    rank: int
+    world_size: int
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
+        """Sum ``tensor`` over all workers, in place."""
+        ...
+
+
+@dataclass(frozen=True)
+class SingleProcess:
+    """The trivial process group: one worker."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
+        return None
+
+
+def lr_at(epoch: int, cfg: TrainConfig) -> float:
+    """CoOp's learning rate for 0-based ``epoch``: constant warm-up, then cosine over all epochs (Dassl's schedule)."""
+    if epoch < cfg.warmup_epochs:
+        return cfg.warmup_lr
+    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * epoch / cfg.resolved_epochs))
+
+
+def global_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """The epoch's global batches: a seeded permutation cut into ``batch_size`` chunks.
+
+    The last partial batch is dropped when there is at least one full batch (as CoOp's train loader does).
+    """
+    g = torch.Generator().manual_seed(seed * 7919 + epoch)
+    perm = torch.randperm(n, generator=g)
+    batches = list(perm.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+def macro_f1(pred: torch.Tensor, target: torch.Tensor, n_cls: int) -> float:
+    """Macro-averaged F1 over the classes present in ``target`` or ``pred``."""
+    idx = target * n_cls + pred
+    conf = torch.bincount(idx, minlength=n_cls * n_cls).reshape(n_cls, n_cls).double()  # (true, pred)
+    tp = conf.diag()
+    precision_den = conf.sum(0)
+    recall_den = conf.sum(1)
+    f1 = 2 * tp / (precision_den + recall_den).clamp(min=1)
+    present = (precision_den + recall_den) > 0
+    return float(f1[present].mean()) if present.any() else 0.0
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "amp":
+        if device.type != "cuda":
+            raise ValueError("precision 'amp' (fp16 + loss scaling) needs a CUDA device; use 'bf16' on CPU")
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: CoOpModel, data: FeatureSet, precision: str = "fp32", batch_size: int = 4096) -> dict[str, float]:
+    """Accuracy (%) and macro-F1 (%) from cached features: one text forward, then one matrix product per chunk."""
+    device = model.prompt_learner.ctx.device
+    with _autocast(precision, device):
+        text = model.text_features()
+    preds = []
+    for chunk in data.features.split(batch_size):
+        preds.append(model.logits(chunk.to(device).float(), text.float()).argmax(dim=-1).cpu())
+    pred = torch.cat(preds)
+    target = data.labels.cpu()
+    return {
+        "acc": 100.0 * float((pred == target).float().mean()),
+        "macro_f1": 100.0 * macro_f1(pred, target, model.prompt_learner.n_cls),
+    }
+
+
+@dataclass
+class TrainState:
+    """Everything needed to resume: epochs completed, context, optimiser, scheduler, RNG."""
+
+    epoch: int
+    ctx: torch.Tensor
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    grad_scaler: dict[str, Any] | None
+    rng: torch.Tensor
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch, "ctx": self.ctx, "optimizer": self.optimizer, "scheduler": self.scheduler,
+            "grad_scaler": self.grad_scaler, "rng": self.rng,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        return cls(d["epoch"], d["ctx"], d["optimizer"], d["scheduler"], d.get("grad_scaler"), d["rng"])
+
+
+def make_optimizer(model: CoOpModel, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """SGD over the context only, with CoOp's warm-up + cosine schedule stepped once per epoch."""
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_at(e, cfg) / cfg.lr)
+    return opt, sched
+
+
+def train(
+    model: CoOpModel,
+    data: TrainSource,
+    cfg: TrainConfig,
+    *,
+    val: FeatureSet | None = None,
+    dist: Distributed | None = None,
+    report: Callable[[dict[str, float]], None] | None = None,
+    on_epoch_end: Callable[[TrainState, dict[str, float]], None] | None = None,
+    resume: TrainState | None = None,
+) -> list[dict[str, float]]:
+    """Train the context with CoOp's recipe; the final model is the last epoch's.
+
+    Args:
+        model: the CoOp model (its context is updated in place).
+        data: training features (cached views or exact on-the-fly encoding).
+        cfg: the recipe (lr, schedule, batch size, epochs, precision, seed).
+        val: validation features, evaluated every ``cfg.eval_every`` epochs and at the last epoch.
+        dist: process group for data-parallel training; ``SingleProcess`` by default.
+        report: called with each epoch's metrics (``epoch``, ``train_loss``, ``train_acc``, ``lr``, ``val_acc``...).
+        on_epoch_end: called with the resumable state after each epoch (checkpointing).
+        resume: continue from this state.
+
+    Returns:
+        The per-epoch metrics.
+    """
+    dist = dist or SingleProcess()
+    device = model.prompt_learner.ctx.device
+    epochs = cfg.resolved_epochs
+    opt, sched = make_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "amp" else None
+    start = 0
+    if resume is not None:
+        with torch.no_grad():
+            model.prompt_learner.ctx.copy_(resume.ctx.to(device))
+        opt.load_state_dict(resume.optimizer)
+        sched.load_state_dict(resume.scheduler)
+        if scaler is not None and resume.grad_scaler:
+            scaler.load_state_dict(resume.grad_scaler)
+        torch.set_rng_state(resume.rng)
+        start = resume.epoch
+        logger.info("resuming at epoch %d/%d", start + 1, epochs)
+    labels = data.labels
+    n = labels.shape[0]
+    history = []
+    for epoch in range(start, epochs):
+        t0 = time.perf_counter()
+        model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        correct = torch.zeros((), dtype=torch.float64)
+        seen = 0
+        lr = opt.param_groups[0]["lr"]
+        for batch in global_batches(n, cfg.batch_size, cfg.seed, epoch):
+            shard = batch[dist.rank :: dist.world_size]
+            opt.zero_grad(set_to_none=False)
+            if len(shard):
+                feats = data.batch(shard, epoch).to(device)  # (b_shard, d)
+                y = labels[shard].to(device)
+                with _autocast(cfg.precision, device):
+                    logits = model.forward_features(feats)  # (b_shard, n_cls)
+                loss = F.cross_entropy(logits.float(), y, reduction="sum") / len(batch)
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                loss_sum += float(loss.detach()) * len(batch)
+                correct += float((logits.argmax(-1) == y).sum())
+            ctx = model.prompt_learner.ctx
+            if ctx.grad is None:  # this worker's shard was empty on the very first step
+                ctx.grad = torch.zeros_like(ctx)
+            grad = ctx.grad
+            if dist.world_size > 1:
+                dist.all_reduce_sum_(grad)
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            seen += len(batch)
+        sched.step()
+        stats = torch.stack([loss_sum, correct]).to(device)
+        if dist.world_size > 1:
+            dist.all_reduce_sum_(stats)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": float(stats[0]) / max(seen, 1),
+            "train_acc": 100.0 * float(stats[1]) / max(seen, 1),
+            "lr": lr,
+            "epoch_time_s": time.perf_counter() - t0,
+        }
+        if val is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == epochs):
+            v = evaluate(model, val, cfg.precision)
+            metrics.update(val_acc=v["acc"], val_macro_f1=v["macro_f1"])
+        history.append(metrics)
+        logger.info("epoch %d/%d %s", epoch + 1, epochs,
+                    " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+        if on_epoch_end is not None:
+            state = TrainState(epoch + 1, model.prompt_learner.ctx.detach().cpu().clone(), opt.state_dict(),
+                               sched.state_dict(), scaler.state_dict() if scaler is not None else None,
+                               torch.get_rng_state())
+            on_epoch_end(state, metrics)
+        if report is not None:
+            report(metrics)
+    return history

@@ -1,0 +1,50 @@
+"""Nearest-word interpretation of learned context (CoOp Sec. 4.5): each context vector's closest token embeddings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def _decode(tokenizer: Callable, token_id: int) -> str:
+    inner = getattr(tokenizer, "tokenizer", tokenizer)  # open_clip wraps HF tokenizers
+    if hasattr(inner, "decode"):
+        return inner.decode([token_id]).strip()
+    return str(token_id)
+
+
+@torch.no_grad()
+def nearest_words(ctx: torch.Tensor, token_embedding: nn.Embedding, tokenizer: Callable, topk: int = 3
+                  ) -> list[list[list[tuple[str, float]]]]:
+    """The ``topk`` vocabulary words nearest (Euclidean) to each context vector.
+
+    Args:
+        ctx: learned context, ``(n_ctx, width)`` unified or ``(n_cls, n_ctx, width)`` class-specific.
+        token_embedding: CLIP's token embedding.
+        tokenizer: the matching open_clip tokenizer (for decoding ids).
+        topk: words per context vector.
+
+    Returns:
+        ``[context_set][position][rank] -> (word, distance)``; one context set for unified context, one per class
+        for CSC.
+    """
+    vocab = token_embedding.weight.float()  # (vocab, width)
+    sets = ctx.float().reshape(-1, ctx.shape[-2], ctx.shape[-1]).to(vocab.device)  # (n_sets, n_ctx, width)
+    out = []
+    for ctx_set in sets:
+        dist = torch.cdist(ctx_set, vocab)  # (n_ctx, vocab)
+        d, idx = dist.topk(topk, dim=-1, largest=False)
+        out.append([[(_decode(tokenizer, int(i)), float(v)) for i, v in zip(row_i, row_d)] for row_i, row_d in zip(idx, d)])
+    return out
+
+
+def nearest_words_table(words: list[list[list[tuple[str, float]]]], classnames: list[str] | None = None) -> str:
+    """A plain-text table of :func:`nearest_words` output (one row per context set and position)."""
+    lines = ["set\tposition\twords (distance)"]
+    for s, ctx_set in enumerate(words):
+        name = classnames[s] if classnames is not None and len(words) > 1 else "shared"
+        for p, ranked in enumerate(ctx_set):
+            lines.append(f"{name}\t{p + 1}\t" + ", ".join(f"{w} ({d:.3f})" for w, d in ranked))
+    return "\n".join(lines)

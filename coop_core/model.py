@@ -1,0 +1,87 @@
+"""CoOp classifier: a frozen CLIP whose class prompts carry learned context."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coop_core.config import PromptConfig
+from coop_core.prompt_learner import PromptLearner
+from coop_core.text_encoder import TextEncoder, text_tower
+
+
+class CoOpModel(nn.Module):
+    """Image -> class logits with learnable prompts; everything but ``prompt_learner.ctx`` is frozen.
+
+    Logits are ``logit_scale.exp() * cosine(image_feature, text_feature)`` as in CLIP and CoOp. Training works on
+    image *features* (``forward_features``): the image encoder is frozen, so its output can come from the encoder on
+    the fly (exact mode) or from a cache, with identical gradients for the context.
+
+    Args:
+        clip: an open_clip ``CLIP`` or ``CustomTextCLIP`` (frozen by this constructor).
+        tokenizer: its open_clip tokenizer.
+        classnames: class names, index == label.
+        prompt: prompt configuration.
+        truncate_text: run the text transformer only up to the longest end-of-text position (same outputs).
+        generator: RNG for random context initialisation.
+    """
+
+    def __init__(
+        self,
+        clip: nn.Module,
+        tokenizer: Callable,
+        classnames: Sequence[str],
+        prompt: PromptConfig,
+        truncate_text: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        clip.requires_grad_(False)
+        tower = text_tower(clip)
+        self.prompt_learner = PromptLearner(
+            tower.token_embedding,
+            tokenizer,
+            classnames,
+            n_ctx=prompt.n_ctx,
+            ctx_init=prompt.ctx_init,
+            csc=prompt.csc,
+            class_token_position=prompt.class_token_position,
+            generator=generator,
+        )
+        self.text_encoder = TextEncoder(clip, truncate=truncate_text)
+        self.image_encoder = clip.visual
+        self.logit_scale = clip.logit_scale
+        self.prompt = prompt
+
+    @property
+    def classnames(self) -> list[str]:
+        return self.prompt_learner.classnames
+
+    def text_features(self) -> torch.Tensor:
+        """L2-normalised class text features ``(n_cls, embed_dim)`` from the current context."""
+        prompts = self.prompt_learner()  # (n_cls, seq, width)
+        return F.normalize(self.text_encoder(prompts, self.prompt_learner.eot_idx), dim=-1)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image features ``(b, embed_dim)`` from the frozen image encoder."""
+        return F.normalize(self.image_encoder(images).float(), dim=-1)
+
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """Scaled cosine similarities ``(b, n_cls)`` of normalised features."""
+        return self.logit_scale.exp() * image_features @ text_features.t().to(image_features.dtype)
+
+    def forward_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Logits ``(b, n_cls)`` for normalised image features."""
+        return self.logits(image_features, self.text_features())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits ``(b, n_cls)`` for a batch of preprocessed images."""
+        return self.forward_features(self.encode_images(images))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters CoOp optimises: only the context."""
+        return [self.prompt_learner.ctx]

@@ -14,9 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import open_clip
 import torch
@@ -25,6 +25,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 NO_WEIGHTS = ("none", "random", "")
+RANDOM_WEIGHTS_SEED = 0
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -134,9 +135,11 @@ def load_clip(
     weights = None if pretrained.lower() in NO_WEIGHTS else _ensure_weights(
         model_name, pretrained, cache_dir, download_timeout_s
     )
-    model, _, preprocess_val = open_clip.create_model_and_transforms(
-        model_name, pretrained=weights, device=device, cache_dir=cache_dir
-    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)  # "none" gives the same random weights in every process
+        model, _, preprocess_val = open_clip.create_model_and_transforms(
+            model_name, pretrained=weights, device=device, cache_dir=cache_dir
+        )
     model.eval()
     model.requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(model_name)

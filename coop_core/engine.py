@@ -130,7 +130,9 @@ class TrainState:
         return cls(d["epoch"], d["ctx"], d["optimizer"], d["scheduler"], d.get("grad_scaler"), d["rng"])
 
 
-def make_optimizer(model: CoOpModel, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def make_optimizer(
+    model: CoOpModel, cfg: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """SGD over the context only, with CoOp's warm-up + cosine schedule stepped once per epoch."""
     opt = torch.optim.SGD(model.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)

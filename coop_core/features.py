@@ -213,5 +213,6 @@ class FeatureCache:
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-            logger.info("cached features %s (%s)", path.name, ", ".join(f"{k}{tuple(v.shape)}" for k, v in tensors.items()))
+            shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in tensors.items())
+            logger.info("cached features %s (%s)", path.name, shapes)
             return tensors

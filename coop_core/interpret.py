@@ -36,7 +36,9 @@ def nearest_words(ctx: torch.Tensor, token_embedding: nn.Embedding, tokenizer: C
     for ctx_set in sets:
         dist = torch.cdist(ctx_set, vocab)  # (n_ctx, vocab)
         d, idx = dist.topk(topk, dim=-1, largest=False)
-        out.append([[(_decode(tokenizer, int(i)), float(v)) for i, v in zip(row_i, row_d)] for row_i, row_d in zip(idx, d)])
+        out.append(
+            [[(_decode(tokenizer, int(i)), float(v)) for i, v in zip(row_i, row_d)] for row_i, row_d in zip(idx, d)]
+        )
     return out
 
 

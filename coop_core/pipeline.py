@@ -17,8 +17,15 @@ from coop_core.backbone import LoadedClip
 from coop_core.config import ModelConfig, PromptConfig, TrainConfig
 from coop_core.datasets import DatasetSplits, ImageListDataset, Item
 from coop_core.engine import Distributed, TrainState, evaluate, train
-from coop_core.features import CachedViews, ExactImages, FeatureCache, FeatureSet, extract_features, items_digest
-from coop_core.features import weights_identity
+from coop_core.features import (
+    CachedViews,
+    ExactImages,
+    FeatureCache,
+    FeatureSet,
+    extract_features,
+    items_digest,
+    weights_identity,
+)
 from coop_core.fewshot import FewShotSplits
 from coop_core.model import CoOpModel
 from coop_core.transforms import describe, test_transform, train_transform

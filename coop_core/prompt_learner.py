@@ -120,7 +120,8 @@ class PromptLearner(nn.Module):
         longest = max(range(n_cls), key=lambda c: name_lens[c])
         if n_ctx + name_lens[longest] + 3 > seq_len:  # SOS + context + name + "." + EOS
             raise ValueError(
-                f"prompt for class {self.classnames[longest]!r} needs {n_ctx + name_lens[longest] + 3} tokens, more than "
+                f"prompt for class {self.classnames[longest]!r} needs {n_ctx + name_lens[longest] + 3} tokens, "
+                "more than "
                 f"the text context length {seq_len}; use fewer context tokens"
             )
         eot_idx = tokens.argmax(dim=-1)  # (n_cls,)
@@ -133,7 +134,9 @@ class PromptLearner(nn.Module):
         index = position_index(name_lens, n_ctx, seq_len, class_token_position).to(device)
         self.register_buffer("gather_index", index.unsqueeze(-1).expand(-1, -1, width).contiguous(), persistent=False)
         self.name_lens = name_lens
-        logger.debug("prompt learner: %d classes, n_ctx=%d, csc=%s, position=%s", n_cls, n_ctx, csc, class_token_position)
+        logger.debug(
+            "prompt learner: %d classes, n_ctx=%d, csc=%s, position=%s", n_cls, n_ctx, csc, class_token_position
+        )
 
     @property
     def n_cls(self) -> int:

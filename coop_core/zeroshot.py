@@ -14,7 +14,9 @@ from coop_core.prompt_learner import clean_classname
 
 
 @torch.no_grad()
-def zeroshot_text_features(clip: nn.Module, tokenizer: Callable, classnames: Sequence[str], template: str) -> torch.Tensor:
+def zeroshot_text_features(
+    clip: nn.Module, tokenizer: Callable, classnames: Sequence[str], template: str
+) -> torch.Tensor:
     """Normalised text features ``(n_cls, d)`` of ``template.format(classname)`` for every class."""
     if "{}" not in template:
         raise ValueError(f"template must contain '{{}}' where the class name goes, got {template!r}")

@@ -1,0 +1,236 @@
+"""Few-shot sampling (K images per class) and its cached, content-keyed Parquet manifests.
+
+Sampling uses a local ``random.Random(seed)`` and sorts each class by path first, so the same split, K and seed give
+the same images on every machine, whatever order the split was listed in. The manifest records exactly which images a
+run used (columns ``split, path, label, classname``); it lives in an explicit cache directory, never inside the data
+root, under a file name keyed by the dataset, K, seed and a hash of the source split, and is written atomically so
+concurrent workers can build it at the same time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import re
+import tempfile
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from coop_core.datasets.base import DatasetSplits, Item
+
+logger = logging.getLogger(__name__)
+
+VAL_SHOTS_CAP = 4  # CoOp samples min(K, 4) validation images per class.
+MANIFEST_VERSION = "1"  # bump when the sampling algorithm or the manifest format changes
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("label", pa.int64(), nullable=False),
+        pa.field("classname", pa.string(), nullable=False),
+    ]
+)
+_MANIFEST_SPLITS = ("train", "val")
+
+
+def _check_shots(shots: int) -> None:
+    if not isinstance(shots, int) or isinstance(shots, bool) or shots < 1:
+        raise ValueError(f"shots must be a positive integer, got {shots!r}")
+
+
+def sample_few_shot(items: Sequence[Item], shots: int, seed: int) -> list[Item]:
+    """Sample ``shots`` items per class.
+
+    Classes are visited in label order with one ``random.Random(seed)``; each class is sorted by path before
+    ``rng.sample``, so the result does not depend on the input order. A class with fewer than ``shots`` items
+    contributes all of them (with a warning).
+
+    Args:
+        items: The pool, e.g. a dataset's train split.
+        shots: Items per class (K), >= 1.
+        seed: Seed of the local RNG; the global ``random`` state is neither used nor changed.
+
+    Returns:
+        The sampled items, grouped by label in ascending order.
+    """
+    _check_shots(shots)
+    by_label: dict[int, list[Item]] = defaultdict(list)
+    for item in items:
+        by_label[item.label].append(item)
+    rng = random.Random(seed)
+    sampled: list[Item] = []
+    for label in sorted(by_label):
+        pool = sorted(by_label[label], key=lambda it: (it.path, it.classname))
+        if len(pool) < shots:
+            logger.warning(
+                "class %d (%s) has only %d items, fewer than %d shots: taking all of them",
+                label,
+                pool[0].classname,
+                len(pool),
+                shots,
+            )
+            sampled += pool
+        else:
+            sampled += rng.sample(pool, shots)
+    return sampled
+
+
+@dataclass(frozen=True)
+class FewShotSplits:
+    """The few-shot train and val items of one (dataset, K, seed), and the manifest recording them.
+
+    manifest_path: the Parquet manifest in the cache directory, or None when no cache directory was given.
+    """
+
+    train: tuple[Item, ...]
+    val: tuple[Item, ...]
+    manifest_path: Path | None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.train, tuple) or not isinstance(self.val, tuple):
+            raise ValueError("FewShotSplits.train and .val must be tuples of Item")
+        if not self.train:
+            raise ValueError("FewShotSplits.train is empty")
+
+
+def source_hash(splits: DatasetSplits) -> str:
+    """sha256 of the train and val splits' (path, label, classname), independent of their order."""
+    digest = hashlib.sha256(f"coop-fewshot-v{MANIFEST_VERSION}\n".encode())
+    for split in _MANIFEST_SPLITS:
+        lines = sorted(f"{split}\t{it.path}\t{it.label}\t{it.classname}\n" for it in splits.split(split))
+        for line in lines:
+            digest.update(line.encode("utf-8"))
+    return digest.hexdigest()
+
+
+def manifest_name(dataset: str, shots: int, seed: int, digest: str) -> str:
+    """File name of a manifest: ``fewshot_<dataset>_<K>shot_seed<seed>_<hash16>.parquet``."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset) or "dataset"
+    return f"fewshot_{safe}_{shots}shot_seed{seed}_{digest[:16]}.parquet"
+
+
+def _check_outside_data(cache_dir: Path, image_dir: Path) -> None:
+    images = image_dir.resolve()
+    cache = cache_dir.resolve()
+    if cache == images or images in cache.parents:
+        raise ValueError(f"cache_dir {cache_dir} is inside the image folder {image_dir}; caches never go in the data")
+
+
+def _class_counts(items: Sequence[Item]) -> dict[int, int]:
+    counts: dict[int, int] = defaultdict(int)
+    for item in items:
+        counts[item.label] += 1
+    return dict(counts)
+
+
+def _metadata(splits: DatasetSplits, shots: int, seed: int, digest: str) -> dict[bytes, bytes]:
+    meta = {"version": MANIFEST_VERSION, "dataset": splits.name, "shots": str(shots), "seed": str(seed)}
+    meta["source_sha256"] = digest
+    return {f"coop_fewshot.{k}".encode(): v.encode() for k, v in meta.items()}
+
+
+def _write_manifest(path: Path, train: Sequence[Item], val: Sequence[Item], metadata: dict[bytes, bytes]) -> None:
+    rows = [("train", it) for it in train] + [("val", it) for it in val]
+    table = pa.table(
+        {
+            "split": [split for split, _ in rows],
+            "path": [it.path for _, it in rows],
+            "label": [it.label for _, it in rows],
+            "classname": [it.classname for _, it in rows],
+        },
+        schema=MANIFEST_SCHEMA.with_metadata(metadata),
+    )
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide a shared cache from other users
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def _read_manifest(
+    path: Path, splits: DatasetSplits, shots: int, metadata: dict[bytes, bytes]
+) -> tuple[tuple[Item, ...], tuple[Item, ...]]:
+    """Items of a manifest; raises ValueError (or an Arrow/OS error) if it is unreadable or does not fit ``splits``."""
+    table = pq.read_table(path)
+    if not table.schema.remove_metadata().equals(MANIFEST_SCHEMA):
+        raise ValueError(f"unexpected columns {table.schema.names}")
+    stored = table.schema.metadata or {}
+    if any(stored.get(k) != v for k, v in metadata.items()):
+        raise ValueError("manifest metadata does not match the requested dataset, shots, seed or source split")
+    columns = table.to_pydict()
+    result: dict[str, list[Item]] = {split: [] for split in _MANIFEST_SPLITS}
+    for split, rel, label, classname in zip(
+        columns["split"], columns["path"], columns["label"], columns["classname"], strict=True
+    ):
+        if split not in result:
+            raise ValueError(f"unknown split {split!r} in manifest")
+        result[split].append(Item(rel, label, classname))
+    for split, k in (("train", shots), ("val", min(shots, VAL_SHOTS_CAP))):
+        source = splits.split(split)
+        items = result[split]
+        if _class_counts(items) != {label: min(n, k) for label, n in _class_counts(source).items()}:
+            raise ValueError(f"manifest {split} does not hold {k} items per class")
+        members = set(source)
+        if len(set(items)) != len(items) or any(it not in members for it in items):
+            raise ValueError(f"manifest {split} items are not a sample of the dataset's {split} split")
+    return tuple(result["train"]), tuple(result["val"])
+
+
+def build_few_shot(splits: DatasetSplits, shots: int, seed: int, cache_dir: str | Path | None) -> FewShotSplits:
+    """Few-shot train/val items for (dataset, K, seed), reusing a cached manifest when one exists.
+
+    ``train`` is ``sample_few_shot(splits.train, shots, seed)`` and ``val`` is
+    ``sample_few_shot(splits.val, min(shots, 4), seed)`` (CoOp's few-shot validation set). With a cache directory the
+    result is stored as a Parquet manifest there (see :func:`manifest_name`); an existing manifest that is readable
+    and matches the source split is reused, a damaged one is rebuilt. The write goes to a temporary file in the same
+    directory and is renamed into place, so concurrent builders never expose a partial file (they all write the same
+    content, the last rename wins).
+
+    Args:
+        splits: The loaded dataset.
+        shots: Training images per class (K), >= 1.
+        seed: Sampling seed.
+        cache_dir: Folder for manifests (created if needed), or None to write nothing. Keep it outside the data root;
+            a folder inside the image folder is refused.
+
+    Raises:
+        ValueError: Invalid ``shots``, or ``cache_dir`` inside the image folder.
+    """
+    _check_shots(shots)
+    if cache_dir is None:
+        train = sample_few_shot(splits.train, shots, seed)
+        val = sample_few_shot(splits.val, min(shots, VAL_SHOTS_CAP), seed)
+        return FewShotSplits(train=tuple(train), val=tuple(val), manifest_path=None)
+
+    cache_dir = Path(cache_dir)
+    _check_outside_data(cache_dir, splits.image_dir)
+    digest = source_hash(splits)
+    metadata = _metadata(splits, shots, seed, digest)
+    path = cache_dir / manifest_name(splits.name, shots, seed, digest)
+    if path.exists():
+        try:
+            train_items, val_items = _read_manifest(path, splits, shots, metadata)
+            logger.debug("reusing few-shot manifest %s", path)
+            return FewShotSplits(train=train_items, val=val_items, manifest_path=path)
+        except Exception as err:  # any damage (truncated file, wrong schema, stale content) means rebuild
+            logger.warning("few-shot manifest %s is unreadable or stale (%s); rebuilding it", path, err)
+
+    train = sample_few_shot(splits.train, shots, seed)
+    val = sample_few_shot(splits.val, min(shots, VAL_SHOTS_CAP), seed)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _write_manifest(path, train, val, metadata)
+    logger.info("wrote few-shot manifest %s (%d train, %d val)", path, len(train), len(val))
+    return FewShotSplits(train=tuple(train), val=tuple(val), manifest_path=path)

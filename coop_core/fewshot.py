@@ -94,8 +94,13 @@ class FewShotSplits:
     manifest_path: Path | None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.train, tuple) or not isinstance(self.val, tuple):
-            raise ValueError("FewShotSplits.train and .val must be tuples of Item")
+        for field in ("train", "val"):
+            items = tuple(getattr(self, field))
+            if not all(isinstance(item, Item) for item in items):
+                raise ValueError(f"FewShotSplits.{field} must hold Item objects")
+            object.__setattr__(self, field, items)
+        if self.manifest_path is not None:
+            object.__setattr__(self, "manifest_path", Path(self.manifest_path))
         if not self.train:
             raise ValueError("FewShotSplits.train is empty")
 

@@ -87,7 +87,9 @@ def download_url(url: str, directory: Path, *, timeout: float = 60.0) -> Path:
                 out.write(chunk)
                 done += len(chunk)
                 if done >= next_report:
-                    logger.info("downloading %s: %.1f / %s MiB", url, done / 2**20, f"{total / 2**20:.1f}" if total else "?")
+                    logger.info(
+                        "downloading %s: %.1f / %s MiB", url, done / 2**20, f"{total / 2**20:.1f}" if total else "?"
+                    )
                     next_report = done + 50 * 2**20
         return tmp
     except BaseException:

@@ -1,0 +1,418 @@
+"""Dataset types, the dataset registry, CoOp split files and the image dataset used by the loops.
+
+A dataset is described by a :class:`DatasetSpec` (where its files live under the data root, CoOp's hand-crafted
+template, and a loader) registered under a lowercase key equal to the CLI value. Loading returns a
+:class:`DatasetSplits`: plain, frozen lists of :class:`Item` (a relative image path, a label and the readable class
+name), so few-shot sampling, caching and hashing never need to touch images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import numbers
+import random
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch.utils.data
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "val", "test")
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+COOP_DATASETS_URL = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
+_KEY_RE = re.compile(r"[a-z0-9_]+")
+
+
+def readable_classname(name: str) -> str:
+    """CoOp's class-name clean-up: underscores become spaces (``"american_bulldog"`` -> ``"american bulldog"``)."""
+    return name.replace("_", " ").strip()
+
+
+@dataclass(frozen=True)
+class Item:
+    """One labelled image.
+
+    path: image path relative to :attr:`DatasetSplits.image_dir`, POSIX separators.
+    label: class index, ``DatasetSplits.classnames[label]`` is its name.
+    classname: readable class name (underscores already replaced by spaces).
+    """
+
+    path: str
+    label: int
+    classname: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            raise ValueError(f"Item.path must be a non-empty relative path, got {self.path!r}")
+        posix = PurePosixPath(self.path)
+        if "\\" in self.path or posix.is_absolute() or ".." in posix.parts:
+            raise ValueError(f"Item.path must be relative (no '..') with POSIX separators, got {self.path!r}")
+        if not isinstance(self.label, numbers.Integral) or isinstance(self.label, bool) or self.label < 0:
+            raise ValueError(f"Item.label must be a non-negative integer, got {self.label!r}")
+        object.__setattr__(self, "label", int(self.label))  # numpy / Arrow integers become plain ints
+        if not isinstance(self.classname, str) or not self.classname:
+            raise ValueError(f"Item.classname must be a non-empty string, got {self.classname!r}")
+
+
+@dataclass(frozen=True)
+class DatasetSplits:
+    """A loaded dataset: class names, zero-shot template and the train/val/test items.
+
+    name: registry key of the dataset. image_dir: absolute folder that item paths are relative to.
+    classnames: readable names, index == label. template: hand-crafted zero-shot prompt with one ``{}``.
+    """
+
+    name: str
+    image_dir: Path
+    classnames: tuple[str, ...]
+    template: str
+    train: tuple[Item, ...]
+    val: tuple[Item, ...]
+    test: tuple[Item, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.image_dir, (str, Path)) or not Path(self.image_dir).is_absolute():
+            raise ValueError(f"DatasetSplits.image_dir must be an absolute path, got {self.image_dir!r}")
+        object.__setattr__(self, "image_dir", Path(self.image_dir))
+        for field in ("classnames", *SPLIT_NAMES):  # accept any sequence, store tuples (hashable, immutable)
+            value = getattr(self, field)
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                raise ValueError(f"DatasetSplits.{field} must be a sequence, got {type(value).__name__}")
+            object.__setattr__(self, field, tuple(value))
+        if not self.classnames:
+            raise ValueError(f"dataset {self.name!r} has no classes")
+        _check_template(self.template)
+        n_cls = len(self.classnames)
+        for split in SPLIT_NAMES:
+            for item in getattr(self, split):
+                if not isinstance(item, Item):
+                    raise ValueError(f"DatasetSplits.{split} must hold Item objects, got {type(item).__name__}")
+                if item.label >= n_cls:
+                    raise ValueError(
+                        f"{split} item {item.path!r} has label {item.label} but the dataset has {n_cls} classes"
+                    )
+                if item.classname != self.classnames[item.label]:
+                    raise ValueError(
+                        f"{split} item {item.path!r} is named {item.classname!r} but label {item.label} is "
+                        f"{self.classnames[item.label]!r}"
+                    )
+
+    def split(self, name: str) -> tuple[Item, ...]:
+        """The items of split ``name`` (``"train"``, ``"val"`` or ``"test"``)."""
+        if name not in SPLIT_NAMES:
+            raise ValueError(f"unknown split {name!r}; expected one of {SPLIT_NAMES}")
+        return getattr(self, name)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a dataset lives and how to read it.
+
+    name: lowercase registry key == CLI value. dataset_dir: folder under the data root. image_dir: image folder under
+    ``dataset_dir`` ("" when split paths are relative to ``dataset_dir`` itself). split_file: CoOp split JSON under
+    ``dataset_dir`` or None. template: CoOp's hand-crafted prompt. loader: ``loader(root, spec)`` reads the data root.
+    layout: the expected directory layout, shown in errors. download: optional ``download(root, spec)`` fetching the
+    images into place (opt-in only).
+    """
+
+    name: str
+    dataset_dir: str
+    image_dir: str
+    split_file: str | None
+    template: str
+    loader: Callable[[Path, DatasetSpec], DatasetSplits]
+    layout: str
+    download: Callable[[Path, DatasetSpec], Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _KEY_RE.fullmatch(self.name):
+            raise ValueError(f"dataset key must be lowercase [a-z0-9_]+, got {self.name!r}")
+        if not self.dataset_dir or Path(self.dataset_dir).is_absolute():
+            raise ValueError(f"dataset_dir must be a folder name relative to the data root, got {self.dataset_dir!r}")
+        if Path(self.image_dir).is_absolute():
+            raise ValueError(f"image_dir must be relative to dataset_dir, got {self.image_dir!r}")
+        _check_template(self.template)
+        if not callable(self.loader):
+            raise ValueError(f"loader of dataset {self.name!r} must be callable")
+        if self.download is not None and not callable(self.download):
+            raise ValueError(f"download of dataset {self.name!r} must be callable or None")
+        if not self.layout.strip():
+            raise ValueError(f"dataset {self.name!r} needs a layout description for its error messages")
+
+    def dataset_path(self, root: Path) -> Path:
+        """``<root>/<dataset_dir>``."""
+        return Path(root) / self.dataset_dir
+
+    def image_path(self, root: Path) -> Path:
+        """``<root>/<dataset_dir>/<image_dir>``."""
+        return self.dataset_path(root) / self.image_dir if self.image_dir else self.dataset_path(root)
+
+
+def _check_template(template: str) -> None:
+    if not isinstance(template, str) or template.count("{}") != 1:
+        raise ValueError(f"template must contain exactly one '{{}}' for the class name, got {template!r}")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset's files are not where the loader expects them; the message says what to put where."""
+
+    @classmethod
+    def for_spec(cls, spec: DatasetSpec, root: Path, missing: Path) -> DatasetNotFoundError:
+        """Error for ``spec`` whose ``missing`` path under ``root`` does not exist."""
+        if spec.download is not None:
+            how = (
+                f"Download the images with --download (load_dataset({spec.name!r}, root, download=True)), "
+                f"or prepare them by hand as described in CoOp's DATASETS.md: {COOP_DATASETS_URL}"
+            )
+        else:
+            how = f"There is no automatic download for {spec.name!r}; prepare it as described in CoOp's DATASETS.md: "
+            how += COOP_DATASETS_URL
+        message = (
+            f"dataset {spec.name!r} not found: {missing} does not exist.\n"
+            f"Expected layout under the data root {root}:\n{spec.layout.rstrip()}\n{how}"
+        )
+        return cls(message)
+
+
+# The registry: explicit, filled by the modules imported in ``coop_core.datasets.__init__``.
+_REGISTRY: dict[str, DatasetSpec] = {}
+
+
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    """Add ``spec`` to the registry under ``spec.name``.
+
+    Raises:
+        ValueError: If the key is already registered (keys are validated by :class:`DatasetSpec`).
+    """
+    if not isinstance(spec, DatasetSpec):
+        raise ValueError(f"register_dataset expects a DatasetSpec, got {type(spec).__name__}")
+    if spec.name in _REGISTRY:
+        raise ValueError(f"dataset {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_datasets() -> list[str]:
+    """Registered dataset keys, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_dataset_spec(name: str) -> DatasetSpec:
+    """The registered spec for ``name``.
+
+    Raises:
+        ValueError: If ``name`` is not registered; the message lists the registered datasets.
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}") from None
+
+
+def load_dataset(name: str, root: str | Path, *, download: bool = False) -> DatasetSplits:
+    """Load dataset ``name`` from the data root ``root``.
+
+    Args:
+        name: Registry key, e.g. ``"eurosat"``.
+        root: Data root holding ``<dataset_dir>/`` folders (as in CoOp's DATASETS.md).
+        download: Fetch the images first if they are missing and the dataset supports it. Off by default: loading
+            never touches the network unless asked.
+
+    Raises:
+        ValueError: Unknown dataset.
+        DatasetNotFoundError: The files are missing (and were not downloaded).
+    """
+    spec = get_dataset_spec(name)
+    root = Path(root).expanduser().resolve()
+    if download and not spec.image_path(root).is_dir():
+        if spec.download is None:
+            raise DatasetNotFoundError.for_spec(spec, root, spec.image_path(root))
+        logger.info("downloading dataset %r into %s", name, spec.dataset_path(root))
+        spec.download(root, spec)
+    return spec.loader(root, spec)
+
+
+def require_dir(spec: DatasetSpec, root: Path, path: Path) -> Path:
+    """Return ``path`` if it is a directory, else raise :class:`DatasetNotFoundError` with ``spec``'s layout."""
+    if not path.is_dir():
+        raise DatasetNotFoundError.for_spec(spec, root, path)
+    return path
+
+
+def require_file(spec: DatasetSpec, root: Path, path: Path) -> Path:
+    """Return ``path`` if it is a file, else raise :class:`DatasetNotFoundError` with ``spec``'s layout."""
+    if not path.is_file():
+        raise DatasetNotFoundError.for_spec(spec, root, path)
+    return path
+
+
+def _normalise_path(path: str) -> str:
+    return PurePosixPath(path.replace("\\", "/")).as_posix()
+
+
+def read_coop_split(path: Path) -> tuple[list[Item], list[Item], list[Item]]:
+    """Read a CoOp split JSON (``{"train": [[relpath, label, classname], ...], "val": ..., "test": ...}``).
+
+    Class names are made readable (underscores -> spaces), so ``item.classname`` equals the dataset's
+    ``classnames[item.label]``.
+
+    Raises:
+        ValueError: If the file is not valid JSON of that shape.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, Mapping) or any(split not in data for split in SPLIT_NAMES):
+        raise ValueError(f"{path} must be a JSON object with keys {SPLIT_NAMES}")
+    splits: list[list[Item]] = []
+    for split in SPLIT_NAMES:
+        items = []
+        for i, entry in enumerate(data[split]):
+            if not isinstance(entry, Sequence) or isinstance(entry, str) or len(entry) != 3:
+                raise ValueError(f"{path}: {split}[{i}] must be [relpath, label, classname], got {entry!r}")
+            relpath, label, classname = entry
+            if not isinstance(relpath, str) or not isinstance(classname, str):
+                raise ValueError(f"{path}: {split}[{i}] must be [relpath, label, classname], got {entry!r}")
+            try:
+                items.append(Item(_normalise_path(relpath), label, readable_classname(classname)))
+            except ValueError as err:
+                raise ValueError(f"{path}: {split}[{i}]: {err}") from err
+        splits.append(items)
+    train, val, test = splits
+    return train, val, test
+
+
+def classnames_from_items(*splits: Sequence[Item]) -> tuple[str, ...]:
+    """The class-name table (index == label) implied by items.
+
+    Raises:
+        ValueError: If a label has two names, two labels share a name, or labels are not ``0..n-1``.
+    """
+    names: dict[int, str] = {}
+    for items in splits:
+        for item in items:
+            known = names.setdefault(item.label, item.classname)
+            if known != item.classname:
+                raise ValueError(f"label {item.label} has two class names: {known!r} and {item.classname!r}")
+    if not names:
+        raise ValueError("no items: cannot derive class names")
+    missing = sorted(set(range(max(names) + 1)) - set(names))
+    if missing:
+        raise ValueError(f"labels must be 0..{max(names)}, but {missing[:10]} have no items")
+    table = tuple(names[label] for label in range(len(names)))
+    if len(set(table)) != len(table):
+        raise ValueError("two labels share a class name")
+    return table
+
+
+def list_images(directory: Path) -> list[str]:
+    """Sorted names of the non-hidden image files directly in ``directory``."""
+    return sorted(
+        p.name
+        for p in directory.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def split_image_folder(
+    image_dir: Path,
+    *,
+    p_train: float = 0.5,
+    p_val: float = 0.2,
+    seed: int = 1,
+    new_classnames: Mapping[str, str] | None = None,
+) -> tuple[list[Item], list[Item], list[Item]]:
+    """Deterministic per-class train/val/test split of a ``<image_dir>/<class>/<image>`` tree.
+
+    Mirrors CoOp's ``read_and_split_data``: classes are the sorted folder names (label = index), each class's images
+    are shuffled and cut into ``round(n * p_train)`` train, ``round(n * p_val)`` val and the rest test. Unlike CoOp it
+    sorts file names first and uses a local ``random.Random(seed)``, so the split depends only on the files and seed.
+
+    Args:
+        image_dir: Folder with one sub-folder per class.
+        p_train: Fraction of each class for training.
+        p_val: Fraction of each class for validation; the rest is test.
+        seed: Seed of the local RNG.
+        new_classnames: Optional folder name -> readable name mapping; other names get underscores replaced.
+
+    Raises:
+        ValueError: If the fractions are invalid, there are no class folders, or a class is too small to give every
+            split at least one image.
+    """
+    if not (0 < p_train < 1 and 0 < p_val < 1 and p_train + p_val < 1):
+        raise ValueError(f"need 0 < p_train, p_val and p_train + p_val < 1, got {p_train}, {p_val}")
+    folders = sorted(p.name for p in image_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise ValueError(f"no class folders in {image_dir}")
+    rng = random.Random(seed)
+    train: list[Item] = []
+    val: list[Item] = []
+    test: list[Item] = []
+    for label, folder in enumerate(folders):
+        images = [f"{folder}/{name}" for name in list_images(image_dir / folder)]
+        rng.shuffle(images)
+        n_train = round(len(images) * p_train)
+        n_val = round(len(images) * p_val)
+        if n_train < 1 or n_val < 1 or len(images) - n_train - n_val < 1:
+            raise ValueError(f"class folder {folder!r} has {len(images)} images: too few to split into train/val/test")
+        name = new_classnames[folder] if new_classnames and folder in new_classnames else readable_classname(folder)
+        train += [Item(p, label, name) for p in images[:n_train]]
+        val += [Item(p, label, name) for p in images[n_train : n_train + n_val]]
+        test += [Item(p, label, name) for p in images[n_train + n_val :]]
+    return train, val, test
+
+
+def make_splits(
+    spec: DatasetSpec,
+    image_dir: Path,
+    train: Sequence[Item],
+    val: Sequence[Item],
+    test: Sequence[Item],
+    classnames: Sequence[str] | None = None,
+) -> DatasetSplits:
+    """Assemble a :class:`DatasetSplits` for ``spec``, deriving class names from the items unless given."""
+    names = tuple(classnames) if classnames is not None else classnames_from_items(train, val, test)
+    return DatasetSplits(
+        name=spec.name,
+        image_dir=image_dir,
+        classnames=names,
+        template=spec.template,
+        train=tuple(train),
+        val=tuple(val),
+        test=tuple(test),
+    )
+
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """Images of a list of :class:`Item`, read from ``image_dir``.
+
+    ``dataset[i]`` is ``(transform(RGB PIL image), label, i)``; the index lets feature caches map outputs back to
+    items. Without a transform the PIL image itself is returned.
+    """
+
+    def __init__(
+        self,
+        image_dir: str | Path,
+        items: Sequence[Item],
+        transform: Callable[[Image.Image], Any] | None = None,
+    ) -> None:
+        self.image_dir = Path(image_dir)
+        self.items = tuple(items)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int]:
+        item = self.items[index]
+        with Image.open(self.image_dir / item.path) as image:
+            rgb = image.convert("RGB")
+        return (self.transform(rgb) if self.transform is not None else rgb), item.label, index

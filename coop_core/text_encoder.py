@@ -5,11 +5,20 @@ open_clip's text path is batch-first: ``(batch, seq, width)`` all the way throug
 Truncation: the text transformer is causal and the text feature is read at the end-of-text (EOT) position, so nothing
 after the longest EOT among the prompts can change any feature. We run the transformer on ``max(eot) + 1`` positions
 instead of the full context length (77 for CLIP), with identical outputs.
+
+Batch-first blocks: open_clip's ``ResidualAttentionBlock`` calls ``nn.MultiheadAttention(batch_first=True)``, which
+turns the input sequence-first internally; its QKV projection then runs on a non-contiguous input as one small matmul
+per position, and q/k/v are copied out and, in backward, zero-filled and summed back. For a plain block (no
+cross-attention, no key/value bias, no dropout) we compute the very same operations batch-first instead: one QKV
+matmul over all ``n * seq`` tokens, views for q/k/v, the same ``scaled_dot_product_attention`` kernel. Outputs are
+identical; on CPU the text forward+backward spends its time in matmuls again (see ``bench/text_floor.py``).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 
@@ -36,6 +45,35 @@ def text_tower(clip: nn.Module) -> nn.Module:
     return tower
 
 
+def _plain_block(block: nn.Module) -> bool:
+    """Whether ``block`` is open_clip's standard self-attention block, which :func:`_block_forward` reproduces."""
+    attn = getattr(block, "attn", None)
+    return (
+        type(block) is ResidualAttentionBlock
+        and not hasattr(block, "ln_1_kv")
+        and isinstance(attn, nn.MultiheadAttention)
+        and attn.batch_first
+        and attn.in_proj_weight is not None  # packed QKV (same embedding dim for q, k, v)
+        and attn.bias_k is None
+        and attn.bias_v is None
+        and not attn.add_zero_attn
+        and attn.dropout == 0.0
+    )
+
+
+def _block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``ResidualAttentionBlock.forward`` for self-attention, batch-first throughout."""
+    attn = block.attn
+    n, seq, width = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # (n, seq, 3 * width)
+    q, k, v = qkv.view(n, seq, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)  # (n, heads, seq, hd)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype))  # (n, heads, seq, hd)
+    out = attn.out_proj(out.transpose(1, 2).reshape(n, seq, width))  # (n, seq, width)
+    x = x + block.ls_1(out)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
 class TextEncoder(nn.Module):
     """Frozen CLIP text transformer applied to prompt embeddings.
 
@@ -53,6 +91,9 @@ class TextEncoder(nn.Module):
         self.text_projection = tower.text_projection
         self.register_buffer("attn_mask", tower.attn_mask, persistent=False)
         self.truncate = truncate
+        self._batch_first_blocks = getattr(self.transformer, "batch_first", False) and all(
+            _plain_block(b) for b in getattr(self.transformer, "resblocks", ())
+        )
 
     def forward(self, prompts: torch.Tensor, eot_idx: torch.Tensor) -> torch.Tensor:
         """Encode prompts.
@@ -67,7 +108,12 @@ class TextEncoder(nn.Module):
         seq = int(eot_idx.max()) + 1 if self.truncate else prompts.shape[1]
         cast_dtype = self.transformer.get_cast_dtype()
         x = prompts[:, :seq].to(cast_dtype) + self.positional_embedding[:seq].to(cast_dtype)  # (n, seq, width)
-        x = self.transformer(x, attn_mask=self.attn_mask[:seq, :seq])  # (n, seq, width)
+        attn_mask = self.attn_mask[:seq, :seq]  # (seq, seq), causal
+        if self._batch_first_blocks and not self.transformer.grad_checkpointing:
+            for block in self.transformer.resblocks:
+                x = _block_forward(block, x, attn_mask)  # (n, seq, width)
+        else:
+            x = self.transformer(x, attn_mask=attn_mask)  # (n, seq, width)
         x = x[torch.arange(x.shape[0], device=x.device), eot_idx]  # (n, width)
         x = self.ln_final(x)  # LayerNorm is per-token: applying it after the EOT gather is the same, and cheaper
         if self.text_projection is None:

@@ -1,0 +1,170 @@
+"""Shared helpers for the benchmarks: timing, machine description, the reference text path, output.
+
+Every benchmark measures its baseline and its candidate side by side in one process, interleaving repetitions so that
+load from other processes on a shared machine hits both alike. Times are reported as the median of the repetitions
+(and the minimum, the best estimate of the unloaded cost when neighbours are noisy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+# CoOp's readable EuroSAT class names (datasets/eurosat.py NEW_CNAMES), label order.
+EUROSAT_CLASSNAMES: tuple[str, ...] = (
+    "Annual Crop Land",
+    "Forest",
+    "Herbaceous Vegetation Land",
+    "Highway or Road",
+    "Industrial Buildings",
+    "Pasture Land",
+    "Permanent Crop Land",
+    "Residential Buildings",
+    "River",
+    "Sea or Lake",
+)
+
+
+@dataclass
+class Timing:
+    """Wall times (seconds) of the repetitions of one measured callable."""
+
+    name: str
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def min(self) -> float:
+        return min(self.times)
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"median_s": self.median, "min_s": self.min, "reps": len(self.times)}
+
+
+def time_once(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1,
+                inner: dict[str, int] | None = None) -> dict[str, Timing]:
+    """Time several callables side by side: ``warmup`` untimed rounds, then ``reps`` rounds of each in turn.
+
+    ``inner[name] = k`` runs that callable ``k`` times per round and records each call (cheap callables get more
+    samples without making the expensive ones take longer).
+    """
+    inner = inner or {}
+    out = {name: Timing(name) for name in fns}
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    for _ in range(reps):
+        for name, fn in fns.items():
+            for _ in range(inner.get(name, 1)):
+                out[name].times.append(time_once(fn))
+    return out
+
+
+def paired_ratio(num: Timing, den: Timing, num_per_round: int = 1, den_per_round: int = 1,
+                 den_scale: float = 1.0) -> float:
+    """Median over rounds of ``median(num in round) / (den_scale * median(den in round))``.
+
+    Calls of the same round ran back to back, so they saw the same load from other processes: the per-round ratio
+    cancels most of that noise, and the median over rounds discards the rounds it did not.
+    """
+    rounds = min(len(num.times) // num_per_round, len(den.times) // den_per_round)
+    ratios = []
+    for r in range(rounds):
+        n = statistics.median(num.times[r * num_per_round:(r + 1) * num_per_round])
+        d = statistics.median(den.times[r * den_per_round:(r + 1) * den_per_round])
+        ratios.append(n / (den_scale * d))
+    return statistics.median(ratios)
+
+
+def set_threads(threads: int | None) -> int:
+    """Use ``threads`` intra-op threads (default: torch's default, all cores); returns the number in use."""
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def machine() -> dict[str, object]:
+    """What the numbers were measured on, including the load from other processes (noise indicator)."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "loadavg_1m": round(load[0], 2),
+    }
+
+
+def machine_line(info: dict[str, object]) -> str:
+    return (f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} with {info['torch_threads']} "
+            f"threads, load average {info['loadavg_1m']} (other processes share these cores: expect noise)")
+
+
+def reference_text_features(model: torch.nn.Module, truncate: bool = False) -> torch.Tensor:
+    """Normalised class text features the way the reference CoOp computes them, through open_clip's own modules.
+
+    Reference CoOp's ``TextEncoder``: prompts + positional embedding -> CLIP's text transformer with its causal mask
+    over the full context length (77) -> ``ln_final`` -> feature at the end-of-text token -> projection. It calls
+    open_clip's modules directly, so it stays the baseline whatever ``coop_core.text_encoder`` does. ``truncate``
+    cuts the sequence after the longest end-of-text position but still runs open_clip's blocks (the stock path).
+    """
+    te = model.text_encoder
+    prompts = model.prompt_learner()  # (n_cls, 77, width)
+    eot = model.prompt_learner.eot_idx
+    seq = int(eot.max()) + 1 if truncate else prompts.shape[1]
+    x = prompts[:, :seq] + te.positional_embedding[:seq].to(prompts.dtype)  # (n_cls, seq, width)
+    x = te.transformer(x, attn_mask=te.attn_mask[:seq, :seq])  # (n_cls, seq, width)
+    x = te.ln_final(x)
+    x = x[torch.arange(x.shape[0]), eot]  # (n_cls, width)
+    x = x @ te.text_projection if not isinstance(te.text_projection, torch.nn.Linear) else te.text_projection(x)
+    return F.normalize(x, dim=-1)
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """A plain fixed-width table on stdout."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for j, row in enumerate(cells):
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        if value == 0 or 1e-3 <= abs(value) < 1e5:
+            return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+        return f"{value:.2e}"
+    return str(value)
+
+
+def emit_json(obj: dict) -> None:
+    """The machine-readable result: one JSON object on the last line of stdout."""
+    print(json.dumps(obj, sort_keys=True, default=float), flush=True)

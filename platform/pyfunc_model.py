@@ -1,0 +1,144 @@
+"""An MLflow pyfunc that classifies images with a learned CoOp prompt (logged as "models from code").
+
+MLflow loads this *file* by path in the serving process and takes the model from ``mlflow.models.set_model``; it never
+imports the ``platform`` package (whose name clashes with the standard library's). The file therefore imports only
+mlflow, torch, numpy, pandas, PIL and ``coop_core``, which is shipped with the model through ``code_paths``.
+
+Artifacts:
+    prompts: the learned context as safetensors (``coop_core.save_prompts``); its header names the backbone, the
+        weights, the class names and the prompt configuration.
+    backbone_config: the open_clip model-config JSON, when the backbone is a JSON path (so the model is
+        self-contained); absent for named architectures such as ``ViT-B-16``.
+
+Model config (``mlflow.pyfunc.load_model(uri, model_config={...})``): ``pretrained`` overrides the weights named in
+the prompt file (e.g. a local checkpoint path on the serving machine), ``device`` picks the device (default: CUDA when
+available), ``batch_size`` the images per forward pass.
+
+Input: a pandas DataFrame whose ``image`` column (else its first column) holds image paths, raw image bytes (or
+base64 text of them), PIL images or HxWx3 uint8 arrays; or a numpy batch, either ``(n, H, W, 3)`` uint8 images or
+``(n, 3, S, S)`` float images already preprocessed with CLIP's test transform. Output: a DataFrame with ``class_name``
+(the most probable class), ``probability`` (its probability) and one ``prob_<class name>`` column per class.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.pyfunc import PythonModel
+from PIL import Image
+
+PROMPTS_ARTIFACT = "prompts"
+BACKBONE_ARTIFACT = "backbone_config"
+IMAGE_COLUMN = "image"
+PROB_PREFIX = "prob_"
+DEFAULT_BATCH_SIZE = 64
+
+
+def _to_pil(value: Any) -> Image.Image:
+    """One image from a path, bytes, base64 text, a PIL image or an HxWx3 uint8 array."""
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, np.ndarray):
+        return Image.fromarray(value.astype(np.uint8)).convert("RGB")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return Image.open(io.BytesIO(bytes(value))).convert("RGB")
+    if isinstance(value, (str, os.PathLike)):
+        if os.path.isfile(value):
+            with Image.open(value) as image:
+                return image.convert("RGB")
+        try:
+            data = base64.b64decode(str(value), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"image {str(value)[:80]!r} is neither an existing file nor base64 image bytes") from None
+        return Image.open(io.BytesIO(data)).convert("RGB")
+    raise ValueError(f"cannot read an image from a {type(value).__name__}; give a path, bytes or an array")
+
+
+class CoOpClassifier(PythonModel):
+    """CLIP with a learned CoOp context: images -> class names and probabilities."""
+
+    def load_context(self, context) -> None:
+        from coop_core.backbone import load_clip
+        from coop_core.model import CoOpModel
+        from coop_core.prompts_io import load_prompts
+        from coop_core.transforms import test_transform
+
+        config = dict(context.model_config or {})
+        ctx, meta = load_prompts(context.artifacts[PROMPTS_ARTIFACT])
+        backbone = context.artifacts.get(BACKBONE_ARTIFACT) or meta.backbone
+        pretrained = config.get("pretrained") or meta.pretrained
+        self.device = torch.device(config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size = int(config.get("batch_size", DEFAULT_BATCH_SIZE))
+        clip = load_clip(backbone, pretrained, device=self.device)
+        model = CoOpModel(clip.model, clip.tokenizer, meta.classnames, meta.prompt).to(self.device)
+        if tuple(model.prompt_learner.ctx.shape) != tuple(ctx.shape):
+            raise ValueError(
+                f"saved context {tuple(ctx.shape)} does not fit the prompt built from its metadata "
+                f"{tuple(model.prompt_learner.ctx.shape)}"
+            )
+        with torch.no_grad():
+            model.prompt_learner.ctx.copy_(ctx.to(self.device))
+            self.text_features = model.text_features().float()  # (n_cls, d), fixed: computed once
+        model.eval()
+        self.model = model
+        self.classnames = list(meta.classnames)
+        self.preprocess = test_transform(clip.image_size, clip.mean, clip.std)
+
+    def _pixels(self, model_input: Any) -> torch.Tensor:
+        """A preprocessed batch ``(n, 3, S, S)`` from any accepted input."""
+        if isinstance(model_input, np.ndarray) and model_input.ndim == 4 and model_input.shape[1] == 3 and (
+            np.issubdtype(model_input.dtype, np.floating)
+        ):
+            return torch.from_numpy(model_input).float()  # already preprocessed
+        if isinstance(model_input, np.ndarray) and model_input.ndim == 4:
+            values = list(model_input)  # (n, H, W, 3) raw images
+        elif isinstance(model_input, pd.DataFrame):
+            if model_input.shape[1] == 0:
+                raise ValueError(f"input DataFrame has no columns; put images in an {IMAGE_COLUMN!r} column")
+            column = IMAGE_COLUMN if IMAGE_COLUMN in model_input.columns else model_input.columns[0]
+            values = list(model_input[column])
+        elif isinstance(model_input, pd.Series):
+            values = list(model_input)
+        elif isinstance(model_input, (list, tuple)):
+            values = list(model_input)
+        else:
+            raise ValueError(
+                f"unsupported input {type(model_input).__name__}: give a DataFrame with an {IMAGE_COLUMN!r} column "
+                "of paths or bytes, or a numpy image batch"
+            )
+        if not values:
+            return torch.empty(0, 3, 1, 1)
+        return torch.stack([self.preprocess(_to_pil(v)) for v in values])  # (n, 3, S, S)
+
+    @torch.no_grad()
+    def probabilities(self, model_input: Any) -> np.ndarray:
+        """Class probabilities ``(n, n_cls)``."""
+        pixels = self._pixels(model_input)
+        out = [np.zeros((0, len(self.classnames)), dtype=np.float32)]
+        for chunk in pixels.split(self.batch_size):
+            feats = self.model.encode_images(chunk.to(self.device))  # (b, d)
+            logits = self.model.logits(feats, self.text_features)  # (b, n_cls)
+            out.append(logits.float().softmax(dim=-1).cpu().numpy())
+        return np.concatenate(out)
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        probs = self.probabilities(model_input)
+        best = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
+        frame = {
+            "class_name": [self.classnames[i] for i in best],
+            "probability": probs[np.arange(len(probs)), best].astype(float),
+        }
+        for c, name in enumerate(self.classnames):
+            frame[PROB_PREFIX + name] = probs[:, c].astype(float)
+        return pd.DataFrame(frame)
+
+
+mlflow.models.set_model(CoOpClassifier())

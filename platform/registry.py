@@ -1,0 +1,223 @@
+"""The prompt registry: a sweep's best prompt becomes a version of the MLflow registered model ``coop-<dataset>``.
+
+Each version is the pyfunc of ``platform/pyfunc_model.py`` (logged as code, with ``coop_core`` shipped alongside, so
+``mlflow.pyfunc.load_model("models:/coop-eurosat@champion")`` works in any process that has torch, open_clip and
+mlflow) and carries tags: dataset, backbone, weights, shots, seed, class names, the full config, val/test accuracy.
+
+Champion rule. Validation accuracies are only comparable on the same validation images and the same backbone: the
+validation split is sampled per shot count, and a different backbone is a different model family. So
+
+- ``champion-<backbone>-<K>shot`` (e.g. ``champion-vit-b-16-16shot``) is the best version *within* one backbone and
+  shot count: it moves to a new version only when that version's validation accuracy is strictly higher;
+- ``champion`` moves to the new version when there is no champion yet, or when the current champion has the same
+  backbone and shots and the new version's validation accuracy is strictly higher. A champion from another
+  backbone/shot count is left in place (the comparison would be meaningless); promote across families explicitly
+  with :func:`set_champion`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+import coop_core
+from coop_core.prompts_io import load_prompts
+
+logger = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+COOP_CORE_DIR = Path(coop_core.__file__).resolve().parent
+PROMPTS_FILE = "prompts.safetensors"
+MODEL_ARTIFACT_NAME = "model"
+# What the pyfunc needs at load time (pinned to what logged it).
+SERVING_PACKAGES = ("mlflow", "torch", "torchvision", "open_clip_torch", "safetensors", "pillow", "numpy", "pandas")
+
+
+def registered_model_name(dataset: str) -> str:
+    """``coop-<dataset>``."""
+    return f"coop-{dataset}"
+
+
+def backbone_slug(backbone: str) -> str:
+    """A short alias-safe name for a backbone: ``ViT-B-16`` -> ``vit-b-16``, ``cfg/tiny-vit.json`` -> ``tiny-vit``."""
+    name = Path(backbone).stem if backbone.endswith(".json") else backbone
+    return re.sub(r"[^a-z0-9_-]+", "-", name.lower()).strip("-") or "backbone"
+
+
+def scoped_champion_alias(backbone: str, shots: int) -> str:
+    """The per-family champion alias, ``champion-<backbone>-<K>shot``."""
+    return f"{CHAMPION}-{backbone_slug(backbone)}-{shots}shot"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """Outcome of registering a prompt.
+
+    version: the new model version. champion_version: the version ``@champion`` points to afterwards.
+    promoted: whether ``@champion`` moved to the new version. reason: one line saying why (or why not).
+    """
+
+    model_name: str
+    version: int
+    champion_version: int
+    promoted: bool
+    reason: str
+    scoped_alias: str
+
+
+@contextmanager
+def _tracking_uri(uri: str):
+    """Point mlflow's fluent API at ``uri`` for the block (log_model has no client equivalent)."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        mlflow.set_registry_uri(previous)
+
+
+def _pip_requirements() -> list[str]:
+    reqs = []
+    for package in SERVING_PACKAGES:
+        try:
+            reqs.append(f"{package}=={metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            reqs.append(package)
+    return reqs
+
+
+def _version_by_alias(client: MlflowClient, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _float_tag(version, key: str) -> float:
+    try:
+        return float(version.tags[key])
+    except (KeyError, TypeError, ValueError):
+        return float("-inf")
+
+
+def version_tags(spec: Mapping[str, Any], classnames: list[str], metrics: Mapping[str, float],
+                 extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The tags of a prompt version: what it is (backbone, weights, shots, seed, classes, config) and how it did."""
+    tags = {
+        "dataset": str(spec["dataset"]),
+        "backbone": str(spec["model"]["backbone"]),
+        "weights": str(spec["model"]["pretrained"]),
+        "shots": str(spec["train"]["shots"]),
+        "seed": str(spec["train"]["seed"]),
+        "classnames": json.dumps(list(classnames)),
+        "config": json.dumps(spec, sort_keys=True),
+    }
+    for key in ("val_acc", "test_acc", "zeroshot_test_acc"):
+        if metrics.get(key) is not None:
+            tags[key] = f"{float(metrics[key]):.4f}"
+    tags.update({k: str(v) for k, v in (extra or {}).items()})
+    return tags
+
+
+def log_prompt_model(checkpoint_dir: str | Path, spec: Mapping[str, Any], *, run_id: str, tracking_uri: str) -> str:
+    """Log the pyfunc for the prompts in ``checkpoint_dir`` into run ``run_id``; return its model URI.
+
+    Raises:
+        FileNotFoundError: the checkpoint has no prompts, or the backbone JSON named by the config is missing.
+    """
+    prompts = Path(checkpoint_dir) / PROMPTS_FILE
+    if not prompts.is_file():
+        raise FileNotFoundError(f"{prompts} not found: only a trial's final checkpoint holds its prompts")
+    artifacts = {"prompts": str(prompts)}
+    backbone = str(spec["model"]["backbone"])
+    if backbone.endswith(".json"):
+        path = Path(backbone).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"backbone config {backbone} not found (needed to make the model self-contained)")
+        artifacts["backbone_config"] = str(path)
+    with _tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT_NAME,
+            python_model=str(PYFUNC_FILE),
+            artifacts=artifacts,
+            code_paths=[str(COOP_CORE_DIR)],
+            pip_requirements=_pip_requirements(),
+        )
+    return info.model_uri
+
+
+def register_prompt(
+    checkpoint_dir: str | Path,
+    spec: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    *,
+    run_id: str,
+    tracking_uri: str,
+    extra_tags: Mapping[str, str] | None = None,
+) -> Registration:
+    """Register a trial's final prompts as a new version of ``coop-<dataset>`` and apply the champion rule.
+
+    Args:
+        checkpoint_dir: the trial's final checkpoint (``prompts.safetensors`` inside).
+        spec: the trial's resolved run config (``RunSpec.to_dict()``: dataset, model, prompt, train ...).
+        metrics: its final metrics; ``val_acc`` decides the champion.
+        run_id: the MLflow run the model is logged into (the trial's child run).
+        tracking_uri: tracking and registry store.
+        extra_tags: more version tags (e.g. the sweep's parent run id).
+    """
+    name = registered_model_name(str(spec["dataset"]))
+    _, meta = load_prompts(Path(checkpoint_dir) / PROMPTS_FILE)
+    tags = version_tags(spec, list(meta.classnames), metrics, extra_tags)
+    model_uri = log_prompt_model(checkpoint_dir, spec, run_id=run_id, tracking_uri=tracking_uri)
+    with _tracking_uri(tracking_uri):
+        registered = mlflow.register_model(model_uri, name, tags=tags)
+    version = int(registered.version)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    val_acc = float(metrics["val_acc"])
+    backbone, shots = tags["backbone"], tags["shots"]
+
+    scoped = scoped_champion_alias(backbone, int(shots))
+    current_scoped = _version_by_alias(client, name, scoped)
+    if current_scoped is None or val_acc > _float_tag(current_scoped, "val_acc"):
+        client.set_registered_model_alias(name, scoped, str(version))
+
+    current = _version_by_alias(client, name, CHAMPION)
+    if current is None:
+        promoted, reason = True, "no champion yet"
+    elif current.tags.get("backbone") != backbone or current.tags.get("shots") != shots:
+        promoted = False
+        reason = (
+            f"champion v{current.version} is {current.tags.get('backbone')}/{current.tags.get('shots')}-shot, not "
+            f"{backbone}/{shots}-shot: not comparable, left in place (see @{scoped})"
+        )
+    else:
+        best = _float_tag(current, "val_acc")
+        promoted = val_acc > best
+        verb = "beats" if promoted else "does not beat"
+        reason = f"val_acc {val_acc:.2f} {verb} champion v{current.version}'s {best:.2f}"
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, str(version))
+    champion_version = version if promoted else int(current.version)
+    logger.info("registered %s v%d (%s); @%s -> v%d", name, version, reason, CHAMPION, champion_version)
+    return Registration(name, version, champion_version, promoted, reason, scoped)
+
+
+def set_champion(dataset: str, version: int, *, tracking_uri: str) -> None:
+    """Point ``coop-<dataset>@champion`` at ``version`` unconditionally (an explicit, cross-family promotion)."""
+    MlflowClient(tracking_uri, registry_uri=tracking_uri).set_registered_model_alias(
+        registered_model_name(dataset), CHAMPION, str(version)
+    )

@@ -1,0 +1,240 @@
+"""MLflow tracking for CoOp runs, written from the driver only.
+
+Ray workers never talk to MLflow: they ``ray.train.report`` metrics and write checkpoints, and the driver logs the
+finished run from the final checkpoint (which carries the whole per-epoch history). One writer per process keeps the
+default store -- a SQLite file -- safe, and a restarted worker cannot log an epoch twice.
+
+Default store: ``sqlite:///<cwd>/mlflow.db`` (MLflow's own default, made absolute), so
+``mlflow ui --backend-store-uri sqlite:///mlflow.db`` run in the same directory shows the runs. Artifacts of a
+SQLite store go to ``mlruns/`` beside the database file.
+
+Every function takes an explicit run id and tracking URI and uses an ``MlflowClient``: nothing here touches MLflow's
+global "active run", so sweeps can log many runs from one process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+PROMPT_ARTIFACTS = ("prompts.safetensors", "prompts.safetensors.json")
+ROOT_ARTIFACTS = ("config.json", "nearest_words.txt", "history.json", "metrics.json")
+NOT_METRICS = frozenset({"epoch", "done"})
+
+
+def resolve_tracking_uri(arg: str | None = None) -> str:
+    """The tracking URI: ``arg``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``.
+
+    A bare filesystem path is accepted and turned into a ``sqlite:///`` URI when it ends in ``.db``.
+    """
+    uri = arg or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if "://" not in uri and uri.endswith(".db"):
+        return f"sqlite:///{Path(uri).expanduser().resolve()}"
+    return uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):])
+
+
+def ui_command(tracking_uri: str) -> str:
+    """How to open the MLflow UI on ``tracking_uri``."""
+    db = _sqlite_path(tracking_uri)
+    if db is not None:
+        if db.is_absolute() and db.parent == Path.cwd():
+            return f"mlflow ui --backend-store-uri sqlite:///{db.name}"
+        return f"mlflow ui --backend-store-uri {tracking_uri}"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} in a browser"
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
+def default_experiment(dataset: str) -> str:
+    """``coop-<dataset>``."""
+    return f"coop-{dataset}"
+
+
+def _client(tracking_uri: str | None):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+
+
+def flatten_params(spec: Any) -> dict[str, str]:
+    """MLflow params from a ``RunSpec`` (its resolved config) or a nested mapping: ``{"prompt.n_ctx": "16", ...}``.
+
+    Values are strings (``None`` -> ``"None"``), cut to MLflow's length limit.
+    """
+    data = spec.resolved_config() if hasattr(spec, "resolved_config") else spec
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            text = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+            out[prefix] = text[:MAX_PARAM_LENGTH]
+
+    walk("", data)
+    return out
+
+
+def get_or_create_experiment(name: str, *, tracking_uri: str | None = None) -> str:
+    """The id of experiment ``name``, created if needed (a SQLite store keeps its artifacts beside the DB file)."""
+    uri = resolve_tracking_uri(tracking_uri)
+    client = _client(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    db = _sqlite_path(uri)
+    location = (db.resolve().parent / "mlruns").as_uri() if db is not None else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def create_run(experiment: str, *, run_name: str | None = None, tags: Mapping[str, str] | None = None,
+               parent_run_id: str | None = None, tracking_uri: str | None = None) -> str:
+    """Start a run (status RUNNING) in ``experiment`` (created if needed); returns its id.
+
+    Args:
+        experiment: experiment name.
+        run_name: the run's display name.
+        tags: extra tags.
+        parent_run_id: nest the run under this one (sweeps).
+        tracking_uri: see :func:`resolve_tracking_uri`.
+    """
+    exp_id = get_or_create_experiment(experiment, tracking_uri=tracking_uri)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = _client(tracking_uri).create_run(exp_id, run_name=run_name, tags=all_tags)
+    return run.info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED", *, tracking_uri: str | None = None) -> None:
+    """Mark the run FINISHED, FAILED or KILLED."""
+    _client(tracking_uri).set_terminated(run_id, status=status)
+
+
+def log_params(run_id: str, spec_or_params: Any, *, tracking_uri: str | None = None) -> None:
+    """Log a ``RunSpec``'s resolved config (or a nested mapping) as flattened params."""
+    from mlflow.entities import Param
+
+    params = [Param(k, v) for k, v in sorted(flatten_params(spec_or_params).items())]
+    client = _client(tracking_uri)
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i : i + 100])
+
+
+def _metrics(row: Mapping[str, Any], step: int, timestamp: int) -> list:
+    from mlflow.entities import Metric
+
+    out = []
+    for key, value in row.items():
+        if key in NOT_METRICS or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if math.isfinite(value):
+            out.append(Metric(key, float(value), timestamp, step))
+    return out
+
+
+def _log_metrics(run_id: str, metrics: list, tracking_uri: str | None) -> None:
+    client = _client(tracking_uri)
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+
+
+def log_epoch_metrics(run_id: str, rows: Iterable[Mapping[str, Any]], *, tracking_uri: str | None = None) -> None:
+    """Log per-epoch metric rows (``{"epoch": 3, "train_loss": ..., "val_acc": ...}``) with ``step = epoch``.
+
+    Rows repeated for the same epoch (a resumed run) keep the last one.
+    """
+    by_epoch: dict[int, Mapping[str, Any]] = {}
+    for row in rows:
+        by_epoch[int(row["epoch"])] = row
+    now = int(time.time() * 1000)
+    metrics = [m for epoch in sorted(by_epoch) for m in _metrics(by_epoch[epoch], epoch, now)]
+    _log_metrics(run_id, metrics, tracking_uri)
+
+
+def log_final_metrics(run_id: str, metrics: Mapping[str, Any], *, step: int | None = None,
+                      tracking_uri: str | None = None) -> None:
+    """Log end-of-run metrics (test accuracy, wall time...) at ``step`` (default 0)."""
+    _log_metrics(run_id, _metrics(metrics, step or 0, int(time.time() * 1000)), tracking_uri)
+
+
+def read_history(checkpoint_dir: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch metric rows stored in a ``platform.train`` checkpoint."""
+    return json.loads((Path(checkpoint_dir) / "history.json").read_text())
+
+
+def log_run_artifacts(run_id: str, checkpoint_dir: str | Path, *, tracking_uri: str | None = None) -> None:
+    """Log a final checkpoint's artifacts: ``prompts/`` (safetensors + JSON), config, nearest words, history, metrics.
+
+    Missing files are skipped (an intermediate checkpoint has no prompts yet).
+    """
+    client = _client(tracking_uri)
+    d = Path(checkpoint_dir)
+    for name in PROMPT_ARTIFACTS:
+        if (d / name).is_file():
+            client.log_artifact(run_id, str(d / name), artifact_path="prompts")
+    for name in ROOT_ARTIFACTS:
+        if (d / name).is_file():
+            client.log_artifact(run_id, str(d / name))
+
+
+def log_checkpoint(run_id: str, checkpoint_dir: str | Path, *, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Log a finished run's final checkpoint: per-epoch metrics, final metrics and artifacts; returns the final metrics.
+    """
+    d = Path(checkpoint_dir)
+    history = read_history(d)
+    log_epoch_metrics(run_id, history, tracking_uri=tracking_uri)
+    final: dict[str, Any] = {}
+    if (d / "metrics.json").is_file():
+        final = json.loads((d / "metrics.json").read_text())
+    log_run_artifacts(run_id, d, tracking_uri=tracking_uri)
+    return final
+
+
+def log_training_result(spec: Any, result: Any, *, experiment: str | None = None, run_name: str | None = None,
+                        tracking_uri: str | None = None, tags: Mapping[str, str] | None = None,
+                        parent_run_id: str | None = None) -> str:
+    """Log one finished ``trainer.fit()`` result as a complete MLflow run (params, metrics, artifacts); returns its id.
+
+    Args:
+        spec: the ``RunSpec`` that was trained.
+        result: the ``ray.train.Result``; its final checkpoint holds the history and artifacts.
+        experiment: defaults to ``coop-<dataset>``.
+        run_name / tags / parent_run_id: see :func:`create_run`.
+        tracking_uri: see :func:`resolve_tracking_uri`.
+    """
+    run_id = create_run(experiment or default_experiment(spec.dataset), run_name=run_name, tags=tags,
+                        parent_run_id=parent_run_id, tracking_uri=tracking_uri)
+    log_params(run_id, spec, tracking_uri=tracking_uri)
+    status = "FINISHED"
+    if getattr(result, "error", None) is not None or result.checkpoint is None:
+        status = "FAILED"
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            log_checkpoint(run_id, d, tracking_uri=tracking_uri)
+    end_run(run_id, status, tracking_uri=tracking_uri)
+    return run_id

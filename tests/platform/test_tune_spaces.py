@@ -1,0 +1,80 @@
+"""Search spaces are data: every registered space samples into valid configs, and the sweep can run it."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+
+import tune_spaces
+from coop_core.config import PromptConfig, TrainConfig
+from coop_core.datasets import get_dataset_spec, list_datasets
+from coop_core.model import CoOpModel
+from tune_spaces import Choice, LogUniform, get_space, list_spaces, sample_space, split_sample, template_words
+
+
+def test_every_dataset_has_a_space():
+    assert list_spaces() == list_datasets()
+
+
+@pytest.mark.parametrize("dataset", list_datasets())
+def test_samples_build_valid_configs(dataset):
+    space = get_space(dataset)
+    rng = random.Random(0)
+    seen_ctx_init = set()
+    for _ in range(50):
+        sample = sample_space(space, rng)
+        parts = split_sample(sample)
+        prompt = dataclasses.replace(PromptConfig(), **parts["prompt"])
+        train = dataclasses.replace(TrainConfig(), **parts["train"])
+        assert prompt.n_ctx in (4, 8, 16)
+        assert prompt.class_token_position in ("end", "middle", "front")
+        assert isinstance(prompt.csc, bool)
+        assert 5e-4 <= train.lr <= 2e-2
+        seen_ctx_init.add(prompt.ctx_init)
+    assert seen_ctx_init == set(space["prompt.ctx_init"].values)  # 50 draws reach every option
+    words = template_words(get_dataset_spec(dataset).template)
+    if words:
+        assert words in seen_ctx_init
+
+
+def test_eurosat_space_offers_the_template_words():
+    space = get_space("eurosat")
+    assert set(space) == {"prompt.n_ctx", "prompt.ctx_init", "prompt.class_token_position", "prompt.csc", "train.lr"}
+    assert space["prompt.ctx_init"] == Choice(("", "a photo of a", "a centered satellite photo of"))
+    assert space["prompt.n_ctx"] == Choice((4, 8, 16))
+    assert space["train.lr"] == LogUniform(5e-4, 2e-2)
+
+
+def test_template_words():
+    assert template_words("a centered satellite photo of {}.") == "a centered satellite photo of"
+    assert template_words("{} texture.") == ""
+    assert template_words("a photo of {}, a type of food.") == "a photo of"
+    with pytest.raises(ValueError, match="exactly one"):
+        template_words("no placeholder")
+
+
+def test_ctx_init_options_build_prompts_with_their_word_count(tiny_clip):
+    """Each initialisation of the EuroSAT space builds a CoOp model; word inits set the effective n_ctx."""
+    classnames = ["Forest", "Sea or Lake"]
+    expected = {"": 8, "a photo of a": 4, "a centered satellite photo of": 5}
+    for ctx_init in get_space("eurosat")["prompt.ctx_init"].values:
+        for position in ("end", "middle", "front"):
+            prompt = PromptConfig(n_ctx=8, ctx_init=ctx_init, csc=True, class_token_position=position)
+            model = CoOpModel(tiny_clip.model, tiny_clip.tokenizer, classnames, prompt)
+            assert model.prompt_learner.ctx.shape[:2] == (2, expected[ctx_init])
+            assert model.text_features().shape[0] == 2
+
+
+def test_unknown_dataset_and_bad_spaces_are_errors():
+    with pytest.raises(ValueError, match="no search space for dataset 'nope'.*eurosat"):
+        get_space("nope")
+    with pytest.raises(ValueError, match="already registered"):
+        tune_spaces.register_space("eurosat", lambda: {})
+    with pytest.raises(ValueError, match="section"):
+        tune_spaces.check_space({"prompt.nonsense": Choice((1,))})
+    with pytest.raises(ValueError, match="low < high"):
+        LogUniform(1.0, 0.1)
+    with pytest.raises(ValueError, match="distinct"):
+        Choice((1, 1))

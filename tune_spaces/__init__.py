@@ -1,0 +1,68 @@
+"""Search spaces for CoOp sweeps, one per dataset, keyed by the dataset's registry name (== the CLI value).
+
+``get_space("eurosat")`` returns a dict keyed by config field names (``"prompt.n_ctx"``, ``"prompt.ctx_init"``,
+``"prompt.class_token_position"``, ``"prompt.csc"``, ``"train.lr"``) whose values are plain domains
+(:class:`Choice`, :class:`LogUniform`). Datasets with a hand-written module (``eurosat``) register it here; every
+other registered coop_core dataset gets the generic space built from its zero-shot template.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+from coop_core.datasets import get_dataset_spec, list_datasets
+from tune_spaces import eurosat
+from tune_spaces._builder import (
+    Choice,
+    Domain,
+    LogUniform,
+    Space,
+    check_space,
+    coop_space,
+    sample_space,
+    split_sample,
+    template_words,
+)
+
+_REGISTRY: dict[str, Callable[[], Space]] = {}
+
+
+def register_space(name: str, factory: Callable[[], Space]) -> None:
+    """Register ``factory`` (returning a fresh space) under the dataset key ``name``.
+
+    Raises:
+        ValueError: ``name`` is already registered.
+    """
+    if name in _REGISTRY:
+        raise ValueError(f"search space {name!r} is already registered")
+    _REGISTRY[name] = factory
+
+
+def list_spaces() -> list[str]:
+    """Dataset keys that have a search space, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_space(dataset: str) -> Space:
+    """A fresh, validated search space for ``dataset``.
+
+    Raises:
+        ValueError: No space is registered for ``dataset``; the message lists those that are.
+    """
+    try:
+        factory = _REGISTRY[dataset]
+    except KeyError:
+        raise ValueError(f"no search space for dataset {dataset!r}; available: {', '.join(list_spaces())}") from None
+    return check_space(factory())
+
+
+register_space("eurosat", eurosat.space)
+for _name in list_datasets():
+    if _name not in _REGISTRY:
+        register_space(_name, partial(coop_space, get_dataset_spec(_name).template))
+
+__all__ = [
+    "Choice", "Domain", "LogUniform", "Space", "check_space", "coop_space", "get_space", "list_spaces",
+    "register_space", "sample_space", "split_sample", "template_words",
+]

@@ -11,12 +11,14 @@ The architecture is an open_clip model name or a path to an open_clip model-conf
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import open_clip
 import torch
@@ -69,6 +71,44 @@ def resolve_model_name(backbone: str) -> str:
     return backbone
 
 
+def _download_host_reachable(cfg: dict, timeout_s: float) -> bool:
+    """One short TCP probe of the host the weights come from.
+
+    huggingface_hub retries a failed request several times with back-off (about a minute offline); a probe decides in
+    at most ``timeout_s`` whether to try the network at all or to use the local cache only.
+    """
+    if cfg.get("hf_hub"):
+        import huggingface_hub.constants as hub_constants
+
+        url = urlparse(hub_constants.ENDPOINT)
+    else:
+        url = urlparse(cfg.get("url", ""))
+    if not url.hostname:
+        return True
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        logger.info("%s is unreachable: looking for cached weights only", url.hostname)
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """Put huggingface_hub in cache-only mode for the duration (it reads the flag at call time)."""
+    if not offline:
+        yield
+        return
+    import huggingface_hub.constants as hub_constants
+
+    previous = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = previous
+
+
 def _ensure_weights(model_name: str, pretrained: str, cache_dir: str | None, timeout_s: float) -> str:
     """Resolve ``pretrained`` to a local checkpoint path, downloading a tag with a short network timeout.
 
@@ -86,13 +126,15 @@ def _ensure_weights(model_name: str, pretrained: str, cache_dir: str | None, tim
             f"no pretrained tag {pretrained!r} for {model_name}; known tags: {', '.join(tags) or 'none'}; "
             "or pass a local checkpoint path, or 'none' for random weights"
         )
+    offline = not _download_host_reachable(cfg, timeout_s)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout_s)
     env_backup = {k: os.environ.get(k) for k in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT")}
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(timeout_s)))
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(timeout_s)))
     try:
-        path = open_clip.download_pretrained(cfg, cache_dir=cache_dir)
+        with _hub_offline(offline):
+            path = open_clip.download_pretrained(cfg, cache_dir=cache_dir)
     except Exception as err:  # network errors come in many types (socket, requests, huggingface_hub)
         raise WeightsUnavailableError(
             f"cannot download pretrained weights {model_name}/{pretrained} ({type(err).__name__}); "

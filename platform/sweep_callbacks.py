@@ -274,10 +274,11 @@ class TrialControllersActor:
         self._live: dict[str, tuple[Any, list[Any]]] = {}  # trial id -> (controller handle, placement groups)
         self._stopped: set[str] = set()
         self._task: Any = None
-        self.reaped = 0
+        self.counts = {"registered": 0, "released": 0, "stopped": 0, "reaped": 0}
 
     async def register(self, trial_id: str, controller: Any, placement_group: Any) -> None:
         self._live.setdefault(trial_id, (controller, []))[1].append(placement_group)
+        self.counts["registered"] += 1
         if self._task is None:
             import asyncio
 
@@ -285,7 +286,8 @@ class TrialControllersActor:
 
     async def release(self, trial_id: str) -> None:
         """The trial's controller shuts down by itself: forget it."""
-        self._live.pop(trial_id, None)
+        if self._live.pop(trial_id, None) is not None:
+            self.counts["released"] += 1
 
     async def stop(self, trial_id: str) -> bool:
         """Abort the trial's Ray Train run (workers and placement group go first); False if it is not running."""
@@ -296,6 +298,7 @@ class TrialControllersActor:
         if entry is None:
             return False
         controller, groups = entry
+        self.counts["stopped"] += 1
         try:
             await controller.abort.remote()
         except RayActorError:
@@ -306,8 +309,9 @@ class TrialControllersActor:
     async def was_stopped(self, trial_id: str) -> bool:
         return trial_id in self._stopped
 
-    async def count_reaped(self) -> int:
-        return self.reaped
+    async def stats(self) -> dict[str, int]:
+        """Controllers registered, released (clean shutdown), stopped (aborted) and placement groups reaped."""
+        return dict(self.counts)
 
     def _remove(self, groups: list[Any]) -> None:
         from ray.util.placement_group import placement_group_table, remove_placement_group
@@ -317,7 +321,7 @@ class TrialControllersActor:
                 continue
             try:
                 remove_placement_group(group)
-                self.reaped += 1
+                self.counts["reaped"] += 1
             except Exception as err:  # removed meanwhile
                 logger.debug("placement group %s: %s", group.id, err)
 
@@ -325,20 +329,24 @@ class TrialControllersActor:
         """Safety net: remove the placement groups of controllers that died without shutting down."""
         import asyncio
 
-        from ray.exceptions import RayActorError
+        from ray.exceptions import ActorDiedError
 
         while True:
             await asyncio.sleep(self._interval_s)
             for trial_id, (controller, groups) in list(self._live.items()):
                 try:
                     await asyncio.wait_for(controller.__ray_ready__.remote(), 30)
-                    continue
-                except asyncio.TimeoutError:
-                    continue  # busy, not dead
-                except RayActorError:
+                    continue  # alive
+                except ActorDiedError:
                     pass
+                except Exception as err:  # busy or unreachable for now: look again next round
+                    logger.debug("trial %s: controller not answering (%s)", trial_id, type(err).__name__)
+                    continue
                 if self._live.pop(trial_id, None) is not None:
-                    self._remove(groups)
+                    try:
+                        self._remove(groups)
+                    except Exception:  # never let the watch loop die
+                        logger.exception("trial %s: cannot remove its placement groups", trial_id)
 
 
 class TrialControllerCallback(ControllerCallback, WorkerGroupCallback):

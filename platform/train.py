@@ -751,4 +751,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main, not this __main__ copy: Ray then pickles train_loop_per_worker by reference
+    # (platform.train) instead of by value, and log records carry the "platform.train" logger name.
+    from platform.train import main as _main
+
+    sys.exit(_main())

@@ -65,7 +65,8 @@ def to_tune_space(space: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_trial(config: dict[str, Any], *, base_spec: dict[str, Any], train_storage: str, max_failures: int) -> None:
+def run_trial(config: dict[str, Any], *, base_spec: dict[str, Any], train_storage: str, max_failures: int,
+              log_level: str = "WARNING") -> None:
     """Tune function trainable: one Ray Train run of ``base_spec`` with the trial's searched values.
 
     The Train run is named by the trial id, so a trial restarted by ``--resume`` continues from its last checkpoint.
@@ -257,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="trials at once (default and cap: as many as the cluster's CPUs/GPUs fit)")
     sweep.add_argument("--workers-per-trial", type=int, dest="num_workers", default=argparse.SUPPRESS,
                        help="Ray Train workers per trial (same as --num-workers)")
+    sweep.add_argument("--fixed", nargs="+", default=[], metavar="FIELD",
+                       help="searched fields to hold at their flag value instead, e.g. --fixed train.lr "
+                            "prompt.ctx_init (with --lr 1e-4 --ctx-init '')")
     sweep.add_argument("--search-seed", type=int, default=None,
                        help="seed of Optuna's TPE sampler (default: --seed); --seed itself seeds the few-shot split "
                             "and context initialisation of every trial")
@@ -301,7 +305,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     storage_path = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
 
-    from platform.train import RunSpec, check_inputs, init_ray, resolve_use_gpu, spec_from_args
+    from platform.train import (
+        RunSpec,
+        check_inputs,
+        hub_unreachable_use_cache,
+        init_ray,
+        resolve_use_gpu,
+        spec_from_args,
+    )
 
     state = None
     if args.resume:
@@ -316,12 +327,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweep_dir = _sweep_dir(storage_path, name)
     try:
         space = get_space(args.dataset)
+        unknown = sorted(set(args.fixed) - set(space))
+        if unknown:
+            raise ValueError(f"--fixed {' '.join(unknown)}: not searched for {args.dataset}; "
+                             f"searched fields: {', '.join(space)}")
+        space = {k: v for k, v in space.items() if k not in args.fixed}
         if state is not None:
             spec = RunSpec.from_dict(state["base_spec"])
         else:
             spec = spec_from_args(args, use_gpu=args.use_gpu != "no")
             if args.num_samples < 1:
                 raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+        offline = hub_unreachable_use_cache(spec)
         check_inputs(spec)
     except (DatasetNotFoundError, WeightsUnavailableError, ValueError, FileNotFoundError) as err:
         return _fail(str(err))
@@ -334,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    init_ray(args.ray_address)
+    init_ray(args.ray_address, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}} if offline else None)
     try:
         if state is None:
             use_gpu = resolve_use_gpu(args.use_gpu)
@@ -357,7 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "sweep.search_seed": search_seed, "sweep.searcher": "optuna-tpe",
                         "sweep.scheduler": f"asha(metric={METRIC}, grace={args.grace_period}, "
                                            f"rf={args.reduction_factor}, max_t={epochs})",
-                        "sweep.space": json.dumps({k: repr(v) for k, v in space.items()})}
+                        "sweep.space": json.dumps({k: repr(v) for k, v in space.items()}),
+                        "sweep.fixed": " ".join(args.fixed) or "-"}
         tracking.log_params(parent_run_id, tracking.flatten_params(spec) | sweep_params, tracking_uri=tracking_uri)
         state = {"dataset": spec.dataset, "base_spec": spec.to_dict(), "parent_run_id": parent_run_id,
                  "tracking_uri": tracking_uri, "experiment": experiment, "started_at": time.time(),
@@ -376,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base_spec=spec.to_dict(), train_storage=f"{sweep_dir}/{TRAIN_RUNS_DIR}",
-                             max_failures=args.max_failures),
+                             max_failures=args.max_failures, log_level="INFO" if args.verbose else "WARNING"),
         {"cpu": 0, "memory": TRIAL_MEMORY_BYTES},
     )
     callback = MlflowSweepCallback(parent_run_id=parent_run_id, experiment=experiment, tracking_uri=tracking_uri,
@@ -404,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     registry = TrialControllersActor.options(name=REGISTRY_NAME, get_if_exists=True).remote()
     grid = tuner.fit()
-    logger.debug("placement groups removed for stopped trials: %d", ray.get(registry.count_reaped.remote()))
+    logger.info("trial controllers: %s", ray.get(registry.stats.remote()))
 
     rows = trial_rows(grid, epochs)
     callback.setup()
@@ -478,4 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main, not this __main__ copy: Ray then pickles run_trial by reference
+    # (platform.tune.run_trial) and log records carry the "platform.tune" logger name.
+    from platform.tune import main as _main
+
+    sys.exit(_main())

@@ -12,6 +12,8 @@ import pickle
 import subprocess
 import sys
 import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -38,33 +40,58 @@ print(json.dumps({"file": platform.__file__, "system": platform.system(), "pytho
 """
 
 
-def _run(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+@dataclass
+class Probe:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
 @pytest.fixture(scope="module")
-def stdlib_answers(tmp_path_factory) -> dict:
-    """What the real standard-library module answers, from a directory without our package."""
-    out = _run(["-c", STDLIB_PROBE], cwd=tmp_path_factory.mktemp("elsewhere"))
-    assert out.returncode == 0, out.stderr
-    answers = json.loads(out.stdout)
+def probes(tmp_path_factory) -> dict[str, Probe]:
+    """Fresh interpreters (each spends ~10 s importing torch & co.), from the repository root and from a directory
+    without our package (the standard library's own answers)."""
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    commands = {
+        "help:platform.train": (["-m", "platform.train", "--help"], REPO),
+        "help:platform.tune": (["-m", "platform.tune", "--help"], REPO),
+        "import": (["-c", PROBE], REPO),
+        "stdlib": (["-c", STDLIB_PROBE], elsewhere),
+        "-m platform (ours)": (["-m", "platform"], REPO),
+        "-m platform (stdlib)": (["-m", "platform"], elsewhere),
+    }
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    def run(item: tuple[str, tuple[list[str], Path]]) -> tuple[str, Probe]:
+        name, (args, cwd) = item
+        done = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        return name, Probe(done.returncode, done.stdout, done.stderr)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two at a time: the tests run on 2 cores
+        return dict(pool.map(run, commands.items()))
+
+
+@pytest.fixture(scope="module")
+def stdlib_answers(probes) -> dict:
+    """What the real standard-library module answers."""
+    assert probes["stdlib"].returncode == 0, probes["stdlib"].stderr
+    answers = json.loads(probes["stdlib"].stdout)
     assert answers["file"] == STDLIB_PLATFORM
     return answers
 
 
 @pytest.mark.parametrize("command", ["platform.train", "platform.tune"])
-def test_cli_help_runs_from_repo_root(command):
+def test_cli_help_runs_from_repo_root(command, probes):
     if not (REPO / Path(*command.split("."))).with_suffix(".py").exists():
         pytest.skip(f"{command} is not written yet")
-    out = _run(["-m", command, "--help"], cwd=REPO)
+    out = probes[f"help:{command}"]
     assert out.returncode == 0, out.stderr
     assert "--dataset" in out.stdout and "--backbone" in out.stdout
     assert "Traceback" not in out.stderr
 
 
-def test_import_from_repo_root_keeps_the_stdlib_api(stdlib_answers):
-    out = _run(["-c", PROBE], cwd=REPO)
+def test_import_from_repo_root_keeps_the_stdlib_api(probes, stdlib_answers):
+    out = probes["import"]
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["file"] == str(REPO / "platform" / "__init__.py")  # our package won the name...
@@ -75,9 +102,8 @@ def test_import_from_repo_root_keeps_the_stdlib_api(stdlib_answers):
     assert got["train"] == "platform.train"
 
 
-def test_python_m_platform_still_prints_the_platform_string(stdlib_answers, tmp_path):
-    ours = _run(["-m", "platform"], cwd=REPO)
-    theirs = _run(["-m", "platform"], cwd=tmp_path)
+def test_python_m_platform_still_prints_the_platform_string(probes, stdlib_answers):
+    ours, theirs = probes["-m platform (ours)"], probes["-m platform (stdlib)"]
     assert ours.returncode == theirs.returncode == 0, ours.stderr
     assert ours.stdout == theirs.stdout == stdlib_answers["platform"] + "\n"
 

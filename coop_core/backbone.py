@@ -89,7 +89,7 @@ def _download_host_reachable(cfg: dict, timeout_s: float) -> bool:
         socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
         return True
     except OSError:
-        logger.info("%s is unreachable: looking for cached weights only", url.hostname)
+        logger.debug("%s is unreachable: looking for cached weights only", url.hostname)
         return False
 
 

@@ -635,14 +635,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a record is emitted.
+
+    A plain ``StreamHandler(sys.stderr)`` keeps the stream of the moment it was made; when the CLI's ``main`` runs more
+    than once in a process (tests, notebooks) that stream may since have been replaced and closed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _configure_logging(verbose: bool) -> None:
     """Our progress on stderr; other libraries' INFO only with --verbose (their warnings reach stderr anyway)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
     for name in ("platform", "coop_core"):
         lg = logging.getLogger(name)
-        if not lg.handlers:
-            lg.addHandler(handler)
+        if not any(isinstance(h, StderrHandler) for h in lg.handlers):
+            lg.addHandler(StderrHandler())
         lg.setLevel(logging.INFO)
         lg.propagate = False
     if verbose and not logging.getLogger().handlers:

@@ -30,11 +30,15 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import emit_json, machine, machine_line, print_table  # noqa: E402
+from bench._common import emit_json, machine, machine_line, print_table, set_threads  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_N_CLS = 1000
 MB = 2**20
+# A fixed glibc mmap threshold (the default one adapts upwards as large blocks are freed, after which freed tensors
+# stay in the heap and inflate the RSS at random): every block of 128 KiB or more is mapped and unmapped on its own, so
+# the resident set follows the memory that is live.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 CONFIGS = (("truncated", "unified"), ("truncated", "csc"), ("full", "unified"), ("full", "csc"))
 
 
@@ -129,6 +133,7 @@ def run_worker(n_cls: int, csc: bool, truncate: bool, arch: str, batch: int, thr
     if threads:
         cmd += ["--threads", str(threads)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.update(MALLOC_ENV)
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"worker {' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
@@ -176,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 args.batch_size)))
         return 0
 
+    set_threads(args.threads)
     target = args.target_n_cls
     sizes = [target] if args.direct else sorted(args.n_cls or ([4, 8] if args.quick else [50, 100]))
     if not args.direct and len(sizes) < 2:

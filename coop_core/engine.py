@@ -10,6 +10,7 @@ knows about Ray or process groups; ``SingleProcess`` is the default.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import time
@@ -234,9 +235,10 @@ def train(
         logger.info("epoch %d/%d %s", epoch + 1, epochs,
                     " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
         if on_epoch_end is not None:
-            state = TrainState(epoch + 1, model.prompt_learner.ctx.detach().cpu().clone(), opt.state_dict(),
-                               sched.state_dict(), scaler.state_dict() if scaler is not None else None,
-                               torch.get_rng_state())
+            # deepcopy: opt.state_dict() holds the live momentum buffers, which the next step would overwrite
+            state = TrainState(epoch + 1, model.prompt_learner.ctx.detach().cpu().clone(),
+                               copy.deepcopy(opt.state_dict()), sched.state_dict(),
+                               scaler.state_dict() if scaler is not None else None, torch.get_rng_state())
             on_epoch_end(state, metrics)
         if report is not None:
             report(metrics)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import tempfile
 from collections.abc import Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -77,19 +77,6 @@ class Registration:
     scoped_alias: str
 
 
-@contextmanager
-def _tracking_uri(uri: str):
-    """Point mlflow's fluent API at ``uri`` for the block (log_model has no client equivalent)."""
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
-        mlflow.set_registry_uri(previous)
-
-
 def _pip_requirements() -> list[str]:
     reqs = []
     for package in SERVING_PACKAGES:
@@ -134,7 +121,10 @@ def version_tags(spec: Mapping[str, Any], classnames: list[str], metrics: Mappin
 
 
 def log_prompt_model(checkpoint_dir: str | Path, spec: Mapping[str, Any], *, run_id: str, tracking_uri: str) -> str:
-    """Log the pyfunc for the prompts in ``checkpoint_dir`` into run ``run_id``; return its model URI.
+    """Save the pyfunc for the prompts in ``checkpoint_dir`` as artifact ``model`` of run ``run_id``; return its URI.
+
+    The model is saved locally and uploaded with an explicit client, so mlflow's global tracking URI and active run
+    (and the ``MLFLOW_*_URI`` variables its fluent API would set for child processes) are left alone.
 
     Raises:
         FileNotFoundError: the checkpoint has no prompts, or the backbone JSON named by the config is missing.
@@ -149,15 +139,17 @@ def log_prompt_model(checkpoint_dir: str | Path, spec: Mapping[str, Any], *, run
         if not path.is_file():
             raise FileNotFoundError(f"backbone config {backbone} not found (needed to make the model self-contained)")
         artifacts["backbone_config"] = str(path)
-    with _tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT_NAME,
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / MODEL_ARTIFACT_NAME
+        mlflow.pyfunc.save_model(
+            path=str(local),
             python_model=str(PYFUNC_FILE),
             artifacts=artifacts,
             code_paths=[str(COOP_CORE_DIR)],
             pip_requirements=_pip_requirements(),
         )
-    return info.model_uri
+        MlflowClient(tracking_uri).log_artifacts(run_id, str(local), artifact_path=MODEL_ARTIFACT_NAME)
+    return f"runs:/{run_id}/{MODEL_ARTIFACT_NAME}"
 
 
 def register_prompt(
@@ -183,10 +175,14 @@ def register_prompt(
     _, meta = load_prompts(Path(checkpoint_dir) / PROMPTS_FILE)
     tags = version_tags(spec, list(meta.classnames), metrics, extra_tags)
     model_uri = log_prompt_model(checkpoint_dir, spec, run_id=run_id, tracking_uri=tracking_uri)
-    with _tracking_uri(tracking_uri):
-        registered = mlflow.register_model(model_uri, name, tags=tags)
-    version = int(registered.version)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    try:
+        client.create_registered_model(name, description=f"CoOp prompts for CLIP on {spec['dataset']}")
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    registered = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags)
+    version = int(registered.version)
     val_acc = float(metrics["val_acc"])
     backbone, shots = tags["backbone"], tags["shots"]
 

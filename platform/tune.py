@@ -3,8 +3,9 @@
 Each trial is one Ray Train run (``platform.train``): the Tune function trainable :func:`run_trial` builds a
 ``TorchTrainer`` and runs it with ``TuneReportCallback``, so every epoch's report reaches Tune (Ray Train V2's
 Tune integration). Configurations come from the dataset's search space (``tune_spaces/<dataset>.py``), sampled by
-Optuna's TPE (seeded); ASHA stops trials whose *validation* accuracy lags (``val_acc``, per epoch). Test accuracy is
-only measured, never used to choose.
+Optuna's TPE (seeded); ASHA stops trials whose *validation* accuracy lags (``val_acc``, per epoch), first aborting
+the trial's Ray Train run so its workers are freed (``GracefulASHA``, see ``platform/sweep_callbacks.py``). Test
+accuracy is only measured, never used to choose.
 
 Resources: the trial function itself reserves no CPU (only a little memory, so Tune can place it); its Ray Train
 workers reserve ``--num-workers x --cpus-per-worker`` CPUs, and at most ``cluster CPUs // that`` trials run at once,
@@ -41,6 +42,10 @@ STATE_FILE = "coop_sweep.json"  # in the sweep folder: what --resume needs (pare
 TRAIN_RUNS_DIR = "train_runs"  # in the sweep folder: one Ray Train run per trial, named by trial id
 METRIC, MODE = "val_acc", "max"
 TRIAL_MEMORY_BYTES = 256 * 1024**2  # the trial function's reservation: it waits on its trainer, no CPU needed
+JSON_KEYS = ("best_config", "val_acc", "test_acc", "zeroshot_test_acc", "parent_run_id", "registered_model",
+             "registered_version", "champion_version", "trials", "trials_completed", "trials_finished",
+             "trials_early_stopped", "trials_errored", "best_trial_id", "best_run_id", "n_ctx_effective", "sweep_name",
+             "sweep_dir", "tracking_uri", "experiment", "resumed", "wall_s", "timing")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -343,13 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DatasetNotFoundError, WeightsUnavailableError, ValueError, FileNotFoundError) as err:
         return _fail(str(err))
 
-    from platform import tracking
-    from platform.registry import register_prompt, registered_model_name
-    from platform.sweep_callbacks import REGISTRY_NAME, GracefulASHA, MlflowSweepCallback, TrialControllersActor
+    from platform.sweep_callbacks import REGISTRY_NAME, MlflowSweepCallback, TrialControllersActor
 
     import ray
-    from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
     init_ray(args.ray_address, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}} if offline else None)
     try:
@@ -364,62 +365,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     epochs = spec.train.resolved_epochs
 
     if state is None:
-        tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
-        experiment = args.experiment or tracking.default_experiment(spec.dataset)
-        parent_run_id = tracking.create_run(experiment, run_name=name, tracking_uri=tracking_uri,
-                                            tags={"coop.entry_point": "platform.tune", "coop.sweep": name,
-                                                  "coop.sweep_dir": sweep_dir})
-        search_seed = spec.train.seed if args.search_seed is None else args.search_seed
-        sweep_params = {"sweep.num_samples": args.num_samples, "sweep.max_concurrent": max_concurrent,
-                        "sweep.search_seed": search_seed, "sweep.searcher": "optuna-tpe",
-                        "sweep.scheduler": f"asha(metric={METRIC}, grace={args.grace_period}, "
-                                           f"rf={args.reduction_factor}, max_t={epochs})",
-                        "sweep.space": json.dumps({k: repr(v) for k, v in space.items()}),
-                        "sweep.fixed": " ".join(args.fixed) or "-"}
-        tracking.log_params(parent_run_id, tracking.flatten_params(spec) | sweep_params, tracking_uri=tracking_uri)
-        state = {"dataset": spec.dataset, "base_spec": spec.to_dict(), "parent_run_id": parent_run_id,
-                 "tracking_uri": tracking_uri, "experiment": experiment, "started_at": time.time(),
-                 "num_samples": args.num_samples, "search_seed": search_seed, "epochs": epochs}
-        if "://" not in sweep_dir:
-            write_state(sweep_dir, state)
-        resumed = False
+        state = open_sweep(args, spec, space, name, sweep_dir, max_concurrent)
     else:
-        tracking_uri, experiment, parent_run_id = state["tracking_uri"], state["experiment"], state["parent_run_id"]
         from mlflow.tracking import MlflowClient
 
-        MlflowClient(tracking_uri).update_run(parent_run_id, status="RUNNING")
-        resumed = True
+        MlflowClient(state["tracking_uri"]).update_run(state["parent_run_id"], status="RUNNING")
+    resumed = args.resume
     logger.info("sweep %s: %d trials of %s, %d at once; MLflow run %s (%s)", name, state["num_samples"],
-                spec.dataset, max_concurrent, parent_run_id, tracking_uri)
+                spec.dataset, max_concurrent, state["parent_run_id"], state["tracking_uri"])
 
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base_spec=spec.to_dict(), train_storage=f"{sweep_dir}/{TRAIN_RUNS_DIR}",
-                             max_failures=args.max_failures, log_level="INFO" if args.verbose else "WARNING"),
-        {"cpu": 0, "memory": TRIAL_MEMORY_BYTES},
-    )
-    callback = MlflowSweepCallback(parent_run_id=parent_run_id, experiment=experiment, tracking_uri=tracking_uri,
-                                   base_spec=spec.to_dict(), storage_path=storage_path, epochs=epochs,
-                                   sweep_name=name)
-    if resumed and tune.Tuner.can_restore(sweep_dir):
-        logger.info("resuming sweep %s from %s", name, sweep_dir)
-        tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        import optuna
-
-        tuner = tune.Tuner(
-            trainable,
-            param_space=to_tune_space(space),
-            tune_config=tune.TuneConfig(
-                metric=METRIC,
-                mode=MODE,
-                search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=state["search_seed"])),
-                scheduler=GracefulASHA(time_attr="epoch", max_t=epochs, grace_period=min(args.grace_period, epochs),
-                                       reduction_factor=args.reduction_factor),
-                num_samples=state["num_samples"],
-                max_concurrent_trials=max_concurrent,
-            ),
-            run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=[callback], verbose=0),
-        )
+    callback = MlflowSweepCallback(parent_run_id=state["parent_run_id"], experiment=state["experiment"],
+                                   tracking_uri=state["tracking_uri"], base_spec=spec.to_dict(),
+                                   storage_path=storage_path, epochs=epochs, sweep_name=name)
+    tuner = build_tuner(args, spec, space, state, name, storage_path, sweep_dir, max_concurrent, callback,
+                        restore=resumed)
     registry = TrialControllersActor.options(name=REGISTRY_NAME, get_if_exists=True).remote()
     grid = tuner.fit()
     logger.info("trial controllers: %s", ray.get(registry.stats.remote()))
@@ -430,69 +389,151 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = callback.child_runs().get(row["trial_id"])
         if row["status"] == "TERMINATED" and (run is None or run.info.status != "FINISHED"):
             callback.finish_from_result(row["trial_id"], row["config"], row["last_result"])
+    summary = summarise(rows, spec, state, name, sweep_dir, resumed)
     best = pick_best(rows)
-    summary: dict[str, Any] = {
-        "sweep_name": name, "sweep_dir": sweep_dir, "dataset": spec.dataset, "epochs": epochs,
+    if best is not None:
+        summary.update(register_best(best, callback, state, name, storage_path))
+    summary["wall_s"] = time.perf_counter() - t0
+    summary["timing"] = timing(rows, summary["wall_s"])
+    close_sweep(summary, state)
+
+    print(format_report(summary, rows))
+    if args.json:
+        print(json.dumps({k: summary.get(k) for k in JSON_KEYS}, sort_keys=True))
+    return 0 if best is not None else 1
+
+
+def open_sweep(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], name: str, sweep_dir: str,
+               max_concurrent: int) -> dict[str, Any]:
+    """Start the sweep's MLflow parent run (base config and sweep settings as params) and write its state file."""
+    from platform import tracking
+
+    tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    experiment = args.experiment or tracking.default_experiment(spec.dataset)
+    epochs = spec.train.resolved_epochs
+    parent_run_id = tracking.create_run(experiment, run_name=name, tracking_uri=tracking_uri,
+                                        tags={"coop.entry_point": "platform.tune", "coop.sweep": name,
+                                              "coop.sweep_dir": sweep_dir})
+    search_seed = spec.train.seed if args.search_seed is None else args.search_seed
+    sweep_params = {"sweep.num_samples": args.num_samples, "sweep.max_concurrent": max_concurrent,
+                    "sweep.search_seed": search_seed, "sweep.searcher": "optuna-tpe",
+                    "sweep.scheduler": f"asha(metric={METRIC}, grace={args.grace_period}, "
+                                       f"rf={args.reduction_factor}, max_t={epochs})",
+                    "sweep.space": json.dumps({k: repr(v) for k, v in space.items()}),
+                    "sweep.fixed": " ".join(args.fixed) or "-"}
+    tracking.log_params(parent_run_id, tracking.flatten_params(spec) | sweep_params, tracking_uri=tracking_uri)
+    state = {"dataset": spec.dataset, "base_spec": spec.to_dict(), "parent_run_id": parent_run_id,
+             "tracking_uri": tracking_uri, "experiment": experiment, "started_at": time.time(),
+             "num_samples": args.num_samples, "search_seed": search_seed, "epochs": epochs}
+    if "://" not in sweep_dir:
+        write_state(sweep_dir, state)
+    return state
+
+
+def build_tuner(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], state: Mapping[str, Any], name: str,
+                storage_path: str, sweep_dir: str, max_concurrent: int, callback: Any, *, restore: bool) -> Any:
+    """The Tuner: restored from ``sweep_dir`` (searcher, scheduler, trial states) or new (Optuna TPE + ASHA)."""
+    from platform.sweep_callbacks import GracefulASHA
+
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base_spec=spec.to_dict(), train_storage=f"{sweep_dir}/{TRAIN_RUNS_DIR}",
+                             max_failures=args.max_failures, log_level="INFO" if args.verbose else "WARNING"),
+        {"cpu": 0, "memory": TRIAL_MEMORY_BYTES},
+    )
+    if restore and tune.Tuner.can_restore(sweep_dir):
+        logger.info("resuming sweep %s from %s", name, sweep_dir)
+        return tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    epochs = spec.train.resolved_epochs
+    return tune.Tuner(
+        trainable,
+        param_space=to_tune_space(space),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=state["search_seed"])),
+            scheduler=GracefulASHA(time_attr="epoch", max_t=epochs, grace_period=min(args.grace_period, epochs),
+                                   reduction_factor=args.reduction_factor),
+            num_samples=state["num_samples"],
+            max_concurrent_trials=max_concurrent,
+        ),
+        run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=[callback], verbose=0),
+    )
+
+
+def summarise(rows: Sequence[Mapping[str, Any]], spec: Any, state: Mapping[str, Any], name: str, sweep_dir: str,
+              resumed: bool) -> dict[str, Any]:
+    """The sweep's outcome before registration (trial counts, where things are)."""
+    from platform import tracking
+    from platform.registry import registered_model_name
+
+    return {
+        "sweep_name": name, "sweep_dir": sweep_dir, "dataset": spec.dataset, "epochs": spec.train.resolved_epochs,
         "backbone": spec.model.backbone, "shots": spec.train.shots, "seed": spec.train.seed,
         "trials": len(rows), "trials_completed": sum(r["status"] == "TERMINATED" for r in rows),
         "trials_finished": sum(r["finished"] for r in rows),
         "trials_early_stopped": sum(r["status"] == "TERMINATED" and not r["finished"] for r in rows),
         "trials_errored": sum(r["status"] == "ERROR" for r in rows),
-        "parent_run_id": parent_run_id, "experiment": experiment, "tracking_uri": tracking_uri,
-        "ui_command": tracking.ui_command(tracking_uri), "resumed": resumed,
-        "best_config": None, "best_trial_id": None, "best_run_id": None, "val_acc": None, "test_acc": None,
-        "zeroshot_test_acc": None, "registered_model": registered_model_name(spec.dataset),
+        "parent_run_id": state["parent_run_id"], "experiment": state["experiment"],
+        "tracking_uri": state["tracking_uri"], "ui_command": tracking.ui_command(state["tracking_uri"]),
+        "resumed": resumed, "best_config": None, "best_trial_id": None, "best_run_id": None, "val_acc": None,
+        "test_acc": None, "zeroshot_test_acc": None, "registered_model": registered_model_name(spec.dataset),
         "registered_version": None, "champion_version": None, "champion_reason": None,
     }
-    status = 0
-    if best is None:
-        status = 1
-    else:
-        from platform.sweep_callbacks import checkpoint_dir, searched_overrides
 
-        best_run_id = callback.run_for(best["trial_id"], best["config"])
-        with checkpoint_dir(best["checkpoint_path"], storage_path) as d:
-            resolved = json.loads((d / "config.json").read_text())
-            registration = register_prompt(
-                d, resolved, best["last_result"], run_id=best_run_id, tracking_uri=tracking_uri,
-                extra_tags={"sweep_run_id": parent_run_id, "trial_id": best["trial_id"], "sweep": name},
-            )
-        summary.update(
-            best_config=searched_overrides(best["config"]), best_trial_id=best["trial_id"], best_run_id=best_run_id,
-            val_acc=best["val_acc"], test_acc=best["test_acc"], zeroshot_test_acc=best["zeroshot_test_acc"],
-            n_ctx_effective=resolved.get("n_ctx_effective"), registered_version=registration.version,
-            champion_version=registration.champion_version, champion_reason=registration.reason,
+
+def register_best(best: Mapping[str, Any], callback: Any, state: Mapping[str, Any], name: str,
+                  storage_path: str) -> dict[str, Any]:
+    """Register the best trial's final prompts (``platform.registry``); the summary fields it adds."""
+    from platform.registry import register_prompt
+    from platform.sweep_callbacks import checkpoint_dir, searched_overrides
+
+    best_run_id = callback.run_for(best["trial_id"], best["config"])
+    with checkpoint_dir(best["checkpoint_path"], storage_path) as d:
+        resolved = json.loads((d / "config.json").read_text())
+        registration = register_prompt(
+            d, resolved, best["last_result"], run_id=best_run_id, tracking_uri=state["tracking_uri"],
+            extra_tags={"sweep_run_id": state["parent_run_id"], "trial_id": best["trial_id"], "sweep": name},
         )
-    wall_s = time.perf_counter() - t0
-    summary["wall_s"] = wall_s
+    return {
+        "best_config": searched_overrides(best["config"]), "best_trial_id": best["trial_id"],
+        "best_run_id": best_run_id, "val_acc": best["val_acc"], "test_acc": best["test_acc"],
+        "zeroshot_test_acc": best["zeroshot_test_acc"], "n_ctx_effective": resolved.get("n_ctx_effective"),
+        "registered_version": registration.version, "champion_version": registration.champion_version,
+        "champion_reason": registration.reason,
+    }
+
+
+def timing(rows: Sequence[Mapping[str, Any]], wall_s: float) -> dict[str, float | None]:
+    """Throughput and where a trial's time goes (Tune's trial time vs the training loop inside it)."""
     loops = [r["train_loop_s"] for r in rows if r["train_loop_s"] is not None]
     totals = [r["time_total_s"] for r in rows if r["time_total_s"] is not None and r["finished"]]
-    summary["timing"] = {
+    return {
         "trials_per_hour": 3600.0 * len(rows) / wall_s if wall_s > 0 else None,
         "mean_trial_s": sum(totals) / len(totals) if totals else None,
         "mean_train_loop_s": sum(loops) / len(loops) if loops else None,
     }
-    final = {k: summary[k] for k in ("val_acc", "test_acc", "zeroshot_test_acc") if summary[k] is not None}
-    final |= {"trials_completed": summary["trials_completed"], "trials_errored": summary["trials_errored"],
-              "sweep_wall_s": wall_s}
-    tracking.log_final_metrics(parent_run_id, {f"best_{k}" if k.endswith("acc") else k: v for k, v in final.items()},
-                               tracking_uri=tracking_uri)
+
+
+def close_sweep(summary: Mapping[str, Any], state: Mapping[str, Any]) -> None:
+    """Log the sweep's outcome on the parent run and end it (FINISHED, or FAILED when no trial finished)."""
+    from platform import tracking
+
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
-    if best is not None:
-        client.set_tag(parent_run_id, "coop.best_trial_id", best["trial_id"])
-        client.set_tag(parent_run_id, "coop.registered_version", str(summary["registered_version"]))
-    tracking.end_run(parent_run_id, "FINISHED" if status == 0 else "FAILED", tracking_uri=tracking_uri)
-
-    print(format_report(summary, rows))
-    if args.json:
-        keys = ("best_config", "val_acc", "test_acc", "zeroshot_test_acc", "parent_run_id", "registered_model",
-                "registered_version", "champion_version", "trials", "trials_completed", "trials_finished",
-                "trials_early_stopped", "trials_errored", "best_trial_id", "best_run_id", "n_ctx_effective",
-                "sweep_name", "sweep_dir", "tracking_uri", "experiment", "resumed", "wall_s", "timing")
-        print(json.dumps({k: summary.get(k) for k in keys}, sort_keys=True))
-    return status
+    uri, parent = state["tracking_uri"], state["parent_run_id"]
+    final = {f"best_{k}": summary[k] for k in ("val_acc", "test_acc", "zeroshot_test_acc") if summary[k] is not None}
+    final |= {"trials_completed": summary["trials_completed"], "trials_errored": summary["trials_errored"],
+              "sweep_wall_s": summary["wall_s"]}
+    tracking.log_final_metrics(parent, final, tracking_uri=uri)
+    client = MlflowClient(uri)
+    if summary["best_trial_id"] is not None:
+        client.set_tag(parent, "coop.best_trial_id", summary["best_trial_id"])
+        client.set_tag(parent, "coop.registered_version", str(summary["registered_version"]))
+    tracking.end_run(parent, "FINISHED" if summary["best_trial_id"] is not None else "FAILED", tracking_uri=uri)
 
 
 if __name__ == "__main__":

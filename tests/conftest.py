@@ -40,3 +40,43 @@ def tiny_clip(tiny_vit_config):
     from coop_core.backbone import load_clip
 
     return load_clip(tiny_vit_config, "none")
+
+
+def _digits_checkpoint_cache() -> Path | None:
+    """Where the digits CLIP checkpoint is kept between runs (``.cache/`` is git-ignored); None if not writable."""
+    path = REPO / ".cache" / "tests"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return path if os.access(path, os.W_OK) else None
+
+
+@pytest.fixture(scope="session")
+def digits_world(tmp_path_factory):
+    """A tiny CLIP contrastively pretrained on scikit-learn's real handwritten digits, and a DatasetSplits of PNG
+    files for CoOp (see tests/digits.py). Pretraining takes ~15 s on one core and is cached on disk by content."""
+    pytest.importorskip("sklearn")
+    import digits
+
+    return digits.build_world(tmp_path_factory.mktemp("digits"), _digits_checkpoint_cache())
+
+
+@pytest.fixture(scope="session")
+def digits_clip(digits_world):
+    """The digits CLIP loaded through the real loader: model-config JSON + local checkpoint."""
+    from coop_core.backbone import load_clip
+
+    return load_clip(str(digits_world.config_path), str(digits_world.checkpoint))
+
+
+@pytest.fixture
+def torch_single_thread():
+    """Run a test's torch ops on one thread: on tiny tensors threads only add overhead, and on shared, busy CI cores
+    a second OpenMP thread waiting for a core makes every op tens of times slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -78,3 +78,22 @@ def test_unknown_dataset_and_bad_spaces_are_errors():
         LogUniform(1.0, 0.1)
     with pytest.raises(ValueError, match="distinct"):
         Choice((1, 1))
+
+
+def test_sweep_turns_every_space_into_ray_tune_domains():
+    """What ``platform.tune`` hands to Ray Tune: same keys, and every Ray sample builds valid configs."""
+    from platform.tune import to_tune_space
+
+    from ray.tune.search.sample import Categorical, Float
+
+    for dataset in list_spaces():
+        space = get_space(dataset)
+        tune_space = to_tune_space(space)
+        assert set(tune_space) == set(space)
+        assert isinstance(tune_space["train.lr"], Float) and tune_space["train.lr"].lower == 5e-4
+        assert isinstance(tune_space["prompt.ctx_init"], Categorical)
+        assert list(tune_space["prompt.ctx_init"].categories) == list(space["prompt.ctx_init"].values)
+        for _ in range(10):
+            parts = split_sample({k: d.sample() for k, d in tune_space.items()})
+            dataclasses.replace(PromptConfig(), **parts["prompt"])
+            dataclasses.replace(TrainConfig(), **parts["train"])

@@ -1,0 +1,109 @@
+"""``--resume``: a sweep whose driver is SIGKILLed after its first finished trial completes without re-running it.
+
+The CLI runs in a subprocess with its own local Ray (the kill takes the whole process group: driver, Ray and its
+workers). Finished trials are read from Tune's experiment state, the file ``--resume`` restores from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[2]
+NUM_SAMPLES = 3
+EPOCHS = 2
+
+
+def _trial_states(sweep_dir: Path) -> dict[str, dict]:
+    """Trial id -> {"status", "logdir"} from Tune's newest experiment state file (empty until one is written)."""
+    files = sorted(sweep_dir.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return {}
+    try:
+        data = json.loads(files[-1].read_text())
+    except ValueError:  # being rewritten
+        return {}
+    out = {}
+    for trial_json, _ in data["trial_data"]:
+        trial = json.loads(trial_json)
+        out[trial["trial_id"]] = {"status": trial["status"], "logdir": trial["relative_logdir"]}
+    return out
+
+
+def _result_rows(sweep_dir: Path, logdir: str) -> str:
+    return (sweep_dir / logdir / "result.json").read_text()
+
+
+def test_resume_finishes_an_interrupted_sweep_without_rerunning_finished_trials(
+    small_eurosat_root, feature_cache, tiny_vit_config, tmp_path
+):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = tmp_path / "ray"
+    sweep_dir = storage / "interrupted"
+    argv = [sys.executable, "-m", "platform.tune", "--dataset", "eurosat", "--data-root", str(small_eurosat_root),
+            "--backbone", tiny_vit_config, "--pretrained", "none", "--shots", "1", "--epochs", str(EPOCHS),
+            "--n-views", "1", "--batch-size", "8", "--max-test-items", "20", "--num-samples", str(NUM_SAMPLES),
+            "--max-concurrent", "2", "--cache-dir", str(feature_cache), "--storage-path", str(storage),
+            "--tracking-uri", uri, "--sweep-name", "interrupted", "--json"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"  # write the experiment state often, so the kill below finds it current
+
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    finished: dict[str, dict] = {}
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and proc.poll() is None:
+            states = _trial_states(sweep_dir)
+            finished = {tid: s for tid, s in states.items() if s["status"] == "TERMINATED"}
+            if finished:
+                break
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray cluster and every worker: no clean shutdown
+        proc.wait(timeout=60)
+        log.close()
+    first_log = (tmp_path / "first.log").read_text()
+    assert finished, f"no trial finished before the deadline (rc {proc.returncode}):\n{first_log[-3000:]}"
+    assert proc.returncode == -signal.SIGKILL, "the sweep ended by itself: nothing was interrupted"
+    assert len(finished) < NUM_SAMPLES
+    rows_before = {tid: _result_rows(sweep_dir, s["logdir"]) for tid, s in finished.items()}
+    parent_run_id = json.loads((sweep_dir / "coop_sweep.json").read_text())["parent_run_id"]
+
+    resumed = subprocess.run([*argv, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary["resumed"] is True and summary["parent_run_id"] == parent_run_id
+    assert summary["trials"] == NUM_SAMPLES and summary["trials_completed"] == NUM_SAMPLES
+    assert summary["trials_errored"] == 0 and summary["registered_version"] == 1
+
+    states = _trial_states(sweep_dir)
+    assert len(states) == NUM_SAMPLES and {s["status"] for s in states.values()} == {"TERMINATED"}
+    for tid, rows in rows_before.items():
+        assert _result_rows(sweep_dir, states[tid]["logdir"]) == rows, f"finished trial {tid} was run again"
+
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.get_run(parent_run_id)
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    assert sorted(c.data.tags["coop.trial_id"] for c in children) == sorted(states)  # one run per trial, no extras
+    for child in children:
+        assert child.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
+        assert sorted(steps) == list(range(1, len(steps) + 1)) and steps  # every epoch once
+        if child.data.tags["coop.trial_id"] in finished:
+            assert sorted(steps) == list(range(1, EPOCHS + 1))
+            assert "test_acc" in child.data.metrics

@@ -1,0 +1,224 @@
+"""A sweep end to end: Ray Tune + Optuna + ASHA over Ray Train trials, MLflow parent/child runs, the prompt registry's
+champion rule, and the registered pyfunc classifying real EuroSAT images in a fresh process.
+
+Two sweeps run in this process on the shared local Ray (Ray Train start-up dominates on 2 cores, so they are small):
+a real one (4 trials, 2 epochs) and a deliberately worse one (1 epoch at warm-up learning rate, random context, so
+nothing is learned). The backbone is the tiny ViT whose image projection is fitted by ridge regression to the text
+features of EuroSAT's zero-shot prompts (:func:`aligned_tiny_checkpoint`): with random weights every configuration
+sits at chance and "worse" could not be told from "better".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from platform.registry import CHAMPION, scoped_champion_alias
+from platform.sweep_callbacks import EARLY_STOPPED_TAG, TRIAL_TAG
+from platform.tune import main
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[2]
+RIDGE_IMAGES_PER_CLASS = 30
+SEARCHED = ("prompt.n_ctx", "prompt.ctx_init", "prompt.class_token_position", "prompt.csc", "train.lr")
+
+
+def aligned_tiny_checkpoint(config_json: str, data_root: Path, out: Path) -> Path:
+    """Tiny ViT weights whose image projection maps EuroSAT train images onto their class's zero-shot text feature.
+
+    Random weights, except ``visual.proj``: the ridge-regression solution from pooled image features (before the
+    projection) of 30 train images per class to the normalised text features of "a centered satellite photo of
+    <class>.". That gives the frozen CLIP a zero-shot accuracy well above chance in a few seconds of CPU.
+    """
+    from PIL import Image
+
+    from coop_core.backbone import load_clip
+    from coop_core.datasets import load_dataset
+    from coop_core.transforms import test_transform
+
+    clip = load_clip(config_json, "none")
+    model = clip.model
+    splits = load_dataset("eurosat", data_root)
+    by_label: dict[int, list] = {}
+    for item in splits.train:
+        by_label.setdefault(item.label, []).append(item)
+    rng = random.Random(0)
+    items = [it for label in sorted(by_label) for it in rng.sample(sorted(by_label[label], key=lambda i: i.path),
+                                                                   RIDGE_IMAGES_PER_CLASS)]
+    transform = test_transform(clip.image_size, clip.mean, clip.std)
+    images = torch.stack([transform(Image.open(splits.image_dir / it.path).convert("RGB")) for it in items])
+    labels = torch.tensor([it.label for it in items])
+    with torch.no_grad():
+        proj, model.visual.proj = model.visual.proj, None
+        pooled = model.visual(images)  # (n, width), before the projection
+        model.visual.proj = proj
+        prompts = clip.tokenizer([splits.template.format(c) for c in splits.classnames])
+        text = F.normalize(model.encode_text(prompts), dim=-1)  # (n_cls, embed_dim)
+        gram = pooled.T @ pooled + 0.01 * torch.eye(pooled.shape[1])
+        model.visual.proj.copy_(torch.linalg.solve(gram, pooled.T @ text[labels]))  # (width, embed_dim)
+    torch.save(model.state_dict(), out)
+    return out
+
+
+def _sweep(argv: list[str]) -> dict:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(argv)
+    lines = out.getvalue().strip().splitlines()
+    assert rc == 0, "\n".join(lines[-30:])
+    return {"summary": json.loads(lines[-1]), "report": "\n".join(lines[:-1])}
+
+
+@pytest.fixture(scope="module")
+def sweeps(ray_session, small_eurosat_root, shared_data, feature_cache, tiny_vit_config, tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("sweep")
+    checkpoint = aligned_tiny_checkpoint(tiny_vit_config, shared_data, tmp / "tiny-vit-eurosat.pt")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    common = ["--dataset", "eurosat", "--data-root", str(small_eurosat_root), "--backbone", tiny_vit_config,
+              "--pretrained", str(checkpoint), "--shots", "2", "--batch-size", "8", "--n-views", "1",
+              "--max-test-items", "40", "--cache-dir", str(feature_cache), "--storage-path", str(tmp / "ray"),
+              "--tracking-uri", uri, "--json"]
+    good = _sweep([*common, "--epochs", "2", "--warmup-epochs", "0", "--num-samples", "4", "--max-concurrent", "2",
+                   "--sweep-name", "good"])
+    worse = _sweep([*common, "--epochs", "1", "--num-samples", "2", "--fixed", "prompt.ctx_init", "train.lr",
+                    "--ctx-init", "", "--lr", "1e-5", "--sweep-name", "worse"])
+    return {"uri": uri, "tmp": tmp, "good": good, "worse": worse, "checkpoint": checkpoint}
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _children(client, parent_run_id: str) -> list:
+    parent = client.get_run(parent_run_id)
+    return client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+def test_sweep_runs_every_trial_and_reports_the_best_by_validation(sweeps):
+    s = sweeps["good"]["summary"]
+    assert s["trials"] == 4 and s["trials_completed"] == 4 and s["trials_errored"] == 0
+    assert s["trials_finished"] + s["trials_early_stopped"] == 4 and s["trials_finished"] >= 1
+    assert set(s["best_config"]) == set(SEARCHED)
+    assert s["val_acc"] is not None and s["test_acc"] is not None and s["zeroshot_test_acc"] is not None
+    report = sweeps["good"]["report"]
+    assert "best (by val acc)" in report and "zero-shot" in report and "mlflow ui --backend-store-uri" in report
+    assert s["parent_run_id"] in report
+
+
+def test_parent_and_child_runs_hold_params_metrics_and_artifacts(sweeps):
+    s = sweeps["good"]["summary"]
+    client = _client(sweeps["uri"])
+    parent = client.get_run(s["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["sweep.num_samples"] == "4"
+    assert parent.data.metrics["best_val_acc"] == pytest.approx(s["val_acc"])
+    children = _children(client, s["parent_run_id"])
+    assert len(children) == 4 and len({c.data.tags[TRIAL_TAG] for c in children}) == 4
+    best_val = {}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        params = child.data.params
+        for key in (*SEARCHED, "model.backbone", "model.pretrained", "shots", "seed", "train.epochs"):
+            assert key in params, key
+        words = params["prompt.ctx_init"].split()
+        expected_n_ctx = {"": int(params["prompt.n_ctx"]), "a photo of a": 4, "a centered satellite photo of": 5}
+        assert int(params["prompt.n_ctx_effective"]) == expected_n_ctx[" ".join(words)]
+        history = client.get_metric_history(child.info.run_id, "val_acc")
+        steps = sorted(m.step for m in history)
+        assert steps == list(range(1, len(steps) + 1)) and steps, steps  # one value per epoch, step = epoch
+        assert {m.step for m in client.get_metric_history(child.info.run_id, "lr")} == set(steps)
+        assert {m.step for m in client.get_metric_history(child.info.run_id, "train_loss")} == set(steps)
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"config.json", "history.json"} <= artifacts
+        if child.data.tags[EARLY_STOPPED_TAG] == "false":
+            assert steps == [1, 2]
+            assert "test_acc" in child.data.metrics and "zeroshot_test_acc" in child.data.metrics
+            assert {"nearest_words.txt", "prompts"} <= artifacts
+            prompts = {a.path for a in client.list_artifacts(child.info.run_id, "prompts")}
+            assert "prompts/prompts.safetensors" in prompts
+            best_val[child.data.tags[TRIAL_TAG]] = child.data.metrics["val_acc"]
+        else:
+            assert steps == [1] and "test_acc" not in child.data.metrics
+    assert max(best_val.values()) == pytest.approx(s["val_acc"])
+    assert best_val[s["best_trial_id"]] == pytest.approx(s["val_acc"])
+
+
+def test_first_sweep_registers_version_1_as_champion(sweeps, tiny_vit_config):
+    s = sweeps["good"]["summary"]
+    assert s["registered_model"] == "coop-eurosat" and s["registered_version"] == 1 and s["champion_version"] == 1
+    client = _client(sweeps["uri"])
+    version = client.get_model_version_by_alias("coop-eurosat", CHAMPION)
+    assert int(version.version) == 1
+    tags = version.tags
+    assert tags["backbone"] == str(Path(tiny_vit_config).resolve()) and tags["weights"] == str(sweeps["checkpoint"])
+    assert tags["shots"] == "2" and tags["seed"] == "1" and tags["dataset"] == "eurosat"
+    assert len(json.loads(tags["classnames"])) == 10 and "Annual Crop Land" in json.loads(tags["classnames"])
+    best_position = s["best_config"]["prompt.class_token_position"]
+    assert json.loads(tags["config"])["prompt"]["class_token_position"] == best_position
+    assert float(tags["val_acc"]) == pytest.approx(s["val_acc"], abs=1e-3)
+    assert tags["trial_id"] == s["best_trial_id"] and tags["sweep_run_id"] == s["parent_run_id"]
+    scoped = scoped_champion_alias(str(Path(tiny_vit_config).resolve()), 2)
+    assert scoped == "champion-tiny-vit-2shot"
+    assert int(client.get_model_version_by_alias("coop-eurosat", scoped).version) == 1
+
+
+def test_worse_sweep_adds_version_2_and_leaves_the_champion(sweeps):
+    good, worse = sweeps["good"]["summary"], sweeps["worse"]["summary"]
+    assert worse["trials"] == 2 and worse["trials_completed"] == 2
+    assert set(worse["best_config"]) == set(SEARCHED) - {"prompt.ctx_init", "train.lr"}  # --fixed: not searched
+    assert worse["val_acc"] < good["val_acc"], (worse["val_acc"], good["val_acc"])  # really worse
+    assert worse["registered_version"] == 2 and worse["champion_version"] == 1
+    client = _client(sweeps["uri"])
+    assert int(client.get_model_version_by_alias("coop-eurosat", CHAMPION).version) == 1
+    assert client.get_model_version("coop-eurosat", "2").tags["trial_id"] == worse["best_trial_id"]
+    worse_children = _children(client, worse["parent_run_id"])
+    assert {c.data.params["prompt.ctx_init"] for c in worse_children} == {""}
+    assert {float(c.data.params["train.lr"]) for c in worse_children} == {1e-5}
+
+
+def test_champion_pyfunc_classifies_real_images_in_a_fresh_process(sweeps, shared_data, tmp_path):
+    from coop_core.datasets import load_dataset
+
+    splits = load_dataset("eurosat", shared_data)
+    paths = [str(splits.image_dir / it.path) for it in splits.test[::1600]]  # one image of several classes
+    script = (
+        "import json, sys, mlflow, pandas as pd\n"
+        "mlflow.set_tracking_uri(sys.argv[1])\n"
+        "model = mlflow.pyfunc.load_model('models:/coop-eurosat@champion')\n"
+        "paths = json.loads(sys.argv[2])\n"
+        "by_path = model.predict(pd.DataFrame({'image': paths}))\n"
+        "by_bytes = model.predict(pd.DataFrame({'image': [open(p, 'rb').read() for p in paths]}))\n"
+        "import platform\n"
+        "print(json.dumps({'by_path': by_path.to_dict(orient='list'), 'by_bytes': by_bytes.to_dict(orient='list'),\n"
+        "                  'platform': platform.__file__}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.run([sys.executable, "-c", script, sweeps["uri"], json.dumps(paths)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not out["platform"].startswith(str(REPO))  # the stdlib platform: our package was never needed
+    pred = out["by_path"]
+    classes = list(splits.classnames)
+    assert list(pred) == ["class_name", "probability", *[f"prob_{c}" for c in classes]]
+    assert len(pred["class_name"]) == len(paths) and set(pred["class_name"]) <= set(classes)
+    for i in range(len(paths)):
+        probs = [pred[f"prob_{c}"][i] for c in classes]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+        assert pred["probability"][i] == pytest.approx(max(probs))
+        assert pred["class_name"][i] == classes[probs.index(max(probs))]
+    assert out["by_bytes"]["class_name"] == pred["class_name"]
+    assert out["by_bytes"]["probability"] == pytest.approx(pred["probability"], abs=1e-6)

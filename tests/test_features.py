@@ -1,0 +1,305 @@
+"""Frozen image features: the content-keyed cache (once, reused, repaired, shared between processes), the training
+feature sources, and the pipeline's view extraction through the cache."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import coop_core.pipeline as pipeline
+from coop_core.config import TrainConfig
+from coop_core.datasets import DatasetSplits, Item
+from coop_core.features import (
+    CachedViews,
+    ExactImages,
+    FeatureCache,
+    cache_key,
+    extract_features,
+    items_digest,
+    weights_identity,
+)
+from coop_core.fewshot import build_few_shot
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+PARTS = {"backbone": "tiny-vit", "dataset": "synthetic", "items": "abc", "view": 0}
+
+
+def _tensors(scale: float = 1.0) -> dict[str, torch.Tensor]:
+    return {"features": scale * torch.arange(12.0).view(3, 4), "labels": torch.tensor([0, 1, 2])}
+
+
+class Counter:
+    """A compute function that counts its calls."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        self.calls = 0
+        self.scale = scale
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        return _tensors(self.scale)
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# --- FeatureCache -----------------------------------------------------------------------------------------------
+
+
+def test_cache_computes_once_and_reuses_across_instances(tmp_path):
+    compute = Counter()
+    first = FeatureCache(tmp_path).get_or_compute(PARTS, compute)
+    second = FeatureCache(tmp_path).get_or_compute(dict(reversed(PARTS.items())), compute)  # key order is irrelevant
+    assert compute.calls == 1
+    _assert_same(first, _tensors())
+    _assert_same(second, first)
+    path = FeatureCache(tmp_path).path(cache_key(PARTS))
+    assert path.is_file() and path.is_relative_to(tmp_path)
+    assert not list(tmp_path.rglob("*.tmp"))  # written atomically: no leftovers
+
+    FeatureCache(tmp_path).get_or_compute(PARTS | {"view": 1}, compute)  # another key is another entry
+    assert compute.calls == 2
+
+
+def test_truncated_entry_is_detected_and_rebuilt(tmp_path, caplog):
+    cache = FeatureCache(tmp_path)
+    compute = Counter()
+    cache.get_or_compute(PARTS, compute)
+    path = cache.path(cache_key(PARTS))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    again = cache.get_or_compute(PARTS, compute)
+    assert compute.calls == 2
+    _assert_same(again, _tensors())
+    assert "damaged" in caplog.text
+    _assert_same(load_file(str(path)), _tensors())  # repaired on disk
+    cache.get_or_compute(PARTS, compute)
+    assert compute.calls == 2
+
+
+def test_entry_whose_tensors_do_not_match_their_checksum_is_rebuilt(tmp_path, caplog):
+    cache = FeatureCache(tmp_path)
+    compute = Counter()
+    cache.get_or_compute(PARTS, compute)
+    path = cache.path(cache_key(PARTS))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    save_file(_tensors(scale=2.0), str(path), metadata=meta)  # valid file, stale digest
+    again = cache.get_or_compute(PARTS, compute)
+    assert compute.calls == 2
+    _assert_same(again, _tensors())
+    assert "checksum" in caplog.text
+
+    save_file(_tensors(), str(path))  # no digest at all
+    cache.get_or_compute(PARTS, compute)
+    assert compute.calls == 3
+
+
+def _cache_worker(root: str, barrier, index: int) -> None:
+    """One of several processes asking for the same entry at the same moment."""
+
+    def compute() -> dict[str, torch.Tensor]:
+        (Path(root) / "computed" / f"{os.getpid()}").write_text("")
+        time.sleep(0.5)  # long enough for the others to be waiting on the lock
+        return _tensors()
+
+    barrier.wait()
+    out = FeatureCache(Path(root) / "cache").get_or_compute(PARTS, compute)
+    (Path(root) / "results" / f"{index}.txt").write_text(str(out["features"].sum().item()))
+
+
+def test_concurrent_processes_compute_an_entry_once(tmp_path):
+    (tmp_path / "computed").mkdir()
+    (tmp_path / "results").mkdir()
+    ctx = multiprocessing.get_context("fork")  # a fresh interpreter per worker would cost seconds of imports
+    barrier = ctx.Barrier(3)
+    procs = [ctx.Process(target=_cache_worker, args=(str(tmp_path), barrier, i)) for i in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert len(list((tmp_path / "computed").iterdir())) == 1
+    results = {f.read_text() for f in (tmp_path / "results").iterdir()}
+    assert results == {str(_tensors()["features"].sum().item())}
+
+
+def test_cache_key_and_digests_follow_content(tmp_path):
+    assert cache_key({"a": 1, "b": 2}) == cache_key({"b": 2, "a": 1})
+    assert cache_key({"a": 1}) != cache_key({"a": 2})
+    items = [Item("a/1.png", 0, "a"), Item("b/1.png", 1, "b")]
+    assert items_digest(items) == items_digest(list(items))
+    assert items_digest(items) != items_digest(items[::-1])  # order is the row order of the features
+    assert items_digest(items) != items_digest([Item("a/1.png", 1, "b"), items[1]])
+    assert weights_identity("openai") == "tag:openai"
+    ckpt = tmp_path / "w.pt"
+    ckpt.write_bytes(b"1234")
+    first = weights_identity(str(ckpt))
+    assert first.startswith(f"file:{ckpt.resolve()}:4:")
+    ckpt.write_bytes(b"123456")
+    assert weights_identity(str(ckpt)) != first  # a replaced checkpoint is a different key
+
+
+# --- training feature sources -------------------------------------------------------------------------------------
+
+
+def _coded_views(n_views: int = 4, n: int = 10) -> torch.Tensor:
+    """views[v, i] is a constant vector of value 100 * v + i, so a returned row says which view and item it is."""
+    code = 100.0 * torch.arange(n_views)[:, None] + torch.arange(n)[None, :]
+    return code[..., None].expand(n_views, n, 3).clone()
+
+
+def _decode(rows: torch.Tensor) -> tuple[list[int], list[int]]:
+    code = rows[:, 0].long()
+    return (code // 100).tolist(), (code % 100).tolist()
+
+
+def test_cached_views_draw_one_view_per_image_reproducibly_per_epoch():
+    views, labels = _coded_views(), torch.arange(10)
+    source = CachedViews(views, labels, seed=3)
+    everything = torch.arange(10)
+    chosen, items = _decode(source.batch(everything, epoch=0))
+    assert items == list(range(10))
+    # The same (seed, epoch) gives the same views, in any batch order and in another instance (DDP, resume).
+    assert _decode(CachedViews(views, labels, seed=3).batch(everything, epoch=0))[0] == chosen
+    part = torch.tensor([7, 2, 5])
+    assert _decode(source.batch(part, epoch=0)) == ([chosen[7], chosen[2], chosen[5]], [7, 2, 5])
+    # Another epoch or seed draws other views; over epochs every view is used.
+    assert _decode(source.batch(everything, epoch=1))[0] != chosen
+    assert _decode(CachedViews(views, labels, seed=4).batch(everything, epoch=0))[0] != chosen
+    used = {v for e in range(20) for v in _decode(source.batch(everything, e))[0]}
+    assert used == {0, 1, 2, 3}
+    assert _decode(source.batch(everything, epoch=0))[0] == chosen  # going back to an epoch redraws the same
+
+
+def test_cached_views_validate_shapes():
+    with pytest.raises(ValueError, match=r"\(n_views, n, d\)"):
+        CachedViews(torch.zeros(10, 3), torch.zeros(10))
+    with pytest.raises(ValueError, match="10 feature rows but 9 labels"):
+        CachedViews(torch.zeros(2, 10, 3), torch.zeros(9))
+
+
+class _ImageSet(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randn(n, 3, 32, 32, generator=g)
+        self.labels = torch.arange(n) % 3
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.labels[i]), i
+
+
+def test_extract_features_are_normalised_and_in_dataset_order(tiny_clip):
+    data = _ImageSet(7)
+    feats, labels = extract_features(tiny_clip.model.visual, data, batch_size=3)
+    assert feats.shape == (7, 32) and feats.dtype == torch.float32
+    torch.testing.assert_close(feats.norm(dim=-1), torch.ones(7))
+    with torch.no_grad():
+        expected = F.normalize(tiny_clip.model.visual(data.images), dim=-1)
+    torch.testing.assert_close(feats, expected, atol=1e-5, rtol=1e-5)
+    assert labels.dtype == torch.long and labels.tolist() == data.labels.tolist()
+    bf16, _ = extract_features(tiny_clip.model.visual, data, batch_size=3, precision="bf16")
+    assert bf16.dtype == torch.float32
+    assert (bf16 - feats).abs().max() < 0.05
+    with pytest.raises(ValueError, match="empty"):
+        extract_features(tiny_clip.model.visual, _ImageSet(0))
+
+
+def test_exact_images_encode_the_requested_items():
+    data = _ImageSet(5)
+    seen = []
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        seen.append(images.shape[0])
+        return images.flatten(1)[:, :4]
+
+    source = ExactImages(data, data.labels, encode)
+    out = source.batch(torch.tensor([4, 0]), epoch=0)
+    assert seen == [2]
+    assert torch.equal(out, data.images[[4, 0]].flatten(1)[:, :4])
+
+
+# --- the pipeline's features through the cache ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> DatasetSplits:
+    """3 classes x 6 random 20x20 RGB PNGs: 2 train, 2 val and 2 test images per class."""
+    root = tmp_path_factory.mktemp("synthetic")
+    rng = np.random.default_rng(0)
+    names = ("red_square", "blue_circle", "green_line")
+    split_items: dict[str, list[Item]] = {"train": [], "val": [], "test": []}
+    for label, name in enumerate(names):
+        (root / name).mkdir()
+        for j in range(6):
+            rel = f"{name}/{j}.png"
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / rel)
+            split_items[("train", "val", "test")[j // 2]].append(Item(rel, label, name.replace("_", " ")))
+    return DatasetSplits("synthetic", root.resolve(), tuple(n.replace("_", " ") for n in names), "a photo of a {}.",
+                         *(tuple(split_items[s]) for s in ("train", "val", "test")))
+
+
+def test_prepare_features_computes_each_entry_once_and_reuses_it(tiny_clip, image_folder, tmp_path, monkeypatch):
+    calls = []
+    real = pipeline.extract_features
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[1]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "extract_features", counting)
+    fewshot = build_few_shot(image_folder, 2, 1, None)
+    cfg = TrainConfig(shots=2, n_views=3)
+    first = pipeline.prepare_features(tiny_clip, image_folder, fewshot, cfg, cache_dir=tmp_path / "cache")
+    assert sorted(calls) == [6, 6, 6, 6, 6]  # val, test and 3 training views of 6 images each
+    second = pipeline.prepare_features(tiny_clip, image_folder, fewshot, cfg, cache_dir=tmp_path / "cache")
+    assert len(calls) == 5
+    assert torch.equal(first.train.views, second.train.views)
+    assert torch.equal(first.test.features, second.test.features)
+
+    views = first.train.views  # (n_views, n, d): augmented views differ from each other ...
+    assert views.shape == (3, 6, 32)
+    assert (views[0] - views[1]).abs().max() > 1e-3
+    # ... and are reproducible from the seed without the cache, and change with it.
+    fresh = pipeline.prepare_features(tiny_clip, image_folder, fewshot, cfg, cache_dir=None, with_test=False)
+    assert torch.equal(fresh.train.views, views)
+    assert fresh.test is None
+    reseeded = pipeline.prepare_features(tiny_clip, image_folder, fewshot, TrainConfig(shots=2, n_views=3, seed=2),
+                                         cache_dir=None, with_test=False)
+    assert (reseeded.train.views - views).abs().max() > 1e-3
+    # Evaluation features are the centre-crop features, identical for val and test images alike.
+    torch.testing.assert_close(first.val.features.norm(dim=-1), torch.ones(6))
+    assert first.val.labels.tolist() == [it.label for it in fewshot.val]
+
+
+def test_exact_mode_encodes_fresh_augmentations(tiny_clip, image_folder):
+    fewshot = build_few_shot(image_folder, 2, 1, None)
+    feats = pipeline.prepare_features(tiny_clip, image_folder, fewshot, TrainConfig(shots=2, feature_mode="exact"),
+                                      cache_dir=None, with_test=False)
+    assert isinstance(feats.train, ExactImages)
+    a = feats.train.batch(torch.arange(6), epoch=0)
+    b = feats.train.batch(torch.arange(6), epoch=0)
+    assert a.shape == (6, 32)
+    torch.testing.assert_close(a.norm(dim=-1), torch.ones(6))
+    assert (a - b).abs().max() > 1e-3  # a new random crop every time, as the reference implementation does

@@ -171,6 +171,7 @@ def train(
     device = model.prompt_learner.ctx.device
     epochs = cfg.resolved_epochs
     opt, sched = make_optimizer(model, cfg)
+    _autocast(cfg.precision, device)  # validates the precision for this device before any work ('amp' needs CUDA)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "amp" else None
     start = 0
     if resume is not None:

@@ -267,7 +267,6 @@ def test_bf16_trains_with_an_fp32_master_context(tiny_clip, data, val):
     assert abs(fp32["acc"] - bf16["acc"]) <= 100.0 * 3 / 17  # a few borderline items may flip
 
 
-@pytest.mark.filterwarnings("ignore:torch.cuda.amp.GradScaler is enabled")
 def test_amp_on_cpu_is_refused_with_a_pointer_to_bf16(tiny_clip, data):
     with pytest.raises(ValueError, match="CUDA.*bf16"):
         train(_model(tiny_clip), data, TrainConfig(epochs=1, precision="amp"))

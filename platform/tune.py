@@ -75,18 +75,37 @@ def run_trial(config: dict[str, Any], *, base_spec: dict[str, Any], train_storag
     """Tune function trainable: one Ray Train run of ``base_spec`` with the trial's searched values.
 
     The Train run is named by the trial id, so a trial restarted by ``--resume`` continues from its last checkpoint.
+    Each epoch's report reaches Tune through :class:`~platform.sweep_callbacks.TrialReportCallback` (Ray Train V2's
+    ``TuneReportCallback``); :class:`~platform.sweep_callbacks.TrialControllerCallback` lets ``GracefulASHA`` stop the
+    run cleanly.
     """
-    from platform.sweep_callbacks import searched_overrides
+    from platform.sweep_callbacks import TrialControllerCallback, TrialReportCallback, searched_overrides
     from platform.train import RunSpec, build_trainer
 
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     spec = RunSpec.from_dict(base_spec).with_overrides(searched_overrides(config))
     trial_id = ray.tune.get_context().get_trial_id()
     trainer = build_trainer(spec, storage_path=train_storage, name=trial_id, max_failures=max_failures,
-                            run_config_callbacks=[TuneReportCallback()])
-    trainer.fit()
+                            run_config_callbacks=[TrialReportCallback(), TrialControllerCallback(trial_id)],
+                            log_level=log_level)
+    try:
+        trainer.fit()
+    except Exception:
+        if _stopped_by_scheduler(trial_id):
+            return  # ASHA stopped the trial: its Ray Train run was aborted on purpose
+        raise
+
+
+def _stopped_by_scheduler(trial_id: str) -> bool:
+    from platform.sweep_callbacks import REGISTRY_NAME
+
+    import ray
+
+    try:
+        return bool(ray.get(ray.get_actor(REGISTRY_NAME).was_stopped.remote(trial_id), timeout=30))
+    except Exception:
+        return False
 
 
 def resolve_max_concurrent(requested: int | None, spec: Any, cluster: Mapping[str, float]) -> int:

@@ -13,6 +13,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,21 @@ EUROSAT_CLASSNAMES: tuple[str, ...] = (
     "River",
     "Sea or Lake",
 )
+
+
+# A tiny CLIP (2 layers per tower) for --quick smoke runs, written to a model-config JSON by ``tiny_clip_config``.
+TINY_CLIP_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def tiny_clip_config(directory: str | Path) -> str:
+    """Write the tiny CLIP's model-config JSON into ``directory``; returns its path (usable as an architecture)."""
+    path = Path(directory) / "bench-tiny.json"
+    path.write_text(json.dumps(TINY_CLIP_CONFIG))
+    return str(path)
 
 
 @dataclass
@@ -123,8 +139,12 @@ def machine() -> dict[str, object]:
 
 
 def machine_line(info: dict[str, object]) -> str:
-    return (f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} with {info['torch_threads']} "
-            f"threads, load average {info['loadavg_1m']} (other processes share these cores: expect noise)")
+    line = (f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} with {info['torch_threads']} "
+            f"threads, load average {info['loadavg_1m']}")
+    if info["loadavg_1m"] > (info["cores"] or 1) - 0.5:
+        line += (" -- WARNING: other processes compete for these cores; multi-threaded small kernels suffer most "
+                 "(ours more than the reference): rerun when idle, or compare with --threads 1")
+    return line
 
 
 def reference_text_features(model: torch.nn.Module, truncate: bool = False) -> torch.Tensor:

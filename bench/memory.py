@@ -23,6 +23,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +31,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import emit_json, machine, machine_line, print_table, set_threads  # noqa: E402
+from bench._common import emit_json, machine, machine_line, print_table, set_threads, tiny_clip_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_N_CLS = 1000
@@ -155,14 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--direct to measure 1000 classes for real: tens of minutes and ~20 GB at 77 tokens).",
         epilog="Example: python -m bench.memory --json   (8 subprocesses, a few minutes on 2 cores)",
     )
-    p.add_argument("--arch", default="ViT-B-16", help="open_clip architecture or model-config JSON (default ViT-B-16)")
+    p.add_argument("--arch", default=None,
+                   help="open_clip architecture or model-config JSON (default ViT-B-16; --quick: a tiny 2-layer CLIP)")
     p.add_argument("--n-cls", type=int, nargs="+", default=None, metavar="N",
                    help="class counts measured (default: 50 100; --quick: 4 8); with --worker, exactly one")
     p.add_argument("--target-n-cls", type=int, default=TARGET_N_CLS, help="class count to report (default 1000)")
     p.add_argument("--direct", action="store_true", help="measure --target-n-cls itself instead of extrapolating")
     p.add_argument("--batch-size", type=int, default=32, help="images (cached features) per step (default 32)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
-    p.add_argument("--quick", action="store_true", help="CI smoke run: 4 and 8 classes, unified context only")
+    p.add_argument("--quick", action="store_true",
+                   help="CI smoke run: tiny CLIP, 4 and 8 classes, unified context only")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--context", choices=("unified", "csc"), default="unified", help=argparse.SUPPRESS)
@@ -177,11 +180,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        print(json.dumps(worker(args.n_cls[0], args.context == "csc", args.text == "truncated", args.arch,
-                                args.batch_size)))
+        print(json.dumps(worker(args.n_cls[0], args.context == "csc", args.text == "truncated",
+                                args.arch or "ViT-B-16", args.batch_size)))
         return 0
 
     set_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="coop-bench-memory-") as tmp:
+        arch = args.arch or (tiny_clip_config(tmp) if args.quick else "ViT-B-16")
+        return report(args, arch)
+
+
+def report(args: argparse.Namespace, arch: str) -> int:
+    """Measure the configurations in subprocesses, extrapolate, print."""
     target = args.target_n_cls
     sizes = [target] if args.direct else sorted(args.n_cls or ([4, 8] if args.quick else [50, 100]))
     if not args.direct and len(sizes) < 2:
@@ -189,11 +199,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configs = [c for c in CONFIGS if c[1] == "unified"] if args.quick else list(CONFIGS)
     measured: dict[tuple[str, str], list[dict]] = {}
     for text, context in configs:
-        measured[(text, context)] = [run_worker(n, context == "csc", text == "truncated", args.arch,
+        measured[(text, context)] = [run_worker(n, context == "csc", text == "truncated", arch,
                                                 args.batch_size, args.threads) for n in sizes]
     info = machine()
 
-    print(f"Peak memory of one training step (forward, backward, SGD) with the {args.arch} text tower, random "
+    arch_name = Path(arch).stem if arch.endswith(".json") else arch
+    print(f"Peak memory of one training step (forward, backward, SGD) with the {arch_name} text tower, random "
           f"weights, batch {args.batch_size} of cached image features, ImageNet class names, n_ctx=16, fp32")
     print(machine_line(info))
     print("measured (fresh subprocess per row; baseline = RSS after loading CLIP and building the model):")
@@ -251,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "step_memory_ratio": step_ratio,
             "csc_over_unified": csc_ratio,
             "target_n_cls": target,
+            "arch": arch_name,
             "results": results,
             "measured": {f"{t}/{c}": rows for (t, c), rows in measured.items()},
             "quick": args.quick,

@@ -24,7 +24,6 @@ Nothing in part 2 runs for hours: it multiplies measured per-step and per-image 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -49,6 +48,7 @@ from bench._common import (  # noqa: E402
     print_table,
     reference_text_features,
     set_threads,
+    tiny_clip_config,
 )
 from coop_core.backbone import load_clip  # noqa: E402
 from coop_core.config import PromptConfig, TrainConfig  # noqa: E402
@@ -63,11 +63,6 @@ from coop_core.transforms import test_transform, train_transform  # noqa: E402
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FULL_EPOCHS = 200
 FULL_TRIALS = 16
-TINY_CONFIG = {  # --quick: a tiny CLIP so the smoke run takes seconds
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
 
 
 @dataclass
@@ -226,8 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tmp_path = Path(tmp)
         backbone = args.backbone
         if backbone is None and args.quick:
-            backbone = str(tmp_path / "bench-tiny.json")
-            Path(backbone).write_text(json.dumps(TINY_CONFIG))
+            backbone = tiny_clip_config(tmp_path)
         backbone = backbone or "ViT-S-32"
         target = args.target_arch or (backbone if args.quick else "ViT-B-16")
         target_name = Path(target).stem if target.endswith(".json") else target

@@ -25,7 +25,9 @@ class CoOpModel(nn.Module):
         tokenizer: its open_clip tokenizer.
         classnames: class names, index == label.
         prompt: prompt configuration.
-        truncate_text: run the text transformer only up to the longest end-of-text position (same outputs).
+        truncate_text: run the text transformer only up to the longest end-of-text position, and the prompt prefix
+            shared by all classes (start token + unified context) only once (same outputs). False runs all 77
+            positions of every prompt, as the reference implementation does.
         generator: RNG for random context initialisation.
     """
 
@@ -63,7 +65,16 @@ class CoOpModel(nn.Module):
     def text_features(self) -> torch.Tensor:
         """L2-normalised class text features ``(n_cls, embed_dim)`` from the current context."""
         prompts = self.prompt_learner()  # (n_cls, seq, width)
-        return F.normalize(self.text_encoder(prompts, self.prompt_learner.eot_idx), dim=-1)
+        shared = self.shared_prefix if self.text_encoder.truncate else 0
+        return F.normalize(self.text_encoder(prompts, self.prompt_learner.eot_idx, shared_prefix=shared), dim=-1)
+
+    @property
+    def shared_prefix(self) -> int:
+        """Leading prompt positions built from the same tensors for every class: start token + unified context."""
+        pl = self.prompt_learner
+        if pl.csc or pl.class_token_position == "front":
+            return 1  # only the start-of-text token
+        return 1 + (pl.n_ctx if pl.class_token_position == "end" else pl.n_ctx // 2)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,12 @@ per position, and q/k/v are copied out and, in backward, zero-filled and summed 
 cross-attention, no key/value bias, no dropout) we compute the very same operations batch-first instead: one QKV
 matmul over all ``n * seq`` tokens, views for q/k/v, the same ``scaled_dot_product_attention`` kernel. Outputs are
 identical; on CPU the text forward+backward spends its time in matmuls again (see ``bench/text_floor.py``).
+
+Shared prefix: with a unified context and the class name at the end, every prompt starts with the same tokens
+(start-of-text + the context), so under the causal mask their hidden states are the same in every prompt. Given
+``shared_prefix=p``, those ``p`` positions go through the transformer once and the per-class remainders attend to
+their keys and values (EuroSAT: 17 + 10 x 6 tokens instead of 10 x 23). Gradients are the same: the shared states feed
+every class and autograd sums their contributions, exactly as the context's gradient sums over the per-class copies.
 """
 
 from __future__ import annotations
@@ -74,6 +80,29 @@ def _block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor) -
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
+def _block_forward_shared(block: nn.Module, x: torch.Tensor, prefix: int, n: int, attn_mask: torch.Tensor
+                          ) -> torch.Tensor:
+    """:func:`_block_forward` on a flat token matrix: one shared prefix of ``prefix`` tokens, then ``n`` remainders.
+
+    ``x`` is ``(prefix + n * rest, width)``; the remainders attend causally to the shared prefix and to themselves.
+    """
+    attn = block.attn
+    width = x.shape[1]
+    rest = (x.shape[0] - prefix) // n
+    heads, hd = attn.num_heads, width // attn.num_heads
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # (tokens, 3 * width)
+    qp, kp, vp = qkv[:prefix].view(1, prefix, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)  # (1, heads, p, hd)
+    qr, kr, vr = qkv[prefix:].view(n, rest, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)  # (n, heads, r, hd)
+    mask = attn_mask.to(qp.dtype)
+    out_p = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask[:prefix, :prefix])  # (1, h, p, hd)
+    k = torch.cat([kp.expand(n, -1, -1, -1), kr], dim=2)  # (n, h, p + r, hd)
+    v = torch.cat([vp.expand(n, -1, -1, -1), vr], dim=2)  # (n, h, p + r, hd)
+    out_r = F.scaled_dot_product_attention(qr, k, v, attn_mask=mask[prefix:prefix + rest, :prefix + rest])
+    out = torch.cat([out_p.transpose(1, 2).reshape(prefix, width), out_r.transpose(1, 2).reshape(n * rest, width)])
+    x = x + block.ls_1(attn.out_proj(out))  # (tokens, width)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
 class TextEncoder(nn.Module):
     """Frozen CLIP text transformer applied to prompt embeddings.
 
@@ -95,12 +124,16 @@ class TextEncoder(nn.Module):
             _plain_block(b) for b in getattr(self.transformer, "resblocks", ())
         )
 
-    def forward(self, prompts: torch.Tensor, eot_idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, prompts: torch.Tensor, eot_idx: torch.Tensor, shared_prefix: int = 0) -> torch.Tensor:
         """Encode prompts.
 
         Args:
             prompts: token embeddings of full-length prompts, ``(n, context_length, width)``.
             eot_idx: end-of-text position of each prompt, ``(n,)``.
+            shared_prefix: number of leading positions that hold the same embeddings in every prompt *by
+                construction* (start token + unified context), computed once. Only ``prompts[0]`` of those positions
+                is read, so gradients reach the prompts through row 0: pass it only when all rows come from the same
+                tensors (never because values happen to be equal, e.g. a class-specific context initialised alike).
 
         Returns:
             Unnormalised text features ``(n, embed_dim)``.
@@ -109,12 +142,22 @@ class TextEncoder(nn.Module):
         cast_dtype = self.transformer.get_cast_dtype()
         x = prompts[:, :seq].to(cast_dtype) + self.positional_embedding[:seq].to(cast_dtype)  # (n, seq, width)
         attn_mask = self.attn_mask[:seq, :seq]  # (seq, seq), causal
-        if self._batch_first_blocks and not self.transformer.grad_checkpointing:
+        n, _, width = x.shape
+        rows = torch.arange(n, device=x.device)
+        fast = self._batch_first_blocks and not self.transformer.grad_checkpointing
+        if fast and n > 1 and 1 < shared_prefix <= int(eot_idx.min()):
+            p = shared_prefix
+            x = torch.cat([x[0, :p], x[:, p:].reshape(-1, width)])  # (p + n * (seq - p), width)
             for block in self.transformer.resblocks:
-                x = _block_forward(block, x, attn_mask)  # (n, seq, width)
+                x = _block_forward_shared(block, x, p, n, attn_mask)
+            x = x[p:].view(n, seq - p, width)[rows, eot_idx - p]  # (n, width)
         else:
-            x = self.transformer(x, attn_mask=attn_mask)  # (n, seq, width)
-        x = x[torch.arange(x.shape[0], device=x.device), eot_idx]  # (n, width)
+            if fast:
+                for block in self.transformer.resblocks:
+                    x = _block_forward(block, x, attn_mask)  # (n, seq, width)
+            else:
+                x = self.transformer(x, attn_mask=attn_mask)  # (n, seq, width)
+            x = x[rows, eot_idx]  # (n, width)
         x = self.ln_final(x)  # LayerNorm is per-token: applying it after the EOT gather is the same, and cheaper
         if self.text_projection is None:
             return x

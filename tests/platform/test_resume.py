@@ -25,7 +25,7 @@ EPOCHS = 2
 
 def _trial_states(sweep_dir: Path) -> dict[str, dict]:
     """Trial id -> {"status", "logdir"} from Tune's newest experiment state file (empty until one is written)."""
-    files = sorted(sweep_dir.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    files = sorted(sweep_dir.glob("experiment_state-*.json"))  # named by session start time; mtimes are not ordered
     if not files:
         return {}
     try:

@@ -141,7 +141,7 @@ def machine() -> dict[str, object]:
 def machine_line(info: dict[str, object]) -> str:
     line = (f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} with {info['torch_threads']} "
             f"threads, load average {info['loadavg_1m']}")
-    if info["loadavg_1m"] > (info["cores"] or 1) - 0.5:
+    if info["loadavg_1m"] > (info["cores"] or 1) + 1:  # this benchmark's own threads count in the load too
         line += (" -- WARNING: other processes compete for these cores; multi-threaded small kernels suffer most "
                  "(ours more than the reference): rerun when idle, or compare with --threads 1")
     return line

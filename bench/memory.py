@@ -2,9 +2,11 @@
 
 What a step holds: the frozen CLIP weights, the prompt learner's fixed buffers, the learned context (plus its gradient
 and SGD momentum), and above all the text transformer's activations kept for backward, which grow with
-``n_cls * seq * width * layers``: every class prompt goes through the whole text tower at every step. Truncating the
-sequence at the longest end-of-text token divides that term by about ``77 / seq``; class-specific context (CSC) adds
-only ``n_cls * n_ctx * width`` floats three times (context, gradient, momentum).
+``token rows * width * layers``: every class prompt goes through the whole text tower at every step. The reference
+runs ``n_cls * 77`` rows; ours runs the start token + unified context once and ``n_cls * (seq - shared)`` rows after it
+(ImageNet with n_ctx=16: 17 + 1000 x 13 rows instead of 1000 x 77). Class-specific context (CSC) adds only
+``n_cls * n_ctx * width`` floats three times (context, gradient, momentum), but nothing is shared between its prompts
+except the start token: 1 + 1000 x 29 rows.
 
 Method: each configuration runs in a fresh subprocess (ViT-B/16 text tower, random weights, cached image features of
 a batch of 32), which resets the kernel's peak-RSS mark (``/proc/self/clear_refs``) after loading the model and
@@ -116,6 +118,7 @@ def worker(n_cls: int, csc: bool, truncate: bool, arch: str, batch: int) -> dict
     return {
         "n_cls": n_cls, "csc": csc, "truncate": truncate,
         "seq": seq,
+        "shared_prefix": model.shared_prefix if truncate else 0,
         "baseline_mb": baseline_kb / 1024, "peak_mb": peak_kb / 1024, "step_mb": (peak_kb - baseline_kb) / 1024,
         "peak_reset": reset,
         "saved_for_backward_mb": sum(saved.values()) / MB,
@@ -209,16 +212,17 @@ def report(args: argparse.Namespace, arch: str) -> int:
     print(machine_line(info))
     print("measured (fresh subprocess per row; baseline = RSS after loading CLIP and building the model):")
     print_table(
-        ["text", "context", "classes", "seq", "baseline MB", "peak MB", "step MB", "saved-for-bwd MB", "step s"],
-        [[t, c, r["n_cls"], r["seq"], r["baseline_mb"], r["peak_mb"], r["step_mb"], r["saved_for_backward_mb"],
-          r["step_s"]] for (t, c), rows in measured.items() for r in rows],
+        ["text", "context", "classes", "seq (shared)", "baseline MB", "peak MB", "step MB", "saved-for-bwd MB",
+         "step s"],
+        [[t, c, r["n_cls"], f"{r['seq']} ({r['shared_prefix']})", r["baseline_mb"], r["peak_mb"], r["step_mb"],
+          r["saved_for_backward_mb"], r["step_s"]] for (t, c), rows in measured.items() for r in rows],
     )
     results = {}
     for (text, context), rows in measured.items():
         if args.direct:
             r = rows[0]
             results[f"{text}/{context}"] = {k: r[k] for k in ("peak_mb", "step_mb", "saved_for_backward_mb",
-                                                               "baseline_mb", "ctx_state_mb", "seq")}
+                                                               "baseline_mb", "ctx_state_mb", "seq", "shared_prefix")}
         else:
             a, b = rows[0], rows[-1]
             results[f"{text}/{context}"] = {
@@ -228,15 +232,16 @@ def report(args: argparse.Namespace, arch: str) -> int:
                 "baseline_mb": extrapolate(a, b, "baseline_mb", target),
                 "ctx_state_mb": extrapolate(a, b, "ctx_state_mb", target),
                 "seq": b["seq"],
+                "shared_prefix": b["shared_prefix"],
                 "activation_mb_per_class": (b["saved_for_backward_mb"] - a["saved_for_backward_mb"])
                 / (b["n_cls"] - a["n_cls"]),
             }
     how = "measured directly" if args.direct else f"extrapolated linearly from {sizes[0]} and {sizes[-1]} classes"
     print(f"{target} classes ({how}):")
     print_table(
-        ["text", "context", "seq", "peak MB", "step MB", "saved-for-bwd MB", "context+grad+momentum MB"],
-        [[*k.split("/"), v["seq"], v["peak_mb"], v["step_mb"], v["saved_for_backward_mb"], v["ctx_state_mb"]]
-         for k, v in results.items()],
+        ["text", "context", "seq (shared)", "peak MB", "step MB", "saved-for-bwd MB", "context+grad+momentum MB"],
+        [[*k.split("/"), f"{v['seq']} ({v['shared_prefix']})", v["peak_mb"], v["step_mb"], v["saved_for_backward_mb"],
+          v["ctx_state_mb"]] for k, v in results.items()],
     )
     trunc, full = results["truncated/unified"], results["full/unified"]
     ratio = full["peak_mb"] / trunc["peak_mb"]
@@ -249,8 +254,8 @@ def report(args: argparse.Namespace, arch: str) -> int:
         print(f"CSC/unified (truncated): peak RSS {csc_ratio:.3f}x; CSC's context + gradient + momentum: "
               f"{results['truncated/csc']['ctx_state_mb']:.1f} MB")
     print(f"What limits it: the activations autograd keeps for backward ({trunc['saved_for_backward_mb']:.0f} MB "
-          f"truncated, {full['saved_for_backward_mb']:.0f} MB at 77 tokens; every prompt crosses every text layer at "
-          f"every step), not the context.")
+          f"ours, {full['saved_for_backward_mb']:.0f} MB at 77 tokens; every prompt crosses every text layer at every "
+          f"step), not the context.")
     if args.quick:
         print("(--quick: tiny class counts, a smoke run; the ratio is not the benchmark's)")
     if args.json:

@@ -371,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import ray
 
-    init_ray(args.ray_address, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}} if offline else None)
+    started_ray = init_ray(args.ray_address, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}} if offline else None)
     try:
         if state is None:
             use_gpu = resolve_use_gpu(args.use_gpu)
@@ -415,6 +415,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary["wall_s"] = time.perf_counter() - t0
     summary["timing"] = timing(rows, summary["wall_s"])
     close_sweep(summary, state)
+    if started_ray:
+        ray.shutdown()  # stops forwarding worker logs, so nothing can follow the report and the JSON line on stdout
 
     print(format_report(summary, rows))
     if args.json:

@@ -5,8 +5,8 @@ and SGD momentum), and above all the text transformer's activations kept for bac
 ``token rows * width * layers``: every class prompt goes through the whole text tower at every step. The reference
 runs ``n_cls * 77`` rows; ours runs the start token + unified context once and ``n_cls * (seq - shared)`` rows after it
 (ImageNet with n_ctx=16: 17 + 1000 x 13 rows instead of 1000 x 77). Class-specific context (CSC) adds only
-``n_cls * n_ctx * width`` floats three times (context, gradient, momentum), but nothing is shared between its prompts
-except the start token: 1 + 1000 x 29 rows.
+``n_cls * n_ctx * width`` floats three times (context, gradient, momentum), but its prompts share only the start
+token, so it runs 1000 x 30 rows.
 
 Method: each configuration runs in a fresh subprocess (ViT-B/16 text tower, random weights, cached image features of
 a batch of 32), which resets the kernel's peak-RSS mark (``/proc/self/clear_refs``) after loading the model and

@@ -4,7 +4,7 @@ Reference pattern (CoOp/Dassl): every training step loads and augments its 32 im
 them and the text encoder over all 77 positions; every trial of a sweep starts from scratch.
 Ours: ``prepare_features`` computes ``n_views`` augmented views of the 160 training images (and the val/test
 features) once, through the content-keyed ``FeatureCache`` shared by all trials; a step is a feature lookup plus the
-truncated text path.
+truncated text path (the prompt prefix shared by all classes computed once).
 
 Two parts, both in this run:
 
@@ -14,7 +14,7 @@ Two parts, both in this run:
    ``truncate_text=False`` and no cache). Trial 2 of ours shows the shared cache (its feature preparation is a read).
 2. Extrapolated to CoOp's full schedule (200 epochs x 5 steps of 32 = 1000 steps per trial) and 16 trials at
    ViT-B/16, from component times measured in this run on this machine: the ViT-B/16 image encoder on a batch of 32,
-   the reference text step (77 tokens, forward+backward+SGD) and ours (cached lookup, truncated), and the per-image
+   the reference text step (77 tokens, forward+backward+SGD) and ours (cached lookup, our text path), and the per-image
    JPEG load + transform time on real EuroSAT images. The formulas are printed with the numbers; epoch overheads
    (per-epoch validation with cached features: one text forward) are left out of both sides.
 

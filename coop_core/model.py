@@ -58,6 +58,13 @@ class CoOpModel(nn.Module):
         self.logit_scale = clip.logit_scale
         self.prompt = prompt
 
+    def train(self, mode: bool = True) -> CoOpModel:
+        """Set training mode for the prompt learner only: CLIP stays in eval mode (frozen BatchNorm/dropout)."""
+        super().train(mode)
+        self.image_encoder.eval()
+        self.text_encoder.eval()
+        return self
+
     @property
     def classnames(self) -> list[str]:
         return self.prompt_learner.classnames

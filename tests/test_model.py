@@ -79,3 +79,22 @@ def test_logit_scale_is_clips(tiny_clip, images):
         text = model.text_features()
     torch.testing.assert_close(model.logits(feats, text), tiny_clip.model.logit_scale.exp() * feats @ text.t())
     assert tiny_clip.model.logit_scale.exp().item() == pytest.approx(1 / 0.07, rel=1e-4)
+
+
+def test_train_mode_keeps_frozen_clip_in_eval(tiny_rn_config):
+    """model.train() must not put CLIP's BatchNorm into training mode (batch statistics, drifting running stats)."""
+    from coop_core.backbone import load_clip
+    from coop_core.config import PromptConfig
+    from coop_core.model import CoOpModel
+
+    clip = load_clip(tiny_rn_config, "none")
+    model = CoOpModel(clip.model, clip.tokenizer, ["cat", "dog"], PromptConfig(n_ctx=2))
+    model.train()
+    assert model.training and model.prompt_learner.training
+    assert not any(m.training for m in model.image_encoder.modules())
+    assert not any(m.training for m in model.text_encoder.modules())
+    stats = [b.clone() for b in model.image_encoder.buffers()]
+    images = __import__("torch").randn(4, 3, 32, 32)
+    first = model.encode_images(images)
+    assert all((a == b).all() for a, b in zip(stats, model.image_encoder.buffers()))
+    assert (model.encode_images(images[:2]) - first[:2]).abs().max() < 1e-5  # no batch statistics

@@ -18,19 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# CoOp's readable EuroSAT class names (datasets/eurosat.py NEW_CNAMES), label order.
-EUROSAT_CLASSNAMES: tuple[str, ...] = (
-    "Annual Crop Land",
-    "Forest",
-    "Herbaceous Vegetation Land",
-    "Highway or Road",
-    "Industrial Buildings",
-    "Pasture Land",
-    "Permanent Crop Land",
-    "Residential Buildings",
-    "River",
-    "Sea or Lake",
-)
+from coop_core.datasets.eurosat import EUROSAT_CLASSNAMES as _EUROSAT_NAMES
+
+# CoOp's readable EuroSAT class names in label order (sorted class folders), from the dataset module itself.
+EUROSAT_CLASSNAMES: tuple[str, ...] = tuple(_EUROSAT_NAMES[folder] for folder in sorted(_EUROSAT_NAMES))
 
 
 # A tiny CLIP (2 layers per tower) for --quick smoke runs, written to a model-config JSON by ``tiny_clip_config``.

@@ -69,6 +69,8 @@ class TrainConfig:
     precision: fp32, bf16 (autocast, fp32 master context) or amp (fp16 autocast + loss scaling, CUDA only).
     feature_mode: "cached" trains from pre-computed frozen image features (``n_views`` augmented views per image);
     "exact" runs the frozen image encoder on freshly augmented images every step, as the reference does.
+    eval_every: validate every this many epochs (and always after the last). loader_workers: DataLoader processes
+    for image loading during feature extraction (0 = in the calling process).
     """
 
     shots: int = 16
@@ -84,7 +86,7 @@ class TrainConfig:
     feature_mode: str = "cached"
     n_views: int = 10
     eval_every: int = 1
-    num_workers: int = 0
+    loader_workers: int = 0
 
     def __post_init__(self) -> None:
         if self.shots < 1:
@@ -109,8 +111,8 @@ class TrainConfig:
             raise ValueError(f"n_views must be >= 1, got {self.n_views}")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.loader_workers < 0:
+            raise ValueError(f"loader_workers (DataLoader processes) must be >= 0, got {self.loader_workers}")
 
     @property
     def resolved_epochs(self) -> int:

@@ -160,7 +160,8 @@ def train(
         cfg: the recipe (lr, schedule, batch size, epochs, precision, seed).
         val: validation features, evaluated every ``cfg.eval_every`` epochs and at the last epoch.
         dist: process group for data-parallel training; ``SingleProcess`` by default.
-        report: called with each epoch's metrics (``epoch``, ``train_loss``, ``train_acc``, ``lr``, ``val_acc``...).
+        report: called with each epoch's metrics (``epoch``, ``train_loss``, ``train_acc``, ``lr``, ``val_acc``...;
+            ``epoch_time_s`` is the epoch's training steps, ``val_time_s`` its validation).
         on_epoch_end: called with the resumable state after each epoch (checkpointing).
         resume: continue from this state.
 
@@ -230,8 +231,9 @@ def train(
             "epoch_time_s": time.perf_counter() - t0,
         }
         if val is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == epochs):
+            t_val = time.perf_counter()
             v = evaluate(model, val, cfg.precision)
-            metrics.update(val_acc=v["acc"], val_macro_f1=v["macro_f1"])
+            metrics.update(val_acc=v["acc"], val_macro_f1=v["macro_f1"], val_time_s=time.perf_counter() - t_val)
         history.append(metrics)
         logger.info("epoch %d/%d %s", epoch + 1, epochs,
                     " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from coop_core.backbone import LoadedClip
-from coop_core.config import ModelConfig, PromptConfig, TrainConfig
+from coop_core.config import PromptConfig, TrainConfig
 from coop_core.datasets import DatasetSplits, ImageListDataset, Item
 from coop_core.engine import Distributed, TrainState, evaluate, train
 from coop_core.features import (
@@ -44,14 +44,14 @@ class RunFeatures:
 
 
 def _feature_set(clip: LoadedClip, items: tuple[Item, ...], image_dir: Path, transform, *, cache: FeatureCache | None,
-                 key: dict, device: torch.device, batch_size: int, num_workers: int, seed: int | None = None
+                 key: dict, device: torch.device, batch_size: int, loader_workers: int, seed: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     def compute() -> dict[str, torch.Tensor]:
         ds = ImageListDataset(image_dir, items, transform)
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)  # augmented views are reproducible for a given key
-            feats, labels = extract_features(clip.model.visual, ds, batch_size=batch_size, num_workers=num_workers,
+            feats, labels = extract_features(clip.model.visual, ds, batch_size=batch_size, num_workers=loader_workers,
                                              device=device)
         return {"features": feats, "labels": labels}
 
@@ -81,7 +81,7 @@ def prepare_features(
             "image_dir": str(splits.image_dir)}
     test_tf = test_transform(clip.image_size, clip.mean, clip.std)
     train_tf = train_transform(clip.image_size, clip.mean, clip.std)
-    common = {"cache": cache, "device": device, "batch_size": batch_size, "num_workers": cfg.num_workers}
+    common = {"cache": cache, "device": device, "batch_size": batch_size, "loader_workers": cfg.loader_workers}
 
     def eval_set(items: tuple[Item, ...]) -> FeatureSet:
         key = base | {"items": items_digest(items), "transform": describe(test_tf)}
@@ -129,7 +129,6 @@ class RunResult:
     val: dict[str, float]
     test: dict[str, float] | None
     zeroshot_test: dict[str, float] | None
-    config: dict = field(default_factory=dict)
 
 
 def run_coop(
@@ -139,7 +138,6 @@ def run_coop(
     prompt: PromptConfig,
     cfg: TrainConfig,
     *,
-    model_cfg: ModelConfig | None = None,
     cache_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
     dist: Distributed | None = None,

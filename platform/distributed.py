@@ -40,11 +40,6 @@ class TorchDistributed:
         if self.world_size > 1:
             torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
 
-    def barrier(self) -> None:
-        """Wait for every worker."""
-        if self.world_size > 1:
-            torch_dist.barrier()
-
     @classmethod
     def from_ray_train(cls) -> TorchDistributed:
         """The current Ray Train worker's process group (call inside ``train_loop_per_worker``)."""

@@ -12,7 +12,7 @@ validation split is sampled per shot count, and a different backbone is a differ
 - ``champion`` moves to the new version when there is no champion yet, or when the current champion has the same
   backbone and shots and the new version's validation accuracy is strictly higher. A champion from another
   backbone/shot count is left in place (the comparison would be meaningless); promote across families explicitly
-  with :func:`set_champion`.
+  with ``python -m platform.registry set-champion --dataset eurosat --version 3`` (:func:`set_champion`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from platform.artifacts import PROMPTS_FILE
 from typing import Any
 
 import mlflow
@@ -39,7 +40,6 @@ logger = logging.getLogger(__name__)
 CHAMPION = "champion"
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 COOP_CORE_DIR = Path(coop_core.__file__).resolve().parent
-PROMPTS_FILE = "prompts.safetensors"
 MODEL_ARTIFACT_NAME = "model"
 # What the pyfunc needs at load time (pinned to what logged it).
 SERVING_PACKAGES = ("mlflow", "torch", "torchvision", "open_clip_torch", "safetensors", "pillow", "numpy", "pandas")
@@ -213,7 +213,46 @@ def register_prompt(
 
 
 def set_champion(dataset: str, version: int, *, tracking_uri: str) -> None:
-    """Point ``coop-<dataset>@champion`` at ``version`` unconditionally (an explicit, cross-family promotion)."""
-    MlflowClient(tracking_uri, registry_uri=tracking_uri).set_registered_model_alias(
-        registered_model_name(dataset), CHAMPION, str(version)
-    )
+    """Point ``coop-<dataset>@champion`` at ``version`` unconditionally (an explicit, cross-family promotion).
+
+    Raises:
+        mlflow.exceptions.MlflowException: no such registered model or version.
+    """
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    name = registered_model_name(dataset)
+    client.get_model_version(name, str(version))  # fails with a clear message when it does not exist
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m platform.registry set-champion --dataset D --version V``: promote a version by hand."""
+    import argparse
+    import sys
+
+    from platform import tracking
+
+    parser = argparse.ArgumentParser(prog="python -m platform.registry",
+                                     description="Manage the registered CoOp prompts (coop-<dataset>).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    promote = sub.add_parser("set-champion", help="point coop-<dataset>@champion at a version, whatever its family")
+    promote.add_argument("--dataset", required=True, help="dataset name (the model is coop-<dataset>)")
+    promote.add_argument("--version", required=True, type=int, help="model version to promote")
+    promote.add_argument("--tracking-uri", default=None,
+                         help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)")
+    args = parser.parse_args(argv)
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    try:
+        set_champion(args.dataset, args.version, tracking_uri=uri)
+    except MlflowException as err:
+        sys.stderr.write(f"error: {str(err).splitlines()[0]}\n")
+        return 2
+    print(f"{registered_model_name(args.dataset)}@{CHAMPION} -> v{args.version}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from platform.registry import main as _main
+
+    sys.exit(_main())

@@ -21,14 +21,13 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from platform import artifacts
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
-PROMPT_ARTIFACTS = ("prompts.safetensors", "prompts.safetensors.json")
-ROOT_ARTIFACTS = ("config.json", "nearest_words.txt", "history.json", "metrics.json")
-NOT_METRICS = frozenset({"epoch", "done"})
+NOT_METRICS = frozenset({"epoch", "done", *artifacts.NOT_LOGGED_KEYS})
 
 
 def resolve_tracking_uri(arg: str | None = None) -> str:
@@ -182,11 +181,6 @@ def log_final_metrics(run_id: str, metrics: Mapping[str, Any], *, step: int | No
     _log_metrics(run_id, _metrics(metrics, step or 0, int(time.time() * 1000)), tracking_uri)
 
 
-def read_history(checkpoint_dir: str | Path) -> list[dict[str, Any]]:
-    """The per-epoch metric rows stored in a ``platform.train`` checkpoint."""
-    return json.loads((Path(checkpoint_dir) / "history.json").read_text())
-
-
 def log_run_artifacts(run_id: str, checkpoint_dir: str | Path, *, tracking_uri: str | None = None) -> None:
     """Log a final checkpoint's artifacts: ``prompts/`` (safetensors + JSON), config, nearest words, history, metrics.
 
@@ -194,10 +188,10 @@ def log_run_artifacts(run_id: str, checkpoint_dir: str | Path, *, tracking_uri: 
     """
     client = _client(tracking_uri)
     d = Path(checkpoint_dir)
-    for name in PROMPT_ARTIFACTS:
+    for name in artifacts.PROMPT_ARTIFACT_FILES:
         if (d / name).is_file():
-            client.log_artifact(run_id, str(d / name), artifact_path="prompts")
-    for name in ROOT_ARTIFACTS:
+            client.log_artifact(run_id, str(d / name), artifact_path=artifacts.PROMPTS_ARTIFACT_DIR)
+    for name in artifacts.ROOT_ARTIFACT_FILES:
         if (d / name).is_file():
             client.log_artifact(run_id, str(d / name))
 
@@ -206,35 +200,8 @@ def log_checkpoint(run_id: str, checkpoint_dir: str | Path, *, tracking_uri: str
     """Log a finished run's final checkpoint: per-epoch metrics, final metrics and artifacts; returns the final metrics.
     """
     d = Path(checkpoint_dir)
-    history = read_history(d)
-    log_epoch_metrics(run_id, history, tracking_uri=tracking_uri)
-    final: dict[str, Any] = {}
-    if (d / "metrics.json").is_file():
-        final = json.loads((d / "metrics.json").read_text())
+    log_epoch_metrics(run_id, artifacts.read_history(d), tracking_uri=tracking_uri)
+    final = artifacts.read_final_metrics(d)
     log_run_artifacts(run_id, d, tracking_uri=tracking_uri)
     return final
 
-
-def log_training_result(spec: Any, result: Any, *, experiment: str | None = None, run_name: str | None = None,
-                        tracking_uri: str | None = None, tags: Mapping[str, str] | None = None,
-                        parent_run_id: str | None = None) -> str:
-    """Log one finished ``trainer.fit()`` result as a complete MLflow run (params, metrics, artifacts); returns its id.
-
-    Args:
-        spec: the ``RunSpec`` that was trained.
-        result: the ``ray.train.Result``; its final checkpoint holds the history and artifacts.
-        experiment: defaults to ``coop-<dataset>``.
-        run_name / tags / parent_run_id: see :func:`create_run`.
-        tracking_uri: see :func:`resolve_tracking_uri`.
-    """
-    run_id = create_run(experiment or default_experiment(spec.dataset), run_name=run_name, tags=tags,
-                        parent_run_id=parent_run_id, tracking_uri=tracking_uri)
-    log_params(run_id, spec, tracking_uri=tracking_uri)
-    status = "FINISHED"
-    if getattr(result, "error", None) is not None or result.checkpoint is None:
-        status = "FAILED"
-    if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as d:
-            log_checkpoint(run_id, d, tracking_uri=tracking_uri)
-    end_run(run_id, status, tracking_uri=tracking_uri)
-    return run_id

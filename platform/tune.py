@@ -1,23 +1,30 @@
 """Sweep CoOp's prompt design with Ray Tune: ``python -m platform.tune --dataset eurosat``.
 
-Each trial is one Ray Train run (``platform.train``): the Tune function trainable :func:`run_trial` builds a
-``TorchTrainer`` and runs it with ``TuneReportCallback``, so every epoch's report reaches Tune (Ray Train V2's
-Tune integration). Configurations come from the dataset's search space (``tune_spaces/<dataset>.py``), sampled by
-Optuna's TPE (seeded); ASHA stops trials whose *validation* accuracy lags (``val_acc``, per epoch), first aborting
-the trial's Ray Train run so its workers are freed (``GracefulASHA``, see ``platform/sweep_callbacks.py``). Test
-accuracy is only measured, never used to choose.
+Configurations come from the dataset's search space (``tune_spaces/<dataset>.py``), sampled by Optuna's TPE
+(seeded); ASHA stops trials whose *validation* accuracy lags (``val_acc``, per epoch). Test accuracy is only
+measured, never used to choose.
 
-Resources: the trial function itself reserves no CPU (only a little memory, so Tune can place it); its Ray Train
-workers reserve ``--num-workers x --cpus-per-worker`` CPUs, and at most ``cluster CPUs // that`` trials run at once,
-so a started trial never waits for workers that other trials hold.
+Which path a trial takes (``platform/trials.py``; ``--trial-runner`` overrides):
+
+- one worker per trial (the default): the trial runs CoOp in its own Tune actor — no Ray Train run, no controller,
+  worker group or process group per trial — and Tune reuses the actor for the next trial (``reuse_actors``), whose
+  warm cache still holds CLIP and the features (``platform/process_cache.py``). A trial reserves
+  ``--cpus-per-worker`` CPUs and, on GPUs, ``--gpus-per-trial`` of a GPU (several trials can share one).
+- ``--workers-per-trial N > 1``: each trial is one Ray Train run of N DDP workers, like ``platform.train``. The trial
+  function itself reserves no CPU (its workers do); ASHA stops such trials through ``platform/trial_stopping.py`` so
+  their workers and placement groups are released.
+
+At most ``cluster CPUs // CPUs per trial`` trials (and as many as the GPUs fit) run at once, so a started trial never
+waits for resources that other trials hold.
 
 Tracking (from this driver process only): the sweep is an MLflow parent run, each trial a child run
-(``platform/sweep_callbacks.py``). At the end the best trial by validation accuracy is registered as a new version
-of ``coop-<dataset>``; ``@champion`` moves to it only if it beats the champion (``platform/registry.py``).
+(``platform/sweep_tracking.py``), with where each trial's time went. At the end the best trial by validation accuracy
+is registered as a new version of ``coop-<dataset>``; ``@champion`` moves to it only if it beats the champion
+(``platform/registry.py``).
 
 ``--resume`` finishes an interrupted sweep from its folder under ``--storage-path``: finished trials are kept,
-unfinished and errored ones continue (from their last Ray Train checkpoint), the searcher's state is restored, and
-the same MLflow runs are continued.
+unfinished and errored ones continue from their last checkpoint, the searcher's state is restored, and the same
+MLflow runs are continued.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -39,13 +47,14 @@ from coop_core.datasets import DatasetNotFoundError
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "coop_sweep.json"  # in the sweep folder: what --resume needs (parent run, base spec, tracking)
-TRAIN_RUNS_DIR = "train_runs"  # in the sweep folder: one Ray Train run per trial, named by trial id
+TRAIN_RUNS_DIR = "train_runs"  # in the sweep folder: one Ray Train run per multi-worker trial, named by trial id
 METRIC, MODE = "val_acc", "max"
-TRIAL_MEMORY_BYTES = 256 * 1024**2  # the trial function's reservation: it waits on its trainer, no CPU needed
+TRIAL_MEMORY_BYTES = 256 * 1024**2  # a multi-worker trial's own reservation: it waits on its trainer, no CPU needed
+TRIAL_RUNNERS = ("auto", "in-process", "ray-train")
 JSON_KEYS = ("best_config", "val_acc", "test_acc", "zeroshot_test_acc", "parent_run_id", "registered_model",
              "registered_version", "champion_version", "trials", "trials_completed", "trials_finished",
              "trials_early_stopped", "trials_errored", "best_trial_id", "best_run_id", "n_ctx_effective", "sweep_name",
-             "sweep_dir", "tracking_uri", "experiment", "resumed", "wall_s", "timing")
+             "sweep_dir", "tracking_uri", "experiment", "resumed", "wall_s", "timing", "trial_runner")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -70,59 +79,58 @@ def to_tune_space(space: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_trial(config: dict[str, Any], *, base_spec: dict[str, Any], train_storage: str, max_failures: int,
-              log_level: str = "WARNING") -> None:
-    """Tune function trainable: one Ray Train run of ``base_spec`` with the trial's searched values.
+def resolve_trial_runner(requested: str, spec: Any) -> str:
+    """``in-process`` for single-worker trials and ``ray-train`` for DDP trials, unless ``requested`` says otherwise.
 
-    The Train run is named by the trial id, so a trial restarted by ``--resume`` continues from its last checkpoint.
-    Each epoch's report reaches Tune through :class:`~platform.sweep_callbacks.TrialReportCallback` (Ray Train V2's
-    ``TuneReportCallback``); :class:`~platform.sweep_callbacks.TrialControllerCallback` lets ``GracefulASHA`` stop the
-    run cleanly.
+    Raises:
+        ValueError: an unknown runner, or ``in-process`` for a trial of several workers.
     """
-    from platform.sweep_callbacks import TrialControllerCallback, TrialReportCallback, searched_overrides
-    from platform.train import RunSpec, build_trainer
-
-    import ray.tune
-
-    spec = RunSpec.from_dict(base_spec).with_overrides(searched_overrides(config))
-    trial_id = ray.tune.get_context().get_trial_id()
-    trainer = build_trainer(spec, storage_path=train_storage, name=trial_id, max_failures=max_failures,
-                            run_config_callbacks=[TrialReportCallback(), TrialControllerCallback(trial_id)],
-                            log_level=log_level)
-    try:
-        trainer.fit()
-    except Exception:
-        if _stopped_by_scheduler(trial_id):
-            return  # ASHA stopped the trial: its Ray Train run was aborted on purpose
-        raise
+    if requested not in TRIAL_RUNNERS:
+        raise ValueError(f"--trial-runner must be one of {', '.join(TRIAL_RUNNERS)}, got {requested!r}")
+    if requested == "auto":
+        return "in-process" if spec.num_workers == 1 else "ray-train"
+    if requested == "in-process" and spec.num_workers > 1:
+        raise ValueError(f"--trial-runner in-process runs one worker per trial; --workers-per-trial "
+                         f"{spec.num_workers} needs ray-train (or auto)")
+    return requested
 
 
-def _stopped_by_scheduler(trial_id: str) -> bool:
-    from platform.sweep_callbacks import REGISTRY_NAME
+def validate_gpus_per_trial(value: float, spec: Any, runner: str) -> float:
+    """The GPU share of a trial: a fraction in (0, 1] for single-worker trials, 1 for DDP trials (ignored on CPUs).
 
-    import ray
+    Several single-worker trials may share a GPU (0.25: four at once): one CoOp trial on cached features leaves a
+    modern GPU mostly idle. DDP trials need a whole GPU per worker: NCCL refuses two ranks on one device.
 
-    try:
-        return bool(ray.get(ray.get_actor(REGISTRY_NAME).was_stopped.remote(trial_id), timeout=30))
-    except Exception:
-        return False
+    Raises:
+        ValueError: outside (0, 1], or a fraction for a multi-worker trial.
+    """
+    if not spec.use_gpu:
+        return 0.0
+    if not (isinstance(value, (int, float)) and 0 < value <= 1):
+        raise ValueError(f"--gpus-per-trial must be in (0, 1] (a share of one GPU per trial), got {value}")
+    if runner == "ray-train" and value != 1:
+        raise ValueError(f"--gpus-per-trial {value}: trials of several DDP workers take one whole GPU per worker "
+                         "(NCCL cannot place two ranks on one GPU); use 1, or one worker per trial")
+    return float(value)
 
 
-def resolve_max_concurrent(requested: int | None, spec: Any, cluster: Mapping[str, float]) -> int:
+def resolve_max_concurrent(requested: int | None, spec: Any, cluster: Mapping[str, float],
+                           gpus_per_trial: float = 1.0) -> int:
     """Concurrent trials that fit the cluster at once: ``requested`` capped by CPUs (and GPUs) per trial.
 
     Raises:
-        ValueError: not even one trial's workers fit the cluster.
+        ValueError: not even one trial fits the cluster.
     """
     per_trial_cpus = spec.num_workers * spec.cpus_per_worker
     fits = math.floor(cluster.get("CPU", 0) / per_trial_cpus + 1e-9)
+    per_trial_gpus = spec.num_workers * gpus_per_trial if spec.use_gpu else 0.0
     if spec.use_gpu:
-        fits = min(fits, math.floor(cluster.get("GPU", 0) / spec.num_workers + 1e-9))
+        fits = min(fits, math.floor(cluster.get("GPU", 0) / per_trial_gpus + 1e-9))
     if fits < 1:
         raise ValueError(
             f"one trial needs {spec.num_workers} worker(s) x {spec.cpus_per_worker} CPU"
-            f"{' + 1 GPU' if spec.use_gpu else ''} each, more than the Ray cluster has ({dict(cluster)}); "
-            "lower --num-workers / --cpus-per-worker"
+            f"{f' + {per_trial_gpus:g} GPU in all' if spec.use_gpu else ''}, more than the Ray cluster has "
+            f"({dict(cluster)}); lower --workers-per-trial / --cpus-per-worker / --gpus-per-trial"
         )
     if requested is None:
         return fits
@@ -177,7 +185,9 @@ def latest_sweep(storage_path: str, dataset: str) -> str | None:
 
 
 def trial_rows(grid: Any, epochs: int) -> list[dict[str, Any]]:
-    """One summary row per trial of a ResultGrid (status, epochs reached, metrics, config, timings)."""
+    """One summary row per trial of a ResultGrid (status, epochs reached, metrics, config, checkpoint)."""
+    from platform.sweep_tracking import trial_checkpoint_path
+
     rows = []
     for result in grid:
         m = result.metrics or {}
@@ -191,10 +201,7 @@ def trial_rows(grid: Any, epochs: int) -> list[dict[str, Any]]:
             "val_acc": m.get("val_acc"),
             "test_acc": m.get("test_acc"),
             "zeroshot_test_acc": m.get("zeroshot_test_acc"),
-            "checkpoint_path": m.get("checkpoint_path"),
-            "time_total_s": m.get("time_total_s"),
-            "train_loop_s": m.get("train_loop_s"),
-            "setup_s": m.get("setup_s"),
+            "checkpoint_path": trial_checkpoint_path(result, m),
             "last_result": m,
         })
     return rows
@@ -218,7 +225,7 @@ def _pct(value: Any) -> str:
 
 def format_report(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
     """The human-readable end-of-sweep report: trials, best configuration beside zero-shot, where to look."""
-    from platform.sweep_callbacks import describe_config
+    from platform.sweep_tracking import describe_config
 
     lines = ["", f"Sweep {summary['sweep_name']} on {summary['dataset']}: {summary['trials']} trials "
                  f"({summary['trials_finished']} ran all {summary['epochs']} epochs, {summary['trials_early_stopped']} "
@@ -243,6 +250,7 @@ def format_report(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]])
             f"  registered         {summary['registered_model']} v{summary['registered_version']}; @champion -> "
             f"v{summary['champion_version']} ({summary['champion_reason']})",
         ]
+    lines += format_timing(summary.get("timing") or {})
     lines += [
         f"  MLflow sweep run   {summary['parent_run_id']}  (experiment {summary['experiment']!r}; best trial run "
         f"{summary.get('best_run_id') or '-'})",
@@ -258,14 +266,15 @@ def format_report(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from platform.train import add_infra_arguments, add_run_arguments
+    from platform.cli import add_infra_arguments, add_run_arguments
 
     parser = argparse.ArgumentParser(
         prog="python -m platform.tune",
         description="Sweep CoOp's prompt design (context length and initialisation, class-token position, "
                     "class-specific context, learning rate) with Ray Tune: Optuna TPE proposes, ASHA stops trials "
-                    "that lag on validation accuracy, each trial is a Ray Train run. Trials are MLflow child runs of "
-                    "the sweep's run; the best trial by validation accuracy is registered as coop-<dataset>.",
+                    "that lag on validation accuracy. A one-worker trial runs in its own warm Tune process; a trial "
+                    "of several workers is a Ray Train DDP run. Trials are MLflow child runs of the sweep's run; the "
+                    "best trial by validation accuracy is registered as coop-<dataset>.",
         epilog="The searched fields (tune_spaces/<dataset>.py) override the matching flags below; the other flags set "
                "every trial.\n"
                "Example (offline, tiny backbone): python -m platform.tune --dataset eurosat --data-root ../shared/data "
@@ -281,7 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--max-concurrent", type=int, default=None,
                        help="trials at once (default and cap: as many as the cluster's CPUs/GPUs fit)")
     sweep.add_argument("--workers-per-trial", type=int, dest="num_workers", default=argparse.SUPPRESS,
-                       help="Ray Train workers per trial (same as --num-workers)")
+                       help="workers per trial (same as --num-workers; above 1 each trial is a Ray Train DDP run)")
+    sweep.add_argument("--gpus-per-trial", type=float, default=1.0,
+                       help="on GPU clusters, the share of one GPU a one-worker trial reserves: 0.25 runs four trials "
+                            "per GPU (more trials at once, each a little slower; each holds its own copy of CLIP and "
+                            "the features in GPU memory). DDP trials take 1 GPU per worker (default: 1)")
+    sweep.add_argument("--trial-runner", default="auto", choices=TRIAL_RUNNERS,
+                       help="auto: in-process for one worker per trial, ray-train for several; ray-train forces a Ray "
+                            "Train run per trial even for one worker (slower start-up; for comparison)")
     sweep.add_argument("--fixed", nargs="+", default=[], metavar="FIELD",
                        help="searched fields to hold at their flag value instead, e.g. --fixed train.lr "
                             "prompt.ctx_init (with --lr 1e-4 --ctx-init '')")
@@ -298,54 +314,34 @@ def build_parser() -> argparse.ArgumentParser:
                        help="finish the interrupted sweep --sweep-name (default: the latest of --dataset) without "
                             "re-running finished trials; uses the sweep's saved configuration")
     sweep.add_argument("--max-failures", type=int, default=2,
-                       help="worker failures per trial to recover from at the last checkpoint (default: 2)")
+                       help="failures per trial (a lost process or worker) to recover from at the trial's last "
+                            "checkpoint (default: 2)")
     add_infra_arguments(parser)
     return parser
 
 
-def _configure_logging(verbose: bool) -> None:
-    root = logging.getLogger()
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        root.addHandler(handler)
-    root.setLevel(logging.INFO if verbose else logging.WARNING)
-    for name in ("platform", "coop_core", __name__):
-        logging.getLogger(name).setLevel(logging.INFO)
-
-
-def _fail(message: str) -> int:
-    sys.stderr.write(f"error: {message}\n")
-    return 2
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 no trial finished, 2 bad input / data / weights)."""
+    from platform.cli import check_inputs, configure_logging, fail, hub_unreachable_use_cache, spec_from_args
+    from platform.ray_runtime import init_ray, resolve_use_gpu
+    from platform.run_spec import RunSpec
+
     from coop_core.backbone import WeightsUnavailableError
     from tune_spaces import get_space
 
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    configure_logging(args.verbose)
     t0 = time.perf_counter()
     storage_path = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
-
-    from platform.train import (
-        RunSpec,
-        check_inputs,
-        hub_unreachable_use_cache,
-        init_ray,
-        resolve_use_gpu,
-        spec_from_args,
-    )
 
     state = None
     if args.resume:
         name = args.sweep_name or latest_sweep(storage_path, args.dataset)
         if name is None:
-            return _fail(f"--resume: no sweep of {args.dataset!r} under {storage_path} (pass --sweep-name)")
+            return fail(f"--resume: no sweep of {args.dataset!r} under {storage_path} (pass --sweep-name)")
         state = read_state(_sweep_dir(storage_path, name))
         if state is None:
-            return _fail(f"--resume: {_sweep_dir(storage_path, name)}/{STATE_FILE} not found; is this a sweep folder?")
+            return fail(f"--resume: {_sweep_dir(storage_path, name)}/{STATE_FILE} not found; is this a sweep folder?")
         args.sweep_name = name
     name = args.sweep_name or f"sweep-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_dir = _sweep_dir(storage_path, name)
@@ -358,16 +354,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         space = {k: v for k, v in space.items() if k not in args.fixed}
         if state is not None:
             spec = RunSpec.from_dict(state["base_spec"])
+            runner = state["trial_runner"]
         else:
             spec = spec_from_args(args, use_gpu=args.use_gpu != "no")
             if args.num_samples < 1:
                 raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+            if args.max_failures < 0:
+                raise ValueError(f"--max-failures must be >= 0, got {args.max_failures}")
+            runner = resolve_trial_runner(args.trial_runner, spec)
         offline = hub_unreachable_use_cache(spec)
         check_inputs(spec)
     except (DatasetNotFoundError, WeightsUnavailableError, ValueError, FileNotFoundError) as err:
-        return _fail(str(err))
+        return fail(str(err))
 
-    from platform.sweep_callbacks import REGISTRY_NAME, MlflowSweepCallback, TrialControllersActor
+    from platform.sweep_tracking import MlflowSweepCallback
 
     import ray
 
@@ -378,42 +378,51 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.use_gpu == "yes" and not resolve_use_gpu("auto"):
                 raise ValueError("--use-gpu yes, but the Ray cluster has no GPUs; use --use-gpu no or auto")
             spec = dataclasses.replace(spec, use_gpu=use_gpu)
-        max_concurrent = resolve_max_concurrent(args.max_concurrent, spec, ray.cluster_resources())
+            gpus_per_trial = validate_gpus_per_trial(args.gpus_per_trial, spec, runner)
+        else:
+            gpus_per_trial = state["gpus_per_trial"]
+        max_concurrent = resolve_max_concurrent(args.max_concurrent, spec, ray.cluster_resources(), gpus_per_trial)
     except ValueError as err:
-        return _fail(str(err))
+        return fail(str(err))
     epochs = spec.train.resolved_epochs
 
     if state is None:
-        state = open_sweep(args, spec, space, name, sweep_dir, max_concurrent)
+        state = open_sweep(args, spec, space, name, sweep_dir, max_concurrent, runner, gpus_per_trial)
     else:
         from mlflow.tracking import MlflowClient
 
         MlflowClient(state["tracking_uri"]).update_run(state["parent_run_id"], status="RUNNING")
     resumed = args.resume
-    logger.info("sweep %s: %d trials of %s, %d at once; MLflow run %s (%s)", name, state["num_samples"],
-                spec.dataset, max_concurrent, state["parent_run_id"], state["tracking_uri"])
+    logger.info("sweep %s: %d trials of %s, %d at once (%s trials); MLflow run %s (%s)", name, state["num_samples"],
+                spec.dataset, max_concurrent, runner, state["parent_run_id"], state["tracking_uri"])
 
     callback = MlflowSweepCallback(parent_run_id=state["parent_run_id"], experiment=state["experiment"],
                                    tracking_uri=state["tracking_uri"], base_spec=spec.to_dict(),
                                    storage_path=storage_path, epochs=epochs, sweep_name=name)
     tuner = build_tuner(args, spec, space, state, name, storage_path, sweep_dir, max_concurrent, callback,
                         restore=resumed)
-    registry = TrialControllersActor.options(name=REGISTRY_NAME, get_if_exists=True).remote()
+    controllers = None
+    if state["trial_runner"] == "ray-train":
+        from platform.trial_stopping import CONTROLLERS_ACTOR_NAME, TrialControllersActor
+
+        controllers = TrialControllersActor.options(name=CONTROLLERS_ACTOR_NAME, get_if_exists=True).remote()
     grid = tuner.fit()
-    logger.info("trial controllers: %s", ray.get(registry.stats.remote()))
+    if controllers is not None:
+        logger.info("trial controllers: %s", ray.get(controllers.stats.remote()))
+        ray.kill(controllers)  # the sweep is over: nothing is left to stop or reap
 
     rows = trial_rows(grid, epochs)
     callback.setup()
     for row in rows:  # runs of trials that finished while no driver was watching
         run = callback.child_runs().get(row["trial_id"])
         if row["status"] == "TERMINATED" and (run is None or run.info.status != "FINISHED"):
-            callback.finish_from_result(row["trial_id"], row["config"], row["last_result"])
+            callback.finish_from_result(row["trial_id"], row["config"], row["last_result"], row["checkpoint_path"])
     summary = summarise(rows, spec, state, name, sweep_dir, resumed)
     best = pick_best(rows)
     if best is not None:
         summary.update(register_best(best, callback, state, name, storage_path))
     summary["wall_s"] = time.perf_counter() - t0
-    summary["timing"] = timing(rows, summary["wall_s"])
+    summary["timing"] = timing(callback.timings, len(rows), summary["wall_s"])
     close_sweep(summary, state)
     if started_ray:
         ray.shutdown()  # stops forwarding worker logs, so nothing can follow the report and the JSON line on stdout
@@ -425,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def open_sweep(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], name: str, sweep_dir: str,
-               max_concurrent: int) -> dict[str, Any]:
+               max_concurrent: int, runner: str, gpus_per_trial: float) -> dict[str, Any]:
     """Start the sweep's MLflow parent run (base config and sweep settings as params) and write its state file."""
     from platform import tracking
 
@@ -441,34 +450,61 @@ def open_sweep(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], na
                     "sweep.scheduler": f"asha(metric={METRIC}, grace={args.grace_period}, "
                                        f"rf={args.reduction_factor}, max_t={epochs})",
                     "sweep.space": json.dumps({k: repr(v) for k, v in space.items()}),
-                    "sweep.fixed": " ".join(args.fixed) or "-"}
+                    "sweep.fixed": " ".join(args.fixed) or "-", "sweep.trial_runner": runner,
+                    "sweep.gpus_per_trial": gpus_per_trial, "sweep.max_failures": args.max_failures}
     tracking.log_params(parent_run_id, tracking.flatten_params(spec) | sweep_params, tracking_uri=tracking_uri)
     state = {"dataset": spec.dataset, "base_spec": spec.to_dict(), "parent_run_id": parent_run_id,
              "tracking_uri": tracking_uri, "experiment": experiment, "started_at": time.time(),
-             "num_samples": args.num_samples, "search_seed": search_seed, "epochs": epochs}
+             "num_samples": args.num_samples, "search_seed": search_seed, "epochs": epochs, "trial_runner": runner,
+             "gpus_per_trial": gpus_per_trial, "max_failures": args.max_failures}
     if "://" not in sweep_dir:
         write_state(sweep_dir, state)
     return state
 
 
 def build_tuner(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], state: Mapping[str, Any], name: str,
-                storage_path: str, sweep_dir: str, max_concurrent: int, callback: Any, *, restore: bool) -> Any:
-    """The Tuner: restored from ``sweep_dir`` (searcher, scheduler, trial states) or new (Optuna TPE + ASHA)."""
-    from platform.sweep_callbacks import GracefulASHA
+                storage_path: str, sweep_dir: str, max_concurrent: int, callback: Any, *, restore: bool,
+                epoch_hooks: Sequence[Any] = ()) -> Any:
+    """The Tuner: restored from ``sweep_dir`` (searcher, scheduler, trial states) or new (Optuna TPE + ASHA).
+
+    Single-worker trials (``in-process``) reserve their worker's CPUs and GPU share, reuse their actor for the next
+    trial, and are retried from their last checkpoint by Tune (``max_failures``). Multi-worker trials (``ray-train``)
+    reserve only a little memory — their Ray Train workers hold the CPUs — and recover lost workers inside Ray Train.
+    ``epoch_hooks`` reach every trial's training function (see ``platform.worker.run_training``).
+    """
+    from platform.trials import in_process_trial, ray_train_trial
 
     import optuna
     from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base_spec=spec.to_dict(), train_storage=f"{sweep_dir}/{TRAIN_RUNS_DIR}",
-                             max_failures=args.max_failures, log_level="INFO" if args.verbose else "WARNING"),
-        {"cpu": 0, "memory": TRIAL_MEMORY_BYTES},
-    )
+    log_level = "INFO" if args.verbose else "WARNING"
+    max_failures = state["max_failures"]
+    if state["trial_runner"] == "in-process":
+        resources = {"cpu": spec.cpus_per_worker, "gpu": state["gpus_per_trial"] if spec.use_gpu else 0}
+        trainable = tune.with_resources(tune.with_parameters(
+            in_process_trial, base_spec=spec.to_dict(), log_level=log_level, epoch_hooks=list(epoch_hooks)),
+            resources)
+        trial_failures = max_failures
+    else:
+        trainable = tune.with_resources(tune.with_parameters(
+            ray_train_trial, base_spec=spec.to_dict(), train_storage=f"{sweep_dir}/{TRAIN_RUNS_DIR}",
+            max_failures=max_failures, log_level=log_level, epoch_hooks=list(epoch_hooks)),
+            {"cpu": 0, "memory": TRIAL_MEMORY_BYTES})
+        trial_failures = 0  # Ray Train restarts lost workers from the run's checkpoint
     if restore and tune.Tuner.can_restore(sweep_dir):
         logger.info("resuming sweep %s from %s", name, sweep_dir)
         return tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     epochs = spec.train.resolved_epochs
+    asha = dict(time_attr="epoch", max_t=epochs, grace_period=min(args.grace_period, epochs),
+                reduction_factor=args.reduction_factor)
+    if state["trial_runner"] == "ray-train":
+        from platform.trial_stopping import GracefulASHA
+
+        scheduler = GracefulASHA(**asha)
+    else:
+        scheduler = ASHAScheduler(**asha)
     return tune.Tuner(
         trainable,
         param_space=to_tune_space(space),
@@ -476,12 +512,18 @@ def build_tuner(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], s
             metric=METRIC,
             mode=MODE,
             search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=state["search_seed"])),
-            scheduler=GracefulASHA(time_attr="epoch", max_t=epochs, grace_period=min(args.grace_period, epochs),
-                                   reduction_factor=args.reduction_factor),
+            scheduler=scheduler,
             num_samples=state["num_samples"],
             max_concurrent_trials=max_concurrent,
+            # Warm processes: the next trial runs in the previous trial's actor, whose warm cache holds CLIP and the
+            # features. Safe for our function trainable: every trial builds its own context, optimiser and RNG state
+            # (tests/platform/test_warm_trials.py), and ray_runtime raises Tune's wait for a stopped trial's thread so
+            # a reuse never fails mid-epoch. Multi-worker trials hold no model in their actor, so nothing to reuse.
+            reuse_actors=state["trial_runner"] == "in-process",
         ),
-        run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=[callback], verbose=0),
+        run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=[callback], verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=trial_failures),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
 
 
@@ -500,7 +542,8 @@ def summarise(rows: Sequence[Mapping[str, Any]], spec: Any, state: Mapping[str, 
         "trials_errored": sum(r["status"] == "ERROR" for r in rows),
         "parent_run_id": state["parent_run_id"], "experiment": state["experiment"],
         "tracking_uri": state["tracking_uri"], "ui_command": tracking.ui_command(state["tracking_uri"]),
-        "resumed": resumed, "best_config": None, "best_trial_id": None, "best_run_id": None, "val_acc": None,
+        "resumed": resumed, "trial_runner": state["trial_runner"], "best_config": None, "best_trial_id": None,
+        "best_run_id": None, "val_acc": None,
         "test_acc": None, "zeroshot_test_acc": None, "registered_model": registered_model_name(spec.dataset),
         "registered_version": None, "champion_version": None, "champion_reason": None,
     }
@@ -509,12 +552,14 @@ def summarise(rows: Sequence[Mapping[str, Any]], spec: Any, state: Mapping[str, 
 def register_best(best: Mapping[str, Any], callback: Any, state: Mapping[str, Any], name: str,
                   storage_path: str) -> dict[str, Any]:
     """Register the best trial's final prompts (``platform.registry``); the summary fields it adds."""
+    from platform import artifacts
     from platform.registry import register_prompt
-    from platform.sweep_callbacks import checkpoint_dir, searched_overrides
+    from platform.sweep_tracking import checkpoint_dir
+    from platform.trials import searched_overrides
 
     best_run_id = callback.run_for(best["trial_id"], best["config"])
     with checkpoint_dir(best["checkpoint_path"], storage_path) as d:
-        resolved = json.loads((d / "config.json").read_text())
+        resolved = artifacts.read_config(d)
         registration = register_prompt(
             d, resolved, best["last_result"], run_id=best_run_id, tracking_uri=state["tracking_uri"],
             extra_tags={"sweep_run_id": state["parent_run_id"], "trial_id": best["trial_id"], "sweep": name},
@@ -522,21 +567,47 @@ def register_best(best: Mapping[str, Any], callback: Any, state: Mapping[str, An
     return {
         "best_config": searched_overrides(best["config"]), "best_trial_id": best["trial_id"],
         "best_run_id": best_run_id, "val_acc": best["val_acc"], "test_acc": best["test_acc"],
-        "zeroshot_test_acc": best["zeroshot_test_acc"], "n_ctx_effective": resolved.get("n_ctx_effective"),
+        "zeroshot_test_acc": best["zeroshot_test_acc"], "n_ctx_effective": resolved.get(artifacts.N_CTX_EFFECTIVE_KEY),
         "registered_version": registration.version, "champion_version": registration.champion_version,
         "champion_reason": registration.reason,
     }
 
 
-def timing(rows: Sequence[Mapping[str, Any]], wall_s: float) -> dict[str, float | None]:
-    """Throughput and where a trial's time goes (Tune's trial time vs the training loop inside it)."""
-    loops = [r["train_loop_s"] for r in rows if r["train_loop_s"] is not None]
-    totals = [r["time_total_s"] for r in rows if r["time_total_s"] is not None and r["finished"]]
-    return {
-        "trials_per_hour": 3600.0 * len(rows) / wall_s if wall_s > 0 else None,
-        "mean_trial_s": sum(totals) / len(totals) if totals else None,
-        "mean_train_loop_s": sum(loops) / len(loops) if loops else None,
-    }
+TIMING_ROWS = (("queue wait", "time_queue_s"), ("process start-up", "time_process_start_s"),
+               ("model load", "time_model_s"), ("features", "time_features_s"),
+               ("training loop", "time_train_loop_s"), ("evaluation", "time_eval_s"),
+               ("checkpoint + report", "time_report_s"), ("MLflow logging", "time_tracking_s"),
+               ("trial wall", "time_trial_wall_s"), ("overhead", "time_overhead_s"))
+
+
+def timing(trial_timings: Mapping[str, Mapping[str, float]], n_trials: int, wall_s: float) -> dict[str, Any]:
+    """Throughput and where the trials' time went: the median and total of each phase over the trials that ended
+    while this driver watched, and the overhead's share of the trials' wall time."""
+    out: dict[str, Any] = {"trials_per_hour": 3600.0 * n_trials / wall_s if wall_s > 0 else None,
+                           "trials_timed": len(trial_timings)}
+    for _, key in TIMING_ROWS:
+        values = [t[key] for t in trial_timings.values() if key in t]
+        out[f"median_{key}"] = statistics.median(values) if values else None
+        out[f"total_{key}"] = sum(values) if values else None
+    walls, overheads = out["total_time_trial_wall_s"], out["total_time_overhead_s"]
+    out["overhead_share"] = overheads / walls if walls and overheads is not None else None
+    return out
+
+
+def format_timing(t: Mapping[str, Any]) -> list[str]:
+    """The report's "where the time went" table (empty when no trial was timed)."""
+    if not t.get("trials_timed"):
+        return []
+    lines = ["", f"  where the time went ({t['trials_timed']} trials; {t['trials_per_hour']:.0f} trials/hour)",
+             "    phase                 median s/trial   total s"]
+    for label, key in TIMING_ROWS:
+        median, total = t.get(f"median_{key}"), t.get(f"total_{key}")
+        if median is not None:
+            lines.append(f"    {label:<20}  {median:>14.2f}  {total:>8.1f}")
+    if t.get("overhead_share") is not None:
+        lines.append(f"    overhead share (wall minus training loop and evaluation): {100 * t['overhead_share']:.1f} %")
+    lines.append("")
+    return lines
 
 
 def close_sweep(summary: Mapping[str, Any], state: Mapping[str, Any]) -> None:
@@ -549,6 +620,8 @@ def close_sweep(summary: Mapping[str, Any], state: Mapping[str, Any]) -> None:
     final = {f"best_{k}": summary[k] for k in ("val_acc", "test_acc", "zeroshot_test_acc") if summary[k] is not None}
     final |= {"trials_completed": summary["trials_completed"], "trials_errored": summary["trials_errored"],
               "sweep_wall_s": summary["wall_s"]}
+    final |= {f"sweep_{k}": v for k, v in (summary.get("timing") or {}).items()
+              if (k.startswith("median_") or k in ("trials_per_hour", "overhead_share")) and v is not None}
     tracking.log_final_metrics(parent, final, tracking_uri=uri)
     client = MlflowClient(uri)
     if summary["best_trial_id"] is not None:
@@ -558,8 +631,7 @@ def close_sweep(summary: Mapping[str, Any], state: Mapping[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    # Run the importable module's main, not this __main__ copy: Ray then pickles run_trial by reference
-    # (platform.tune.run_trial) and log records carry the "platform.tune" logger name.
+    # Run the importable module's main, not this __main__ copy, so log records carry the "platform.tune" logger name.
     from platform.tune import main as _main
 
     sys.exit(_main())

@@ -46,7 +46,7 @@ def test_prompt_config_rejects_bad_values_and_says_what_is_allowed(kwargs, messa
         ({"warmup_epochs": -1}, r"warmup_epochs must be >= 0"),
         ({"n_views": 0}, r"n_views must be >= 1"),
         ({"eval_every": 0}, r"eval_every must be >= 1"),
-        ({"num_workers": -1}, r"num_workers must be >= 0"),
+        ({"loader_workers": -1}, r"loader_workers \(DataLoader processes\) must be >= 0"),
     ],
 )
 def test_train_config_rejects_bad_values_and_says_what_is_allowed(kwargs, message):

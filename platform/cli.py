@@ -1,0 +1,202 @@
+"""What the CLIs share: the run flags and the spec built from them, the checks made before Ray starts, logging and
+the one-line failure."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from platform.ray_runtime import resolve_use_gpu
+from platform.run_spec import RunSpec, default_cache_dir, default_data_root, load_splits
+
+from coop_core.backbone import NO_WEIGHTS, load_clip, resolve_model_name
+from coop_core.config import CLASS_TOKEN_POSITIONS, FEATURE_MODES, PRECISIONS, ModelConfig, PromptConfig, TrainConfig
+from coop_core.datasets import DatasetSplits, list_datasets
+
+logger = logging.getLogger(__name__)
+
+
+def _abspath_if_exists(value: str) -> str:
+    p = Path(value).expanduser()
+    return str(p.resolve()) if p.exists() else value
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data, backbone, prompt, recipe and worker flags shared by ``platform.train`` and ``platform.tune``."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", required=True, choices=list_datasets(), metavar="NAME",
+                      help=f"dataset registry key: {', '.join(list_datasets())}")
+    data.add_argument("--data-root", default=default_data_root(),
+                      help="folder holding <dataset>/ as in CoOp's DATASETS.md, e.g. <root>/eurosat/2750 "
+                           "(default: $COOP_DATA_ROOT or ./data); must exist at this path on every Ray node")
+    data.add_argument("--download", action="store_true", help="download the dataset into --data-root if missing")
+    data.add_argument("--shots", type=int, default=16, help="training images per class (default: 16)")
+    data.add_argument("--seed", type=int, default=1, help="few-shot sampling and initialisation seed (default: 1)")
+    data.add_argument("--max-test-items", type=int, default=None,
+                      help="evaluate on a class-balanced subset of this many test items (quick runs; default: all)")
+    data.add_argument("--cache-dir", default=default_cache_dir(),
+                      help="feature/few-shot cache shared by all workers and trials (default: $COOP_CACHE_DIR, "
+                           "~/.cache/coop, or ./.cache/coop)")
+    model = parser.add_argument_group("backbone")
+    model.add_argument("--backbone", default="ViT-B-16",
+                       help="open_clip architecture (ViT-B-16, RN50, ...) or a path to an open_clip model-config JSON")
+    model.add_argument("--pretrained", default="openai",
+                       help="open_clip pretrained tag (needs internet once), a local checkpoint path, or 'none' "
+                            "for random weights (offline smoke runs)")
+    prompt = parser.add_argument_group("prompt")
+    prompt.add_argument("--n-ctx", type=int, default=16, help="number of learnable context vectors (default: 16)")
+    prompt.add_argument("--ctx-init", default="",
+                        help="initialise the context from these words, e.g. 'a photo of a' (overrides --n-ctx)")
+    prompt.add_argument("--class-token-position", default="end", choices=CLASS_TOKEN_POSITIONS,
+                        help="class name after (end), inside (middle) or before (front) the context")
+    prompt.add_argument("--csc", action="store_true", help="class-specific context instead of one shared context")
+    recipe = parser.add_argument_group("training recipe")
+    recipe.add_argument("--epochs", type=int, default=None,
+                        help="epochs (default: CoOp's schedule: 1 shot 50, 2-4 shots 100, 8-16 shots 200)")
+    recipe.add_argument("--lr", type=float, default=0.002, help="SGD learning rate (default: 0.002)")
+    recipe.add_argument("--warmup-epochs", type=int, default=1,
+                        help="epochs at a constant 1e-5 before the cosine schedule (default: 1)")
+    recipe.add_argument("--batch-size", type=int, default=32,
+                        help="GLOBAL batch size, split across workers (default: 32)")
+    recipe.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="fp32, bf16 autocast, or amp (fp16 + loss scaling, GPUs only)")
+    recipe.add_argument("--feature-mode", default="cached", choices=FEATURE_MODES,
+                        help="cached: train on pre-computed augmented views; exact: encode fresh augmentations "
+                             "every step (reference compute, much slower)")
+    recipe.add_argument("--n-views", type=int, default=10, help="augmented views per image in cached mode")
+    recipe.add_argument("--loader-workers", type=int, default=0,
+                        help="DataLoader processes per worker for feature extraction (default: 0)")
+    workers = parser.add_argument_group("workers")
+    workers.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP processes; default: 1)")
+    workers.add_argument("--use-gpu", default="auto", choices=("auto", "yes", "no"),
+                         help="one GPU per worker: auto = if the Ray cluster has GPUs (default: auto)")
+    workers.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default: 1)")
+
+
+def spec_from_args(args: argparse.Namespace, *, use_gpu: bool | None = None) -> RunSpec:
+    """Build a :class:`RunSpec` from :func:`add_run_arguments` flags; paths are made absolute for the workers.
+
+    Args:
+        args: parsed flags.
+        use_gpu: the resolved ``--use-gpu`` (pass ``resolve_use_gpu(args.use_gpu)`` after :func:`init_ray`); None
+            resolves it now.
+
+    Raises:
+        ValueError: invalid values (the message names the flag's field and what is allowed).
+    """
+    if use_gpu is None:
+        use_gpu = resolve_use_gpu(args.use_gpu)
+    return RunSpec(
+        dataset=args.dataset,
+        data_root=str(Path(args.data_root).expanduser().resolve()),
+        model=ModelConfig(backbone=_abspath_if_exists(args.backbone), pretrained=_abspath_if_exists(args.pretrained)),
+        prompt=PromptConfig(n_ctx=args.n_ctx, ctx_init=args.ctx_init, csc=args.csc,
+                            class_token_position=args.class_token_position),
+        train=TrainConfig(shots=args.shots, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
+                          lr=args.lr, warmup_epochs=args.warmup_epochs, precision=args.precision,
+                          feature_mode=args.feature_mode, n_views=args.n_views, loader_workers=args.loader_workers),
+        num_workers=args.num_workers,
+        use_gpu=use_gpu,
+        cache_dir=str(Path(args.cache_dir).expanduser().resolve()),
+        max_test_items=args.max_test_items,
+        cpus_per_worker=args.cpus_per_worker,
+        download=args.download,
+    )
+
+
+def hub_unreachable_use_cache(spec: RunSpec, timeout_s: float = 5.0) -> bool:
+    """Switch ``huggingface_hub`` to offline (cache-only) mode when the weights come from an unreachable Hub.
+
+    ``huggingface_hub`` retries a failed request five times with back-off, so an offline download attempt takes about
+    a minute before ``coop_core`` can say "no weights". One short TCP probe decides instead: unreachable -> offline
+    mode, in which cached weights load at once and missing ones fail at once with ``WeightsUnavailableError``.
+
+    Returns:
+        True when offline mode was switched on (pass ``HF_HUB_OFFLINE=1`` to the workers too).
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    if spec.model.pretrained.lower() in NO_WEIGHTS or os.path.isfile(spec.model.pretrained):
+        return False
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE:
+        return True
+    url = urlparse(hub.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
+        return False
+    except OSError:
+        logger.debug("%s is unreachable: using cached pretrained weights only", url.hostname)
+        hub.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub.is_offline_mode()
+        return True
+
+
+def check_inputs(spec: RunSpec) -> DatasetSplits:
+    """Fail fast on the driver, before Ray starts: the backbone, the data and the weights (a short download).
+
+    Raises:
+        ValueError / FileNotFoundError: bad backbone name or config path.
+        coop_core.datasets.DatasetNotFoundError: the dataset is not under the data root.
+        coop_core.backbone.WeightsUnavailableError: weights cannot be obtained (offline and not cached).
+    """
+    resolve_model_name(spec.model.backbone)
+    splits = load_splits(spec, download=spec.download)
+    if spec.model.pretrained.lower() not in NO_WEIGHTS:
+        load_clip(spec.model.backbone, spec.model.pretrained)  # downloads into the open_clip cache, or fails fast
+    return splits
+
+
+def add_infra_arguments(parser: argparse.ArgumentParser) -> None:
+    """Ray cluster, storage and MLflow flags (shared with ``platform.tune``)."""
+    infra = parser.add_argument_group("cluster and tracking")
+    infra.add_argument("--ray-address", default=None,
+                       help="Ray cluster to join (e.g. 'auto' on a cluster node); default: start a local Ray")
+    infra.add_argument("--storage-path", default=str(Path("ray_results").resolve()),
+                       help="where Ray Train keeps checkpoints; a shared path or s3:// on multi-node clusters "
+                            "(default: ./ray_results)")
+    infra.add_argument("--tracking-uri", default=None,
+                       help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)")
+    infra.add_argument("--experiment", default=None, help="MLflow experiment (default: coop-<dataset>)")
+    infra.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    infra.add_argument("-v", "--verbose", action="store_true", help="show Ray's and the libraries' INFO logs")
+
+class StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a record is emitted.
+
+    A plain ``StreamHandler(sys.stderr)`` keeps the stream of the moment it was made; when the CLI's ``main`` runs more
+    than once in a process (tests, notebooks) that stream may since have been replaced and closed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def configure_logging(verbose: bool) -> None:
+    """Our progress on stderr; other libraries' INFO only with --verbose (their warnings reach stderr anyway)."""
+    for name in ("platform", "coop_core"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(h, StderrHandler) for h in lg.handlers):
+            lg.addHandler(StderrHandler())
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+    if verbose and not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+
+
+def fail(message: str) -> int:
+    """Print ``error: <message>`` as one line on stderr and return the bad-input exit status, 2."""
+    sys.stderr.write(f"error: {message}\n")
+    return 2

@@ -1,0 +1,72 @@
+"""Starting Ray for the platform: the runtime environment that makes ``platform`` importable in every worker, and
+what the cluster offers (GPUs or not)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+# Ray Tune waits this long for a stopped trial's training thread to end before it reuses the trial's process for
+# the next trial (default 2 s, after which the reuse fails and the next trial errors). A stopped CoOp trial ends at
+# its next epoch boundary, which on a big dataset can be more than 2 s away.
+TRIAL_THREAD_TIMEOUT_S = 600
+
+
+def init_ray(address: str | None = None, *, working_dir: bool = True, **ray_init_kwargs: Any) -> bool:
+    """``ray.init`` with the ``runtime_env`` that makes ``platform.*`` importable in every worker.
+
+    Ships the repository as ``working_dir`` and installs this package in each worker with a setup hook (see
+    ``platform/_compat.py``). Does nothing if Ray was already started this way.
+
+    Args:
+        address: a cluster address (``auto``, ``ray://head:10001``) or None for a local instance.
+        working_dir: ship the repository to the cluster (off: workers on this machine import it in place).
+        ray_init_kwargs: passed to ``ray.init`` (``num_cpus``, ``num_gpus``, ``include_dashboard``...); a
+            ``runtime_env`` is merged into ours (its ``env_vars`` added).
+
+    Returns:
+        True when this call started (or connected) Ray, False when it was already running.
+
+    Raises:
+        RuntimeError: Ray is already initialised without this runtime environment.
+    """
+    from platform._compat import ROOT_ENV_VAR, ray_runtime_env
+
+    import ray
+
+    if ray.is_initialized():
+        if ROOT_ENV_VAR not in (ray.get_runtime_context().runtime_env.get("env_vars") or {}):
+            raise RuntimeError("Ray was initialised without platform.train.init_ray(): its workers cannot import "
+                               "the `platform` package; call init_ray() instead of ray.init()")
+        return False
+    runtime_env = ray_runtime_env(working_dir=working_dir)
+    extra_env = ray_init_kwargs.pop("runtime_env", None) or {}
+    runtime_env["env_vars"] = {**runtime_env["env_vars"], "TUNE_FUNCTION_THREAD_TIMEOUT_S": str(TRIAL_THREAD_TIMEOUT_S),
+                               **extra_env.pop("env_vars", {})}
+    runtime_env.update(extra_env)
+    ray_init_kwargs.setdefault("logging_level", logging.WARNING)
+    # Ray warns on every start that .git/.venv are no longer uploaded -- which is what we want; keep the console clean.
+    logging.getLogger("ray._private.worker").addFilter(
+        lambda record: "is now ignored by default" not in record.getMessage())
+    ray.init(address=address, runtime_env=runtime_env, **ray_init_kwargs)
+    return True
+
+
+def resolve_use_gpu(value: str | bool) -> bool:
+    """``yes``/``no``/``auto`` -> bool; ``auto``: does the Ray cluster (call after :func:`init_ray`) have GPUs?"""
+    if isinstance(value, bool):
+        return value
+    value = value.lower()
+    if value in ("yes", "true", "1"):
+        return True
+    if value in ("no", "false", "0"):
+        return False
+    if value != "auto":
+        raise ValueError(f"use_gpu must be auto, yes or no, got {value!r}")
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return torch.cuda.is_available()

@@ -1,0 +1,175 @@
+"""The run spec: everything that defines one CoOp training run on the platform, frozen and validated.
+
+A :class:`RunSpec` is built once from the CLI flags (``platform/cli.py``), travels to Ray workers and Tune trials as
+``to_dict()`` JSON, and is rebuilt there with ``from_dict``; a sweep's trial is the sweep's spec with the trial's
+searched values applied by :meth:`RunSpec.with_overrides`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coop_core.config import ModelConfig, PromptConfig, TrainConfig
+from coop_core.datasets import DatasetSplits, Item, list_datasets, load_dataset
+
+_SECTIONS = {"model": ModelConfig, "prompt": PromptConfig, "train": TrainConfig}
+
+
+def default_cache_dir() -> str:
+    """``$COOP_CACHE_DIR``, else ``~/.cache/coop`` when the home directory is writable, else ``./.cache/coop``."""
+    env = os.environ.get("COOP_CACHE_DIR")
+    if env:
+        return str(Path(env).expanduser().resolve())
+    home = Path.home()
+    if home.is_dir() and os.access(home, os.W_OK):
+        return str(home / ".cache" / "coop")
+    return str(Path(".cache", "coop").resolve())
+
+
+def default_data_root() -> str:
+    """``$COOP_DATA_ROOT``, else ``./data``."""
+    return os.environ.get("COOP_DATA_ROOT", "data")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that defines one CoOp training run on the platform.
+
+    dataset: registry key (``coop_core.datasets.list_datasets()``). data_root: folder holding ``<dataset_dir>/``;
+    it must be readable at this path on every node. model / prompt / train: the core configs (``train.batch_size``
+    is the *global* batch, split over workers). num_workers: Ray Train workers (DDP world size). use_gpu: one GPU per
+    worker. cache_dir: feature and few-shot cache shared by all workers and trials. max_test_items: evaluate on a
+    deterministic, class-balanced subset of this many test items (quick runs); None = the full test split.
+    cpus_per_worker: CPUs reserved per worker (torch uses that many threads). download: fetch the dataset on the
+    driver first if missing (workers never download).
+    """
+
+    dataset: str
+    data_root: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    num_workers: int = 1
+    use_gpu: bool = False
+    cache_dir: str = field(default_factory=default_cache_dir)
+    max_test_items: int | None = None
+    cpus_per_worker: float = 1.0
+    download: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dataset not in list_datasets():
+            raise ValueError(f"unknown dataset {self.dataset!r}; available: {', '.join(list_datasets())}")
+        for name, cls in _SECTIONS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise ValueError(f"RunSpec.{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+        if not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool) or self.num_workers < 1:
+            raise ValueError(f"num_workers (Ray Train workers) must be a positive integer, got {self.num_workers!r}")
+        if not isinstance(self.use_gpu, bool):
+            raise ValueError(f"use_gpu must be a bool, got {self.use_gpu!r}")
+        if self.max_test_items is not None and (not isinstance(self.max_test_items, int) or self.max_test_items < 1):
+            raise ValueError(f"max_test_items must be a positive integer or None (full test split), "
+                             f"got {self.max_test_items!r}")
+        if not self.cpus_per_worker > 0:
+            raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.train.precision == "amp" and not self.use_gpu:
+            raise ValueError("precision 'amp' (fp16 + loss scaling) needs GPUs; use 'bf16' or 'fp32' on CPU")
+        if not self.cache_dir:
+            raise ValueError("cache_dir must be a directory path")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (nested ``model``/``prompt``/``train``); inverse of :meth:`from_dict`."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RunSpec:
+        """Rebuild a spec from :meth:`to_dict` output.
+
+        Raises:
+            ValueError: unknown keys or invalid values.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown RunSpec keys {sorted(unknown)}; expected {sorted(known)}")
+        kwargs = dict(d)
+        for name, section_cls in _SECTIONS.items():
+            if name in kwargs and isinstance(kwargs[name], Mapping):
+                kwargs[name] = _build_section(section_cls, kwargs[name], name)
+        return cls(**kwargs)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> RunSpec:
+        """A copy with fields replaced, e.g. ``{"train.lr": 0.01, "prompt.n_ctx": 4}`` (validated).
+
+        Keys are ``section.field`` (``model``, ``prompt``, ``train``), a top-level field (``num_workers``), or a bare
+        field name that exists in exactly one place (``lr``, ``n_ctx``, ``csc``).
+
+        Raises:
+            ValueError: unknown or ambiguous keys, or values the configs reject.
+        """
+        top = {f.name for f in dataclasses.fields(self)} - set(_SECTIONS)
+        section_fields = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in _SECTIONS.items()}
+        changes: dict[str, Any] = {}
+        per_section: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+        for key, value in overrides.items():
+            if "." in key:
+                section, _, name = key.partition(".")
+                if section not in _SECTIONS or name not in section_fields[section]:
+                    raise ValueError(f"unknown override {key!r}; sections are {sorted(_SECTIONS)} with fields "
+                                     + "; ".join(f"{s}: {sorted(f)}" for s, f in section_fields.items()))
+                per_section[section][name] = value
+            elif key in top:
+                changes[key] = value
+            else:
+                owners = [s for s, names in section_fields.items() if key in names]
+                if len(owners) != 1:
+                    what = "ambiguous" if owners else "unknown"
+                    raise ValueError(f"{what} override {key!r}; use section.field (e.g. train.lr) or one of "
+                                     f"{sorted(top)}")
+                per_section[owners[0]][key] = value
+        for section, values in per_section.items():
+            if values:
+                try:
+                    changes[section] = dataclasses.replace(getattr(self, section), **values)
+                except TypeError as err:
+                    raise ValueError(f"invalid {section} override {values}: {err}") from None
+        return dataclasses.replace(self, **changes)
+
+    def resolved_config(self) -> dict[str, Any]:
+        """The run's full resolved configuration (written as ``config.json`` and logged as MLflow params)."""
+        d = self.to_dict()
+        d["shots"] = self.train.shots
+        d["seed"] = self.train.seed
+        d["train"]["epochs"] = self.train.resolved_epochs
+        return d
+
+
+def _build_section(cls: type, values: Mapping[str, Any], name: str) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown {name} keys {sorted(unknown)}; expected {sorted(known)}")
+    return cls(**values)
+
+
+def subset_test_items(items: Sequence[Item], cap: int | None) -> tuple[Item, ...]:
+    """A deterministic, class-balanced subset of at most ``cap`` items (all of them when ``cap`` is None).
+
+    Items are ordered by (label, path) and taken at evenly spaced positions, so every class keeps its share.
+    """
+    if cap is None or cap >= len(items):
+        return tuple(items)
+    ordered = sorted(items, key=lambda it: (it.label, it.path))
+    return tuple(ordered[i * len(ordered) // cap] for i in range(cap))
+
+
+def load_splits(spec: RunSpec, *, download: bool = False) -> DatasetSplits:
+    """The spec's dataset splits (its test split cut to ``max_test_items``); workers never download."""
+    splits = load_dataset(spec.dataset, spec.data_root, download=download)
+    if spec.max_test_items is not None:
+        splits = dataclasses.replace(splits, test=subset_test_items(splits.test, spec.max_test_items))
+    return splits

@@ -1,0 +1,277 @@
+"""A sweep in MLflow: every trial an MLflow child run of the sweep's parent run, logged from the driver.
+
+:class:`MlflowSweepCallback` is a Ray Tune callback; Tune calls callbacks in the driver process, so the SQLite store
+has exactly one writer. It keeps no state that matters across a driver restart: it finds a trial's run by the
+``coop.trial_id`` tag under the parent run, so a resumed sweep continues the same runs
+(:meth:`MlflowSweepCallback.finish_from_result` closes the runs of trials that finished while no driver was watching).
+It also prints one progress line per trial event.
+
+Per trial run: the full resolved config as params (plus the effective context length), per-epoch metrics with
+``step = epoch``, the final epoch's test and zero-shot accuracy, the final checkpoint's artifacts (prompts as
+safetensors, config JSON, nearest-words table, history) and where the trial's time went
+(``platform.artifacts.WORKER_TIMING_KEYS`` measured by the worker, ``TRIAL_TIMING_KEYS`` measured here): queue wait,
+process start-up, model and feature loading, the training loop, evaluation, reporting and MLflow logging.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from platform import artifacts
+from platform.trials import searched_overrides, trial_spec
+from typing import Any
+
+from ray.tune import Callback
+
+logger = logging.getLogger(__name__)
+
+TRIAL_TAG = "coop.trial_id"
+SWEEP_TAG = "coop.sweep"
+EARLY_STOPPED_TAG = "coop.stopped_early"
+CHECKPOINT_PATH_KEY = "checkpoint_path"  # what ray.tune.integration.ray_train.TuneReportCallback reports
+
+
+def describe_config(config: Mapping[str, Any]) -> str:
+    """``n_ctx=8 ctx_init='a photo of a' position=end csc=False lr=0.0031`` for progress lines and tables."""
+    parts = []
+    for key, value in searched_overrides(config).items():
+        name = key.split(".", 1)[1].replace("class_token_position", "position")
+        if name == "ctx_init":
+            value = repr(value) if value else "random"
+        elif isinstance(value, float):
+            value = f"{value:.3g}"
+        parts.append(f"{name}={value}")
+    return " ".join(parts)
+
+
+def trial_checkpoint_path(trial_or_result: Any, metrics: Mapping[str, Any]) -> str | None:
+    """Where a trial's latest checkpoint is: Tune's own (single-worker trials) or its Ray Train run's."""
+    if metrics.get(CHECKPOINT_PATH_KEY):
+        return metrics[CHECKPOINT_PATH_KEY]
+    checkpoint = getattr(trial_or_result, "checkpoint", None)
+    return checkpoint.path if checkpoint is not None else None
+
+
+@contextmanager
+def checkpoint_dir(path: str, storage_path: str) -> Iterator[Path]:
+    """A local directory with the checkpoint at ``path`` (a path on ``storage_path``'s filesystem)."""
+    from ray.train import Checkpoint
+
+    if "://" in storage_path:
+        import pyarrow.fs
+
+        fs, _ = pyarrow.fs.FileSystem.from_uri(storage_path)
+        checkpoint = Checkpoint(path=path, filesystem=fs)
+    else:
+        checkpoint = Checkpoint(path=path)
+    with checkpoint.as_directory() as d:
+        yield Path(d)
+
+
+def trial_timing(last_result: Mapping[str, Any], *, created_at: float | None, ended_at: float,
+                 tracking_s: float) -> dict[str, float]:
+    """Where a trial's time went (``TRIAL_TIMING_KEYS``), from its last report and the driver's wall-clock stamps.
+
+    Args:
+        last_result: the trial's last report (``entered_at``, ``process_created_at`` and the worker's timings).
+        created_at: when the driver first saw the trial (None after a driver restart: no queue or wall time).
+        ended_at: when it ended.
+        tracking_s: the driver's MLflow logging time for it.
+    """
+    out: dict[str, float] = {"time_tracking_s": tracking_s}
+    entered = last_result.get(artifacts.ENTERED_AT_KEY)
+    busy = last_result.get("time_train_loop_s", 0.0) + last_result.get("time_eval_s", 0.0)
+    if created_at is None or entered is None:
+        return out
+    process = last_result.get(artifacts.PROCESS_CREATED_AT_KEY)
+    process_start = max(0.0, entered - max(process, created_at)) if process is not None else 0.0
+    wall = max(0.0, ended_at - created_at)
+    out.update(time_queue_s=max(0.0, entered - created_at - process_start), time_process_start_s=process_start,
+               time_trial_wall_s=wall, time_overhead_s=max(0.0, wall - busy),
+               overhead_share=max(0.0, wall - busy) / wall if wall > 0 else 0.0)
+    return out
+
+
+class MlflowSweepCallback(Callback):
+    """Log each trial as an MLflow child run of ``parent_run_id`` (see the module docstring).
+
+    Args:
+        parent_run_id: the sweep's run.
+        experiment: MLflow experiment of the child runs.
+        tracking_uri: the tracking store (a SQLite URI by default).
+        base_spec: ``RunSpec.to_dict()`` of the sweep; a trial's spec is this with the trial's searched values.
+        storage_path: where the trials' checkpoints live (to read their files).
+        epochs: epochs per trial (for progress lines and the early-stopped tag).
+        sweep_name: tagged on every child run.
+    """
+
+    def __init__(self, *, parent_run_id: str, experiment: str, tracking_uri: str, base_spec: Mapping[str, Any],
+                 storage_path: str, epochs: int, sweep_name: str) -> None:
+        self.parent_run_id = parent_run_id
+        self.experiment = experiment
+        self.tracking_uri = tracking_uri
+        self.base_spec = dict(base_spec)
+        self.storage_path = storage_path
+        self.epochs = epochs
+        self.sweep_name = sweep_name
+        self._reset_caches()
+
+    def _reset_caches(self) -> None:
+        self._runs: dict[str, str] = {}
+        self._params_done: set[str] = set()
+        self._created: dict[str, float] = {}  # wall-clock time the driver first saw each trial
+        self._tracking_s: dict[str, float] = {}
+        self.timings: dict[str, dict[str, float]] = {}  # trial id -> worker and trial timings, once it ended
+
+    # -- bookkeeping ------------------------------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled into the Tuner's state: no run caches
+        state = self.__dict__.copy()
+        for key in ("_runs", "_params_done", "_created", "_tracking_s", "timings"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_caches()
+
+    def _client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+    @contextmanager
+    def _tracking(self, trial_id: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._tracking_s[trial_id] = self._tracking_s.get(trial_id, 0.0) + time.perf_counter() - t0
+
+    def child_runs(self) -> dict[str, Any]:
+        """The existing child runs of the parent, by trial id."""
+        client = self._client()
+        parent = client.get_run(self.parent_run_id)
+        runs = client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
+            max_results=10_000,
+        )
+        return {r.data.tags[TRIAL_TAG]: r for r in runs if TRIAL_TAG in r.data.tags}
+
+    def run_for(self, trial_id: str, config: Mapping[str, Any]) -> str:
+        """The child run of ``trial_id``, created (with the trial's resolved config as params) if needed."""
+        if trial_id in self._runs:
+            return self._runs[trial_id]
+        from platform import tracking
+
+        existing = self.child_runs().get(trial_id)
+        if existing is not None:
+            run_id = existing.info.run_id
+            if f"prompt.{artifacts.N_CTX_EFFECTIVE_KEY}" in existing.data.params:
+                self._params_done.add(trial_id)
+        else:
+            tags = {TRIAL_TAG: trial_id, SWEEP_TAG: self.sweep_name, "coop.searched": describe_config(config)}
+            run_id = tracking.create_run(self.experiment, run_name=f"trial-{trial_id}", tags=tags,
+                                         parent_run_id=self.parent_run_id, tracking_uri=self.tracking_uri)
+            params = tracking.flatten_params(trial_spec(self.base_spec, config)) | {"trial_id": trial_id}
+            tracking.log_params(run_id, params, tracking_uri=self.tracking_uri)
+        self._runs[trial_id] = run_id
+        return run_id
+
+    def _log_effective_n_ctx(self, trial_id: str, run_id: str, result: Mapping[str, Any]) -> None:
+        """Log ``prompt.n_ctx_effective`` once, from the trial's report (``ctx_init``'s word count decides it)."""
+        if trial_id in self._params_done or artifacts.N_CTX_EFFECTIVE_KEY not in result:
+            return
+        self._client().log_param(run_id, f"prompt.{artifacts.N_CTX_EFFECTIVE_KEY}",
+                                 str(int(result[artifacts.N_CTX_EFFECTIVE_KEY])))
+        self._params_done.add(trial_id)
+
+    # -- Tune hooks ---------------------------------------------------------------------------------------------------
+
+    def setup(self, **info: Any) -> None:
+        self._runs = {tid: run.info.run_id for tid, run in self.child_runs().items()}
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        now = time.time()
+        for trial in trials:
+            self._created.setdefault(trial.trial_id, now)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._created.setdefault(trial.trial_id, time.time())
+        with self._tracking(trial.trial_id):
+            run_id = self.run_for(trial.trial_id, trial.config)
+            if self._client().get_run(run_id).info.status != "RUNNING":  # a resumed trial
+                self._client().update_run(run_id, status="RUNNING")
+        logger.info("trial %s started: %s", trial.trial_id, describe_config(trial.config))
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if "epoch" not in result:
+            return
+        from platform import tracking
+
+        with self._tracking(trial.trial_id):
+            run_id = self.run_for(trial.trial_id, trial.config)
+            row = {k: result[k] for k in artifacts.EPOCH_KEYS if k in result}
+            tracking.log_epoch_metrics(run_id, [row], tracking_uri=self.tracking_uri)
+            self._log_effective_n_ctx(trial.trial_id, run_id, result)
+        val = f" val_acc {result['val_acc']:.2f}" if "val_acc" in result else ""
+        test = f" test_acc {result['test_acc']:.2f}" if "test_acc" in result else ""
+        logger.info("trial %s epoch %d/%d: loss %.4f%s%s", trial.trial_id, int(result["epoch"]), self.epochs,
+                    result.get("train_loss", math.nan), val, test)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        self.finish_from_result(trial.trial_id, trial.config, last, trial_checkpoint_path(trial, last))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from platform import tracking
+
+        run_id = self.run_for(trial.trial_id, trial.config)
+        tracking.end_run(run_id, "FAILED", tracking_uri=self.tracking_uri)
+        logger.warning("trial %s failed (see its Ray logs); MLflow run %s marked FAILED", trial.trial_id, run_id)
+
+    # -- closing a trial's run ----------------------------------------------------------------------------------------
+
+    def finish_from_result(self, trial_id: str, config: Mapping[str, Any], last_result: Mapping[str, Any],
+                           checkpoint_path: str | None) -> str:
+        """Close a trial's run from its last result: missing epochs, final metrics, timings, artifacts, FINISHED.
+
+        Idempotent: epochs already in MLflow are not logged again, so it also repairs the runs of trials that
+        finished while the driver was down.
+        """
+        from platform import tracking
+
+        ended_at = time.time()
+        t0 = time.perf_counter()
+        run_id = self.run_for(trial_id, config)
+        client = self._client()
+        last_epoch = int(last_result.get("epoch", 0))
+        if checkpoint_path:
+            with checkpoint_dir(checkpoint_path, self.storage_path) as d:
+                logged = {m.step for m in client.get_metric_history(run_id, "train_loss")}
+                missing = [row for row in artifacts.read_history(d) if int(row["epoch"]) not in logged]
+                if missing:
+                    tracking.log_epoch_metrics(run_id, missing, tracking_uri=self.tracking_uri)
+                tracking.log_run_artifacts(run_id, d, tracking_uri=self.tracking_uri)
+        self._log_effective_n_ctx(trial_id, run_id, last_result)
+        final = {k: last_result[k] for k in (*artifacts.FINAL_KEYS, *artifacts.WORKER_TIMING_KEYS)
+                 if k in last_result}
+        tracking_s = self._tracking_s.pop(trial_id, 0.0) + time.perf_counter() - t0
+        timing = trial_timing(last_result, created_at=self._created.pop(trial_id, None), ended_at=ended_at,
+                              tracking_s=tracking_s)
+        final |= timing
+        tracking.log_final_metrics(run_id, final, step=last_epoch, tracking_uri=self.tracking_uri)
+        self.timings[trial_id] = {k: final[k] for k in (*artifacts.WORKER_TIMING_KEYS, *artifacts.TRIAL_TIMING_KEYS)
+                                  if k in final}
+        stopped_early = last_epoch < self.epochs
+        client.set_tag(run_id, EARLY_STOPPED_TAG, str(stopped_early).lower())
+        tracking.end_run(run_id, "FINISHED", tracking_uri=self.tracking_uri)
+        how = f"stopped early by ASHA after epoch {last_epoch}" if stopped_early else "finished"
+        val = last_result.get("val_acc")
+        logger.info("trial %s %s: val_acc %s%s", trial_id, how, f"{val:.2f}" if val is not None else "-",
+                    f", test_acc {final['test_acc']:.2f}" if "test_acc" in final else "")
+        return run_id

@@ -1,0 +1,283 @@
+"""The training function every run executes, whichever Ray API runs it: :func:`run_training`.
+
+It is plain ``coop_core`` (load CLIP, the splits, the few-shot split and the image features; build the model; run
+``coop_core.engine.train``; evaluate the last epoch on the test split and zero-shot; save the prompts) plus a
+:class:`Session`, the one object that talks to Ray. Two sessions exist:
+
+- :class:`RayTrainSession` inside a Ray Train worker (:func:`train_loop_per_worker`, run by ``platform.train`` and by
+  multi-worker sweep trials): DDP over the workers' ``torch.distributed`` group, rank 0 carries the checkpoint.
+- :class:`TuneSession` inside a Ray Tune trial's own process (single-worker sweep trials, ``platform/trials.py``):
+  ``ray.tune.report`` per epoch, no Ray Train controller or worker group at all.
+
+Every epoch's report carries the epoch metrics, the cumulative time spent per phase (``WORKER_TIMING_KEYS``) and, at
+the last epoch, the final checkpoint with the learned prompts (``platform/artifacts.py`` owns the files and keys).
+A restarted run resumes from the session's last checkpoint with the same context, optimiser, scheduler and RNG.
+
+Loading goes through the process's warm cache (``platform/process_cache.py``), so a process that runs several
+trials loads CLIP and the features once; whatever a trial changes is built fresh here, per trial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from platform import artifacts
+from platform.distributed import TorchDistributed
+from platform.process_cache import model_key, process_cache
+from platform.run_spec import RunSpec, load_splits
+from typing import Any, Protocol
+
+import torch
+
+from coop_core.backbone import load_clip
+from coop_core.datasets import DatasetSplits
+from coop_core.engine import Distributed, SingleProcess, TrainState, evaluate, train
+from coop_core.fewshot import build_few_shot
+from coop_core.interpret import nearest_words, nearest_words_table
+from coop_core.pipeline import build_model, prepare_features
+from coop_core.prompts_io import PromptMeta, save_prompts
+from coop_core.text_encoder import text_tower
+from coop_core.zeroshot import zeroshot_evaluate
+
+logger = logging.getLogger(__name__)
+
+# Called after each epoch's report with (epoch, rank): a seam for callers (tests inject faults through it).
+EpochHook = Callable[[int, int], None]
+
+_TRIALS_IN_PROCESS = 0  # how many runs this process has started (0 before the first: a fresh process)
+
+
+class Session(Protocol):
+    """What :func:`run_training` needs from the Ray API that runs it."""
+
+    def restored(self) -> tuple[TrainState, list[dict[str, Any]]] | None:
+        """The state and history of the checkpoint to resume from, if the run was restarted."""
+        ...
+
+    def report(self, metrics: Mapping[str, Any], checkpoint_dir: Path | None) -> None:
+        """Report an epoch's metrics, with the checkpoint folder written for it (None on ranks that write none)."""
+        ...
+
+
+def _restore(checkpoint: Any) -> tuple[TrainState, list[dict[str, Any]]] | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        return artifacts.read_state(d), artifacts.read_history(d)
+
+
+class RayTrainSession:
+    """A Ray Train worker's session: ``ray.train.get_checkpoint`` / ``ray.train.report``."""
+
+    def restored(self) -> tuple[TrainState, list[dict[str, Any]]] | None:
+        import ray.train
+
+        return _restore(ray.train.get_checkpoint())
+
+    def report(self, metrics: Mapping[str, Any], checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir is not None else None
+        ray.train.report(dict(metrics), checkpoint=checkpoint)
+
+
+class TuneSession:
+    """A Ray Tune function trainable's session: ``ray.tune.get_checkpoint`` / ``ray.tune.report``."""
+
+    def restored(self) -> tuple[TrainState, list[dict[str, Any]]] | None:
+        import ray.tune
+
+        return _restore(ray.tune.get_checkpoint())
+
+    def report(self, metrics: Mapping[str, Any], checkpoint_dir: Path | None) -> None:
+        import ray.tune
+
+        checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir is not None else None
+        ray.tune.report(dict(metrics), checkpoint=checkpoint)
+
+
+def _process_created_at() -> float | None:
+    """Wall-clock start of this process when it has not run a trial before (Linux ``/proc``); else None."""
+    if _TRIALS_IN_PROCESS:
+        return None
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _format_epoch(metrics: Mapping[str, float], epochs: int) -> str:
+    parts = [f"epoch {int(metrics['epoch'])}/{epochs}", f"loss {metrics['train_loss']:.4f}",
+             f"train_acc {metrics['train_acc']:.2f}", f"lr {metrics['lr']:.3g}"]
+    if "val_acc" in metrics:
+        parts.append(f"val_acc {metrics['val_acc']:.2f}")
+    if "test_acc" in metrics:
+        parts.append(f"test_acc {metrics['test_acc']:.2f}")
+    parts.append(f"{metrics['epoch_time_s']:.2f}s")
+    return " | ".join(parts)
+
+
+def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = None,
+                 device: torch.device | str = "cpu", epoch_hooks: Sequence[EpochHook] = (),
+                 log_epochs: bool = True) -> None:
+    """Train ``spec`` to its last epoch, reporting every epoch to ``session`` (see the module docstring).
+
+    Args:
+        spec: the run.
+        session: how this process reports and resumes (:class:`RayTrainSession` or :class:`TuneSession`).
+        dist: the process group (a one-process run by default); rank 0 writes the checkpoints.
+        device: where the model and features live.
+        epoch_hooks: called after each epoch's report with ``(epoch, rank)``.
+        log_epochs: log one progress line per epoch (rank 0).
+    """
+    global _TRIALS_IN_PROCESS
+    entered_at = time.time()
+    process_created_at = _process_created_at()
+    _TRIALS_IN_PROCESS += 1
+    t_start = time.perf_counter()
+    dist = dist or SingleProcess()
+    rank = dist.rank
+    device = torch.device(device)
+    cfg = spec.train
+    epochs = cfg.resolved_epochs
+    torch.manual_seed(cfg.seed)  # nothing below draws from it, but no trial may inherit the previous one's RNG
+
+    cache = process_cache()
+    mkey = model_key(spec.model.backbone, spec.model.pretrained, device)
+    clip, hit_model = cache.model(mkey, lambda: load_clip(spec.model.backbone, spec.model.pretrained, device=device))
+    t_model = time.perf_counter()
+    data_key = (spec.dataset, spec.data_root, spec.max_test_items)
+    splits, hit_splits = cache.small(("splits", *data_key), lambda: load_splits(spec))
+    fewshot, _ = cache.small(("fewshot", *data_key, cfg.shots, cfg.seed),
+                             lambda: build_few_shot(splits, cfg.shots, cfg.seed, spec.cache_dir))
+    with_test = rank == 0
+    feature_key = (mkey, *data_key, cfg.shots, cfg.seed, cfg.feature_mode, cfg.n_views, with_test)
+    if cfg.feature_mode == "exact":  # an on-the-fly image source holds a dataset and RNG use: never shared
+        feats, hit_feats = prepare_features(clip, splits, fewshot, cfg, cache_dir=spec.cache_dir, device=device,
+                                            with_test=with_test), False
+    else:
+        feats, hit_feats = cache.features(feature_key, lambda: prepare_features(
+            clip, splits, fewshot, cfg, cache_dir=spec.cache_dir, device=device, with_test=with_test))
+    model = build_model(clip, splits.classnames, spec.prompt, cfg.seed, device)
+    n_ctx_effective = model.prompt_learner.ctx.shape[-2]
+    t_setup = time.perf_counter()
+
+    resume, history = None, []
+    restored = session.restored()
+    if restored is not None:
+        resume, history = restored
+        history = [row for row in history if row["epoch"] <= resume.epoch]
+        logger.info("resuming from the checkpoint after epoch %d/%d", resume.epoch, epochs)
+    elif rank == 0:
+        logger.info("training %s: %d-shot, %d epochs, %d worker(s) on %s, %d train / %d val / %d test items",
+                    spec.dataset, cfg.shots, epochs, dist.world_size, device, len(fewshot.train), len(fewshot.val),
+                    len(splits.test))
+
+    resolved = spec.resolved_config() | {
+        "world_size": dist.world_size, "classnames": list(splits.classnames), "template": splits.template,
+        "n_train": len(fewshot.train), "n_val": len(fewshot.val), "n_test": len(splits.test),
+        artifacts.N_CTX_EFFECTIVE_KEY: n_ctx_effective,
+        "fewshot_manifest": str(fewshot.manifest_path) if fewshot.manifest_path else None,
+        "resumed_from_epoch": resume.epoch if resume is not None else None,
+    }
+    timing = {"time_model_s": t_model - t_start, "time_features_s": t_setup - t_model,
+              "time_train_loop_s": sum(row.get("epoch_time_s", 0.0) for row in history),
+              "time_eval_s": sum(row.get("val_time_s", 0.0) for row in history), "time_report_s": 0.0}
+    fixed = {artifacts.N_CTX_EFFECTIVE_KEY: n_ctx_effective, artifacts.ENTERED_AT_KEY: entered_at,
+             artifacts.WARM_HITS_KEY: int(hit_model) + int(hit_splits) + int(hit_feats)}
+    if process_created_at is not None:
+        fixed[artifacts.PROCESS_CREATED_AT_KEY] = process_created_at
+
+    def on_epoch_end(state: TrainState, metrics: dict[str, float]) -> None:
+        timing["time_train_loop_s"] += metrics["epoch_time_s"]
+        timing["time_eval_s"] += metrics.get("val_time_s", 0.0)
+        final = int(metrics["epoch"]) == epochs
+        if final and rank == 0:
+            t_eval = time.perf_counter()
+            test = evaluate(model, feats.test, cfg.precision)
+            zs = zeroshot_evaluate(clip.model, clip.tokenizer, splits.classnames, splits.template, feats.test)
+            metrics.update(test_acc=test["acc"], test_macro_f1=test["macro_f1"], zeroshot_test_acc=zs["acc"],
+                           zeroshot_test_macro_f1=zs["macro_f1"])
+            timing["time_eval_s"] += time.perf_counter() - t_eval
+        history.append(dict(metrics))
+        t_report = time.perf_counter()
+        report = {**metrics, **fixed, **timing, "time_worker_s": t_report - t_start}
+        if rank != 0:
+            session.report(report, None)  # every worker reports; only rank 0 carries the checkpoint
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                d = Path(tmp)
+                artifacts.write_checkpoint(d, state, history, resolved)
+                if final:
+                    _write_final_artifacts(d, spec, clip, splits, model, report)
+                session.report(report, d)
+            if log_epochs:
+                logger.info("%s", _format_epoch(metrics, epochs))
+        timing["time_report_s"] += time.perf_counter() - t_report
+        for hook in epoch_hooks:
+            hook(int(metrics["epoch"]), rank)
+
+    train(model, feats.train, cfg, val=feats.val, dist=dist, on_epoch_end=on_epoch_end, resume=resume)
+
+
+def _write_final_artifacts(d: Path, spec: RunSpec, clip: Any, splits: DatasetSplits, model: Any,
+                           metrics: Mapping[str, Any]) -> None:
+    """The learned prompts (+ JSON), the nearest-words table and the final metrics, next to the last state."""
+    ctx = model.prompt_learner.ctx.detach().cpu()
+    prompt = dataclasses.replace(spec.prompt, n_ctx=ctx.shape[-2])  # ctx_init's word count wins over n_ctx
+    extra = {"dataset": spec.dataset, "shots": str(spec.train.shots), "seed": str(spec.train.seed),
+             "model_name": clip.model_name, "template": splits.template,
+             **{k: f"{metrics[k]:.4f}" for k in ("val_acc", "test_acc", "zeroshot_test_acc") if k in metrics}}
+    meta = PromptMeta(backbone=spec.model.backbone, pretrained=spec.model.pretrained, classnames=splits.classnames,
+                      prompt=prompt, extra=extra)
+    save_prompts(d / artifacts.PROMPTS_FILE, ctx, meta)
+    words = nearest_words(ctx, text_tower(clip.model).token_embedding, clip.tokenizer)
+    (d / artifacts.NEAREST_WORDS_FILE).write_text(nearest_words_table(words, list(splits.classnames)) + "\n")
+    artifacts.write_final_metrics(d, metrics)
+
+
+def configure_worker_logging(rank: int, level: str) -> None:
+    """Rank 0 prints its progress lines to stderr (Ray forwards worker stderr to the driver's console); other ranks
+    and chatty libraries (open_clip logs through the root logger) only show warnings unless ``level`` is lower."""
+    logging.getLogger().setLevel(level)
+    for name in ("platform", "coop_core"):
+        lg = logging.getLogger(name)
+        if rank == 0 and not any(getattr(h, "_coop_worker", False) for h in lg.handlers):
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            handler._coop_worker = True  # type: ignore[attr-defined]
+            lg.addHandler(handler)
+            lg.propagate = False
+        lg.setLevel(logging.INFO if rank == 0 else level)
+    logging.getLogger("coop_core.engine").setLevel(logging.WARNING)  # rank 0 prints its own epoch line
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: one shard of a CoOp run, DDP over the worker group.
+
+    Args:
+        config: ``{"spec": RunSpec.to_dict()}``, plus optional ``"overrides"`` (:meth:`RunSpec.with_overrides`),
+            ``"log_level"`` and ``"epoch_hooks"`` (see :func:`run_training`).
+    """
+    spec = RunSpec.from_dict(config["spec"])
+    if config.get("overrides"):
+        spec = spec.with_overrides(config["overrides"])
+    dist = TorchDistributed.from_ray_train()  # (1) Ray: rank and world size of the torch process group
+    configure_worker_logging(dist.rank, config.get("log_level", "WARNING"))
+    if spec.use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()  # (2) Ray: this worker's GPU
+    else:
+        device = torch.device("cpu")
+    # (3) Ray: the session reports each epoch (and resumes from the last checkpoint after a failure)
+    run_training(spec, RayTrainSession(), dist=dist, device=device, epoch_hooks=config.get("epoch_hooks", ()))
+

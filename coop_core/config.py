@@ -65,7 +65,8 @@ class TrainConfig:
     """CoOp's training recipe; defaults are the paper's.
 
     lr/momentum/weight_decay: SGD hyper-parameters. epochs: None means CoOp's schedule by shots.
-    warmup_epochs/warmup_lr: constant-lr warm-up before the cosine schedule. batch_size: the *global* batch.
+    warmup_epochs/warmup_lr: constant-lr warm-up; when it ends the cosine (over all epochs) starts at ``lr``, as
+    Dassl's recounting warm-up does (see ``engine.lr_at``). batch_size: the *global* batch.
     precision: fp32, bf16 (autocast, fp32 master context) or amp (fp16 autocast + loss scaling, CUDA only).
     feature_mode: "cached" trains from pre-computed frozen image features (``n_views`` augmented views per image);
     "exact" runs the frozen image encoder on freshly augmented images every step, as the reference does.

@@ -51,10 +51,18 @@ class SingleProcess:
 
 
 def lr_at(epoch: int, cfg: TrainConfig) -> float:
-    """CoOp's learning rate for 0-based ``epoch``: constant warm-up, then cosine over all epochs (Dassl's schedule)."""
+    """CoOp's learning rate for 0-based ``epoch``, as Dassl's scheduler sets it when stepped once per epoch.
+
+    CoOp wraps ``CosineAnnealingLR(T_max=epochs)`` in Dassl's ``ConstantWarmupScheduler`` with Dassl's default
+    ``WARMUP_RECOUNT=True``: the first ``warmup_epochs`` epochs run at ``warmup_lr``, and the cosine only starts
+    counting when the warm-up ends. So epoch ``e >= warmup_epochs`` runs at
+    ``0.5 * lr * (1 + cos(pi * (e - warmup_epochs) / epochs))``: the first epoch after the warm-up uses the full base
+    rate, and since ``T_max`` is all epochs rather than the post-warm-up ones, the cosine never reaches zero. Without a
+    warm-up this is the plain cosine over all epochs.
+    """
     if epoch < cfg.warmup_epochs:
         return cfg.warmup_lr
-    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * epoch / cfg.resolved_epochs))
+    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / cfg.resolved_epochs))
 
 
 def global_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
@@ -134,9 +142,14 @@ class TrainState:
 def make_optimizer(
     model: CoOpModel, cfg: TrainConfig
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """SGD over the context only, with CoOp's warm-up + cosine schedule stepped once per epoch."""
-    opt = torch.optim.SGD(model.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
+    """SGD over the context only (as CoOp builds it with Dassl's ``build_optimizer``), and its schedule.
+
+    The scheduler is stepped once per epoch by :func:`train`; it is a ``LambdaLR`` over :func:`lr_at`, so its state
+    is just the epoch count, and a run resumed from a :class:`TrainState` continues the schedule exactly.
+    """
+    # dampening 0 and no Nesterov are Dassl's SGD_DAMPNING / SGD_NESTEROV defaults, which CoOp's configs keep.
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum, dampening=0.0,
+                          nesterov=False, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_at(e, cfg) / cfg.lr)
     return opt, sched
 

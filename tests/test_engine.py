@@ -1,4 +1,4 @@
-"""The training and evaluation loops: schedule, batching, metrics, sharded-gradient maths, resume and precision."""
+"""The training and evaluation loops: batching, metrics, sharded-gradient maths, resume and precision."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 
 from coop_core.config import PromptConfig, TrainConfig
-from coop_core.engine import SingleProcess, TrainState, evaluate, global_batches, lr_at, macro_f1, train
+from coop_core.engine import SingleProcess, TrainState, evaluate, global_batches, macro_f1, train
 from coop_core.features import CachedViews, FeatureSet
 from coop_core.model import CoOpModel
 
@@ -39,33 +39,6 @@ def data() -> CachedViews:
 def val() -> FeatureSet:
     g = torch.Generator().manual_seed(1)
     return FeatureSet(F.normalize(torch.randn(17, D, generator=g), dim=-1), torch.randint(4, (17,), generator=g))
-
-
-# --- learning-rate schedule -------------------------------------------------------------------------------------
-
-
-def test_lr_schedule_is_constant_warmup_then_cosine():
-    cfg = TrainConfig(epochs=10, lr=0.002, warmup_epochs=1, warmup_lr=1e-5)
-    assert lr_at(0, cfg) == 1e-5
-    assert lr_at(1, cfg) == pytest.approx(0.5 * 0.002 * (1 + math.cos(math.pi * 1 / 10)))
-    assert lr_at(5, cfg) == pytest.approx(0.001)
-    assert lr_at(9, cfg) == pytest.approx(0.5 * 0.002 * (1 + math.cos(math.pi * 9 / 10)))
-    assert lr_at(9, cfg) < 0.002 * 0.03  # the last epoch is small
-    lrs = [lr_at(e, cfg) for e in range(1, 10)]
-    assert lrs == sorted(lrs, reverse=True)
-
-
-def test_lr_schedule_without_warmup_and_with_shots_default():
-    assert lr_at(0, TrainConfig(epochs=4, lr=0.1, warmup_epochs=0)) == pytest.approx(0.1)
-    cfg = TrainConfig(shots=1, lr=0.002)  # 50 epochs by CoOp's schedule
-    assert lr_at(25, cfg) == pytest.approx(0.001)
-
-
-def test_training_follows_the_schedule_epoch_by_epoch(tiny_clip, data):
-    cfg = TrainConfig(epochs=5, batch_size=8, lr=0.01)
-    history = train(_model(tiny_clip), data, cfg)
-    assert [h["lr"] for h in history] == pytest.approx([lr_at(e, cfg) for e in range(5)])
-    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
 
 
 # --- batching ---------------------------------------------------------------------------------------------------

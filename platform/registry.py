@@ -228,7 +228,6 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m platform.registry set-champion --dataset D --version V``: promote a version by hand."""
     import argparse
     import sys
-
     from platform import tracking
 
     parser = argparse.ArgumentParser(prog="python -m platform.registry",
@@ -252,7 +251,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     import sys
-
     from platform.registry import main as _main
 
     sys.exit(_main())

@@ -125,13 +125,14 @@ class MlflowSweepCallback(Callback):
         self._params_done: set[str] = set()
         self._created: dict[str, float] = {}  # wall-clock time the driver first saw each trial
         self._tracking_s: dict[str, float] = {}
+        self._logged: dict[str, set[int]] = {}  # epochs logged per trial by this driver
         self.timings: dict[str, dict[str, float]] = {}  # trial id -> worker and trial timings, once it ended
 
     # -- bookkeeping ------------------------------------------------------------------------------------------------
 
     def __getstate__(self) -> dict[str, Any]:  # pickled into the Tuner's state: no run caches
         state = self.__dict__.copy()
-        for key in ("_runs", "_params_done", "_created", "_tracking_s", "timings"):
+        for key in ("_runs", "_params_done", "_created", "_tracking_s", "_logged", "timings"):
             state.pop(key, None)
         return state
 
@@ -171,6 +172,8 @@ class MlflowSweepCallback(Callback):
         existing = self.child_runs().get(trial_id)
         if existing is not None:
             run_id = existing.info.run_id
+            history = self._client().get_metric_history(run_id, "train_loss")
+            self._logged.setdefault(trial_id, set()).update(int(m.step) for m in history)
             if f"prompt.{artifacts.N_CTX_EFFECTIVE_KEY}" in existing.data.params:
                 self._params_done.add(trial_id)
         else:
@@ -193,7 +196,11 @@ class MlflowSweepCallback(Callback):
     # -- Tune hooks ---------------------------------------------------------------------------------------------------
 
     def setup(self, **info: Any) -> None:
-        self._runs = {tid: run.info.run_id for tid, run in self.child_runs().items()}
+        """Pick up the child runs of a resumed sweep, with the epochs they already logged."""
+        client = self._client()
+        for tid, run in self.child_runs().items():
+            self._runs[tid] = run.info.run_id
+            self._logged[tid] = {int(m.step) for m in client.get_metric_history(run.info.run_id, "train_loss")}
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         now = time.time()
@@ -213,11 +220,16 @@ class MlflowSweepCallback(Callback):
             return
         from platform import tracking
 
+        epoch = int(result["epoch"])
+        logged = self._logged.setdefault(trial.trial_id, set())
+        if epoch in logged:
+            return  # a retried trial that resumed from an earlier checkpoint repeats an epoch: logged once
         with self._tracking(trial.trial_id):
             run_id = self.run_for(trial.trial_id, trial.config)
             row = {k: result[k] for k in artifacts.EPOCH_KEYS if k in result}
             tracking.log_epoch_metrics(run_id, [row], tracking_uri=self.tracking_uri)
             self._log_effective_n_ctx(trial.trial_id, run_id, result)
+        logged.add(epoch)
         val = f" val_acc {result['val_acc']:.2f}" if "val_acc" in result else ""
         test = f" test_acc {result['test_acc']:.2f}" if "test_acc" in result else ""
         logger.info("trial %s epoch %d/%d: loss %.4f%s%s", trial.trial_id, int(result["epoch"]), self.epochs,

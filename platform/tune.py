@@ -79,6 +79,48 @@ def to_tune_space(space: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def parse_grid(items: Sequence[str], spec: Any) -> dict[str, list[Any]]:
+    """``["prompt.n_ctx=4,8", "prompt.csc=true,false"]`` -> ``{"prompt.n_ctx": [4, 8], "prompt.csc": [True, False]}``.
+
+    Values take the type of the field in ``spec`` (int, float, bool as true/false, or text; ``train.epochs`` is an
+    int) and each one is validated by the configs.
+
+    Raises:
+        ValueError: a malformed item, an unknown field, a repeated field, or a value the configs reject.
+    """
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        field, sep, raw = item.partition("=")
+        section, _, name = field.partition(".")
+        if not sep or section not in ("prompt", "train") or not name or not raw:
+            raise ValueError(f"--grid {item!r}: expected FIELD=V1,V2,... with FIELD prompt.<name> or train.<name>")
+        config = getattr(spec, section)
+        if not hasattr(config, name):
+            raise ValueError(f"--grid {item!r}: {section} has no field {name!r}")
+        if field in grid:
+            raise ValueError(f"--grid {field} is given twice")
+        current = getattr(config, name)
+        kind = int if current is None else type(current)
+        values = []
+        for text in raw.split(","):
+            text = text.strip()
+            try:
+                if kind is bool:
+                    if text.lower() not in ("true", "false"):
+                        raise ValueError(text)
+                    value: Any = text.lower() == "true"
+                else:
+                    value = kind(text)
+            except ValueError:
+                raise ValueError(f"--grid {field}: {text!r} is not a valid {kind.__name__}") from None
+            spec.with_overrides({field: value})  # the configs validate it
+            values.append(value)
+        if len(set(values)) != len(values):
+            raise ValueError(f"--grid {field}: repeated values in {raw!r}")
+        grid[field] = values
+    return grid
+
+
 def resolve_trial_runner(requested: str, spec: Any) -> str:
     """``in-process`` for single-worker trials and ``ray-train`` for DDP trials, unless ``requested`` says otherwise.
 
@@ -286,7 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_run_arguments(parser)
     sweep = parser.add_argument_group("sweep")
-    sweep.add_argument("--num-samples", type=int, default=16, help="trials to run (default: 16)")
+    sweep.add_argument("--num-samples", type=int, default=None,
+                       help="trials to run (default: 16); with --grid, how many times to run the grid (default: 1)")
+    sweep.add_argument("--grid", nargs="+", default=[], metavar="FIELD=V1,V2",
+                       help="run every combination of these values (Ray Tune's grid search) instead of Optuna's TPE, "
+                            "e.g. --grid prompt.n_ctx=4,8,16 prompt.class_token_position=end,front; the searched "
+                            "fields not in the grid keep their flag values")
     sweep.add_argument("--max-concurrent", type=int, default=None,
                        help="trials at once (default and cap: as many as the cluster's CPUs/GPUs fit)")
     sweep.add_argument("--workers-per-trial", type=int, dest="num_workers", default=argparse.SUPPRESS,
@@ -357,6 +404,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             runner = state["trial_runner"]
         else:
             spec = spec_from_args(args, use_gpu=args.use_gpu != "no")
+            args.grid = parse_grid(args.grid, spec)
+            if args.grid:
+                space = {}  # a grid sweep searches nothing else
+            if args.num_samples is None:
+                args.num_samples = 1 if args.grid else 16
             if args.num_samples < 1:
                 raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
             if args.max_failures < 0:
@@ -393,8 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         MlflowClient(state["tracking_uri"]).update_run(state["parent_run_id"], status="RUNNING")
     resumed = args.resume
-    logger.info("sweep %s: %d trials of %s, %d at once (%s trials); MLflow run %s (%s)", name, state["num_samples"],
-                spec.dataset, max_concurrent, runner, state["parent_run_id"], state["tracking_uri"])
+    n_trials = state["num_samples"] * math.prod(len(v) for v in (state.get("grid") or {}).values())
+    logger.info("sweep %s: %d trials of %s, %d at once (%s trials); MLflow run %s (%s)", name, n_trials, spec.dataset,
+                max_concurrent, state["trial_runner"], state["parent_run_id"], state["tracking_uri"])
 
     callback = MlflowSweepCallback(parent_run_id=state["parent_run_id"], experiment=state["experiment"],
                                    tracking_uri=state["tracking_uri"], base_spec=spec.to_dict(),
@@ -446,7 +499,8 @@ def open_sweep(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], na
                                               "coop.sweep_dir": sweep_dir})
     search_seed = spec.train.seed if args.search_seed is None else args.search_seed
     sweep_params = {"sweep.num_samples": args.num_samples, "sweep.max_concurrent": max_concurrent,
-                    "sweep.search_seed": search_seed, "sweep.searcher": "optuna-tpe",
+                    "sweep.search_seed": search_seed, "sweep.searcher": "grid" if args.grid else "optuna-tpe",
+                    "sweep.grid": json.dumps(args.grid) if args.grid else "-",
                     "sweep.scheduler": f"asha(metric={METRIC}, grace={args.grace_period}, "
                                        f"rf={args.reduction_factor}, max_t={epochs})",
                     "sweep.space": json.dumps({k: repr(v) for k, v in space.items()}),
@@ -456,7 +510,7 @@ def open_sweep(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], na
     state = {"dataset": spec.dataset, "base_spec": spec.to_dict(), "parent_run_id": parent_run_id,
              "tracking_uri": tracking_uri, "experiment": experiment, "started_at": time.time(),
              "num_samples": args.num_samples, "search_seed": search_seed, "epochs": epochs, "trial_runner": runner,
-             "gpus_per_trial": gpus_per_trial, "max_failures": args.max_failures}
+             "gpus_per_trial": gpus_per_trial, "max_failures": args.max_failures, "grid": args.grid}
     if "://" not in sweep_dir:
         write_state(sweep_dir, state)
     return state
@@ -496,6 +550,10 @@ def build_tuner(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], s
     if restore and tune.Tuner.can_restore(sweep_dir):
         logger.info("resuming sweep %s from %s", name, sweep_dir)
         return tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    # Keeping 2 checkpoints per trial makes Tune snapshot its experiment state whenever a trial has checkpointed
+    # twice (so --resume never points at a deleted checkpoint); with one checkpoint per CoOp epoch that is often, and
+    # Tune warns about it each time. The snapshot is a small local write; the warning is noise here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     epochs = spec.train.resolved_epochs
     asha = dict(time_attr="epoch", max_t=epochs, grace_period=min(args.grace_period, epochs),
                 reduction_factor=args.reduction_factor)
@@ -505,13 +563,19 @@ def build_tuner(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], s
         scheduler = GracefulASHA(**asha)
     else:
         scheduler = ASHAScheduler(**asha)
+    if state.get("grid"):
+        param_space = {k: tune.grid_search(list(v)) for k, v in state["grid"].items()}
+        search_alg = None  # Tune's own variant generator walks the grid
+    else:
+        param_space = to_tune_space(space)
+        search_alg = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=state["search_seed"]))
     return tune.Tuner(
         trainable,
-        param_space=to_tune_space(space),
+        param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=METRIC,
             mode=MODE,
-            search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=state["search_seed"])),
+            search_alg=search_alg,
             scheduler=scheduler,
             num_samples=state["num_samples"],
             max_concurrent_trials=max_concurrent,

@@ -258,6 +258,8 @@ def configure_worker_logging(rank: int, level: str) -> None:
             lg.propagate = False
         lg.setLevel(logging.INFO if rank == 0 else level)
     logging.getLogger("coop_core.engine").setLevel(logging.WARNING)  # rank 0 prints its own epoch line
+    for name in ("ray.train", "ray.tune"):  # "Checkpoint successfully created at ..." for every epoch of every trial
+        logging.getLogger(name).setLevel(max(logging.getLevelName(level), logging.WARNING))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -45,7 +45,7 @@ def feature_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ray_session():
     """A local 2-CPU Ray, started like the CLIs start it (working_dir + the ``platform`` setup hook)."""
     ray = pytest.importorskip("ray")
-    from platform.train import init_ray
+    from platform.ray_runtime import init_ray
 
     init_ray(num_cpus=2, include_dashboard=False)
     yield ray

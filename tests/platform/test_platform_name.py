@@ -110,11 +110,11 @@ def test_python_m_platform_still_prints_the_platform_string(probes, stdlib_answe
 
 def test_pytest_process_uses_our_package_with_the_stdlib_functions():
     import platform
-    import platform.train
+    import platform.run_spec
 
     assert platform.__file__ == str(REPO / "platform" / "__init__.py")
     assert sys.modules["platform"] is platform
-    assert platform.train.RunSpec.__module__ == "platform.train"
+    assert platform.run_spec.RunSpec.__module__ == "platform.run_spec"
     # The stdlib module was imported before ours (by pytest): we re-export its very objects, caches included.
     assert platform.system.__code__.co_filename == STDLIB_PLATFORM
     assert platform._syscmd_ver.__code__.co_filename == STDLIB_PLATFORM
@@ -130,9 +130,9 @@ def test_ray_task_and_actor_import_our_package(ray_session):
     @ray.remote
     def task() -> dict:
         import platform
-        import platform.train
+        import platform.run_spec
 
-        return {"system": platform.system(), "file": platform.__file__, "spec": platform.train.RunSpec.__name__,
+        return {"system": platform.system(), "file": platform.__file__, "spec": platform.run_spec.RunSpec.__name__,
                 "uname": platform.uname()}
 
     @ray.remote

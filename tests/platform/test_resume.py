@@ -43,24 +43,29 @@ def _result_rows(sweep_dir: Path, logdir: str) -> str:
     return (sweep_dir / logdir / "result.json").read_text()
 
 
+@pytest.mark.parametrize("runner", ["in-process", "ray-train"])
 def test_resume_finishes_an_interrupted_sweep_without_rerunning_finished_trials(
-    small_eurosat_root, feature_cache, tiny_vit_config, tmp_path
+    runner, small_eurosat_root, feature_cache, tiny_vit_config, tmp_path
 ):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = tmp_path / "ray"
     sweep_dir = storage / "interrupted"
-    argv = [sys.executable, "-m", "platform.tune", "--dataset", "eurosat", "--data-root", str(small_eurosat_root),
+    args = ["--dataset", "eurosat", "--data-root", str(small_eurosat_root),
             "--backbone", tiny_vit_config, "--pretrained", "none", "--shots", "1", "--epochs", str(EPOCHS),
             "--n-views", "1", "--batch-size", "8", "--max-test-items", "20", "--num-samples", str(NUM_SAMPLES),
             "--max-concurrent", "2", "--cache-dir", str(feature_cache), "--storage-path", str(storage),
-            "--tracking-uri", uri, "--sweep-name", "interrupted", "--json"]
+            "--tracking-uri", uri, "--sweep-name", "interrupted", "--trial-runner", runner, "--json"]
+    # The first run pauses after every epoch (a hook injected in the child), so trials take seconds and the kill
+    # below lands while later trials still run; the resumed run is the plain CLI.
+    slow = [sys.executable, "-c", "import sys; sys.path.insert(0, 'tests/platform'); import faults; "
+            "faults.tune_main_with_hooks()", json.dumps([{"pause": 1.0}]), *args]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"  # write the experiment state often, so the kill below finds it current
 
     log = (tmp_path / "first.log").open("w")
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(slow, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     finished: dict[str, dict] = {}
     try:
         deadline = time.monotonic() + 400
@@ -69,7 +74,7 @@ def test_resume_finishes_an_interrupted_sweep_without_rerunning_finished_trials(
             finished = {tid: s for tid, s in states.items() if s["status"] == "TERMINATED"}
             if finished:
                 break
-            time.sleep(0.5)
+            time.sleep(0.2)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray cluster and every worker: no clean shutdown
@@ -82,12 +87,14 @@ def test_resume_finishes_an_interrupted_sweep_without_rerunning_finished_trials(
     rows_before = {tid: _result_rows(sweep_dir, s["logdir"]) for tid, s in finished.items()}
     parent_run_id = json.loads((sweep_dir / "coop_sweep.json").read_text())["parent_run_id"]
 
-    resumed = subprocess.run([*argv, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run([sys.executable, "-m", "platform.tune", *args, "--resume"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert summary["resumed"] is True and summary["parent_run_id"] == parent_run_id
     assert summary["trials"] == NUM_SAMPLES and summary["trials_completed"] == NUM_SAMPLES
     assert summary["trials_errored"] == 0 and summary["registered_version"] == 1
+    assert summary["trial_runner"] == runner  # the resumed sweep keeps the path it started with
 
     states = _trial_states(sweep_dir)
     assert len(states) == NUM_SAMPLES and {s["status"] for s in states.values()} == {"TERMINATED"}

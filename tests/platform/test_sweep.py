@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 from platform.registry import CHAMPION, scoped_champion_alias
-from platform.sweep_callbacks import EARLY_STOPPED_TAG, TRIAL_TAG
+from platform.sweep_tracking import EARLY_STOPPED_TAG, TRIAL_TAG
 from platform.tune import main
 
 import pytest

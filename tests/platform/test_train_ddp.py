@@ -15,8 +15,11 @@ import time
 from pathlib import Path
 from platform import tracking
 from platform import train as platform_train
-from platform.train import STATE_FILE, RunSpec, main, subset_test_items
+from platform.artifacts import STATE_FILE
+from platform.run_spec import RunSpec, subset_test_items
+from platform.train import main
 
+import faults
 import pytest
 import torch
 
@@ -61,11 +64,12 @@ def cli_run(ray_session, small_eurosat_root, feature_cache, tiny_vit_config, tmp
     flag = tmp / "failed-once"
     argv = [*_cli_argv(small_eurosat_root, feature_cache, tiny_vit_config, 2), "--storage-path",
             str(tmp / "ray_results"), "--tracking-uri", uri, "--max-failures", "1", "--json"]
-    inject = {"_fail_once": {"epoch": 2, "rank": 1, "flag_file": str(flag)}}
+    faults.picklable()
+    fail_once = faults.FailOnce(epoch=2, rank=1, flag_file=str(flag))
     out = io.StringIO()
     t0 = time.perf_counter()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
-        failing_once = functools.partial(platform_train.build_trainer, extra_config=inject)
+        failing_once = functools.partial(platform_train.build_trainer, epoch_hooks=[fail_once])
         mp.setattr(platform_train, "build_trainer", failing_once)
         rc = main(argv)
     wall_s = time.perf_counter() - t0
@@ -115,7 +119,9 @@ def test_run_spec_round_trips_and_overrides(tmp_path):
     assert (changed.train.lr, changed.prompt.n_ctx, changed.prompt.class_token_position, changed.num_workers) == (
         0.01, 8, "front", 1)
     assert changed.train.batch_size == spec.train.batch_size  # untouched fields stay
-    assert spec.with_overrides({"train.num_workers": 3}).train.num_workers == 3  # data loaders, not Ray workers
+    assert spec.with_overrides({"train.loader_workers": 3}).train.loader_workers == 3  # data loaders, not Ray workers
+    with pytest.raises(ValueError, match="unknown override 'train.num_workers'"):
+        spec.with_overrides({"train.num_workers": 3})  # one meaning per name: num_workers is Ray workers only
     with pytest.raises(ValueError, match="unknown override 'nope'"):
         spec.with_overrides({"nope": 1})
     with pytest.raises(ValueError, match="n_ctx"):

@@ -1,0 +1,147 @@
+"""Sweep throughput: the same sweep with a Ray Train run per trial (the old path) and with in-process trials (ours).
+
+Both sides run ``python -m platform.tune`` itself, each in its own process with its own local Ray (``--cpus``
+CPUs), on real EuroSAT from ``../shared/data`` with a tiny random-weight ViT: the same ``--trials`` fixed
+configurations (a ``--grid`` over ``prompt.n_ctx``, so both sides train identical trials; ASHA's grace period is the
+whole run, so no trial is stopped early), ``--concurrent`` at a time, one worker per trial. The only difference is
+``--trial-runner ray-train`` versus ``--trial-runner in-process``. The disk feature cache is filled before either
+side runs, so neither pays the one-time feature extraction.
+
+Printed per side, from the sweep's own summary: trials per hour (trials / the sweep command's wall time, Ray start-up
+included on both sides), the median per-trial overhead (the trial's wall time, from its creation to its end, minus
+its training loop and evaluation) and where the time went; then the ratios. ``--json`` prints one JSON line last,
+with ``ratio`` = new / old trials per hour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import emit_json, machine, machine_line  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+TINY_VIT = "tests/fixtures/tiny-vit.json"
+RUNNERS = ("ray-train", "in-process")  # old, new
+PHASES = ("time_queue_s", "time_process_start_s", "time_model_s", "time_features_s", "time_train_loop_s",
+          "time_eval_s", "time_report_s", "time_tracking_s", "time_trial_wall_s", "time_overhead_s")
+
+
+def sweep_argv(args: argparse.Namespace, runner: str, work: Path) -> list[str]:
+    n_ctx = ",".join(str(n) for n in range(1, args.trials + 1))  # distinct, identical on both sides
+    return [
+        "--dataset", "eurosat", "--data-root", str(args.data_root), "--backbone", str(REPO / TINY_VIT),
+        "--pretrained", "none", "--shots", str(args.shots), "--epochs", str(args.epochs), "--n-views", "2",
+        "--max-test-items", str(args.max_test_items), "--cache-dir", str(work / "cache"),
+        "--grid", f"prompt.n_ctx={n_ctx}", "--fixed", "prompt.ctx_init", "--ctx-init", "",
+        "--grace-period", str(args.epochs), "--max-concurrent", str(args.concurrent), "--trial-runner", runner,
+        "--storage-path", str(work / f"ray-{runner}"), "--tracking-uri", f"sqlite:///{work / f'mlflow-{runner}.db'}",
+        "--sweep-name", f"bench-{runner}", "--json",
+    ]
+
+
+FILL_CACHE = """
+import sys
+from platform.run_spec import RunSpec, load_splits
+from coop_core.backbone import load_clip
+from coop_core.config import TrainConfig
+from coop_core.fewshot import build_few_shot
+from coop_core.pipeline import prepare_features
+data_root, cache_dir, max_test, shots, epochs, backbone = sys.argv[1:]
+spec = RunSpec(dataset="eurosat", data_root=data_root, cache_dir=cache_dir, max_test_items=int(max_test),
+               train=TrainConfig(shots=int(shots), epochs=int(epochs), n_views=2))
+splits = load_splits(spec)
+fewshot = build_few_shot(splits, spec.train.shots, spec.train.seed, spec.cache_dir)
+prepare_features(load_clip(backbone, "none"), splits, fewshot, spec.train, cache_dir=spec.cache_dir)
+"""
+
+
+def fill_feature_cache(args: argparse.Namespace, work: Path) -> None:
+    """Compute the sweep's image features into the disk cache once (in a child, where ``platform`` is ours), so
+    neither side pays for the one-time extraction."""
+    subprocess.run([sys.executable, "-c", FILL_CACHE, str(args.data_root), str(work / "cache"),
+                    str(args.max_test_items), str(args.shots), str(args.epochs), str(REPO / TINY_VIT)],
+                   cwd=REPO, check=True, timeout=args.timeout)
+
+
+def run_side(args: argparse.Namespace, runner: str, work: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    code = ("import sys, ray; from platform.ray_runtime import init_ray; "
+            "init_ray(num_cpus=int(sys.argv[1]), include_dashboard=False); "
+            "from platform.tune import main; sys.exit(main(sys.argv[2:]))")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, str(args.cpus), *sweep_argv(args, runner, work)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=args.timeout)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
+        raise SystemExit(f"{runner} sweep failed (exit {proc.returncode})")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    if summary["trials_finished"] != args.trials:
+        raise SystemExit(f"{runner} sweep finished {summary['trials_finished']} of {args.trials} trials")
+    timing = summary["timing"]
+    return {
+        "runner": runner, "trials": summary["trials"], "command_wall_s": wall, "sweep_wall_s": summary["wall_s"],
+        "trials_per_hour": 3600.0 * summary["trials"] / wall,
+        "median_overhead_s": timing["median_time_overhead_s"], "overhead_share": timing["overhead_share"],
+        **{f"median_{k}": timing.get(f"median_{k}") for k in PHASES},
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--trials", type=int, default=8, help="trials per side (default: 8)")
+    parser.add_argument("--concurrent", type=int, default=2, help="trials at a time (default: 2)")
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs of each side's local Ray (default: 2)")
+    parser.add_argument("--shots", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--max-test-items", type=int, default=500)
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per side before giving up")
+    parser.add_argument("--json", action="store_true", help="print one JSON line last")
+    args = parser.parse_args(argv)
+    if not (args.data_root / "eurosat" / "2750").is_dir():
+        parser.error(f"EuroSAT not found under {args.data_root} (see ../shared/data/README.md)")
+
+    info = machine()
+    with tempfile.TemporaryDirectory(prefix="coop-bench-sweep-") as tmp:
+        work = Path(tmp)
+        fill_feature_cache(args, work)
+        sides = {runner: run_side(args, runner, work) for runner in RUNNERS}
+    old, new = sides["ray-train"], sides["in-process"]
+    ratio = new["trials_per_hour"] / old["trials_per_hour"]
+    overhead_ratio = old["median_overhead_s"] / new["median_overhead_s"] if new["median_overhead_s"] else None
+
+    print(f"sweep throughput: {args.trials} EuroSAT trials ({args.shots}-shot, {args.epochs} epochs, tiny ViT), "
+          f"{args.concurrent} at a time on a {args.cpus}-CPU local Ray")
+    print(machine_line(info))
+    print(f"{'median s per trial':<24}{'ray-train (old)':>16}{'in-process (new)':>18}")
+    for key in PHASES:
+        label = key.removeprefix("time_").removesuffix("_s").replace("_", " ")
+        a, b = old[f"median_{key}"], new[f"median_{key}"]
+        print(f"{label:<24}{a if a is not None else float('nan'):>16.2f}{b if b is not None else float('nan'):>18.2f}")
+    print(f"{'overhead share %':<24}{100 * old['overhead_share']:>16.1f}{100 * new['overhead_share']:>18.1f}")
+    print(f"{'command wall s':<24}{old['command_wall_s']:>16.1f}{new['command_wall_s']:>18.1f}")
+    print(f"{'trials per hour':<24}{old['trials_per_hour']:>16.0f}{new['trials_per_hour']:>18.0f}")
+    print(f"ratio (new / old trials per hour): {ratio:.1f}x (target >= 10x); median overhead per trial "
+          f"{new['median_overhead_s']:.2f} s (target <= 2 s), {overhead_ratio:.1f}x less than the old path's "
+          f"{old['median_overhead_s']:.2f} s")
+    if args.json:
+        emit_json({"benchmark": "sweep_throughput", "machine": info, "old": old, "new": new,
+                   "median_overhead_s": new["median_overhead_s"], "overhead_ratio": overhead_ratio, "ratio": ratio})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,6 +23,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+from platform.artifacts import SELECTION_METRIC, TEST_METRIC  # noqa: E402 (run from the repository root)
+
 import matplotlib.pyplot as plt  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
@@ -42,7 +44,7 @@ class Trial:
     val_curve: list[tuple[int, float]]
 
 
-def load_trials(client: MlflowClient, parent_run_id: str, metric: str = "val_acc") -> list[Trial]:
+def load_trials(client: MlflowClient, parent_run_id: str, metric: str = SELECTION_METRIC) -> list[Trial]:
     """The child runs of ``parent_run_id`` with their ``metric`` history."""
     parent = client.get_run(parent_run_id)
     runs = client.search_runs(
@@ -57,7 +59,7 @@ def load_trials(client: MlflowClient, parent_run_id: str, metric: str = "val_acc
     return trials
 
 
-def plot_curves(trials: Sequence[Trial], path: Path, metric: str = "val_acc") -> Path:
+def plot_curves(trials: Sequence[Trial], path: Path, metric: str = SELECTION_METRIC) -> Path:
     """Validation accuracy by epoch, one line per trial (early-stopped trials end early)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for t in trials:
@@ -76,7 +78,7 @@ def plot_curves(trials: Sequence[Trial], path: Path, metric: str = "val_acc") ->
     return path
 
 
-def plot_dimensions(trials: Sequence[Trial], path: Path, metric: str = "val_acc") -> Path:
+def plot_dimensions(trials: Sequence[Trial], path: Path, metric: str = SELECTION_METRIC) -> Path:
     """Best ``metric`` of each trial against each searched dimension (categorical as strips, lr on a log axis)."""
     dims = [d for d in DIMENSIONS if any(d in t.params for t in trials)]
     cols = max(len(dims), 1)
@@ -122,14 +124,14 @@ def _best(trial: Trial, metric: str) -> float | None:
     return None if value is None or math.isnan(value) else value
 
 
-def summary_markdown(trials: Sequence[Trial], metric: str = "val_acc") -> str:
+def summary_markdown(trials: Sequence[Trial], metric: str = SELECTION_METRIC) -> str:
     """A Markdown table of trials sorted by best validation accuracy (test accuracy shown, never used to rank)."""
     rows = sorted(trials, key=lambda t: -(_best(t, metric) or -1.0))
     lines = [f"| trial | best {metric} | test_acc | epochs | " + " | ".join(DIMENSIONS) + " |",
              "|" + "---|" * (4 + len(DIMENSIONS))]
     for t in rows:
         best = _best(t, metric)
-        test = t.metrics.get("test_acc")
+        test = t.metrics.get(TEST_METRIC)
         lines.append(
             f"| {t.name} | {best:.2f} | {'' if test is None else f'{test:.2f}'} | {len(t.val_curve)} | "
             if best is not None else f"| {t.name} | | | {len(t.val_curve)} | "

@@ -32,6 +32,8 @@ PROMPT_ARTIFACT_FILES = (PROMPTS_FILE, PROMPTS_META_FILE)
 ROOT_ARTIFACT_FILES = (CONFIG_FILE, NEAREST_WORDS_FILE, HISTORY_FILE, METRICS_FILE)
 
 # -- metric keys ----------------------------------------------------------------------------------------------------
+SELECTION_METRIC = "val_acc"  # what chooses: ASHA, the best trial, the registry's champion rule (never test accuracy)
+TEST_METRIC = "test_acc"  # measured on the test split after the last epoch, only reported
 # Reported every epoch (coop_core.engine.train; val_* on validation epochs), logged with step = epoch.
 EPOCH_KEYS = ("epoch", "train_loss", "train_acc", "lr", "val_acc", "val_macro_f1", "epoch_time_s", "val_time_s")
 # Added to the last epoch's report (the test split is only measured, never used to choose).

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from platform.artifacts import PROMPTS_FILE
+from platform.artifacts import PROMPTS_FILE, SELECTION_METRIC
 from typing import Any
 
 import mlflow
@@ -183,12 +183,12 @@ def register_prompt(
             raise
     registered = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags)
     version = int(registered.version)
-    val_acc = float(metrics["val_acc"])
+    val_acc = float(metrics[SELECTION_METRIC])
     backbone, shots = tags["backbone"], tags["shots"]
 
     scoped = scoped_champion_alias(backbone, int(shots))
     current_scoped = _version_by_alias(client, name, scoped)
-    if current_scoped is None or val_acc > _float_tag(current_scoped, "val_acc"):
+    if current_scoped is None or val_acc > _float_tag(current_scoped, SELECTION_METRIC):
         client.set_registered_model_alias(name, scoped, str(version))
 
     current = _version_by_alias(client, name, CHAMPION)
@@ -201,7 +201,7 @@ def register_prompt(
             f"{backbone}/{shots}-shot: not comparable, left in place (see @{scoped})"
         )
     else:
-        best = _float_tag(current, "val_acc")
+        best = _float_tag(current, SELECTION_METRIC)
         promoted = val_acc > best
         verb = "beats" if promoted else "does not beat"
         reason = f"val_acc {val_acc:.2f} {verb} champion v{current.version}'s {best:.2f}"

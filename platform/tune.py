@@ -40,6 +40,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from platform.artifacts import SELECTION_METRIC
 from typing import Any
 
 from coop_core.datasets import DatasetNotFoundError
@@ -48,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "coop_sweep.json"  # in the sweep folder: what --resume needs (parent run, base spec, tracking)
 TRAIN_RUNS_DIR = "train_runs"  # in the sweep folder: one Ray Train run per multi-worker trial, named by trial id
-METRIC, MODE = "val_acc", "max"
+METRIC, MODE = SELECTION_METRIC, "max"
 TRIAL_MEMORY_BYTES = 256 * 1024**2  # a multi-worker trial's own reservation: it waits on its trainer, no CPU needed
 TRIAL_RUNNERS = ("auto", "in-process", "ray-train")
 JSON_KEYS = ("best_config", "val_acc", "test_acc", "zeroshot_test_acc", "parent_run_id", "registered_model",

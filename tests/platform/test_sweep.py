@@ -222,3 +222,18 @@ def test_champion_pyfunc_classifies_real_images_in_a_fresh_process(sweeps, share
         assert pred["class_name"][i] == classes[probs.index(max(probs))]
     assert out["by_bytes"]["class_name"] == pred["class_name"]
     assert out["by_bytes"]["probability"] == pytest.approx(pred["probability"], abs=1e-6)
+
+
+def test_set_champion_command_promotes_a_version_by_hand(sweeps, capsys):
+    from platform import registry
+
+    client = _client(sweeps["uri"])
+    assert int(client.get_model_version_by_alias("coop-eurosat", CHAMPION).version) == 1
+    rc = registry.main(["set-champion", "--dataset", "eurosat", "--version", "2", "--tracking-uri", sweeps["uri"]])
+    assert rc == 0 and capsys.readouterr().out.strip() == "coop-eurosat@champion -> v2"
+    assert int(client.get_model_version_by_alias("coop-eurosat", CHAMPION).version) == 2
+    rc = registry.main(["set-champion", "--dataset", "eurosat", "--version", "9", "--tracking-uri", sweeps["uri"]])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert int(client.get_model_version_by_alias("coop-eurosat", CHAMPION).version) == 2  # unchanged
+    registry.main(["set-champion", "--dataset", "eurosat", "--version", "1", "--tracking-uri", sweeps["uri"]])

@@ -1,7 +1,7 @@
 """Sweep throughput: the same sweep with a Ray Train run per trial (the old path) and with in-process trials (ours).
 
-Both sides run ``python -m platform.tune`` itself, each in its own process with its own local Ray (``--cpus``
-CPUs), on real EuroSAT from ``../shared/data`` with a tiny random-weight ViT: the same ``--trials`` fixed
+Both sides run ``python -m platform.tune`` itself, each in its own process with its own local Ray (all of this
+machine's CPUs), on real EuroSAT from ``../shared/data`` with a tiny random-weight ViT: the same ``--trials`` fixed
 configurations (a ``--grid`` over ``prompt.n_ctx``, so both sides train identical trials; ASHA's grace period is the
 whole run, so no trial is stopped early), ``--concurrent`` at a time, one worker per trial. The only difference is
 ``--trial-runner ray-train`` versus ``--trial-runner in-process``. The disk feature cache is filled before either
@@ -77,11 +77,8 @@ def fill_feature_cache(args: argparse.Namespace, work: Path) -> None:
 
 def run_side(args: argparse.Namespace, runner: str, work: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    code = ("import sys, ray; from platform.ray_runtime import init_ray; "
-            "init_ray(num_cpus=int(sys.argv[1]), include_dashboard=False); "
-            "from platform.tune import main; sys.exit(main(sys.argv[2:]))")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, str(args.cpus), *sweep_argv(args, runner, work)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "platform.tune", *sweep_argv(args, runner, work)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=args.timeout)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -104,13 +101,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--trials", type=int, default=8, help="trials per side (default: 8)")
     parser.add_argument("--concurrent", type=int, default=2, help="trials at a time (default: 2)")
-    parser.add_argument("--cpus", type=int, default=2, help="CPUs of each side's local Ray (default: 2)")
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--max-test-items", type=int, default=500)
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per side before giving up")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run (2 trials of 2 epochs): checks the code path, its ratio is not the benchmark's")
     parser.add_argument("--json", action="store_true", help="print one JSON line last")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.trials, args.epochs, args.max_test_items = 2, 2, 100
     if not (args.data_root / "eurosat" / "2750").is_dir():
         parser.error(f"EuroSAT not found under {args.data_root} (see ../shared/data/README.md)")
 
@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overhead_ratio = old["median_overhead_s"] / new["median_overhead_s"] if new["median_overhead_s"] else None
 
     print(f"sweep throughput: {args.trials} EuroSAT trials ({args.shots}-shot, {args.epochs} epochs, tiny ViT), "
-          f"{args.concurrent} at a time on a {args.cpus}-CPU local Ray")
+          f"{args.concurrent} at a time, each side on its own local Ray")
     print(machine_line(info))
     print(f"{'median s per trial':<24}{'ray-train (old)':>16}{'in-process (new)':>18}")
     for key in PHASES:

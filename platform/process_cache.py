@@ -78,38 +78,28 @@ class ProcessCache:
     def enabled(self) -> bool:
         return self.max_bytes > 0
 
-    def _lookup(self, store: OrderedDict, key: Hashable) -> tuple[bool, Any]:
+    def _cached(self, store: OrderedDict, key: Hashable, load: Callable[[], T], limit: int) -> tuple[T, bool]:
         if self.enabled and key in store:
             store.move_to_end(key)
             self.hits += 1
-            return True, store[key]
+            return store[key], True
         self.misses += 1
-        return False, None
+        value = load()
+        if self.enabled:
+            store[key] = value
+            while len(store) > limit:
+                old, _ = store.popitem(last=False)
+                if store is self._models:
+                    self._drop_features_of(old)
+        return value, False
 
     def model(self, key: Hashable, load: Callable[[], T]) -> tuple[T, bool]:
         """The CLIP for ``key`` (see :func:`model_key`), loaded by ``load`` on a miss; also says whether it hit."""
-        hit, value = self._lookup(self._models, key)
-        if hit:
-            return value, True
-        value = load()
-        if self.enabled:
-            self._models[key] = value
-            while len(self._models) > self.max_models:
-                old, _ = self._models.popitem(last=False)
-                self._drop_features_of(old)
-        return value, False
+        return self._cached(self._models, key, load, self.max_models)
 
     def small(self, key: Hashable, load: Callable[[], T], limit: int = 64) -> tuple[T, bool]:
         """A small value (dataset splits, a few-shot split) for ``key``."""
-        hit, value = self._lookup(self._small, key)
-        if hit:
-            return value, True
-        value = load()
-        if self.enabled:
-            self._small[key] = value
-            while len(self._small) > limit:
-                self._small.popitem(last=False)
-        return value, False
+        return self._cached(self._small, key, load, limit)
 
     def features(self, key: tuple[Hashable, ...], load: Callable[[], RunFeatures]) -> tuple[RunFeatures, bool]:
         """Image features for ``key`` (whose first element is the model key), with fresh per-trial wrappers."""

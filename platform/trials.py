@@ -1,7 +1,7 @@
 """A sweep's trials: the Ray Tune function trainables ``platform.tune`` runs, one per path.
 
 - :func:`in_process_trial` (trials with one worker, the default): the trial *is* the training process.
-  ``platform.worker.run_training`` runs inside the Tune trial's own actor with a ``TuneSession`` —
+  ``platform.worker.run_training`` runs inside the Tune trial's own actor with ``RaySession("tune")`` —
   ``ray.tune.report`` per epoch with the checkpoint, ``ray.tune.get_checkpoint`` on a retry or ``--resume`` — and no
   Ray Train controller, worker group, process group or placement-group cleaner is started. The trial reserves the
   worker's CPUs (and its GPU share); Tune reuses the actor for the next trial, and the process's warm cache
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from platform.run_spec import RunSpec
-from platform.worker import EpochHook, TuneSession, configure_worker_logging, run_training
+from platform.worker import EpochHook, RaySession, configure_worker_logging, run_training
 from typing import Any
 
 import torch
@@ -45,7 +45,7 @@ def in_process_trial(config: dict[str, Any], *, base_spec: dict[str, Any], log_l
     configure_worker_logging(0, log_level)
     torch.set_num_threads(max(1, int(spec.cpus_per_worker)))  # the CPUs this trial reserved
     device = torch.device("cuda", 0) if spec.use_gpu and ray.get_gpu_ids() else torch.device("cpu")
-    run_training(spec, TuneSession(), device=device, epoch_hooks=epoch_hooks, log_epochs=False)
+    run_training(spec, RaySession("tune"), device=device, epoch_hooks=epoch_hooks, log_epochs=False)
 
 
 def ray_train_trial(config: dict[str, Any], *, base_spec: dict[str, Any], train_storage: str, max_failures: int,

@@ -4,9 +4,9 @@ It is plain ``coop_core`` (load CLIP, the splits, the few-shot split and the ima
 ``coop_core.engine.train``; evaluate the last epoch on the test split and zero-shot; save the prompts) plus a
 :class:`Session`, the one object that talks to Ray. Two sessions exist:
 
-- :class:`RayTrainSession` inside a Ray Train worker (:func:`train_loop_per_worker`, run by ``platform.train`` and by
+- ``RaySession("train")`` inside a Ray Train worker (:func:`train_loop_per_worker`, run by ``platform.train`` and by
   multi-worker sweep trials): DDP over the workers' ``torch.distributed`` group, rank 0 carries the checkpoint.
-- :class:`TuneSession` inside a Ray Tune trial's own process (single-worker sweep trials, ``platform/trials.py``):
+- ``RaySession("tune")`` inside a Ray Tune trial's own process (single-worker sweep trials, ``platform/trials.py``):
   ``ray.tune.report`` per epoch, no Ray Train controller or worker group at all.
 
 Every epoch's report carries the epoch metrics, the cumulative time spent per phase (``WORKER_TIMING_KEYS``) and, at
@@ -72,34 +72,27 @@ def _restore(checkpoint: Any) -> tuple[TrainState, list[dict[str, Any]]] | None:
         return artifacts.read_state(d), artifacts.read_history(d)
 
 
-class RayTrainSession:
-    """A Ray Train worker's session: ``ray.train.get_checkpoint`` / ``ray.train.report``."""
+class RaySession:
+    """A Ray session: Ray Train's inside a Train worker (``api="train"``), Ray Tune's inside a function trainable
+    (``api="tune"``). Both report with ``report(metrics, checkpoint=...)`` and resume from ``get_checkpoint()``."""
+
+    def __init__(self, api: str) -> None:
+        if api not in ("train", "tune"):
+            raise ValueError(f"api must be 'train' or 'tune', got {api!r}")
+        self.api = api
+
+    def _module(self) -> Any:
+        import importlib
+
+        return importlib.import_module(f"ray.{self.api}")
 
     def restored(self) -> tuple[TrainState, list[dict[str, Any]]] | None:
-        import ray.train
-
-        return _restore(ray.train.get_checkpoint())
+        return _restore(self._module().get_checkpoint())
 
     def report(self, metrics: Mapping[str, Any], checkpoint_dir: Path | None) -> None:
-        import ray.train
-
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir is not None else None
-        ray.train.report(dict(metrics), checkpoint=checkpoint)
-
-
-class TuneSession:
-    """A Ray Tune function trainable's session: ``ray.tune.get_checkpoint`` / ``ray.tune.report``."""
-
-    def restored(self) -> tuple[TrainState, list[dict[str, Any]]] | None:
-        import ray.tune
-
-        return _restore(ray.tune.get_checkpoint())
-
-    def report(self, metrics: Mapping[str, Any], checkpoint_dir: Path | None) -> None:
-        import ray.tune
-
-        checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir is not None else None
-        ray.tune.report(dict(metrics), checkpoint=checkpoint)
+        ray_api = self._module()
+        checkpoint = ray_api.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir is not None else None
+        ray_api.report(dict(metrics), checkpoint=checkpoint)
 
 
 def _process_created_at() -> float | None:
@@ -132,7 +125,7 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
 
     Args:
         spec: the run.
-        session: how this process reports and resumes (:class:`RayTrainSession` or :class:`TuneSession`).
+        session: how this process reports and resumes (a :class:`RaySession`, or a test's own).
         dist: the process group (a one-process run by default); rank 0 writes the checkpoints.
         device: where the model and features live.
         epoch_hooks: called after each epoch's report with ``(epoch, rank)``.
@@ -281,5 +274,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         device = torch.device("cpu")
     # (3) Ray: the session reports each epoch (and resumes from the last checkpoint after a failure)
-    run_training(spec, RayTrainSession(), dist=dist, device=device, epoch_hooks=config.get("epoch_hooks", ()))
+    run_training(spec, RaySession("train"), dist=dist, device=device, epoch_hooks=config.get("epoch_hooks", ()))
 

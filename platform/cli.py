@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 from platform.ray_runtime import resolve_use_gpu
-from platform.run_spec import RunSpec, default_cache_dir, default_data_root, load_splits
+from platform.run_spec import PLACEMENT_STRATEGIES, RunSpec, default_cache_dir, default_data_root, load_splits
 
 from coop_core.backbone import NO_WEIGHTS, load_clip, resolve_model_name
 from coop_core.config import CLASS_TOKEN_POSITIONS, FEATURE_MODES, PRECISIONS, ModelConfig, PromptConfig, TrainConfig
@@ -73,6 +73,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     workers.add_argument("--use-gpu", default="auto", choices=("auto", "yes", "no"),
                          help="one GPU per worker: auto = if the Ray cluster has GPUs (default: auto)")
     workers.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default: 1)")
+    workers.add_argument("--placement-strategy", default="PACK", choices=PLACEMENT_STRATEGIES,
+                         help="where a run's workers go: PACK on as few nodes as fit (fastest all-reduce; default), "
+                              "SPREAD on different nodes where possible; STRICT_* fail rather than fall back")
 
 
 def spec_from_args(args: argparse.Namespace, *, use_gpu: bool | None = None) -> RunSpec:
@@ -102,6 +105,7 @@ def spec_from_args(args: argparse.Namespace, *, use_gpu: bool | None = None) -> 
         cache_dir=str(Path(args.cache_dir).expanduser().resolve()),
         max_test_items=args.max_test_items,
         cpus_per_worker=args.cpus_per_worker,
+        placement_strategy=args.placement_strategy,
         download=args.download,
     )
 

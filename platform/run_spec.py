@@ -18,6 +18,7 @@ from coop_core.config import ModelConfig, PromptConfig, TrainConfig
 from coop_core.datasets import DatasetSplits, Item, list_datasets, load_dataset
 
 _SECTIONS = {"model": ModelConfig, "prompt": PromptConfig, "train": TrainConfig}
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement-group strategies
 
 
 def default_cache_dir() -> str:
@@ -45,7 +46,9 @@ class RunSpec:
     is the *global* batch, split over workers). num_workers: Ray Train workers (DDP world size). use_gpu: one GPU per
     worker. cache_dir: feature and few-shot cache shared by all workers and trials. max_test_items: evaluate on a
     deterministic, class-balanced subset of this many test items (quick runs); None = the full test split.
-    cpus_per_worker: CPUs reserved per worker (torch uses that many threads). download: fetch the dataset on the
+    cpus_per_worker: CPUs reserved per worker (torch uses that many threads). placement_strategy: how Ray places a
+    multi-worker run's workers (``PACK``: on as few nodes as fit, the fastest all-reduce; ``SPREAD``: on different
+    nodes where possible; ``STRICT_`` variants fail instead of falling back). download: fetch the dataset on the
     driver first if missing (workers never download).
     """
 
@@ -59,6 +62,7 @@ class RunSpec:
     cache_dir: str = field(default_factory=default_cache_dir)
     max_test_items: int | None = None
     cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"
     download: bool = False
 
     def __post_init__(self) -> None:
@@ -74,6 +78,9 @@ class RunSpec:
         if self.max_test_items is not None and (not isinstance(self.max_test_items, int) or self.max_test_items < 1):
             raise ValueError(f"max_test_items must be a positive integer or None (full test split), "
                              f"got {self.max_test_items!r}")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                             f"got {self.placement_strategy!r}")
         if not self.cpus_per_worker > 0:
             raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if self.train.precision == "amp" and not self.use_gpu:

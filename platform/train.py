@@ -33,6 +33,7 @@ from platform.cli import (
     hub_unreachable_use_cache,
     spec_from_args,
 )
+from platform.cluster_check import check_shared_paths
 from platform.ray_runtime import init_ray, resolve_use_gpu
 from platform.trainer import build_trainer
 from typing import Any
@@ -92,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # --use-gpu auto is resolved once Ray is up; until then assume GPUs may exist (so 'amp' is not refused yet).
         spec = spec_from_args(args, use_gpu=args.use_gpu != "no")
         offline = hub_unreachable_use_cache(spec)
-        check_inputs(spec)
+        splits = check_inputs(spec)
     except (DatasetNotFoundError, WeightsUnavailableError, ValueError, FileNotFoundError) as err:
         return fail(str(err))
 
@@ -104,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.use_gpu == "yes" and not resolve_use_gpu("auto"):
             raise ValueError("--use-gpu yes, but the Ray cluster has no GPUs; use --use-gpu no or auto")
         spec = dataclasses.replace(spec, use_gpu=use_gpu)
+        check_shared_paths(str(splits.image_dir), {"--cache-dir": spec.cache_dir, "--storage-path": args.storage_path})
     except ValueError as err:
         return fail(str(err))
 

@@ -48,7 +48,7 @@ def build_trainer(
         train_loop_config={"spec": spec.to_dict(), "log_level": log_level, "epoch_hooks": list(epoch_hooks)},
         torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources, placement_strategy=spec.placement_strategy),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,

@@ -371,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 no trial finished, 2 bad input / data / weights)."""
     from platform.cli import check_inputs, configure_logging, fail, hub_unreachable_use_cache, spec_from_args
+    from platform.cluster_check import check_shared_paths
     from platform.ray_runtime import init_ray, resolve_use_gpu
     from platform.run_spec import RunSpec
 
@@ -416,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError(f"--max-failures must be >= 0, got {args.max_failures}")
             runner = resolve_trial_runner(args.trial_runner, spec)
         offline = hub_unreachable_use_cache(spec)
-        check_inputs(spec)
+        splits = check_inputs(spec)
     except (DatasetNotFoundError, WeightsUnavailableError, ValueError, FileNotFoundError) as err:
         return fail(str(err))
 
@@ -435,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             gpus_per_trial = state["gpus_per_trial"]
         max_concurrent = resolve_max_concurrent(args.max_concurrent, spec, ray.cluster_resources(), gpus_per_trial)
+        check_shared_paths(str(splits.image_dir), {"--cache-dir": spec.cache_dir, "--storage-path": storage_path})
     except ValueError as err:
         return fail(str(err))
     epochs = spec.train.resolved_epochs

@@ -1,4 +1,4 @@
-"""Faults the platform tests inject through ``platform.worker.run_training``'s ``epoch_hooks`` seam.
+"""Faults (and probes) the platform tests inject through ``platform.worker.run_training``'s ``epoch_hooks`` seam.
 
 Hooks travel to Ray workers pickled; :func:`picklable` registers this module to be pickled by value, since the test
 tree is not importable inside a worker.
@@ -73,3 +73,22 @@ def tune_main_with_hooks() -> None:
     picklable()
     tune.build_tuner = functools.partial(tune.build_tuner, epoch_hooks=hooks)
     sys.exit(tune.main(sys.argv[2:]))
+
+
+@dataclass(frozen=True)
+class RecordWhere:
+    """After the first epoch, write where this worker runs (Ray node, trial, rank, ``platform`` package) to a file."""
+
+    directory: str
+
+    def __call__(self, epoch: int, rank: int) -> None:
+        if epoch != 1:
+            return
+        import json
+        import platform
+
+        import ray
+
+        ctx = ray.get_runtime_context()
+        info = {"node_id": ctx.get_node_id(), "rank": rank, "pid": os.getpid(), "platform_file": platform.__file__}
+        Path(self.directory, f"{os.getpid()}-{rank}-{id(info)}.json").write_text(json.dumps(info))

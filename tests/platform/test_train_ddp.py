@@ -87,26 +87,32 @@ def cli_run(ray_session, small_eurosat_root, feature_cache, tiny_vit_config, tmp
     }
 
 
-@pytest.fixture(scope="module")
-def reference(small_eurosat_root, feature_cache, tiny_clip) -> dict:
-    """The same run in this process with ``coop_core`` alone: one process, no Ray, never interrupted."""
+def _reference_run(root: Path, cache: Path) -> dict:
+    """The run of ``_spec`` in this process with ``coop_core`` alone: one process, no Ray, never interrupted."""
     import dataclasses as dc
 
+    from coop_core.backbone import load_clip
     from coop_core.datasets import load_dataset
     from coop_core.engine import evaluate, train
     from coop_core.fewshot import build_few_shot
     from coop_core.pipeline import build_model, prepare_features
 
-    spec = _spec(small_eurosat_root, feature_cache, "unused", 1)
-    splits = load_dataset("eurosat", small_eurosat_root)
+    clip = load_clip(str(Path(__file__).resolve().parents[1] / "fixtures" / "tiny-vit.json"), "none")
+    spec = _spec(root, cache, "unused", 1)
+    splits = load_dataset("eurosat", root)
     splits = dc.replace(splits, test=subset_test_items(splits.test, spec.max_test_items))
-    fewshot = build_few_shot(splits, spec.train.shots, spec.train.seed, feature_cache)
-    feats = prepare_features(tiny_clip, splits, fewshot, spec.train, cache_dir=feature_cache)
-    model = build_model(tiny_clip, splits.classnames, spec.prompt, spec.train.seed)
+    fewshot = build_few_shot(splits, spec.train.shots, spec.train.seed, cache)
+    feats = prepare_features(clip, splits, fewshot, spec.train, cache_dir=cache)
+    model = build_model(clip, splits.classnames, spec.prompt, spec.train.seed)
     initial = model.prompt_learner.ctx.detach().clone()
     history = train(model, feats.train, spec.train, val=feats.val)
     return {"initial_ctx": initial, "ctx": model.prompt_learner.ctx.detach().clone(), "history": history,
             "test_acc": evaluate(model, feats.test)["acc"]}
+
+
+@pytest.fixture(scope="module")
+def reference(small_eurosat_root, feature_cache) -> dict:
+    return _reference_run(small_eurosat_root, feature_cache)
 
 
 # -- RunSpec: what the tune engineer builds trials from ------------------------------------------------------

@@ -154,9 +154,10 @@ def text_activation_bytes(n_cls: int, seq: int, shared_prefix: int, width: int, 
 
     ``seq`` is the (truncated) prompt length and ``shared_prefix`` the positions computed once for all classes (0 or 1
     when nothing is shared). The step runs ``p + n_cls * (seq - p)`` token rows with a shared prefix of ``p > 1``
-    positions, ``n_cls * seq`` otherwise. Against ``bench/memory.py`` at 1000 ImageNet classes, ViT-B/16: 4.7 GB
-    estimated for a unified context (4.6 GB measured there, which includes 0.14 GB of saved weights), 7.4 GB for CSC
-    (7.2 GB measured).
+    positions, ``n_cls * seq`` otherwise. Against ``bench/memory.py``'s saved-for-backward bytes less the frozen
+    weights they include (ViT-B/16, ImageNet names, seq 30): 449 MB estimated, 451 MB measured at 100 classes with a
+    unified context; 4.45 GB (unified) and 7.03 GB (CSC) estimated at 1000 classes, where it reports 4.6 and 7.2 GB
+    including 0.14 GB of weights.
     """
     if shared_prefix > 1:
         floats = SAVED_FLOATS_PER_ROW * (shared_prefix + n_cls * (seq - shared_prefix))
@@ -179,8 +180,9 @@ def choose_text_sharding(requested: str, *, n_cls: int, world_size: int, text_by
     time, which follows the same token rows). Below that, the saving is a small share of a small step, and data sharding
     keeps a single collective per step. One worker, or fewer classes than workers, always gets data sharding.
 
-    At ViT-B/16 (0.6 GB of weights) this switches at about 125 classes with a unified context and 80 with CSC:
-    ImageNet's 1000 classes are class-sharded, EuroSAT's 10 are data-sharded.
+    At ViT-B/16 (0.47 GB of frozen parameters, plus 0.12 MB of prompt buffers per class) this switches at 110-150
+    classes with a unified context (longer class names switch earlier) and at about 80 with CSC: ImageNet's 1000
+    classes are class-sharded, EuroSAT's 10 data-sharded.
 
     Args:
         requested: ``"auto"``, ``"data"`` or ``"class"`` (``TrainConfig.text_sharding``).

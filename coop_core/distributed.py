@@ -4,7 +4,7 @@
 batch, divides its summed loss by the global batch size, and the context gradient is summed over workers
 (``Distributed.all_reduce_sum_``), so N workers take exactly the one-process step. What a strategy decides is the text
 step, CoOp's main cost: every class prompt crosses the whole text tower at every step, whatever the batch size
-(``bench/memory.py``: 4.6 GB of activations for ImageNet's 1000 classes at ViT-B/16).
+(``bench/memory.py``: 4.6 GB kept for backward with ImageNet's 1000 classes at ViT-B/16).
 
 - :class:`DataSharding`: every worker encodes all ``n_cls`` prompts. One collective per step, but adding workers does
   not shrink a worker's text compute or activation memory.
@@ -15,7 +15,9 @@ step, CoOp's main cost: every class prompt crosses the whole text tower at every
   back through its own prompts only. Each worker's context gradient is then the whole global batch's gradient through
   its classes: with a unified context the usual sum over workers adds up the shards' parts; with a class-specific
   context each worker's gradient is non-zero only in its classes' rows, and the same sum assembles them. Every worker
-  still holds the same context and takes the one-process step.
+  still holds the same context and takes the one-process step. Three collectives per step instead of one: the
+  gather and its backward move ``n_cls x d`` floats each (2 MB for ImageNet at ViT-B/16), against a text step that
+  costs seconds of compute and gigabytes of activations there.
 
 Shards are contiguous rather than strided so that a worker's prompts, its class-specific context rows and its prompt
 buffers are slices, and the gathered features come out in class order without a permutation.

@@ -141,6 +141,26 @@ def test_text_sharding_for_a_model(tiny_clip):
         text_sharding_for("class", model, SingleProcess(rank=0, world_size=5))
 
 
+@pytest.mark.parametrize("position", ["end", "middle", "front"])
+@pytest.mark.parametrize("csc", [False, True], ids=["unified", "csc"])
+def test_a_class_range_encodes_exactly_those_rows_of_the_full_text_step(tiny_clip, position, csc):
+    """A shard's prompts, truncated at the shard's own longest prompt, give the full step's rows and gradients."""
+    names = ["sea or lake", "a rather long name for a class of things", "forest", "river", "highway or road"]
+    model = CoOpModel(tiny_clip.model, tiny_clip.tokenizer, names,
+                      PromptConfig(n_ctx=4, csc=csc, class_token_position=position),
+                      generator=torch.Generator().manual_seed(0))
+    weights = torch.randn(len(names), model.text_features().shape[1], generator=torch.Generator().manual_seed(1))
+    full = model.text_features()  # (5, d)
+    (full * weights).sum().backward()
+    want_grad = model.prompt_learner.ctx.grad.clone()
+    model.prompt_learner.ctx.grad = None
+    for shard in (slice(0, 2), slice(2, 5)):  # the long name is in the first shard only
+        part = model.text_features(shard)
+        torch.testing.assert_close(part, full[shard].detach())
+        (part * weights[shard]).sum().backward()
+    torch.testing.assert_close(model.prompt_learner.ctx.grad, want_grad, rtol=1e-5, atol=1e-5)  # summation order
+
+
 def test_class_sharding_of_one_worker_is_the_plain_text_step(tiny_clip):
     model = _text_model(tiny_clip, 5, csc=True)
     got = ClassSharding(SingleProcess()).text_features(model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +31,60 @@ TINY_CLIP_CONFIG = {
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A fixed glibc mmap threshold (the default one adapts upwards as large blocks are freed, after which freed tensors
+# stay in the heap and inflate the RSS at random): every block of 128 KiB or more is mapped and unmapped on its own, so
+# the resident set follows the memory that is live. glibc reads these at start-up: they are for fresh subprocesses.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def worker_env() -> dict[str, str]:
+    """Environment of a measuring subprocess: the repository importable, glibc's mmap threshold pinned."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.update(MALLOC_ENV)
+    return env
+
+
+def rss_kb(field: str) -> int:
+    """A memory field of this process from ``/proc/self/status`` (``VmRSS``: now, ``VmHWM``: peak), in KiB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_kb(reset: bool) -> int:
+    """Peak RSS (KiB) since :func:`reset_peak_rss` returned ``reset``; without a reset, since the process started."""
+    return rss_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def imagenet_subset(n: int, tokenizer) -> list[str]:
+    """``n`` ImageNet class names spread over the list, always including the longest one (in tokens)."""
+    import open_clip
+
+    names = list(open_clip.IMAGENET_CLASSNAMES)
+    if n >= len(names):
+        return names[:n] if n == len(names) else names + [f"class name {i}" for i in range(len(names), n)]
+    longest = int(tokenizer(names).argmax(dim=-1).argmax())
+    step = len(names) / n
+    picked = [int(i * step) for i in range(n)]
+    if longest not in picked:
+        picked[-1] = longest
+    return [names[i] for i in picked]
 
 
 def tiny_clip_config(directory: str | Path) -> str:

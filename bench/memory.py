@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -33,39 +31,24 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import emit_json, machine, machine_line, print_table, set_threads, tiny_clip_config  # noqa: E402
+from bench._common import (  # noqa: E402
+    REPO,
+    emit_json,
+    imagenet_subset,
+    machine,
+    machine_line,
+    peak_rss_kb,
+    print_table,
+    reset_peak_rss,
+    rss_kb,
+    set_threads,
+    tiny_clip_config,
+    worker_env,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 TARGET_N_CLS = 1000
 MB = 2**20
-# A fixed glibc mmap threshold (the default one adapts upwards as large blocks are freed, after which freed tensors
-# stay in the heap and inflate the RSS at random): every block of 128 KiB or more is mapped and unmapped on its own, so
-# the resident set follows the memory that is live.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 CONFIGS = (("truncated", "unified"), ("truncated", "csc"), ("full", "unified"), ("full", "csc"))
-
-
-def imagenet_subset(n: int, tokenizer) -> list[str]:
-    """``n`` ImageNet class names spread over the list, always including the longest one (in tokens)."""
-    import open_clip
-
-    names = list(open_clip.IMAGENET_CLASSNAMES)
-    if n >= len(names):
-        return names[:n] if n == len(names) else names + [f"class name {i}" for i in range(len(names), n)]
-    longest = int(tokenizer(names).argmax(dim=-1).argmax())
-    step = len(names) / n
-    picked = [int(i * step) for i in range(n)]
-    if longest not in picked:
-        picked[-1] = longest
-    return [names[i] for i in picked]
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def worker(n_cls: int, csc: bool, truncate: bool, arch: str, batch: int) -> dict:
@@ -94,13 +77,8 @@ def worker(n_cls: int, csc: bool, truncate: bool, arch: str, batch: int) -> dict
         saved[s._cdata] = s.nbytes()
         return t
 
-    baseline_kb = _rss_kb("VmRSS")
-    reset = True
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
-    except OSError:
-        reset = False
+    baseline_kb = rss_kb("VmRSS")
+    reset = reset_peak_rss()
     t0 = time.perf_counter()
     opt.zero_grad(set_to_none=False)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -109,7 +87,7 @@ def worker(n_cls: int, csc: bool, truncate: bool, arch: str, batch: int) -> dict
     loss.backward()
     opt.step()
     elapsed = time.perf_counter() - t0
-    peak_kb = _rss_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kb = peak_rss_kb(reset)
     ctx = model.prompt_learner.ctx
     seq = int(model.prompt_learner.eot_idx.max()) + 1 if truncate else model.prompt_learner.tokenized_prompts.shape[1]
     frozen = sum(p.numel() * p.element_size() for p in clip.model.parameters())
@@ -136,9 +114,7 @@ def run_worker(n_cls: int, csc: bool, truncate: bool, arch: str, batch: int, thr
            "--text", "truncated" if truncate else "full"]
     if threads:
         cmd += ["--threads", str(threads)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    env.update(MALLOC_ENV)
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    out = subprocess.run(cmd, cwd=REPO, env=worker_env(), capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"worker {' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -7,7 +7,8 @@ from coop_core import datasets
 from coop_core.backbone import LoadedClip, WeightsUnavailableError, load_clip
 from coop_core.config import ModelConfig, PromptConfig, TrainConfig, default_epochs
 from coop_core.datasets import DatasetSplits, list_datasets, load_dataset
-from coop_core.engine import SingleProcess, TrainState, evaluate, train
+from coop_core.distributed import ClassSharding, DataSharding, SingleProcess, choose_text_sharding, text_sharding_for
+from coop_core.engine import TrainState, evaluate, train
 from coop_core.features import CachedViews, ExactImages, FeatureCache, FeatureSet
 from coop_core.fewshot import FewShotSplits, build_few_shot, sample_few_shot
 from coop_core.interpret import nearest_words, nearest_words_table
@@ -19,10 +20,10 @@ from coop_core.text_encoder import TextEncoder
 from coop_core.zeroshot import zeroshot_evaluate, zeroshot_text_features
 
 __all__ = [
-    "CachedViews", "CoOpModel", "DatasetSplits", "ExactImages", "FeatureCache", "FeatureSet", "FewShotSplits",
-    "LoadedClip", "ModelConfig", "PromptConfig", "PromptLearner", "PromptMeta", "SingleProcess", "TextEncoder",
-    "TrainConfig", "TrainState", "WeightsUnavailableError", "build_few_shot", "build_model", "datasets",
-    "default_epochs", "evaluate", "list_datasets", "load_clip", "load_dataset", "load_prompts", "nearest_words",
-    "nearest_words_table", "prepare_features", "run_coop", "sample_few_shot", "save_prompts", "train",
-    "zeroshot_evaluate", "zeroshot_text_features",
+    "CachedViews", "ClassSharding", "CoOpModel", "DataSharding", "DatasetSplits", "ExactImages", "FeatureCache",
+    "FeatureSet", "FewShotSplits", "LoadedClip", "ModelConfig", "PromptConfig", "PromptLearner", "PromptMeta",
+    "SingleProcess", "TextEncoder", "TrainConfig", "TrainState", "WeightsUnavailableError", "build_few_shot",
+    "build_model", "choose_text_sharding", "datasets", "default_epochs", "evaluate", "list_datasets", "load_clip",
+    "load_dataset", "load_prompts", "nearest_words", "nearest_words_table", "prepare_features", "run_coop",
+    "sample_few_shot", "save_prompts", "text_sharding_for", "train", "zeroshot_evaluate", "zeroshot_text_features",
 ]

@@ -15,6 +15,7 @@ from typing import Any
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
 PRECISIONS = ("fp32", "bf16", "amp")
 FEATURE_MODES = ("cached", "exact")
+TEXT_SHARDINGS = ("auto", "data", "class")
 
 # CoOp's schedule: epochs by number of shots (Zhou et al., Sec. 4.1 / configs/trainers/CoOp/*.yaml).
 EPOCHS_BY_SHOTS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
@@ -72,6 +73,10 @@ class TrainConfig:
     "exact" runs the frozen image encoder on freshly augmented images every step, as the reference does.
     eval_every: validate every this many epochs (and always after the last). loader_workers: DataLoader processes
     for image loading during feature extraction (0 = in the calling process).
+    text_sharding: how a multi-worker run splits the text step: "data" (every worker encodes every class prompt),
+    "class" (each encodes its share of them; the features are all-gathered) or "auto" (class sharding when the text
+    step's activations outweigh the model: ``coop_core.distributed.choose_text_sharding``). Either gives the
+    one-process optimisation steps; only memory and time differ.
     """
 
     shots: int = 16
@@ -88,6 +93,7 @@ class TrainConfig:
     n_views: int = 10
     eval_every: int = 1
     loader_workers: int = 0
+    text_sharding: str = "auto"
 
     def __post_init__(self) -> None:
         if self.shots < 1:
@@ -114,6 +120,8 @@ class TrainConfig:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
         if self.loader_workers < 0:
             raise ValueError(f"loader_workers (DataLoader processes) must be >= 0, got {self.loader_workers}")
+        if self.text_sharding not in TEXT_SHARDINGS:
+            raise ValueError(f"text_sharding must be one of {TEXT_SHARDINGS}, got {self.text_sharding!r}")
 
     @property
     def resolved_epochs(self) -> int:

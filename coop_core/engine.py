@@ -1,10 +1,11 @@
 """CoOp's training and evaluation loops: plain functions, one process, distribution injected.
 
 The loop iterates over *global* batches drawn from a generator seeded by ``(seed, epoch)``; a worker of a
-data-parallel run takes the strided shard ``batch[rank::world_size]`` of each global batch, computes
+multi-worker run takes the strided shard ``batch[rank::world_size]`` of each global batch, computes
 ``sum(cross_entropy) / len(global batch)`` and the injected ``Distributed.all_reduce_sum_`` adds up the context
-gradient, so N workers take exactly the optimisation step one worker would take on the whole batch. The core never
-knows about Ray or process groups; ``SingleProcess`` is the default.
+gradient, so N workers take exactly the optimisation step one worker would take on the whole batch. The text step is
+either repeated on every worker or split by class (``coop_core.distributed``, chosen by ``TrainConfig.text_sharding``).
+The core never knows about Ray or process groups; ``SingleProcess`` is the default.
 """
 
 from __future__ import annotations
@@ -16,38 +17,17 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from coop_core.config import TrainConfig
+from coop_core.distributed import Distributed, SingleProcess, text_sharding_for
 from coop_core.features import FeatureSet, TrainSource
 from coop_core.model import CoOpModel
 
 logger = logging.getLogger(__name__)
-
-
-class Distributed(Protocol):
-    """What the loop needs from a process group."""
-
-    rank: int
-    world_size: int
-
-    def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
-        """Sum ``tensor`` over all workers, in place."""
-        ...
-
-
-@dataclass(frozen=True)
-class SingleProcess:
-    """The trivial process group: one worker."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
-        return None
 
 
 def lr_at(epoch: int, cfg: TrainConfig) -> float:
@@ -172,7 +152,8 @@ def train(
         data: training features (cached views or exact on-the-fly encoding).
         cfg: the recipe (lr, schedule, batch size, epochs, precision, seed).
         val: validation features, evaluated every ``cfg.eval_every`` epochs and at the last epoch.
-        dist: process group for data-parallel training; ``SingleProcess`` by default.
+        dist: process group of a multi-worker run; ``SingleProcess`` by default. ``cfg.text_sharding`` says how
+            its workers split the text step (``coop_core.distributed.text_sharding_for``).
         report: called with each epoch's metrics (``epoch``, ``train_loss``, ``train_acc``, ``lr``, ``val_acc``...;
             ``epoch_time_s`` is the epoch's training steps, ``val_time_s`` its validation).
         on_epoch_end: called with the resumable state after each epoch (checkpointing).
@@ -198,6 +179,8 @@ def train(
         torch.set_rng_state(resume.rng)
         start = resume.epoch
         logger.info("resuming at epoch %d/%d", start + 1, epochs)
+    sharding = text_sharding_for(cfg.text_sharding, model, dist)
+    logger.info("text step: %s sharding over %d worker(s)", sharding.name, dist.world_size)
     labels = data.labels
     n = labels.shape[0]
     history = []
@@ -211,19 +194,20 @@ def train(
         for batch in global_batches(n, cfg.batch_size, cfg.seed, epoch):
             shard = batch[dist.rank :: dist.world_size]
             opt.zero_grad(set_to_none=False)
-            if len(shard):
-                feats = data.batch(shard, epoch).to(device)  # (b_shard, d)
-                y = labels[shard].to(device)
-                with _autocast(cfg.precision, device):
-                    logits = model.forward_features(feats)  # (b_shard, n_cls)
-                loss = F.cross_entropy(logits.float(), y, reduction="sum") / len(batch)
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-                loss_sum += float(loss.detach()) * len(batch)
-                correct += float((logits.argmax(-1) == y).sum())
-            ctx = model.prompt_learner.ctx
-            if ctx.grad is None:  # this worker's shard was empty on the very first step
-                ctx.grad = torch.zeros_like(ctx)
-            grad = ctx.grad
+            feats = data.batch(shard, epoch).to(device) if len(shard) else None  # (b_shard, d)
+            y = labels[shard].to(device)
+            with _autocast(cfg.precision, device):
+                # Every worker runs the text step, even with no images in its shard: a class-sharded one owes the
+                # others its features (and the gather's backward); the loss of an empty shard is 0.
+                text = sharding.text_features(model)  # (n_cls, d)
+                if feats is None:
+                    feats = text.new_zeros(0, text.shape[1])  # (0, d)
+                logits = model.logits(feats, text)  # (b_shard, n_cls)
+            loss = F.cross_entropy(logits.float(), y, reduction="sum") / len(batch)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            loss_sum += float(loss.detach()) * len(batch)
+            correct += float((logits.argmax(-1) == y).sum())
+            grad = model.prompt_learner.ctx.grad  # set by every backward: the text features depend on the context
             if dist.world_size > 1:
                 dist.all_reduce_sum_(grad)
             if scaler is not None:

@@ -131,8 +131,10 @@ class PromptLearner(nn.Module):
         self.register_buffer("token_suffix", embedding[:, 1 + n_ctx :].clone(), persistent=False)  # (n_cls, *, width)
         self.register_buffer("tokenized_prompts", tokens, persistent=False)  # (n_cls, seq)
         self.register_buffer("eot_idx", eot_idx, persistent=False)  # (n_cls,)
+        # (n_cls, seq), expanded over the width only when used: stored expanded it was n_cls * seq * width int64s,
+        # 315 MB at ImageNet's 1000 classes with ViT-B/16, more than the prompts it rearranges.
         index = position_index(name_lens, n_ctx, seq_len, class_token_position).to(device)
-        self.register_buffer("gather_index", index.unsqueeze(-1).expand(-1, -1, width).contiguous(), persistent=False)
+        self.register_buffer("gather_index", index, persistent=False)
         self.name_lens = name_lens
         logger.debug(
             "prompt learner: %d classes, n_ctx=%d, csc=%s, position=%s", n_cls, n_ctx, csc, class_token_position
@@ -142,14 +144,23 @@ class PromptLearner(nn.Module):
     def n_cls(self) -> int:
         return len(self.classnames)
 
-    def forward(self) -> torch.Tensor:
-        """Prompt embeddings ``(n_cls, seq, width)`` for the text encoder."""
+    def forward(self, classes: slice | None = None) -> torch.Tensor:
+        """Prompt embeddings ``(n, seq, width)`` for the text encoder.
+
+        Args:
+            classes: build only these classes' prompts (a worker of a class-sharded run encodes its own contiguous
+                range, ``coop_core.distributed.class_shard``); all ``n_cls`` by default.
+        """
+        classes = slice(None) if classes is None else classes
+        prefix = self.token_prefix[classes]  # (n, 1, width)
         ctx = self.ctx
         if ctx.dim() == 2:
-            ctx = ctx.unsqueeze(0).expand(self.n_cls, -1, -1)  # (n_cls, n_ctx, width)
-        prefix = self.token_prefix
+            ctx = ctx.unsqueeze(0).expand(prefix.shape[0], -1, -1)  # (n, n_ctx, width)
+        else:
+            ctx = ctx[classes]  # (n, n_ctx, width): the gradient reaches only these classes' rows
         ctx = ctx.to(prefix.dtype)
-        prompts = torch.cat([prefix, ctx, self.token_suffix], dim=1)  # (n_cls, seq, width), class name at the end
+        prompts = torch.cat([prefix, ctx, self.token_suffix[classes]], dim=1)  # (n, seq, width), class name at the end
         if self.class_token_position == "end":
             return prompts
-        return torch.gather(prompts, 1, self.gather_index)  # (n_cls, seq, width)
+        index = self.gather_index[classes].unsqueeze(-1).expand(-1, -1, prompts.shape[-1])  # (n, seq, width)
+        return torch.gather(prompts, 1, index)  # (n, seq, width)

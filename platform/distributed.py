@@ -6,7 +6,9 @@ context from the same seed, takes the strided shard ``batch[rank::world_size]`` 
 ``sum(cross_entropy) / len(global batch)`` and asks this object to *sum* the context gradient over workers. The summed
 gradient is exactly the one-process gradient of the whole global batch, so N workers take the step one worker would
 take. DDP would average instead of sum (needing a rescale), would bucket and hook a single parameter for nothing, and
-would have to be told about a frozen CLIP it must not touch. One ``all_reduce`` per step is the whole protocol.
+would have to be told about a frozen CLIP it must not touch. One ``all_reduce`` per step is the whole protocol of
+data sharding; class sharding (``coop_core.distributed.ClassSharding``) adds an ``all_gather`` of the text features
+and an ``all_reduce`` of their gradient.
 
 The backend is whatever Ray Train initialised: NCCL on GPUs, gloo on CPUs (``TorchConfig`` in ``platform.train``).
 """
@@ -39,6 +41,18 @@ class TorchDistributed:
         """Sum ``tensor`` over all workers, in place (a no-op for one worker)."""
         if self.world_size > 1:
             torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every worker's ``tensor`` (the same shape on all), stacked in rank order: ``(world_size, *tensor.shape)``.
+
+        The list form of ``all_gather``, which gloo supports as well as NCCL.
+        """
+        if self.world_size == 1:
+            return tensor.unsqueeze(0)
+        tensor = tensor.contiguous()
+        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        torch_dist.all_gather(out, tensor)
+        return torch.stack(out)  # (world_size, *tensor.shape)
 
     @classmethod
     def from_ray_train(cls) -> TorchDistributed:

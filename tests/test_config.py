@@ -47,6 +47,7 @@ def test_prompt_config_rejects_bad_values_and_says_what_is_allowed(kwargs, messa
         ({"n_views": 0}, r"n_views must be >= 1"),
         ({"eval_every": 0}, r"eval_every must be >= 1"),
         ({"loader_workers": -1}, r"loader_workers \(DataLoader processes\) must be >= 0"),
+        ({"text_sharding": "classes"}, r"text_sharding must be one of \('auto', 'data', 'class'\), got 'classes'"),
     ],
 )
 def test_train_config_rejects_bad_values_and_says_what_is_allowed(kwargs, message):
@@ -64,6 +65,7 @@ def test_defaults_are_the_papers_recipe():
     cfg = TrainConfig()
     assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size) == (0.002, 0.9, 5e-4, 32)
     assert (cfg.warmup_epochs, cfg.warmup_lr, cfg.precision) == (1, 1e-5, "fp32")
+    assert cfg.text_sharding == "auto"  # ours, not the paper's: the rule picks data sharding for small class counts
     prompt = PromptConfig()
     assert (prompt.n_ctx, prompt.ctx_init, prompt.csc, prompt.class_token_position) == (16, "", False, "end")
 

@@ -97,13 +97,14 @@ def test_evaluate_reports_accuracy_and_macro_f1_of_the_logits(tiny_clip, val):
 
 
 class ThreadGroup:
-    """An in-process process group: one thread per rank, all-reduce through shared slots and a barrier."""
+    """An in-process process group: one thread per rank, collectives through shared slots and a barrier."""
 
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
         self.barrier = threading.Barrier(world_size, timeout=120)
         self.slots: list[torch.Tensor | None] = [None] * world_size
         self.calls = 0
+        self.gathers = 0
 
     def rank(self, rank: int) -> ThreadRank:
         return ThreadRank(self, rank)
@@ -125,20 +126,38 @@ class ThreadRank:
         group.barrier.wait()
         tensor.copy_(total)
 
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        group = self.group
+        group.slots[self.rank] = tensor.detach().clone()
+        group.barrier.wait()
+        out = torch.stack(group.slots)
+        if self.rank == 0:
+            group.gathers += 1
+        group.barrier.wait()
+        return out
 
+
+@pytest.mark.parametrize("csc", [False, True], ids=["unified", "csc"])
+@pytest.mark.parametrize("text_sharding", ["data", "class"])
 @pytest.mark.parametrize(("world_size", "batch_size"), [(2, 5), (3, 2)], ids=["2-workers-uneven", "3-workers-empty"])
-def test_sharded_training_takes_exactly_the_single_process_steps(tiny_clip, data, world_size, batch_size):
+def test_sharded_training_takes_exactly_the_single_process_steps(tiny_clip, data, world_size, batch_size,
+                                                                  text_sharding, csc):
     """N workers on strided shards of each global batch take the step one worker takes on the whole batch.
 
     Batch 5 over 2 workers gives shards of 3 and 2 (normalising by the shard instead of the global batch would be
-    off); batch 2 over 3 workers leaves one worker with an empty shard at every step.
+    off); batch 2 over 3 workers leaves one worker with an empty shard at every step. Class-sharded, the 4 classes
+    split 2 + 2 and 2 + 1 + 1, and each worker encodes only its own (a gather whose backward did not sum the workers'
+    gradients, or a CSC context fed only its owner's rows, would be off).
     """
-    cfg = TrainConfig(epochs=3, batch_size=batch_size, lr=0.05, warmup_epochs=0)
-    single = _model(tiny_clip)
+    cfg = TrainConfig(epochs=3, batch_size=batch_size, lr=0.05, warmup_epochs=0, text_sharding=text_sharding)
+    single = _model(tiny_clip, csc=csc)
     single_history = train(single, data, cfg)
 
     group = ThreadGroup(world_size)
-    models = [_model(tiny_clip) for _ in range(world_size)]
+    models = [_model(tiny_clip, csc=csc) for _ in range(world_size)]
+    encoded: list[set[int]] = [set() for _ in range(world_size)]
+    for rank, model in enumerate(models):  # prompts per text-encoder call, seen from the test
+        model.text_encoder.register_forward_pre_hook(lambda m, args, r=rank: encoded[r].add(args[0].shape[0]))
     histories: list[list[dict] | None] = [None] * world_size
     errors: list[BaseException] = []
 
@@ -156,10 +175,16 @@ def test_sharded_training_takes_exactly_the_single_process_steps(tiny_clip, data
         t.join()
     assert not errors, errors
     steps = cfg.resolved_epochs * len(global_batches(N, batch_size, cfg.seed, 0))
-    assert group.calls == steps + cfg.resolved_epochs  # one gradient all-reduce per step, one stats per epoch
+    if text_sharding == "class":
+        # per step: the gather, its backward's all-reduce, the context gradient's; one stats all-reduce per epoch
+        assert (group.gathers, group.calls) == (steps, 2 * steps + cfg.resolved_epochs)
+        assert encoded == [{len(s)} for s in torch.arange(len(CLASSNAMES)).tensor_split(world_size)]
+    else:
+        assert (group.gathers, group.calls) == (0, steps + cfg.resolved_epochs)
+        assert encoded == [{len(CLASSNAMES)}] * world_size
 
     expected = single.prompt_learner.ctx.detach()
-    assert (expected - _model(tiny_clip).prompt_learner.ctx.detach()).abs().max() > 1e-3  # training moved it
+    assert (expected - _model(tiny_clip, csc=csc).prompt_learner.ctx.detach()).abs().max() > 1e-3  # training moved it
     for rank in range(world_size):
         # Equal up to float summation order; normalising by the shard size would be off by ~the ctx change itself.
         torch.testing.assert_close(models[rank].prompt_learner.ctx.detach(), expected, atol=1e-5, rtol=1e-4)

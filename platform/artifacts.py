@@ -50,6 +50,10 @@ TRIAL_TIMING_KEYS = ("time_queue_s", "time_process_start_s", "time_tracking_s", 
                      "time_overhead_s", "overhead_share")
 # Bookkeeping values a worker reports that are not metrics of the model.
 N_CTX_EFFECTIVE_KEY = "n_ctx_effective"  # the context length actually trained (ctx_init's word count wins)
+TEXT_SHARDING_USED_KEY = "text_sharding_used"  # "data" or "class": what train.text_sharding resolved to
+# What the worker decided that the driver logs as params once: report key -> MLflow param.
+RESOLVED_PARAMS = {N_CTX_EFFECTIVE_KEY: f"prompt.{N_CTX_EFFECTIVE_KEY}",
+                   TEXT_SHARDING_USED_KEY: f"train.{TEXT_SHARDING_USED_KEY}"}
 ENTERED_AT_KEY = "entered_at"  # wall-clock time the worker's code started (time.time())
 PROCESS_CREATED_AT_KEY = "process_created_at"  # wall-clock start of a fresh worker process; absent when reused
 WARM_HITS_KEY = "warm_cache_hits"  # how many of (model, data, features) came from the process's warm cache

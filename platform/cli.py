@@ -12,7 +12,15 @@ from platform.ray_runtime import resolve_use_gpu
 from platform.run_spec import PLACEMENT_STRATEGIES, RunSpec, default_cache_dir, default_data_root, load_splits
 
 from coop_core.backbone import NO_WEIGHTS, load_clip, resolve_model_name
-from coop_core.config import CLASS_TOKEN_POSITIONS, FEATURE_MODES, PRECISIONS, ModelConfig, PromptConfig, TrainConfig
+from coop_core.config import (
+    CLASS_TOKEN_POSITIONS,
+    FEATURE_MODES,
+    PRECISIONS,
+    TEXT_SHARDINGS,
+    ModelConfig,
+    PromptConfig,
+    TrainConfig,
+)
 from coop_core.datasets import DatasetSplits, list_datasets
 
 logger = logging.getLogger(__name__)
@@ -73,6 +81,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     workers.add_argument("--use-gpu", default="auto", choices=("auto", "yes", "no"),
                          help="one GPU per worker: auto = if the Ray cluster has GPUs (default: auto)")
     workers.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default: 1)")
+    workers.add_argument("--text-sharding", default="auto", choices=TEXT_SHARDINGS,
+                         help="how a multi-worker run splits the text step: data = every worker encodes every class "
+                              "prompt; class = each encodes its share of the classes (for many-class datasets, e.g. "
+                              "ImageNet); auto = class when the text step's activations outweigh the model (default)")
     workers.add_argument("--placement-strategy", default="PACK", choices=PLACEMENT_STRATEGIES,
                          help="where a run's workers go: PACK on as few nodes as fit (fastest all-reduce; default), "
                               "SPREAD on different nodes where possible; STRICT_* fail rather than fall back")
@@ -99,7 +111,8 @@ def spec_from_args(args: argparse.Namespace, *, use_gpu: bool | None = None) -> 
                             class_token_position=args.class_token_position),
         train=TrainConfig(shots=args.shots, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
                           lr=args.lr, warmup_epochs=args.warmup_epochs, precision=args.precision,
-                          feature_mode=args.feature_mode, n_views=args.n_views, loader_workers=args.loader_workers),
+                          feature_mode=args.feature_mode, n_views=args.n_views, loader_workers=args.loader_workers,
+                          text_sharding=args.text_sharding),
         num_workers=args.num_workers,
         use_gpu=use_gpu,
         cache_dir=str(Path(args.cache_dir).expanduser().resolve()),

@@ -174,7 +174,7 @@ class MlflowSweepCallback(Callback):
             run_id = existing.info.run_id
             history = self._client().get_metric_history(run_id, "train_loss")
             self._logged.setdefault(trial_id, set()).update(int(m.step) for m in history)
-            if f"prompt.{artifacts.N_CTX_EFFECTIVE_KEY}" in existing.data.params:
+            if all(param in existing.data.params for param in artifacts.RESOLVED_PARAMS.values()):
                 self._params_done.add(trial_id)
         else:
             tags = {TRIAL_TAG: trial_id, SWEEP_TAG: self.sweep_name, "coop.searched": describe_config(config)}
@@ -185,12 +185,15 @@ class MlflowSweepCallback(Callback):
         self._runs[trial_id] = run_id
         return run_id
 
-    def _log_effective_n_ctx(self, trial_id: str, run_id: str, result: Mapping[str, Any]) -> None:
-        """Log ``prompt.n_ctx_effective`` once, from the trial's report (``ctx_init``'s word count decides it)."""
-        if trial_id in self._params_done or artifacts.N_CTX_EFFECTIVE_KEY not in result:
+    def _log_resolved_params(self, trial_id: str, run_id: str, result: Mapping[str, Any]) -> None:
+        """Log what the worker decided (``artifacts.RESOLVED_PARAMS``: the effective context length, which
+        ``ctx_init``'s word count decides, and the text sharding used) as params, once, from the trial's report."""
+        if trial_id in self._params_done or not all(k in result for k in artifacts.RESOLVED_PARAMS):
             return
-        self._client().log_param(run_id, f"prompt.{artifacts.N_CTX_EFFECTIVE_KEY}",
-                                 str(int(result[artifacts.N_CTX_EFFECTIVE_KEY])))
+        from mlflow.entities import Param
+
+        params = [Param(param, str(result[key])) for key, param in artifacts.RESOLVED_PARAMS.items()]
+        self._client().log_batch(run_id, params=params)
         self._params_done.add(trial_id)
 
     # -- Tune hooks ---------------------------------------------------------------------------------------------------
@@ -228,7 +231,7 @@ class MlflowSweepCallback(Callback):
             run_id = self.run_for(trial.trial_id, trial.config)
             row = {k: result[k] for k in artifacts.EPOCH_KEYS if k in result}
             tracking.log_epoch_metrics(run_id, [row], tracking_uri=self.tracking_uri)
-            self._log_effective_n_ctx(trial.trial_id, run_id, result)
+            self._log_resolved_params(trial.trial_id, run_id, result)
         logged.add(epoch)
         val = f" val_acc {result['val_acc']:.2f}" if "val_acc" in result else ""
         test = f" test_acc {result['test_acc']:.2f}" if "test_acc" in result else ""
@@ -269,7 +272,7 @@ class MlflowSweepCallback(Callback):
                 if missing:
                     tracking.log_epoch_metrics(run_id, missing, tracking_uri=self.tracking_uri)
                 tracking.log_run_artifacts(run_id, d, tracking_uri=self.tracking_uri)
-        self._log_effective_n_ctx(trial_id, run_id, last_result)
+        self._log_resolved_params(trial_id, run_id, last_result)
         final = {k: last_result[k] for k in (*artifacts.FINAL_KEYS, *artifacts.WORKER_TIMING_KEYS)
                  if k in last_result}
         tracking_s = self._tracking_s.pop(trial_id, 0.0) + time.perf_counter() - t0

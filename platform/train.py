@@ -70,7 +70,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     lines = [
         "",
         f"CoOp on {summary['dataset']} ({summary['shots']}-shot, seed {summary['seed']}, {summary['backbone']}, "
-        f"{summary['epochs']} epochs, {summary['num_workers']} worker(s))",
+        f"{summary['epochs']} epochs, {summary['num_workers']} worker(s), {summary['text_sharding']}-sharded text)",
         "                      acc %   macro-F1 %",
         f"  val (few-shot)     {pct('val_acc')}   {pct('val_macro_f1')}",
         f"  test (CoOp)        {pct('test_acc')}   {pct('test_macro_f1')}",
@@ -133,6 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     with result.checkpoint.as_directory() as ckpt_dir:
         final = tracking.log_checkpoint(run_id, ckpt_dir, tracking_uri=tracking_uri)
+        resolved = artifacts.read_config(ckpt_dir)
+    tracking.log_params(run_id, {param: resolved[key] for key, param in artifacts.RESOLVED_PARAMS.items()},
+                        tracking_uri=tracking_uri)
     wall_s = time.perf_counter() - t0
     timing = {k: final[k] for k in artifacts.WORKER_TIMING_KEYS if k in final}
     tracking.log_final_metrics(run_id, {"wall_s": wall_s, **timing}, step=spec.train.resolved_epochs,
@@ -147,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run_id": run_id, "experiment": experiment, "tracking_uri": tracking_uri, "dataset": spec.dataset,
         "shots": spec.train.shots, "seed": spec.train.seed, "backbone": spec.model.backbone,
         "epochs": spec.train.resolved_epochs, "num_workers": spec.num_workers, "use_gpu": spec.use_gpu,
+        "text_sharding": resolved[artifacts.TEXT_SHARDING_USED_KEY],
         **{k: final[k] for k in ("val_acc", "val_macro_f1", *artifacts.FINAL_KEYS, "train_loss",
                                  *artifacts.WORKER_TIMING_KEYS) if k in final},
         "checkpoint": result.checkpoint.path,

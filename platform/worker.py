@@ -37,6 +37,7 @@ import torch
 
 from coop_core.backbone import load_clip
 from coop_core.datasets import DatasetSplits
+from coop_core.distributed import text_sharding_for
 from coop_core.engine import Distributed, SingleProcess, TrainState, evaluate, train
 from coop_core.fewshot import build_few_shot
 from coop_core.interpret import nearest_words, nearest_words_table
@@ -161,6 +162,7 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
             clip, splits, fewshot, cfg, cache_dir=spec.cache_dir, device=device, with_test=with_test))
     model = build_model(clip, splits.classnames, spec.prompt, cfg.seed, device)
     n_ctx_effective = model.prompt_learner.ctx.shape[-2]
+    text_sharding = text_sharding_for(cfg.text_sharding, model, dist).name  # what engine.train will use
     t_setup = time.perf_counter()
 
     resume, history = None, []
@@ -177,14 +179,15 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
     resolved = spec.resolved_config() | {
         "world_size": dist.world_size, "classnames": list(splits.classnames), "template": splits.template,
         "n_train": len(fewshot.train), "n_val": len(fewshot.val), "n_test": len(splits.test),
-        artifacts.N_CTX_EFFECTIVE_KEY: n_ctx_effective,
+        artifacts.N_CTX_EFFECTIVE_KEY: n_ctx_effective, artifacts.TEXT_SHARDING_USED_KEY: text_sharding,
         "fewshot_manifest": str(fewshot.manifest_path) if fewshot.manifest_path else None,
         "resumed_from_epoch": resume.epoch if resume is not None else None,
     }
     timing = {"time_model_s": t_model - t_start, "time_features_s": t_setup - t_model,
               "time_train_loop_s": sum(row.get("epoch_time_s", 0.0) for row in history),
               "time_eval_s": sum(row.get("val_time_s", 0.0) for row in history), "time_report_s": 0.0}
-    fixed = {artifacts.N_CTX_EFFECTIVE_KEY: n_ctx_effective, artifacts.ENTERED_AT_KEY: entered_at,
+    fixed = {artifacts.N_CTX_EFFECTIVE_KEY: n_ctx_effective, artifacts.TEXT_SHARDING_USED_KEY: text_sharding,
+             artifacts.ENTERED_AT_KEY: entered_at,
              artifacts.WARM_HITS_KEY: int(hit_model) + int(hit_splits) + int(hit_feats)}
     if process_created_at is not None:
         fixed[artifacts.PROCESS_CREATED_AT_KEY] = process_created_at

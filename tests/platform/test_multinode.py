@@ -1,5 +1,6 @@
 """Across nodes, on one machine: a two-node Ray cluster (Ray's own ``cluster_utils.Cluster``: two raylets with one
-CPU each) runs a 2-worker DDP run with one worker on each node, which takes the one-process steps, and a sweep whose
+CPU each) runs a 2-worker class-sharded DDP run with one worker on each node, which takes the one-process steps, and
+a sweep whose
 two trials land on both nodes; the workers import ``platform`` from the job's runtime environment (Ray's working_dir
 copy), not from the repository. And what each node must share is checked before a run, with one line on failure."""
 
@@ -25,7 +26,7 @@ def test_ddp_run_and_sweep_span_two_nodes(small_eurosat_root, feature_cache, tin
     common = ["--storage-path", str(tmp_path / "ray"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
               "--json"]
     train_args = [*_cli_argv(small_eurosat_root, feature_cache, tiny_vit_config, 2), "--placement-strategy",
-                  "STRICT_SPREAD", *common]
+                  "STRICT_SPREAD", "--text-sharding", "class", *common]
     tune_args = ["--dataset", "eurosat", "--data-root", str(small_eurosat_root), "--backbone", tiny_vit_config,
                  "--pretrained", "none", "--shots", "2", "--epochs", "2", "--n-views", "1", "--batch-size", "8",
                  "--max-test-items", "20", "--cache-dir", str(feature_cache), "--grid", "prompt.n_ctx=2,4",
@@ -39,7 +40,8 @@ def test_ddp_run_and_sweep_span_two_nodes(small_eurosat_root, feature_cache, tin
     report = json.loads(out.read_text())
     assert len(report["nodes"]) == 2
 
-    # DDP: one worker per node (STRICT_SPREAD), and the run equals the one-process run.
+    # DDP: one worker per node (STRICT_SPREAD), each encoding 5 of the 10 class prompts, equals the one-process run.
+    assert report["train"]["text_sharding"] == "class"
     ranks = {r["rank"]: r for r in report["where"]["train"]}
     assert sorted(ranks) == [0, 1]
     assert {ranks[0]["node_id"], ranks[1]["node_id"]} == set(report["nodes"])

@@ -218,6 +218,9 @@ def test_cli_json_and_mlflow_run(cli_run, small_eurosat_root, feature_cache, tin
     assert (params["dataset"], params["shots"], params["seed"], params["prompt.n_ctx"], params["train.epochs"]) == (
         "eurosat", "2", "3", "4", str(EPOCHS))
     assert params["model.backbone"] == tiny_vit_config and params["train.lr"] == "0.5"
+    # 10 classes: the text step is small next to the model, so "auto" kept every worker on the whole class list.
+    assert params["train.text_sharding"] == "auto" and params["train.text_sharding_used"] == "data"
+    assert summary["text_sharding"] == "data"
     for key in ("train_loss", "train_acc", "lr", "val_acc", "val_macro_f1"):
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == [1, 2, 3], key

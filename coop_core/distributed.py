@@ -96,10 +96,9 @@ def balanced_class_shards(seq_lens: Sequence[int], world_size: int, cost: Callab
     ``seq_i`` its longest prompt: the length the text encoder cuts that worker's prompts at. Consecutive groups of the
     sorted order lose nothing: take any split, rank its groups by their longest prompt and hand them the ``n_1``
     shortest classes, then the next ``n_2``, and so on; every group keeps its size and its longest prompt gets no
-    longer (groups 1..i already held ``n_1 + ... + n_i`` classes no longer than ``seq_i``).
-    The smallest feasible maximum is found by bisection, each candidate checked greedily (every group takes as many
-    classes as fit, leaving one for each later group). Deterministic: the same lengths give the same split on every
-    worker.
+    longer (groups 1..i already held ``n_1 + ... + n_i`` classes no longer than ``seq_i``). The smallest feasible
+    maximum is found by bisection, each candidate checked greedily (every group takes as many classes as fit, leaving
+    one for each later group). Deterministic: the same lengths give the same split on every worker.
 
     Args:
         seq_lens: each class's prompt length as the text encoder runs it (end-of-text position + 1 when truncating).
@@ -121,7 +120,7 @@ def balanced_class_shards(seq_lens: Sequence[int], world_size: int, cost: Callab
         """Group ends in ``order`` with every group's cost <= ``limit``, or None when the last group exceeds it."""
         ends, start = [], 0
         for later in range(world_size - 1, 0, -1):  # groups still to come after this one
-            end = start + 1
+            end = start + 1  # one class always fits: limit >= cost(1, seq[-1])
             while end < n_cls - later and cost(end + 1 - start, seq[end]) <= limit:
                 end += 1
             ends.append(end)
@@ -172,11 +171,10 @@ class _GatherClassShards(torch.autograd.Function):
 def gather_class_shards(local: torch.Tensor, shards: Sequence[torch.Tensor], dist: Distributed) -> torch.Tensor:
     """All classes' features ``(n_cls, d)``, in class order, from each worker's rows ``local`` ``(shard, d)``.
 
-    ``shards[r]`` are worker ``r``'s classes in the order of its rows (:func:`class_shards`); ``local`` is this
-    worker's.
-    Differentiable: the gradient reaching ``local`` is the sum over all workers of their gradients for these rows, so
-    each worker backpropagates the whole global batch through its own prompts. Every worker must call it at every step
-    (it runs a collective in forward and one in backward).
+    ``shards[r]`` are worker ``r``'s classes in the order of its rows (:func:`class_shards`), the same on every
+    worker; ``local`` holds this worker's. Differentiable: the gradient reaching ``local`` is the sum over all workers
+    of their gradients for these rows, so each worker backpropagates the whole global batch through its own prompts.
+    Every worker must call it at every step (it runs a collective in forward and one in backward).
     """
     return _GatherClassShards.apply(local, tuple(shards), dist)
 

@@ -3,7 +3,10 @@
 CoOp's step is dominated by the text tower running every class prompt; at ImageNet's 1000 classes that is ~4.5 GB of
 activations at ViT-B/16 (``bench/memory.py``). Data-parallel workers each still encode all 1000 prompts, so a second
 worker splits only the (cheap) image batch. Class sharding (``coop_core.distributed.ClassSharding``) gives each worker
-its half of the prompts and all-gathers the features. This script measures, in one run and on the same machine:
+its share of the prompts and all-gathers the features. The shares are balanced by estimated cost, not count: a worker
+runs its prompts cut at its own longest one, so the classes are sorted by prompt length and cut where the two
+workers' activations are equal (at 1000 ImageNet names, 699 prompts of at most 21 tokens on one worker, 301 of up to
+30 on the other). This script measures, in one run and on the same machine:
 
 - one worker (``SingleProcess``),
 - two workers, data-sharded (``TrainConfig(text_sharding="data")``),
@@ -15,6 +18,7 @@ random weights, ImageNet's class names, a batch of 32 cached image features, CoO
 first is a warm-up and the step time is the median of the rest. Peak memory is the worker's peak RSS after loading
 the model (the kernel's mark is reset then, as in ``bench/memory.py``), so it includes the loaded model and the
 process itself, which sharding cannot split. The runs' final contexts are compared: all three take the same steps.
+Each worker also reports how many classes it encoded and the length its prompts were cut at.
 
 ``ratio`` = class-sharded peak RSS per worker (the larger of the two) / one-worker peak RSS. Targets: memory ratio
 <= 0.6 and step-time ratio <= 0.7 at 2 workers.
@@ -92,12 +96,14 @@ def worker(args: argparse.Namespace) -> dict:
     peak_kb = peak_rss_kb(reset)
     if args.rank == 0:
         torch.save(model.prompt_learner.ctx.detach(), args.ctx_out)
-    strategy = text_sharding_for(cfg.text_sharding, model, dist).name
+    sharding = text_sharding_for(cfg.text_sharding, model, dist)
+    own = sharding.shards[args.rank] if sharding.name == "class" else torch.arange(args.n_cls)  # classes it encoded
     auto = text_sharding_for("auto", model, dist).name
     if args.world_size > 1:
         torch_dist.destroy_process_group()
     return {
-        "rank": args.rank, "world_size": args.world_size, "text_sharding": strategy, "auto_would_pick": auto,
+        "rank": args.rank, "world_size": args.world_size, "text_sharding": sharding.name, "auto_would_pick": auto,
+        "classes": len(own), "seq": int(model.prompt_learner.eot_idx[own].max()) + 1,
         "baseline_mb": baseline_kb / 1024, "peak_mb": peak_kb / 1024, "peak_reset": reset,
         "step_s": [h["epoch_time_s"] for h in history],
     }
@@ -137,6 +143,7 @@ def run(name: str, world_size: int, text_sharding: str, args: argparse.Namespace
         "step_mb_per_worker": max(w["peak_mb"] - w["baseline_mb"] for w in workers),
         "step_s": max(statistics.median(t) for t in timed),  # a step ends when its slowest worker ends it
         "wall_s": wall, "ctx_file": str(ctx_out), "per_worker": workers,
+        "classes_per_worker": [w["classes"] for w in workers], "seq_per_worker": [w["seq"] for w in workers],
     }
 
 
@@ -144,7 +151,8 @@ def merge_rounds(rounds: list[dict]) -> dict:
     """One configuration over the rounds: median step time (rounds alternate the configurations, so load from other
     processes hits them alike), the largest memory (it does not depend on load), every round's raw figures."""
     last = rounds[-1]
-    return {k: last[k] for k in ("name", "workers", "text_sharding", "auto_would_pick", "ctx_file")} | {
+    keep = ("name", "workers", "text_sharding", "auto_would_pick", "ctx_file", "classes_per_worker", "seq_per_worker")
+    return {k: last[k] for k in keep} | {
         "step_s": statistics.median(r["step_s"] for r in rounds),
         "peak_mb_per_worker": max(r["peak_mb_per_worker"] for r in rounds),
         "baseline_mb": max(r["baseline_mb"] for r in rounds),
@@ -231,12 +239,14 @@ def report(args: argparse.Namespace, arch: str, tmp: Path) -> int:
     data_step_ratio = data["step_s"] / one["step_s"]
     print("baseline = RSS after loading the model (torch, open_clip, CLIP weights, prompt buffers), which every worker "
           "holds whatever the strategy; step = peak - baseline")
-    floor = (one["baseline_mb"] + one["step_mb_per_worker"] / 2) / one["peak_mb_per_worker"]
+    halved = (one["baseline_mb"] + one["step_mb_per_worker"] / 2) / one["peak_mb_per_worker"]
     print(f"class-sharded / one worker: step memory per worker {step_memory_ratio:.3f}; with an exact halving of the "
-          f"step, the peak ratio at 2 workers would be (baseline + step / 2) / (baseline + step) = {floor:.3f}")
+          f"step, the peak ratio at 2 workers would be (baseline + step / 2) / (baseline + step) = {halved:.3f}")
     print(f"class-sharded / one worker: peak memory per worker {ratio:.3f} (target <= {TARGET_MEMORY_RATIO}: "
           f"{'met' if ratio <= TARGET_MEMORY_RATIO else 'NOT met'}), step time {step_ratio:.3f} (target <= "
           f"{TARGET_STEP_RATIO}: {'met' if step_ratio <= TARGET_STEP_RATIO else 'NOT met'})")
+    print(f"class-sharded workers encode {' + '.join(map(str, cls['classes_per_worker']))} classes, prompts cut at "
+          f"{' and '.join(map(str, cls['seq_per_worker']))} tokens (one worker: {one['seq_per_worker'][0]})")
     print(f"data-sharded / one worker: peak memory per worker {data_ratio:.3f}, step time {data_step_ratio:.3f}; "
           f"TrainConfig(text_sharding='auto') picks {cls['auto_would_pick']!r} sharding here")
     if args.quick:
@@ -249,11 +259,13 @@ def report(args: argparse.Namespace, arch: str, tmp: Path) -> int:
             f"{args.context} context",
             "step_time_ratio": step_ratio,
             "step_memory_ratio": step_memory_ratio,
-            "ratio_if_step_halved": floor,
+            "ratio_if_step_halved": halved,
             "data_sharded_memory_ratio": data_ratio,
             "data_sharded_step_time_ratio": data_step_ratio,
             "targets": {"ratio": TARGET_MEMORY_RATIO, "step_time_ratio": TARGET_STEP_RATIO},
             "auto_picks": cls["auto_would_pick"],
+            "class_sharded_classes_per_worker": cls["classes_per_worker"],
+            "class_sharded_seq_per_worker": cls["seq_per_worker"],
             "n_cls": args.n_cls, "context": args.context, "arch": arch_name, "steps": args.steps, "rounds": args.rounds,
             "runs": runs,
             "quick": args.quick,

@@ -69,15 +69,18 @@ class CoOpModel(nn.Module):
     def classnames(self) -> list[str]:
         return self.prompt_learner.classnames
 
-    def text_features(self, classes: slice | None = None) -> torch.Tensor:
+    def text_features(self, classes: slice | torch.Tensor | None = None) -> torch.Tensor:
         """L2-normalised class text features ``(n, embed_dim)`` from the current context.
 
         Args:
-            classes: encode only this contiguous range of classes (one worker's shard in class-sharded training);
-                all ``n_cls`` by default. A shard is truncated at its own longest prompt (the same features).
+            classes: encode only these classes, in this order: a range or a ``LongTensor`` of class indices (one
+                worker's shard in class-sharded training); all ``n_cls`` by default. A subset is truncated at its own
+                longest prompt (the same features).
         """
         pl = self.prompt_learner
         prompts = pl(classes)  # (n, seq, width)
+        if isinstance(classes, torch.Tensor):
+            classes = classes.to(pl.eot_idx.device)
         eot_idx = pl.eot_idx if classes is None else pl.eot_idx[classes]  # (n,)
         shared = self.shared_prefix if self.text_encoder.truncate else 0
         return F.normalize(self.text_encoder(prompts, eot_idx, shared_prefix=shared), dim=-1)

@@ -144,14 +144,18 @@ class PromptLearner(nn.Module):
     def n_cls(self) -> int:
         return len(self.classnames)
 
-    def forward(self, classes: slice | None = None) -> torch.Tensor:
+    def forward(self, classes: slice | torch.Tensor | None = None) -> torch.Tensor:
         """Prompt embeddings ``(n, seq, width)`` for the text encoder.
 
         Args:
-            classes: build only these classes' prompts (a worker of a class-sharded run encodes its own contiguous
-                range, ``coop_core.distributed.class_shard``); all ``n_cls`` by default.
+            classes: build only these classes' prompts, in this order: a range, or a ``LongTensor`` of class indices
+                (a worker of a class-sharded run encodes its own classes, ``coop_core.distributed.class_shards``,
+                which need not be contiguous); all ``n_cls`` by default.
         """
-        classes = slice(None) if classes is None else classes
+        if classes is None:
+            classes = slice(None)
+        elif isinstance(classes, torch.Tensor):
+            classes = classes.to(self.token_prefix.device)
         prefix = self.token_prefix[classes]  # (n, 1, width)
         ctx = self.ctx
         if ctx.dim() == 2:

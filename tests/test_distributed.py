@@ -1,10 +1,13 @@
-"""Class-sharded text and the rule that picks it: the shards, the memory estimate behind the rule, and two real gloo
-processes on EuroSAT images taking exactly the one-process steps, with a unified and a class-specific context."""
+"""Class-sharded text and the rule that picks it: the cost-balanced shards, the memory estimate behind both, and two
+real gloo processes on EuroSAT images taking exactly the one-process steps, with a unified and a class-specific
+context and shards that are not contiguous ranges."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
+import random
 from pathlib import Path
 from platform.distributed import TorchDistributed
 
@@ -20,8 +23,10 @@ from coop_core.distributed import (
     ClassSharding,
     DataSharding,
     SingleProcess,
+    balanced_class_shards,
     choose_text_sharding,
-    class_shard,
+    class_shards,
+    gather_class_shards,
     text_activation_bytes,
     text_sharding_for,
 )
@@ -36,22 +41,77 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 MB = 2**20
 
 
-# --- class shards -----------------------------------------------------------------------------------------------
+# --- class shards ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("n_cls", "world_size"), [(10, 2), (4, 3), (1000, 3), (5, 5), (7, 1)])
-def test_class_shards_cover_every_class_once_in_order_with_sizes_within_one(n_cls, world_size):
-    shards = [class_shard(n_cls, r, world_size) for r in range(world_size)]
-    assert [c for s in shards for c in range(n_cls)[s]] == list(range(n_cls))  # contiguous, in rank order
-    sizes = [s.stop - s.start for s in shards]
-    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True) and min(sizes) >= 1
+def _vit_b16_cost(shared: int = 17):
+    """Estimated text-step bytes at the ViT-B/16 text tower (width 512, 12 layers), n_ctx 16, unified by default."""
+    return lambda n, seq: text_activation_bytes(n, seq, shared, 512, 12)
 
 
-def test_class_shard_refuses_fewer_classes_than_workers_and_bad_ranks():
+def _largest(shards, seq_lens, cost) -> int:
+    return max(cost(len(s), max(seq_lens[c] for c in s)) for s in shards)
+
+
+@pytest.mark.parametrize(("n_cls", "world_size"), [(10, 2), (4, 3), (1000, 3), (5, 5), (7, 1), (33, 4)])
+def test_balanced_shards_cover_every_class_once_shortest_prompts_first(n_cls, world_size):
+    seq_lens = [random.Random(n_cls).randint(18, 30) for _ in range(n_cls)]
+    shards = balanced_class_shards(seq_lens, world_size, _vit_b16_cost())
+    assert len(shards) == world_size and all(s.dtype == torch.long and len(s) >= 1 for s in shards)
+    assert sorted(torch.cat(shards).tolist()) == list(range(n_cls))
+    assert all(s.tolist() == sorted(s.tolist()) for s in shards)  # ascending within a shard
+    longest = [max(seq_lens[c] for c in s.tolist()) for s in shards]
+    shortest = [min(seq_lens[c] for c in s.tolist()) for s in shards]
+    assert all(a <= b for a, b in zip(longest, shortest[1:]))  # rank r's prompts are no longer than rank r+1's
+    again = balanced_class_shards(seq_lens, world_size, _vit_b16_cost())
+    assert all(torch.equal(a, b) for a, b in zip(shards, again))  # every worker computes the same split
+
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("shared", [17, 1], ids=["shared-prefix", "csc"])
+def test_balanced_shards_minimise_the_costliest_worker_over_every_possible_split(seed, shared):
+    """Against brute force over all assignments of 8 classes to 3 workers (3^8, not only consecutive groups). With a
+    shared prefix, 7 of these 10 draws are cases where equal counts of the sorted classes (3 + 3 + 2) cost more."""
+    rng = random.Random(seed)
+    seq_lens = [rng.choice([18, 19, 20, 21, 24, 30]) for _ in range(8)]
+    cost = _vit_b16_cost(shared)
+    got = _largest([s.tolist() for s in balanced_class_shards(seq_lens, 3, cost)], seq_lens, cost)
+    best = min(
+        _largest([[c for c in range(8) if owner[c] == r] for r in range(3)], seq_lens, cost)
+        for owner in itertools.product(range(3), repeat=8)
+        if len(set(owner)) == 3
+    )
+    assert got == best
+
+
+def test_balanced_shards_of_equal_prompts_are_equal_counts():
+    shards = balanced_class_shards([77] * 10, 3, lambda n, seq: n * seq)  # not truncated: every prompt costs alike
+    assert max(len(s) for s in shards) == 4  # ceil(10 / 3): as few as an even split allows
+
+
+def test_imagenet_shards_at_vit_b16_balance_the_cost_not_the_count():
+    """ImageNet's 1000 names, n_ctx 16: one prompt needs 30 tokens, 754 classes at most 21. Equal contiguous halves
+    (what class sharding did first) cost 2.18 GB and 1.63 GB estimated; cut by length both workers cost 1.31 GB."""
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer("ViT-B-16")
+    placeholder = " ".join(["X"] * 16)
+    tokens = tokenizer([f"{placeholder} {name}." for name in open_clip.IMAGENET_CLASSNAMES])
+    seq_lens = (tokens.argmax(dim=-1) + 1).tolist()
+    cost = _vit_b16_cost()
+    shards = [s.tolist() for s in balanced_class_shards(seq_lens, 2, cost)]
+    assert [len(s) for s in shards] == [699, 301]
+    assert [max(seq_lens[c] for c in s) for s in shards] == [21, 30]
+    halves = [list(range(500)), list(range(500, 1000))]
+    assert _largest(halves, seq_lens, cost) / 2**30 == pytest.approx(2.18, abs=0.01)
+    assert _largest(shards, seq_lens, cost) / 2**30 == pytest.approx(1.316, abs=0.01)
+
+
+def test_balanced_shards_refuse_fewer_classes_than_workers():
     with pytest.raises(ValueError, match="at least one class per worker.*text_sharding='data'"):
-        class_shard(2, 0, 3)
-    with pytest.raises(ValueError, match="rank must be in"):
-        class_shard(10, 2, 2)
+        balanced_class_shards([20, 21], 3, _vit_b16_cost())
+    with pytest.raises(ValueError, match="world_size must be >= 1"):
+        balanced_class_shards([20, 21], 0, _vit_b16_cost())
 
 
 def test_single_process_all_gather_stacks_its_one_tensor():
@@ -136,15 +196,20 @@ def test_text_sharding_for_a_model(tiny_clip):
     assert isinstance(text_sharding_for("auto", model, group), DataSharding)  # tiny text step, large embedding
     forced = text_sharding_for("class", model, group)
     assert isinstance(forced, ClassSharding) and forced.dist is group and forced.name == "class"
+    assert [s.tolist() for s in forced.shards] == [s.tolist() for s in class_shards(model, 2)]
     assert text_sharding_for("class", model, SingleProcess()).name == "class"
+    with pytest.raises(ValueError, match="one class shard per worker, got 1 for 2"):
+        ClassSharding(group, class_shards(model, 1))
     with pytest.raises(ValueError, match="at least one class per worker"):
         text_sharding_for("class", model, SingleProcess(rank=0, world_size=5))
 
 
 @pytest.mark.parametrize("position", ["end", "middle", "front"])
 @pytest.mark.parametrize("csc", [False, True], ids=["unified", "csc"])
-def test_a_class_range_encodes_exactly_those_rows_of_the_full_text_step(tiny_clip, position, csc):
-    """A shard's prompts, truncated at the shard's own longest prompt, give the full step's rows and gradients."""
+@pytest.mark.parametrize("form", ["ranges", "indices"])
+def test_a_class_subset_encodes_exactly_those_rows_of_the_full_text_step(tiny_clip, position, csc, form):
+    """A shard's prompts, truncated at the shard's own longest prompt, give the full step's rows and gradients, for a
+    range of classes and for an index of scattered classes in any order (the CSC rows of other classes get none)."""
     names = ["sea or lake", "a rather long name for a class of things", "forest", "river", "highway or road"]
     model = CoOpModel(tiny_clip.model, tiny_clip.tokenizer, names,
                       PromptConfig(n_ctx=4, csc=csc, class_token_position=position),
@@ -154,16 +219,51 @@ def test_a_class_range_encodes_exactly_those_rows_of_the_full_text_step(tiny_cli
     (full * weights).sum().backward()
     want_grad = model.prompt_learner.ctx.grad.clone()
     model.prompt_learner.ctx.grad = None
-    for shard in (slice(0, 2), slice(2, 5)):  # the long name is in the first shard only
+    # The long name is in the first shard only; the indices are out of order and not contiguous.
+    shards = (slice(0, 2), slice(2, 5)) if form == "ranges" else (torch.tensor([4, 1]), torch.tensor([0, 3, 2]))
+    for i, shard in enumerate(shards):
         part = model.text_features(shard)
         torch.testing.assert_close(part, full[shard].detach())
         (part * weights[shard]).sum().backward()
+        if csc and i == 0:  # only the first shard's classes have context gradients yet
+            others = torch.ones(len(names), dtype=torch.bool)
+            others[shard] = False
+            assert torch.count_nonzero(model.prompt_learner.ctx.grad[others]) == 0
+            assert torch.count_nonzero(model.prompt_learner.ctx.grad[~others]) > 0
     torch.testing.assert_close(model.prompt_learner.ctx.grad, want_grad, rtol=1e-5, atol=1e-5)  # summation order
+
+
+class _OtherRank:
+    """Rank 0 of a 2-worker group whose other worker's gathered rows and feature gradient are given in advance."""
+
+    rank, world_size = 0, 2
+
+    def __init__(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        self.rows, self.grad = rows, grad
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return torch.stack([tensor, self.rows])
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
+        tensor += self.grad
+
+
+def test_gather_puts_scattered_shards_into_class_order_and_returns_own_rows_of_the_summed_gradient():
+    shards = (torch.tensor([1, 3, 4]), torch.tensor([0, 2]))  # rank 0 owns 3 classes, rank 1 two: padded to 3
+    features = torch.arange(10.0).reshape(5, 2)  # (n_cls, d), row c = class c's feature
+    local = features[shards[0]].clone().requires_grad_()
+    other = torch.cat([features[shards[1]], torch.full((1, 2), 99.0)])  # rank 1's rows, padded
+    other_grad = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))  # rank 1's images' gradient
+    gathered = gather_class_shards(local, shards, _OtherRank(other, other_grad))
+    torch.testing.assert_close(gathered, features, rtol=0, atol=0)
+    weights = torch.randn(5, 2, generator=torch.Generator().manual_seed(1))  # rank 0's images' gradient
+    (gathered * weights).sum().backward()
+    torch.testing.assert_close(local.grad, (weights + other_grad)[shards[0]])
 
 
 def test_class_sharding_of_one_worker_is_the_plain_text_step(tiny_clip):
     model = _text_model(tiny_clip, 5, csc=True)
-    got = ClassSharding(SingleProcess()).text_features(model)
+    got = ClassSharding(SingleProcess(), class_shards(model, 1)).text_features(model)
     got.sum().backward()
     grad = model.prompt_learner.ctx.grad.clone()
     model.prompt_learner.ctx.grad = None
@@ -176,14 +276,15 @@ def test_class_sharding_of_one_worker_is_the_plain_text_step(tiny_clip):
 # --- two gloo processes on real EuroSAT images ------------------------------------------------------------------
 
 WORLD_SIZE = 2
-# 2 shots x 10 classes = 20 images; batch 5 -> 4 steps per epoch, image shards of 3 and 2; the classes split 5 + 5.
+# 2 shots x 10 classes = 20 images; batch 5 -> 4 steps per epoch, image shards of 3 and 2; the classes split 5 + 5 by
+# prompt length (tiny CLIP, n_ctx 4): the 5 shortest prompts, which are not a contiguous range, on rank 0.
 GLOO_CFG = TrainConfig(shots=2, seed=1, epochs=2, batch_size=5, lr=0.05, warmup_epochs=0, n_views=2)
 PROMPTS = {"unified": PromptConfig(n_ctx=4), "csc": PromptConfig(n_ctx=4, csc=True)}
 
 
 def _gloo_worker(rank: int, init_file: str, backbone: str, classnames: list[str], views: torch.Tensor,
                  labels: torch.Tensor, out_dir: str) -> None:
-    """One rank of a class-sharded run; saves its final contexts, histories and text-encoder batch sizes."""
+    """One rank of a class-sharded run; saves its final contexts, histories and the classes it built prompts for."""
     torch.set_num_threads(1)
     torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE,
                                   timeout=datetime.timedelta(seconds=120))
@@ -194,8 +295,8 @@ def _gloo_worker(rank: int, init_file: str, backbone: str, classnames: list[str]
         results = {}
         for name, prompt in PROMPTS.items():
             model = build_model(clip, classnames, prompt, cfg.seed)
-            encoded: list[int] = []
-            model.text_encoder.register_forward_pre_hook(lambda m, args, seen=encoded: seen.append(args[0].shape[0]))
+            encoded: list[torch.Tensor] = []
+            model.prompt_learner.register_forward_pre_hook(lambda m, args, seen=encoded: seen.append(args[0]))
             history = train(model, CachedViews(views, labels, seed=cfg.seed), cfg, dist=dist)
             results[name] = {"ctx": model.prompt_learner.ctx.detach().clone(), "history": history, "encoded": encoded}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -228,9 +329,13 @@ def test_two_gloo_workers_class_sharded_take_the_one_process_steps(eurosat_views
         single_history = train(single, CachedViews(views, labels, seed=GLOO_CFG.seed), GLOO_CFG)
         expected = single.prompt_learner.ctx.detach()
         assert (expected - start).abs().max() > 1e-3  # training moved the context
+        shards = class_shards(single, WORLD_SIZE)
+        assert [len(s) for s in shards] == [5, 5] and shards[0].tolist() != list(range(5))
         for rank, result in enumerate(ranks):
             got = result[name]
-            assert got["encoded"] == [5] * 8, got["encoded"]  # its 5 of the 10 classes, at each of the 8 steps
+            assert len(got["encoded"]) == 8  # steps
+            for classes in got["encoded"]:  # the classes whose prompts it built: its own 5, at every step
+                assert torch.equal(classes, shards[rank])
             torch.testing.assert_close(got["ctx"], expected, atol=1e-5, rtol=0, msg=f"{name}, rank {rank}")
             for h_rank, h_single in zip(got["history"], single_history, strict=True):
                 assert h_rank["train_loss"] == pytest.approx(h_single["train_loss"], rel=1e-5)

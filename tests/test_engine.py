@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 
 from coop_core.config import PromptConfig, TrainConfig
+from coop_core.distributed import class_shards
 from coop_core.engine import SingleProcess, TrainState, evaluate, global_batches, macro_f1, train
 from coop_core.features import CachedViews, FeatureSet
 from coop_core.model import CoOpModel
@@ -146,8 +147,9 @@ def test_sharded_training_takes_exactly_the_single_process_steps(tiny_clip, data
 
     Batch 5 over 2 workers gives shards of 3 and 2 (normalising by the shard instead of the global batch would be
     off); batch 2 over 3 workers leaves one worker with an empty shard at every step. Class-sharded, the 4 classes
-    split 2 + 2 and 2 + 1 + 1, and each worker encodes only its own (a gather whose backward did not sum the workers'
-    gradients, or a CSC context fed only its owner's rows, would be off).
+    split by prompt length into {1, 2} + {0, 3} and {1, 2} + {0} + {3}, not contiguous ranges, and each worker encodes
+    only its own (a gather whose backward did not sum the workers' gradients, a CSC context fed only its owner's rows,
+    or features not put back into class order, would be off).
     """
     cfg = TrainConfig(epochs=3, batch_size=batch_size, lr=0.05, warmup_epochs=0, text_sharding=text_sharding)
     single = _model(tiny_clip, csc=csc)
@@ -176,9 +178,10 @@ def test_sharded_training_takes_exactly_the_single_process_steps(tiny_clip, data
     assert not errors, errors
     steps = cfg.resolved_epochs * len(global_batches(N, batch_size, cfg.seed, 0))
     if text_sharding == "class":
+        assert [s.tolist() for s in class_shards(single, 2)] == [[1, 2], [0, 3]]  # the docstring's split
         # per step: the gather, its backward's all-reduce, the context gradient's; one stats all-reduce per epoch
         assert (group.gathers, group.calls) == (steps, 2 * steps + cfg.resolved_epochs)
-        assert encoded == [{len(s)} for s in torch.arange(len(CLASSNAMES)).tensor_split(world_size)]
+        assert encoded == [{len(s)} for s in class_shards(single, world_size)]
     else:
         assert (group.gathers, group.calls) == (0, steps + cfg.resolved_epochs)
         assert encoded == [{len(CLASSNAMES)}] * world_size

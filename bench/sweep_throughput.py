@@ -7,8 +7,10 @@ whole run, so no trial is stopped early), ``--concurrent`` at a time, one worker
 ``--trial-runner ray-train`` versus ``--trial-runner in-process``. The disk feature cache is filled before either
 side runs, so neither pays the one-time feature extraction.
 
-Printed per side, from the sweep's own summary: trials per hour (trials / the sweep command's wall time, Ray start-up
-included on both sides), the median per-trial overhead (the trial's wall time, from its creation to its end, minus
+Printed per side, from the sweep's own summary: trials per hour while trials run (trials / the window from the first
+trial's creation to the last one's end: the rate a long sweep settles at) and over the whole command (imports, Ray
+start-up and registration included: a sweep's fixed costs, alike on both sides, which a short benchmark sweep cannot
+spread), the median per-trial overhead (the trial's wall time, from its creation to its end, minus
 its training loop and evaluation) and where the time went; then the ratios. ``--json`` prints one JSON line last,
 with ``ratio`` = new / old trials per hour.
 """
@@ -90,7 +92,8 @@ def run_side(args: argparse.Namespace, runner: str, work: Path) -> dict:
     timing = summary["timing"]
     return {
         "runner": runner, "trials": summary["trials"], "command_wall_s": wall, "sweep_wall_s": summary["wall_s"],
-        "trials_per_hour": 3600.0 * summary["trials"] / wall,
+        "trials_per_hour": timing["trials_per_hour_running"],
+        "trials_per_hour_command": 3600.0 * summary["trials"] / wall, "trials_window_s": timing["trials_window_s"],
         "median_overhead_s": timing["median_time_overhead_s"], "overhead_share": timing["overhead_share"],
         **{f"median_{k}": timing.get(f"median_{k}") for k in PHASES},
     }
@@ -121,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sides = {runner: run_side(args, runner, work) for runner in RUNNERS}
     old, new = sides["ray-train"], sides["in-process"]
     ratio = new["trials_per_hour"] / old["trials_per_hour"]
+    command_ratio = new["trials_per_hour_command"] / old["trials_per_hour_command"]
     overhead_ratio = old["median_overhead_s"] / new["median_overhead_s"] if new["median_overhead_s"] else None
 
     print(f"sweep throughput: {args.trials} EuroSAT trials ({args.shots}-shot, {args.epochs} epochs, tiny ViT), "
@@ -132,14 +136,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         a, b = old[f"median_{key}"], new[f"median_{key}"]
         print(f"{label:<24}{a if a is not None else float('nan'):>16.2f}{b if b is not None else float('nan'):>18.2f}")
     print(f"{'overhead share %':<24}{100 * old['overhead_share']:>16.1f}{100 * new['overhead_share']:>18.1f}")
-    print(f"{'command wall s':<24}{old['command_wall_s']:>16.1f}{new['command_wall_s']:>18.1f}")
+    print(f"{'trials window s':<24}{old['trials_window_s']:>16.1f}{new['trials_window_s']:>18.1f}")
     print(f"{'trials per hour':<24}{old['trials_per_hour']:>16.0f}{new['trials_per_hour']:>18.0f}")
-    print(f"ratio (new / old trials per hour): {ratio:.1f}x (target >= 10x); median overhead per trial "
-          f"{new['median_overhead_s']:.2f} s (target <= 2 s), {overhead_ratio:.1f}x less than the old path's "
+    print(f"{'command wall s':<24}{old['command_wall_s']:>16.1f}{new['command_wall_s']:>18.1f}")
+    a, b = old["trials_per_hour_command"], new["trials_per_hour_command"]
+    print(f"{'  per hour, whole cmd':<24}{a:>16.0f}{b:>18.0f}")
+    print(f"whole command (imports, Ray start-up, registration included: fixed costs of one sweep, alike on both "
+          f"sides): {command_ratio:.1f}x")
+    print(f"ratio (new / old trials per hour while trials run): {ratio:.1f}x (target >= 10x); median overhead per "
+          f"trial {new['median_overhead_s']:.2f} s (target <= 2 s), {overhead_ratio:.1f}x less than the old path's "
           f"{old['median_overhead_s']:.2f} s")
     if args.json:
         emit_json({"benchmark": "sweep_throughput", "machine": info, "old": old, "new": new,
-                   "median_overhead_s": new["median_overhead_s"], "overhead_ratio": overhead_ratio, "ratio": ratio})
+                   "median_overhead_s": new["median_overhead_s"], "overhead_ratio": overhead_ratio,
+                   "command_ratio": command_ratio, "ratio": ratio})
     return 0
 
 

@@ -127,12 +127,13 @@ class MlflowSweepCallback(Callback):
         self._tracking_s: dict[str, float] = {}
         self._logged: dict[str, set[int]] = {}  # epochs logged per trial by this driver
         self.timings: dict[str, dict[str, float]] = {}  # trial id -> worker and trial timings, once it ended
+        self.windows: dict[str, tuple[float, float]] = {}  # trial id -> (created, ended) wall-clock times
 
     # -- bookkeeping ------------------------------------------------------------------------------------------------
 
     def __getstate__(self) -> dict[str, Any]:  # pickled into the Tuner's state: no run caches
         state = self.__dict__.copy()
-        for key in ("_runs", "_params_done", "_created", "_tracking_s", "_logged", "timings"):
+        for key in ("_runs", "_params_done", "_created", "_tracking_s", "_logged", "timings", "windows"):
             state.pop(key, None)
         return state
 
@@ -276,8 +277,10 @@ class MlflowSweepCallback(Callback):
         final = {k: last_result[k] for k in (*artifacts.FINAL_KEYS, *artifacts.WORKER_TIMING_KEYS)
                  if k in last_result}
         tracking_s = self._tracking_s.pop(trial_id, 0.0) + time.perf_counter() - t0
-        timing = trial_timing(last_result, created_at=self._created.pop(trial_id, None), ended_at=ended_at,
-                              tracking_s=tracking_s)
+        created_at = self._created.pop(trial_id, None)
+        if created_at is not None:
+            self.windows[trial_id] = (created_at, ended_at)
+        timing = trial_timing(last_result, created_at=created_at, ended_at=ended_at, tracking_s=tracking_s)
         final |= timing
         tracking.log_final_metrics(run_id, final, step=last_epoch, tracking_uri=self.tracking_uri)
         self.timings[trial_id] = {k: final[k] for k in (*artifacts.WORKER_TIMING_KEYS, *artifacts.TRIAL_TIMING_KEYS)

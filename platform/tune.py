@@ -478,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if best is not None:
         summary.update(register_best(best, callback, state, name, storage_path))
     summary["wall_s"] = time.perf_counter() - t0
-    summary["timing"] = timing(callback.timings, len(rows), summary["wall_s"])
+    summary["timing"] = timing(callback.timings, len(rows), summary["wall_s"], callback.windows)
     close_sweep(summary, state)
     if started_ray:
         ray.shutdown()  # stops forwarding worker logs, so nothing can follow the report and the JSON line on stdout
@@ -647,11 +647,21 @@ TIMING_ROWS = (("queue wait", "time_queue_s"), ("process start-up", "time_proces
                ("trial wall", "time_trial_wall_s"), ("overhead", "time_overhead_s"))
 
 
-def timing(trial_timings: Mapping[str, Mapping[str, float]], n_trials: int, wall_s: float) -> dict[str, Any]:
+def timing(trial_timings: Mapping[str, Mapping[str, float]], n_trials: int, wall_s: float,
+           windows: Mapping[str, tuple[float, float]] | None = None) -> dict[str, Any]:
     """Throughput and where the trials' time went: the median and total of each phase over the trials that ended
-    while this driver watched, and the overhead's share of the trials' wall time."""
+    while this driver watched, and the overhead's share of the trials' wall time.
+
+    Two rates: ``trials_per_hour`` over the whole command (Ray start-up, registration and all), and
+    ``trials_per_hour_running`` over the window from the first trial's creation to the last one's end — the rate a
+    long sweep settles at, once the sweep's fixed start and finish are spread over many trials.
+    """
     out: dict[str, Any] = {"trials_per_hour": 3600.0 * n_trials / wall_s if wall_s > 0 else None,
                            "trials_timed": len(trial_timings)}
+    spans = list((windows or {}).values())
+    window = max(end for _, end in spans) - min(start for start, _ in spans) if spans else None
+    out["trials_window_s"] = window
+    out["trials_per_hour_running"] = 3600.0 * len(spans) / window if window else None
     for _, key in TIMING_ROWS:
         values = [t[key] for t in trial_timings.values() if key in t]
         out[f"median_{key}"] = statistics.median(values) if values else None
@@ -665,7 +675,9 @@ def format_timing(t: Mapping[str, Any]) -> list[str]:
     """The report's "where the time went" table (empty when no trial was timed)."""
     if not t.get("trials_timed"):
         return []
-    lines = ["", f"  where the time went ({t['trials_timed']} trials; {t['trials_per_hour']:.0f} trials/hour)",
+    running = t.get("trials_per_hour_running")
+    rate = f"{t['trials_per_hour']:.0f} trials/hour overall" + (f", {running:.0f} while trials ran" if running else "")
+    lines = ["", f"  where the time went ({t['trials_timed']} trials; {rate})",
              "    phase                 median s/trial   total s"]
     for label, key in TIMING_ROWS:
         median, total = t.get(f"median_{key}"), t.get(f"total_{key}")
@@ -688,7 +700,8 @@ def close_sweep(summary: Mapping[str, Any], state: Mapping[str, Any]) -> None:
     final |= {"trials_completed": summary["trials_completed"], "trials_errored": summary["trials_errored"],
               "sweep_wall_s": summary["wall_s"]}
     final |= {f"sweep_{k}": v for k, v in (summary.get("timing") or {}).items()
-              if (k.startswith("median_") or k in ("trials_per_hour", "overhead_share")) and v is not None}
+              if (k.startswith("median_") or k in ("trials_per_hour", "trials_per_hour_running", "overhead_share"))
+              and v is not None}
     tracking.log_final_metrics(parent, final, tracking_uri=uri)
     client = MlflowClient(uri)
     if summary["best_trial_id"] is not None:

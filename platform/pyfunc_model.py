@@ -17,7 +17,10 @@ available), ``batch_size`` the images per forward pass.
 Input: a pandas DataFrame whose ``image`` column (else its first column) holds image paths, raw image bytes (or
 base64 text of them), PIL images or HxWx3 uint8 arrays; or a numpy batch, either ``(n, H, W, 3)`` uint8 images or
 ``(n, 3, S, S)`` float images already preprocessed with CLIP's test transform. Output: a DataFrame with ``class_name``
-(the most probable class), ``probability`` (its probability) and one ``prob_<class name>`` column per class.
+(the most probable class), ``probability`` (its probability) and one ``prob_<class name>`` column per class. The
+registered model's signature declares the ``image`` column (``platform.registry.model_signature``), so through
+``mlflow.pyfunc`` and the REST server the input is that DataFrame; the numpy forms are for ``unwrap_python_model()``.
+An unreadable image fails the request with one line naming it (HTTP 400 when served).
 """
 
 from __future__ import annotations
@@ -60,6 +63,19 @@ def _to_pil(value: Any) -> Image.Image:
             raise ValueError(f"image {str(value)[:80]!r} is neither an existing file nor base64 image bytes") from None
         return Image.open(io.BytesIO(data)).convert("RGB")
     raise ValueError(f"cannot read an image from a {type(value).__name__}; give a path, bytes or an array")
+
+
+def _read_image(index: int, value: Any, count: int) -> Image.Image:
+    """Image ``index`` of a request; an unreadable one is the client's error: ``MlflowException`` with
+    ``INVALID_PARAMETER_VALUE``, which the scoring server answers with HTTP 400 and this one-line message."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _to_pil(value)
+    except (ValueError, OSError) as err:  # PIL's UnidentifiedImageError is an OSError
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        message = f"image {index + 1} of {count} is not readable: {reason}"
+        raise MlflowException.invalid_parameter_value(message) from None
 
 
 class CoOpClassifier(PythonModel):
@@ -116,7 +132,8 @@ class CoOpClassifier(PythonModel):
             )
         if not values:
             return torch.empty(0, 3, 1, 1)
-        return torch.stack([self.preprocess(_to_pil(v)) for v in values])  # (n, 3, S, S)
+        images = [_read_image(i, v, len(values)) for i, v in enumerate(values)]
+        return torch.stack([self.preprocess(image) for image in images])  # (n, 3, S, S)
 
     @torch.no_grad()
     def probabilities(self, model_input: Any) -> np.ndarray:

@@ -4,6 +4,7 @@ what the cluster offers (GPUs or not)."""
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -50,6 +51,10 @@ def init_ray(address: str | None = None, *, working_dir: bool = True, **ray_init
     # Ray warns on every start that .git/.venv are no longer uploaded -- which is what we want; keep the console clean.
     logging.getLogger("ray._private.worker").addFilter(
         lambda record: "is now ignored by default" not in record.getMessage())
+    # No address means a Ray of our own, as the CLIs' --ray-address promises: a bare ray.init() would instead join
+    # whatever Ray another program started on this machine (Ray picks "the latest cluster" it finds), and a sweep
+    # would die with it. $RAY_ADDRESS still chooses a cluster explicitly.
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, runtime_env=runtime_env, **ray_init_kwargs)
     return True
 

@@ -79,8 +79,26 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"  prompts         {summary['prompts']}",
         f"  wall time       {summary['wall_s']:.1f}s (training loop {summary.get('time_train_loop_s', 0.0):.1f}s)",
         f"  open the UI     {summary['ui_command']}",
+        f"  the run         {summary['run_url']}",
     ]
     return "\n".join(lines)
+
+
+def run_description(spec: Any, final: Mapping[str, Any], experiment_id: str, run_id: str, checkpoint: str) -> str:
+    """The run's Markdown description in the MLflow UI: what was trained, how well, links to its config and files."""
+    from platform import tracking
+
+    accs = ", ".join(f"{k} {final[k]:.2f} %" for k in artifacts.ACCURACY_KEYS if final.get(k) is not None)
+    config_link = tracking.artifact_link(experiment_id, run_id, artifacts.CONFIG_FILE)
+    prompts = f"{artifacts.PROMPTS_ARTIFACT_DIR}/{artifacts.PROMPTS_FILE}"
+    return "\n".join([
+        f"**CoOp on {spec.dataset}**: {spec.train.shots}-shot, seed {spec.train.seed}, `{spec.model.backbone}`, "
+        f"{spec.train.resolved_epochs} epochs, {spec.num_workers} Ray Train worker(s)", "",
+        f"- {accs or 'no final metrics'}",
+        f"- config: [{artifacts.CONFIG_FILE}]({config_link}) (the resolved configuration; also this run's params)",
+        f"- learned prompts: [{prompts}]({tracking.artifact_link(experiment_id, run_id, prompts)})",
+        f"- Ray checkpoint: `{checkpoint}`",
+    ])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     with result.checkpoint.as_directory() as ckpt_dir:
         final = tracking.log_checkpoint(run_id, ckpt_dir, tracking_uri=tracking_uri)
+    experiment_id = tracking.get_or_create_experiment(experiment, tracking_uri=tracking_uri)
+    tracking.set_tag(run_id, tracking.CHECKPOINT_TAG, result.checkpoint.path, tracking_uri=tracking_uri)
+    tracking.set_description(run_id, run_description(spec, final, experiment_id, run_id, result.checkpoint.path),
+                             tracking_uri=tracking_uri)
     wall_s = time.perf_counter() - t0
     timing = {k: final[k] for k in artifacts.WORKER_TIMING_KEYS if k in final}
     tracking.log_final_metrics(run_id, {"wall_s": wall_s, **timing}, step=spec.train.resolved_epochs,
@@ -151,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "prompts": str(Path(result.checkpoint.path) / artifacts.PROMPTS_FILE),
         "wall_s": wall_s,
         "ui_command": tracking.ui_command(tracking_uri),
+        "run_url": tracking.run_url(tracking_uri, experiment_id, run_id),
     }
     print(format_summary(summary))
     if args.json:

@@ -40,7 +40,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from platform.artifacts import SELECTION_METRIC
+from platform.artifacts import ACCURACY_KEYS, DASHBOARDS_ARTIFACT_DIR, SELECTION_METRIC
 from typing import Any
 
 from coop_core.datasets import DatasetNotFoundError
@@ -55,7 +55,8 @@ TRIAL_RUNNERS = ("auto", "in-process", "ray-train")
 JSON_KEYS = ("best_config", "val_acc", "test_acc", "zeroshot_test_acc", "parent_run_id", "registered_model",
              "registered_version", "champion_version", "trials", "trials_completed", "trials_finished",
              "trials_early_stopped", "trials_errored", "best_trial_id", "best_run_id", "n_ctx_effective", "sweep_name",
-             "sweep_dir", "tracking_uri", "experiment", "resumed", "wall_s", "timing", "trial_runner")
+             "sweep_dir", "tracking_uri", "experiment", "resumed", "wall_s", "timing", "trial_runner", "runs_url",
+             "dashboards")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,6 +299,7 @@ def format_report(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]])
         f"  MLflow sweep run   {summary['parent_run_id']}  (experiment {summary['experiment']!r}; best trial run "
         f"{summary.get('best_run_id') or '-'})",
         f"  open the UI        {summary['ui_command']}",
+        f"  trials table       {summary.get('runs_url') or '-'}",
         f"  sweep folder       {summary['sweep_dir']}  (resume: add --resume --sweep-name {summary['sweep_name']})",
     ]
     return "\n".join(lines)
@@ -508,13 +510,40 @@ def open_sweep(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], na
                     "sweep.fixed": " ".join(args.fixed) or "-", "sweep.trial_runner": runner,
                     "sweep.gpus_per_trial": gpus_per_trial, "sweep.max_failures": args.max_failures}
     tracking.log_params(parent_run_id, tracking.flatten_params(spec) | sweep_params, tracking_uri=tracking_uri)
+    experiment_id = tracking.get_or_create_experiment(experiment, tracking_uri=tracking_uri)
+    searched = list(args.grid) if args.grid else list(space)
+    view_key = save_sweep_view(experiment_id, name, searched, tracking_uri)
+    runs_url = tracking.runs_view_url(tracking_uri, experiment_id, view_key)
+    what = (f"grid over {', '.join(f'`{k}`' for k in searched)}" if args.grid
+            else f"Optuna TPE over {', '.join(f'`{k}`' for k in searched) or 'nothing (all fixed)'}")
+    tracking.set_description(parent_run_id, (
+        f"**Sweep `{name}`** of CoOp on {spec.dataset} ({spec.train.shots}-shot, `{spec.model.backbone}`, "
+        f"{epochs} epochs per trial): {what}, ASHA on `{METRIC}`. Each trial is a child run below.\n\n"
+        f"- [trials table]({tracking.runs_view_link(experiment_id, view_key)}) (accuracies and searched parameters as "
+        "columns)\n"
+        f"- dashboards: the `{DASHBOARDS_ARTIFACT_DIR}/` artifacts of this run, drawn when the sweep ends "
+        f"(again: `python -m dashboards --parent-run-id {parent_run_id}`)\n"
+        f"- sweep folder (Ray Tune state, checkpoints): `{sweep_dir}`"), tracking_uri=tracking_uri)
     state = {"dataset": spec.dataset, "base_spec": spec.to_dict(), "parent_run_id": parent_run_id,
-             "tracking_uri": tracking_uri, "experiment": experiment, "started_at": time.time(),
+             "tracking_uri": tracking_uri, "experiment": experiment, "experiment_id": experiment_id,
+             "started_at": time.time(), "runs_url": runs_url,
              "num_samples": args.num_samples, "search_seed": search_seed, "epochs": epochs, "trial_runner": runner,
              "gpus_per_trial": gpus_per_trial, "max_failures": args.max_failures, "grid": args.grid}
     if "://" not in sweep_dir:
         write_state(sweep_dir, state)
     return state
+
+
+def save_sweep_view(experiment_id: str, name: str, searched: Sequence[str], tracking_uri: str) -> str:
+    """Save the sweep's view of the runs table: accuracies and searched parameters as columns
+    (``platform.tracking.save_runs_view``); returns the view key."""
+    from platform import tracking
+    from platform.sweep_tracking import EARLY_STOPPED_TAG
+
+    columns = [*(tracking.metric_column(k) for k in ACCURACY_KEYS), *(tracking.param_column(k) for k in searched),
+               f"tags.`{EARLY_STOPPED_TAG}`"]
+    key = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
+    return tracking.save_runs_view(experiment_id, key, columns=columns, tracking_uri=tracking_uri)
 
 
 def build_tuner(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], state: Mapping[str, Any], name: str,
@@ -607,6 +636,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], spec: Any, state: Mapping[str, 
         "trials_errored": sum(r["status"] == "ERROR" for r in rows),
         "parent_run_id": state["parent_run_id"], "experiment": state["experiment"],
         "tracking_uri": state["tracking_uri"], "ui_command": tracking.ui_command(state["tracking_uri"]),
+        "runs_url": state.get("runs_url"),
         "resumed": resumed, "trial_runner": state["trial_runner"], "best_config": None, "best_trial_id": None,
         "best_run_id": None, "val_acc": None,
         "test_acc": None, "zeroshot_test_acc": None, "registered_model": registered_model_name(spec.dataset),
@@ -682,7 +712,10 @@ def close_sweep(summary: Mapping[str, Any], state: Mapping[str, Any]) -> None:
     from mlflow.tracking import MlflowClient
 
     uri, parent = state["tracking_uri"], state["parent_run_id"]
-    final = {f"best_{k}": summary[k] for k in ("val_acc", "test_acc", "zeroshot_test_acc") if summary[k] is not None}
+    best = {k: summary[k] for k in ACCURACY_KEYS if summary[k] is not None}
+    # The best trial's accuracies also go under the trials' own keys, so the sweep's row of the runs table shows them
+    # in the same columns as its trials; best_* keep their explicit names for scripts.
+    final = best | {f"best_{k}": v for k, v in best.items()}
     final |= {"trials_completed": summary["trials_completed"], "trials_errored": summary["trials_errored"],
               "sweep_wall_s": summary["wall_s"]}
     final |= {f"sweep_{k}": v for k, v in (summary.get("timing") or {}).items()

@@ -237,3 +237,52 @@ def test_set_champion_command_promotes_a_version_by_hand(sweeps, capsys):
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert int(client.get_model_version_by_alias("coop-eurosat", CHAMPION).version) == 2  # unchanged
     registry.main(["set-champion", "--dataset", "eurosat", "--version", "1", "--tracking-uri", sweeps["uri"]])
+
+
+def test_mlflow_ui_metadata_opens_on_runs_with_accuracy_columns_and_links(sweeps):
+    from platform import tracking
+
+    s = sweeps["good"]["summary"]
+    client = _client(sweeps["uri"])
+    parent = client.get_run(s["parent_run_id"])
+    exp_id = parent.info.experiment_id
+    experiment = client.get_experiment(exp_id)
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert "child run per trial" in experiment.tags[tracking.NOTE_TAG]
+    # The printed link opens the runs table (not the GenAI overview) with the sweep's saved view.
+    assert s["runs_url"] == (f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+                             "&viewStateShareKey=good")
+    view = json.loads(experiment.tags[tracking.SHARED_VIEW_PREFIX + "good"])
+    assert view["selectedColumns"][:3] == ["metrics.`val_acc`", "metrics.`test_acc`", "metrics.`zeroshot_test_acc`"]
+    assert {f"params.`{k}`" for k in SEARCHED} <= set(view["selectedColumns"])
+    # The sweep's own row shows the best trial's accuracies in the same columns as its trials.
+    assert parent.data.metrics["val_acc"] == pytest.approx(s["val_acc"])
+    assert parent.data.metrics["zeroshot_test_acc"] == pytest.approx(s["zeroshot_test_acc"])
+    note = parent.data.tags[tracking.NOTE_TAG]
+    assert note.startswith("**Sweep `good`**") and "viewStateShareKey=good" in note
+    assert f"python -m dashboards --parent-run-id {s['parent_run_id']}" in note
+    for child in _children(client, s["parent_run_id"]):
+        run_id, tags = child.info.run_id, child.data.tags
+        note = tags[tracking.NOTE_TAG]
+        assert note.startswith(f"**Trial `{tags[TRIAL_TAG]}`** of sweep [good](#/experiments/{exp_id}/runs/")
+        assert f"(#/experiments/{exp_id}/runs/{run_id}/artifacts/config.json)" in note
+        checkpoint = Path(tags[tracking.CHECKPOINT_TAG])
+        assert f"Ray checkpoint: `{checkpoint}`" in note
+        assert json.loads((checkpoint / "config.json").read_text())["dataset"] == "eurosat"  # the link is real
+        if tags[EARLY_STOPPED_TAG] == "true":
+            assert "stopped early by ASHA after epoch 1 of 2" in note
+        else:
+            assert f"ran all 2 epochs: val_acc {child.data.metrics['val_acc']:.2f} %" in note
+
+
+def test_registered_version_says_what_it_is_and_how_to_serve_it(sweeps):
+    s = sweeps["good"]["summary"]
+    client = _client(sweeps["uri"])
+    version = client.get_model_version("coop-eurosat", "1")
+    text = version.description
+    assert "on eurosat (10 classes), 2-shot, seed 1" in text
+    assert f"validation {s['val_acc']:.2f} %" in text and f"test {s['test_acc']:.2f} %" in text
+    assert f"zero-shot CLIP on test {s['zeroshot_test_acc']:.2f} %" in text
+    assert "sweep `good`" in text and s["best_trial_id"] in text
+    assert "mlflow models serve -m models:/coop-eurosat@champion --env-manager local --host 127.0.0.1" in text
+    assert "champion" in client.get_registered_model("coop-eurosat").description

@@ -186,6 +186,8 @@ class StderrHandler(logging.StreamHandler):
 
 def configure_logging(verbose: bool) -> None:
     """Our progress on stderr; other libraries' INFO only with --verbose (their warnings reach stderr anyway)."""
+    if not verbose:  # MLflow draws a progress bar for every artifact it downloads (a checkpoint file, a table)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("platform", "coop_core"):
         lg = logging.getLogger(name)
         if not any(isinstance(h, StderrHandler) for h in lg.handlers):

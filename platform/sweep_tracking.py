@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from platform import artifacts
+from platform.tracking import EARLY_STOPPED_TAG, SWEEP_TAG, TRIAL_TAG
 from platform.trials import searched_overrides, trial_spec
 from typing import Any
 
@@ -29,9 +30,6 @@ from ray.tune import Callback
 
 logger = logging.getLogger(__name__)
 
-TRIAL_TAG = "coop.trial_id"
-SWEEP_TAG = "coop.sweep"
-EARLY_STOPPED_TAG = "coop.stopped_early"
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # what ray.tune.integration.ray_train.TuneReportCallback reports
 
 

@@ -44,6 +44,11 @@ logger = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow nests a run under this run in the runs table
+# Our run tags (written by platform.tune / platform.sweep_tracking, read by dashboards/ and the tests).
+TRIAL_TAG = "coop.trial_id"  # a trial run's Ray Tune trial id
+SWEEP_TAG = "coop.sweep"  # the sweep's name, on its parent run and every trial run
+EARLY_STOPPED_TAG = "coop.stopped_early"  # "true" on a trial ASHA stopped before its last epoch
+BEST_TRIAL_TAG = "coop.best_trial_id"  # on a sweep's parent run: the trial registered as its best
 CHECKPOINT_TAG = "coop.checkpoint"  # where a run's last Ray checkpoint is (a path or URI on the Ray storage)
 NOTE_TAG = "mlflow.note.content"  # the run's (or experiment's) Markdown description in the UI
 # MLflow 3's UI reads this experiment tag to choose the experiment's landing page; "custom_model_development" is its

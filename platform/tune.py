@@ -37,6 +37,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -267,6 +268,14 @@ def _pct(value: Any) -> str:
     return f"{value:6.2f}" if isinstance(value, (int, float)) else "     -"
 
 
+def _dashboards_line(summary: Mapping[str, Any]) -> str:
+    files = summary.get("dashboards") or {}
+    if not files:
+        return f"not drawn (python -m dashboards --parent-run-id {summary['parent_run_id']})"
+    folder = Path(next(iter(files.values()))).parent
+    return f"{len(files)} files in {folder}, also under the sweep run's {DASHBOARDS_ARTIFACT_DIR}/ artifacts"
+
+
 def format_report(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
     """The human-readable end-of-sweep report: trials, best configuration beside zero-shot, where to look."""
     from platform.sweep_tracking import describe_config
@@ -300,6 +309,7 @@ def format_report(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]])
         f"{summary.get('best_run_id') or '-'})",
         f"  open the UI        {summary['ui_command']}",
         f"  trials table       {summary.get('runs_url') or '-'}",
+        f"  dashboards         {_dashboards_line(summary)}",
         f"  sweep folder       {summary['sweep_dir']}  (resume: add --resume --sweep-name {summary['sweep_name']})",
     ]
     return "\n".join(lines)
@@ -480,6 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary["wall_s"] = time.perf_counter() - t0
     summary["timing"] = timing(callback.timings, len(rows), summary["wall_s"])
     close_sweep(summary, state)
+    summary["dashboards"] = draw_dashboards(state, sweep_dir)
     if started_ray:
         ray.shutdown()  # stops forwarding worker logs, so nothing can follow the report and the JSON line on stdout
 
@@ -538,10 +549,8 @@ def save_sweep_view(experiment_id: str, name: str, searched: Sequence[str], trac
     """Save the sweep's view of the runs table: accuracies and searched parameters as columns
     (``platform.tracking.save_runs_view``); returns the view key."""
     from platform import tracking
-    from platform.sweep_tracking import EARLY_STOPPED_TAG
-
     columns = [*(tracking.metric_column(k) for k in ACCURACY_KEYS), *(tracking.param_column(k) for k in searched),
-               f"tags.`{EARLY_STOPPED_TAG}`"]
+               f"tags.`{tracking.EARLY_STOPPED_TAG}`"]
     key = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
     return tracking.save_runs_view(experiment_id, key, columns=columns, tracking_uri=tracking_uri)
 
@@ -705,6 +714,29 @@ def format_timing(t: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def draw_dashboards(state: Mapping[str, Any], sweep_dir: str) -> dict[str, str]:
+    """Draw the sweep's dashboards (``dashboards.report``) and log them to its parent run; the files by name.
+
+    A failure here costs the pictures, never the sweep: it is logged in one line and the report says how to retry.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from dashboards.report import build_dashboards
+
+    out = Path(sweep_dir) / DASHBOARDS_ARTIFACT_DIR if "://" not in sweep_dir else None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = build_dashboards(MlflowClient(state["tracking_uri"]), state["parent_run_id"], out or Path(tmp),
+                                      log=True)
+    except Exception as err:  # a plotting or store error: keep the sweep's outcome
+        logger.warning("dashboards not drawn (%s: %s); retry with: python -m dashboards --parent-run-id %s",
+                       type(err).__name__, str(err).strip().splitlines()[0] if str(err).strip() else "",
+                       state["parent_run_id"])
+        return {}
+    return result["files"] if out is not None else {k: f"{DASHBOARDS_ARTIFACT_DIR}/{Path(v).name}"
+                                                    for k, v in result["files"].items()}
+
+
 def close_sweep(summary: Mapping[str, Any], state: Mapping[str, Any]) -> None:
     """Log the sweep's outcome on the parent run and end it (FINISHED, or FAILED when no trial finished)."""
     from platform import tracking
@@ -723,7 +755,7 @@ def close_sweep(summary: Mapping[str, Any], state: Mapping[str, Any]) -> None:
     tracking.log_final_metrics(parent, final, tracking_uri=uri)
     client = MlflowClient(uri)
     if summary["best_trial_id"] is not None:
-        client.set_tag(parent, "coop.best_trial_id", summary["best_trial_id"])
+        client.set_tag(parent, tracking.BEST_TRIAL_TAG, summary["best_trial_id"])
         client.set_tag(parent, "coop.registered_version", str(summary["registered_version"]))
     tracking.end_run(parent, "FINISHED" if summary["best_trial_id"] is not None else "FAILED", tracking_uri=uri)
 

@@ -286,3 +286,117 @@ def test_registered_version_says_what_it_is_and_how_to_serve_it(sweeps):
     assert "sweep `good`" in text and s["best_trial_id"] in text
     assert "mlflow models serve -m models:/coop-eurosat@champion --env-manager local --host 127.0.0.1" in text
     assert "champion" in client.get_registered_model("coop-eurosat").description
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post(url: str, payload: dict) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture(scope="module")
+def served_champion(sweeps, tmp_path_factory):
+    """``mlflow models serve -m models:/coop-eurosat@champion`` on 127.0.0.1, started as the README says (the venv's
+    bin/ on PATH, where ``uvicorn`` lives); stopped after the tests."""
+    import time
+    import urllib.request
+    from platform.registry import serve_command
+
+    port = _free_port()
+    argv = serve_command("coop-eurosat", port=port).split()
+    bin_dir = str(Path(sys.executable).parent)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env |= {"MLFLOW_TRACKING_URI": sweeps["uri"], "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([os.path.join(bin_dir, argv[0]), *argv[1:]], cwd=log.parent, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, f"mlflow models serve exited: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"mlflow models serve did not answer: {log.read_text()[-3000:]}"
+            time.sleep(1)
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+def test_registered_model_has_an_image_in_probabilities_out_signature(sweeps):
+    import mlflow
+
+    mlflow.set_tracking_uri(sweeps["uri"])
+    info = mlflow.models.get_model_info("models:/coop-eurosat@champion")
+    assert info.signature.inputs.input_names() == ["image"]
+    assert info.signature.inputs.input_types()[0].name == "string"
+    from coop_core.datasets.eurosat import EUROSAT_CLASSNAMES
+
+    classes = list(EUROSAT_CLASSNAMES.values())
+    assert info.signature.outputs.input_names() == ["class_name", "probability", *[f"prob_{c}" for c in classes]]
+
+
+def test_rest_server_classifies_real_eurosat_images_sent_as_base64(served_champion, shared_data):
+    import base64
+
+    from coop_core.datasets import load_dataset
+
+    splits = load_dataset("eurosat", shared_data)
+    items = splits.test[::900][:4]  # real test images of several classes
+    b64 = [base64.b64encode((splits.image_dir / it.path).read_bytes()).decode() for it in items]
+    classes = list(splits.classnames)
+
+    status, one = _post(f"{served_champion}/invocations",
+                        {"dataframe_split": {"columns": ["image"], "data": [[b64[0]]]}})
+    assert status == 200, one
+    status, batch = _post(f"{served_champion}/invocations",
+                          {"dataframe_split": {"columns": ["image"], "data": [[b] for b in b64]}})
+    assert status == 200, batch
+    rows = batch["predictions"]
+    assert len(rows) == len(items) and len(one["predictions"]) == 1
+    for row in rows:
+        probs = [row[f"prob_{c}"] for c in classes]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5) and min(probs) >= 0.0
+        assert row["class_name"] == classes[probs.index(max(probs))] and row["probability"] == pytest.approx(max(probs))
+    assert one["predictions"][0]["probability"] == pytest.approx(rows[0]["probability"], abs=1e-5)  # batch = single
+    assert one["predictions"][0]["class_name"] == rows[0]["class_name"]
+
+
+def test_rest_server_answers_a_malformed_image_with_400_and_one_line(served_champion, shared_data):
+    import base64
+
+    from coop_core.datasets import load_dataset
+
+    splits = load_dataset("eurosat", shared_data)
+    good = base64.b64encode((splits.image_dir / splits.test[0].path).read_bytes()).decode()
+    bad = base64.b64encode(b"this is not an image").decode()
+    status, body = _post(f"{served_champion}/invocations",
+                         {"dataframe_split": {"columns": ["image"], "data": [[good], [bad]]}})
+    assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE"
+    # MLflow's scoring server puts "Failed to predict data '<the request>'." before the model's message; ours is
+    # its last line, one line that names the image.
+    last = body["message"].splitlines()[-1]
+    assert last.startswith("Error: image 2 of 2 is not readable: cannot identify image file"), body["message"]
+    assert "Traceback" not in json.dumps(body)

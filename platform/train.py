@@ -33,6 +33,7 @@ from platform.cli import (
     hub_unreachable_use_cache,
     spec_from_args,
 )
+from platform.progress import ConsoleProgress, bars_wanted
 from platform.ray_runtime import init_ray, resolve_use_gpu
 from platform.trainer import build_trainer
 from typing import Any
@@ -41,6 +42,8 @@ from coop_core.backbone import WeightsUnavailableError
 from coop_core.datasets import DatasetNotFoundError
 
 logger = logging.getLogger(__name__)
+
+BAR_LABELS = {"features": "image features", "epochs": "epochs"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from platform import tracking
 
-    started_ray = init_ray(args.ray_address, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}} if offline else None)
+    started_ray = init_ray(args.ray_address, quiet=not args.verbose,
+                           runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}} if offline else None)
     try:
         use_gpu = resolve_use_gpu(args.use_gpu)
         if args.use_gpu == "yes" and not resolve_use_gpu("auto"):
@@ -134,10 +138,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("MLflow run %s (experiment %r, %s)", run_id, experiment, tracking_uri)
     logger.info("starting %d Ray Train worker(s) (%s); checkpoints under %s/%s", spec.num_workers,
                 "GPU" if spec.use_gpu else "CPU", args.storage_path, name)
+    bars = ConsoleProgress(bars_wanted(json_output=args.json, verbose=args.verbose), labels=BAR_LABELS)
     try:
-        trainer = build_trainer(spec, storage_path=args.storage_path, name=name, max_failures=args.max_failures,
-                                log_level="INFO" if args.verbose else "WARNING")
-        result = trainer.fit()
+        with bars:
+            trainer = build_trainer(spec, storage_path=args.storage_path, name=name, max_failures=args.max_failures,
+                                    log_level="INFO" if args.verbose else "WARNING", progress_board=bars.board)
+            result = trainer.fit()
     except KeyboardInterrupt:
         tracking.end_run(run_id, "KILLED", tracking_uri=tracking_uri)
         sys.stderr.write(f"interrupted (MLflow run {run_id} marked KILLED)\n")

@@ -42,6 +42,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from platform.artifacts import ACCURACY_KEYS, DASHBOARDS_ARTIFACT_DIR, SELECTION_METRIC
+from platform.progress import ConsoleProgress, TrialBar, bars_wanted
 from typing import Any
 
 from coop_core.datasets import DatasetNotFoundError
@@ -51,6 +52,7 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "coop_sweep.json"  # in the sweep folder: what --resume needs (parent run, base spec, tracking)
 TRAIN_RUNS_DIR = "train_runs"  # in the sweep folder: one Ray Train run per multi-worker trial, named by trial id
 METRIC, MODE = SELECTION_METRIC, "max"
+BAR_LABELS = {"features": "image features"}
 TRIAL_MEMORY_BYTES = 256 * 1024**2  # a multi-worker trial's own reservation: it waits on its trainer, no CPU needed
 TRIAL_RUNNERS = ("auto", "in-process", "ray-train")
 JSON_KEYS = ("best_config", "val_acc", "test_acc", "zeroshot_test_acc", "parent_run_id", "registered_model",
@@ -436,7 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import ray
 
-    started_ray = init_ray(args.ray_address, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}} if offline else None)
+    started_ray = init_ray(args.ray_address, quiet=not args.verbose,
+                           runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}} if offline else None)
     try:
         if state is None:
             use_gpu = resolve_use_gpu(args.use_gpu)
@@ -465,14 +468,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     callback = MlflowSweepCallback(parent_run_id=state["parent_run_id"], experiment=state["experiment"],
                                    tracking_uri=state["tracking_uri"], base_spec=spec.to_dict(),
                                    storage_path=storage_path, epochs=epochs, sweep_name=name)
-    tuner = build_tuner(args, spec, space, state, name, storage_path, sweep_dir, max_concurrent, callback,
-                        restore=resumed)
-    controllers = None
-    if state["trial_runner"] == "ray-train":
-        from platform.trial_stopping import CONTROLLERS_ACTOR_NAME, TrialControllersActor
+    bars = ConsoleProgress(bars_wanted(json_output=args.json, verbose=args.verbose), labels=BAR_LABELS)
+    with bars:
+        trial_bar = TrialBar(bars, n_trials, epochs, METRIC)
+        tuner = build_tuner(args, spec, space, state, name, storage_path, sweep_dir, max_concurrent,
+                            [callback, trial_bar], restore=resumed, progress_board=bars.board)
+        controllers = None
+        if state["trial_runner"] == "ray-train":
+            from platform.trial_stopping import CONTROLLERS_ACTOR_NAME, TrialControllersActor
 
-        controllers = TrialControllersActor.options(name=CONTROLLERS_ACTOR_NAME, get_if_exists=True).remote()
-    grid = tuner.fit()
+            controllers = TrialControllersActor.options(name=CONTROLLERS_ACTOR_NAME, get_if_exists=True).remote()
+        grid = tuner.fit()
     if controllers is not None:
         logger.info("trial controllers: %s", ray.get(controllers.stats.remote()))
         ray.kill(controllers)  # the sweep is over: nothing is left to stop or reap
@@ -556,14 +562,15 @@ def save_sweep_view(experiment_id: str, name: str, searched: Sequence[str], trac
 
 
 def build_tuner(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], state: Mapping[str, Any], name: str,
-                storage_path: str, sweep_dir: str, max_concurrent: int, callback: Any, *, restore: bool,
-                epoch_hooks: Sequence[Any] = ()) -> Any:
+                storage_path: str, sweep_dir: str, max_concurrent: int, callbacks: Sequence[Any], *, restore: bool,
+                epoch_hooks: Sequence[Any] = (), progress_board: Any = None) -> Any:
     """The Tuner: restored from ``sweep_dir`` (searcher, scheduler, trial states) or new (Optuna TPE + ASHA).
 
     Single-worker trials (``in-process``) reserve their worker's CPUs and GPU share, reuse their actor for the next
     trial, and are retried from their last checkpoint by Tune (``max_failures``). Multi-worker trials (``ray-train``)
     reserve only a little memory — their Ray Train workers hold the CPUs — and recover lost workers inside Ray Train.
-    ``epoch_hooks`` reach every trial's training function (see ``platform.worker.run_training``).
+    ``epoch_hooks`` reach every trial's training function (see ``platform.worker.run_training``);
+    ``progress_board`` (``platform.progress``) receives the trials' feature-extraction progress for the driver's bars.
     """
     from platform.trials import in_process_trial, ray_train_trial
 
@@ -573,11 +580,14 @@ def build_tuner(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], s
     from ray.tune.search.optuna import OptunaSearch
 
     log_level = "INFO" if args.verbose else "WARNING"
+    if not args.verbose:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory ..."
     max_failures = state["max_failures"]
     if state["trial_runner"] == "in-process":
         resources = {"cpu": spec.cpus_per_worker, "gpu": state["gpus_per_trial"] if spec.use_gpu else 0}
         trainable = tune.with_resources(tune.with_parameters(
-            in_process_trial, base_spec=spec.to_dict(), log_level=log_level, epoch_hooks=list(epoch_hooks)),
+            in_process_trial, base_spec=spec.to_dict(), log_level=log_level, epoch_hooks=list(epoch_hooks),
+            progress_board=progress_board),
             resources)
         trial_failures = max_failures
     else:
@@ -593,6 +603,11 @@ def build_tuner(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], s
     # twice (so --resume never points at a deleted checkpoint); with one checkpoint per CoOp epoch that is often, and
     # Tune warns about it each time. The snapshot is a small local write; the warning is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's newer console output prints its configuration box, the results folder and a TensorBoard hint even at
+    # verbose=0; its legacy output (RAY_AIR_NEW_OUTPUT=0, a documented switch) is silent at verbose=0. The sweep's own
+    # lines, bars and report say the same things. --verbose keeps Tune's output.
+    if not args.verbose:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     epochs = spec.train.resolved_epochs
     asha = dict(time_attr="epoch", max_t=epochs, grace_period=min(args.grace_period, epochs),
                 reduction_factor=args.reduction_factor)
@@ -624,7 +639,7 @@ def build_tuner(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], s
             # a reuse never fails mid-epoch. Multi-worker trials hold no model in their actor, so nothing to reuse.
             reuse_actors=state["trial_runner"] == "in-process",
         ),
-        run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=[callback], verbose=0,
+        run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=trial_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )

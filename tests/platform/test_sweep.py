@@ -92,7 +92,13 @@ def sweeps(ray_session, small_eurosat_root, shared_data, feature_cache, tiny_vit
                    "--sweep-name", "good"])
     worse = _sweep([*common, "--epochs", "1", "--num-samples", "2", "--fixed", "prompt.ctx_init", "train.lr",
                     "--ctx-init", "", "--lr", "1e-5", "--sweep-name", "worse"])
-    return {"uri": uri, "tmp": tmp, "good": good, "worse": worse, "checkpoint": checkpoint}
+    # A study of two shot counts, in its own store (its registration must not touch the champion tests above).
+    shots_uri = f"sqlite:///{tmp / 'shots.db'}"
+    shots_argv = [shots_uri if a == uri else a for a in common]
+    shots = _sweep([*shots_argv, "--epochs", "1", "--grid", "train.shots=1,2", "--max-concurrent", "2",
+                    "--sweep-name", "shots"])
+    return {"uri": uri, "tmp": tmp, "good": good, "worse": worse, "checkpoint": checkpoint, "shots": shots,
+            "shots_uri": shots_uri}
 
 
 def _client(uri: str):
@@ -400,3 +406,67 @@ def test_rest_server_answers_a_malformed_image_with_400_and_one_line(served_cham
     last = body["message"].splitlines()[-1]
     assert last.startswith("Error: image 2 of 2 is not readable: cannot identify image file"), body["message"]
     assert "Traceback" not in json.dumps(body)
+
+
+def _png_is_drawn(path) -> bool:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    return colours is not None and len(colours) > 20  # more than a blank canvas with a frame
+
+
+DASHBOARD_FILES = {"val_curves.png", "param_importances.png", "parallel_coordinates.html", "parallel_coordinates.png",
+                   "nearest_words.png", "dimensions.png", "summary.md"}
+
+
+def test_every_sweep_logs_dashboards_that_show_its_trials(sweeps, tmp_path):
+    from coop_core.interpret import parse_nearest_words_table
+    from dashboards.report import build_dashboards
+
+    s = sweeps["good"]["summary"]
+    client = _client(sweeps["uri"])
+    logged = {a.path.split("/", 1)[1] for a in client.list_artifacts(s["parent_run_id"], "dashboards")}
+    assert logged == DASHBOARD_FILES  # one shot count: no acc-vs-shots
+    assert {Path(p).name for p in s["dashboards"].values()} == DASHBOARD_FILES
+    assert all(Path(p).is_file() for p in s["dashboards"].values())
+    # Drawn again on demand, the pictures hold the trials' real values.
+    result = build_dashboards(client, s["parent_run_id"], tmp_path)
+    drawn = result["drawn"]
+    children = {c.data.tags[TRIAL_TAG]: c for c in _children(client, s["parent_run_id"])}
+    assert set(drawn["val_curves"]) == set(children)
+    for trial_id, points in drawn["val_curves"].items():
+        history = client.get_metric_history(children[trial_id].info.run_id, "val_acc")
+        assert points == sorted((m.step, m.value) for m in history) and points
+    rows = {r["trial_id"]: r for r in drawn["parallel_coordinates"]}
+    assert set(rows) == set(children)
+    for trial_id, row in rows.items():
+        assert row["val_acc"] == drawn["val_curves"][trial_id][-1][1]
+        assert row["prompt.n_ctx"] == int(children[trial_id].data.params["prompt.n_ctx"])
+    assert set(drawn["param_importances"]) <= set(SEARCHED) and drawn["param_importances"]
+    best = children[s["best_trial_id"]]
+    words_file = client.download_artifacts(best.info.run_id, "nearest_words.txt", str(tmp_path / "w"))
+    table = parse_nearest_words_table(Path(words_file).read_text())
+    assert drawn["nearest_words"] == {k: [[w for w, _ in r] for r in v] for k, v in table.items()}
+    expected_sets = 10 if best.data.params["prompt.csc"] == "True" else 1
+    assert len(drawn["nearest_words"]) == expected_sets
+    for name in ("val_curves", "param_importances", "parallel_png", "nearest_words", "dimensions"):
+        assert _png_is_drawn(result["files"][name]), name
+    assert "Plotly.newPlot" in Path(result["files"]["parallel_html"]).read_text()
+
+
+def test_a_study_of_several_shot_counts_draws_accuracy_vs_shots(sweeps):
+    s = sweeps["shots"]["summary"]
+    assert s["trials"] == 2 and s["trials_finished"] == 2
+    client = _client(sweeps["shots_uri"])
+    logged = {a.path.split("/", 1)[1] for a in client.list_artifacts(s["parent_run_id"], "dashboards")}
+    assert "acc_vs_shots.png" in logged
+    from dashboards.shots import plot_acc_vs_shots
+    from dashboards.sweep import load_sweep
+
+    sweep = load_sweep(client, s["parent_run_id"])
+    drawn = plot_acc_vs_shots(sweep.trials, Path(s["dashboards"]["acc_vs_shots"]).with_name("again.png"))
+    by_shots = {int(t.params["train.shots"]): t.metrics for t in sweep.trials}
+    assert drawn["coop"] == {k: m["test_acc"] for k, m in sorted(by_shots.items())} and set(drawn["coop"]) == {1, 2}
+    assert drawn["zeroshot"] == {k: m["zeroshot_test_acc"] for k, m in sorted(by_shots.items())}
+    assert _png_is_drawn(s["dashboards"]["acc_vs_shots"])

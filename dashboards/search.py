@@ -74,6 +74,8 @@ def plot_importances(study: optuna.Study, path: Path) -> dict[str, float]:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # optuna's matplotlib backend
         # It warns on any maximising study that its target is minimised; `target` above is already negated.
         warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes the importances")
+        # With a handful of trials all of them can fall in PED-ANOVA's top quantile; the chart then shows equal bars.
+        warnings.filterwarnings("ignore", message="Target and region quantiles select the same set of trials")
         importances = optuna.importance.get_param_importances(study, target=target)
         ax = optuna.visualization.matplotlib.plot_param_importances(study, target=target,
                                                                     target_name=SELECTION_METRIC)

@@ -3,6 +3,7 @@ Sec. 4.5), per position for a unified context and per class for a class-specific
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -43,7 +44,10 @@ def plot_nearest_words(table_text: str, path: Path, *, title: str) -> dict[str, 
     table.set_fontsize(8)
     table.scale(1, 1.2)
     ax.set_title(f"{title}\n{kind}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    with warnings.catch_warnings():
+        # Nearest tokens of an untrained context can be emoji that the default font lacks; they draw as boxes.
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return {name: [[w for w, _ in r] for r in ranked] for name, ranked in sets.items()}

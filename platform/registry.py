@@ -195,9 +195,9 @@ def log_prompt_model(checkpoint_dir: str | Path, spec: Mapping[str, Any], *, run
             raise FileNotFoundError(f"backbone config {backbone} not found (needed to make the model self-contained)")
         artifacts["backbone_config"] = str(path)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        # MLflow suggests type hints and an input example on every save; the signature above already says what the
-        # model takes, and an input example would make MLflow run CLIP at registration time.
-        warnings.filterwarnings("ignore", message=".*(type hints to the `predict`|input example was not provided)")
+        # MLflow suggests an input example on every save; the signature already says what the model takes, and an
+        # example would make MLflow run CLIP at registration time.
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
         local = Path(tmp) / MODEL_ARTIFACT_NAME
         mlflow.pyfunc.save_model(
             path=str(local),

@@ -61,7 +61,7 @@ def board_reporter(board: Any, prefix: str = "") -> ProgressFn:
         if board is None:
             return
         now = time.monotonic()
-        if done < total and now - last.get(task, 0.0) < MIN_INTERVAL_S:
+        if done < total and task in last and now - last[task] < MIN_INTERVAL_S:
             return
         last[task] = now
         board.update.remote(prefix + task, int(done), int(total))

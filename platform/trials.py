@@ -47,7 +47,7 @@ def in_process_trial(config: dict[str, Any], *, base_spec: dict[str, Any], log_l
     import ray
 
     spec = trial_spec(base_spec, config)
-    configure_worker_logging(0, log_level)
+    configure_worker_logging(0, log_level, progress_lines=False)  # the driver logs the trial's progress
     torch.set_num_threads(max(1, int(spec.cpus_per_worker)))  # the CPUs this trial reserved
     device = torch.device("cuda", 0) if spec.use_gpu and ray.get_gpu_ids() else torch.device("cpu")
     report = board_reporter(progress_board)

@@ -251,9 +251,13 @@ def _write_final_artifacts(d: Path, spec: RunSpec, clip: Any, splits: DatasetSpl
     artifacts.write_final_metrics(d, metrics)
 
 
-def configure_worker_logging(rank: int, level: str) -> None:
+def configure_worker_logging(rank: int, level: str, *, progress_lines: bool = True) -> None:
     """Rank 0 prints its progress lines to stderr (Ray forwards worker stderr to the driver's console); other ranks
-    and chatty libraries (open_clip logs through the root logger) only show warnings unless ``level`` is lower."""
+    and chatty libraries (open_clip logs through the root logger) only show warnings unless ``level`` is lower.
+
+    ``progress_lines=False`` (a sweep's trials, whose driver tells each trial's story itself) keeps rank 0 at
+    ``level`` too, so the console is not doubled by every trial's loading and caching lines.
+    """
     logging.getLogger().setLevel(level)
     for name in ("platform", "coop_core"):
         lg = logging.getLogger(name)
@@ -263,7 +267,7 @@ def configure_worker_logging(rank: int, level: str) -> None:
             handler._coop_worker = True  # type: ignore[attr-defined]
             lg.addHandler(handler)
             lg.propagate = False
-        lg.setLevel(logging.INFO if rank == 0 else level)
+        lg.setLevel(logging.INFO if rank == 0 and progress_lines else level)
     logging.getLogger("coop_core.engine").setLevel(logging.WARNING)  # rank 0 prints its own epoch line
     for name in ("ray.train", "ray.tune"):  # "Checkpoint successfully created at ..." for every epoch of every trial
         logging.getLogger(name).setLevel(max(logging.getLevelName(level), logging.WARNING))

@@ -109,13 +109,13 @@ def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
 
 
 def run_link(experiment_id: str, run_id: str) -> str:
-    """A link to a run's page, relative to the UI."""
-    return f"#/experiments/{experiment_id}/runs/{run_id}"
+    """A link to a run's page, relative to the UI (in the UI's model-training mode)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}?workflowType={ML_WORKFLOW}"
 
 
 def artifact_link(experiment_id: str, run_id: str, path: str) -> str:
     """A link to one artifact of a run, relative to the UI (for run descriptions, which the UI renders in place)."""
-    return f"#/experiments/{experiment_id}/runs/{run_id}/artifacts/{path}"
+    return f"#/experiments/{experiment_id}/runs/{run_id}/artifacts/{path}?workflowType={ML_WORKFLOW}"
 
 
 def runs_view_link(experiment_id: str, view_key: str | None = None) -> str:

@@ -271,7 +271,7 @@ def test_mlflow_ui_metadata_opens_on_runs_with_accuracy_columns_and_links(sweeps
         run_id, tags = child.info.run_id, child.data.tags
         note = tags[tracking.NOTE_TAG]
         assert note.startswith(f"**Trial `{tags[TRIAL_TAG]}`** of sweep [good](#/experiments/{exp_id}/runs/")
-        assert f"(#/experiments/{exp_id}/runs/{run_id}/artifacts/config.json)" in note
+        assert f"(#/experiments/{exp_id}/runs/{run_id}/artifacts/config.json?workflowType=machine_learning)" in note
         checkpoint = Path(tags[tracking.CHECKPOINT_TAG])
         assert f"Ray checkpoint: `{checkpoint}`" in note
         assert json.loads((checkpoint / "config.json").read_text())["dataset"] == "eurosat"  # the link is real

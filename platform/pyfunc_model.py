@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.pyfunc import PythonModel
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 PROMPTS_ARTIFACT = "prompts"
 BACKBONE_ARTIFACT = "backbone_config"
@@ -72,10 +72,12 @@ def _read_image(index: int, value: Any, count: int) -> Image.Image:
 
     try:
         return _to_pil(value)
-    except (ValueError, OSError) as err:  # PIL's UnidentifiedImageError is an OSError
+    except UnidentifiedImageError:  # its message names a BytesIO object, which tells the client nothing
+        reason = "its bytes are not an image format PIL reads (JPEG, PNG, TIFF, ...)"
+    except (ValueError, OSError) as err:  # a truncated image, a bad path or base64
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        message = f"image {index + 1} of {count} is not readable: {reason}"
-        raise MlflowException.invalid_parameter_value(message) from None
+    message = f"image {index + 1} of {count} is not readable: {reason}"
+    raise MlflowException.invalid_parameter_value(message) from None
 
 
 class CoOpClassifier(PythonModel):

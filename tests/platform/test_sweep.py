@@ -404,7 +404,8 @@ def test_rest_server_answers_a_malformed_image_with_400_and_one_line(served_cham
     # MLflow's scoring server puts "Failed to predict data '<the request>'." before the model's message; ours is
     # its last line, one line that names the image.
     last = body["message"].splitlines()[-1]
-    assert last.startswith("Error: image 2 of 2 is not readable: cannot identify image file"), body["message"]
+    assert last == ("Error: image 2 of 2 is not readable: its bytes are not an image format PIL reads "
+                    "(JPEG, PNG, TIFF, ...)"), body["message"]
     assert "Traceback" not in json.dumps(body)
 
 

@@ -142,7 +142,8 @@ class ConsoleProgress:
         except Exception:  # the board is going away with Ray: nothing more to draw
             return
         with self._lock:
-            for task, (done, total) in sorted(tasks.items()):
+            order = list(self.labels)  # bars in the order the work happens (features before epochs)
+            for task, (done, total) in sorted(tasks.items(), key=lambda kv: (_rank(kv[0], order), kv[0])):
                 bar = self._bars.get(task)
                 if bar is None:
                     label = self.labels.get(task.rsplit(":", 1)[-1], task)
@@ -152,6 +153,11 @@ class ConsoleProgress:
                     bar.total = total
                 bar.n = done
                 bar.refresh()
+
+
+def _rank(task: str, order: list[str]) -> int:
+    name = task.rsplit(":", 1)[-1]
+    return order.index(name) if name in order else len(order)
 
 
 class _NoBar:

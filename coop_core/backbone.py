@@ -153,6 +153,10 @@ def _ensure_weights(model_name: str, pretrained: str, cache_dir: str | None, tim
     return path
 
 
+def _asked_for_random_weights(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
 def load_clip(
     backbone: str,
     pretrained: str = "openai",
@@ -177,11 +181,19 @@ def load_clip(
     weights = None if pretrained.lower() in NO_WEIGHTS else _ensure_weights(
         model_name, pretrained, cache_dir, download_timeout_s
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_WEIGHTS_SEED)  # "none" gives the same random weights in every process
-        model, _, preprocess_val = open_clip.create_model_and_transforms(
-            model_name, pretrained=weights, device=device, cache_dir=cache_dir
-        )
+    root = logging.getLogger()
+    # Random weights were asked for by name: open_clip's warning that none were loaded says nothing new (our own
+    # "loaded <model> (none)" line follows), and every Ray worker would print it.
+    if weights is None:
+        root.addFilter(_asked_for_random_weights)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)  # "none" gives the same random weights in every process
+            model, _, preprocess_val = open_clip.create_model_and_transforms(
+                model_name, pretrained=weights, device=device, cache_dir=cache_dir
+            )
+    finally:
+        root.removeFilter(_asked_for_random_weights)
     model.eval()
     model.requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(model_name)

@@ -109,8 +109,12 @@ def extract_features(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the frozen image encoder over ``dataset``; returns L2-normalised fp32 features ``(n, d)`` and labels."""
+    """Run the frozen image encoder over ``dataset``; returns L2-normalised fp32 features ``(n, d)`` and labels.
+
+    ``on_batch(n)`` is called after each batch with its number of images (for a progress display).
+    """
     device = torch.device(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     feats, labels = [], []
@@ -121,6 +125,8 @@ def extract_features(
             out = image_encoder(images.to(device, non_blocking=True))
         feats.append(F.normalize(out.float(), dim=-1).cpu())
         labels.append(torch.as_tensor(y))
+        if on_batch is not None:
+            on_batch(len(out))
     if not feats:
         raise ValueError("cannot extract features from an empty dataset")
     return torch.cat(feats), torch.cat(labels).long()

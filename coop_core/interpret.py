@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
@@ -50,3 +51,25 @@ def nearest_words_table(words: list[list[list[tuple[str, float]]]], classnames: 
         for p, ranked in enumerate(ctx_set):
             lines.append(f"{name}\t{p + 1}\t" + ", ".join(f"{w} ({d:.3f})" for w, d in ranked))
     return "\n".join(lines)
+
+
+_RANKED = re.compile(r"(.*?) \((\d+\.\d+)\)(?:, |$)")
+
+
+def parse_nearest_words_table(text: str) -> dict[str, list[list[tuple[str, float]]]]:
+    """Read a :func:`nearest_words_table` back: ``{set name: [position][rank] -> (word, distance)}``.
+
+    The set name is ``"shared"`` for a unified context, else the class name (CSC).
+
+    Raises:
+        ValueError: the text is not such a table.
+    """
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines or lines[0] != "set\tposition\twords (distance)":
+        raise ValueError("not a nearest-words table (missing its header line)")
+    out: dict[str, list[list[tuple[str, float]]]] = {}
+    for line in lines[1:]:
+        name, _, ranked = line.split("\t", 2)
+        words = [(word, float(dist)) for word, dist in _RANKED.findall(ranked)]  # a word may itself hold ", "
+        out.setdefault(name, []).append(words)
+    return out

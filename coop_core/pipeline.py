@@ -43,19 +43,38 @@ class RunFeatures:
     test: FeatureSet | None
 
 
+# A progress callback: ``progress(task, done, total)``; ``prepare_features`` reports task "features" in images.
+Progress = Callable[[str, int, int], None]
+
+
+class _ImageCounter:
+    """Counts the images of all feature sets of a run, computed or read from the cache, for ``progress``."""
+
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
+
+    def add(self, n: int) -> None:
+        self.done = min(self.total, self.done + n)
+        if self.progress is not None:
+            self.progress("features", self.done, self.total)
+
+
 def _feature_set(clip: LoadedClip, items: tuple[Item, ...], image_dir: Path, transform, *, cache: FeatureCache | None,
-                 key: dict, device: torch.device, batch_size: int, loader_workers: int, seed: int | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 key: dict, device: torch.device, batch_size: int, loader_workers: int, counter: _ImageCounter,
+                 seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    start = counter.done
+
     def compute() -> dict[str, torch.Tensor]:
         ds = ImageListDataset(image_dir, items, transform)
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)  # augmented views are reproducible for a given key
             feats, labels = extract_features(clip.model.visual, ds, batch_size=batch_size, num_workers=loader_workers,
-                                             device=device)
+                                             device=device, on_batch=counter.add)
         return {"features": feats, "labels": labels}
 
     out = cache.get_or_compute(key, compute) if cache is not None else compute()
+    counter.add(start + len(items) - counter.done)  # a cache hit counts its images at once
     return out["features"], out["labels"]
 
 
@@ -69,11 +88,13 @@ def prepare_features(
     device: str | torch.device = "cpu",
     with_test: bool = True,
     batch_size: int = 128,
+    progress: Progress | None = None,
 ) -> RunFeatures:
     """Image features for training (cached views or exact), validation and test, through the feature cache.
 
     Keys hold the backbone, weights identity, dataset, item list digest, transform and view seed, so every trial of a
-    sweep and every DDP worker with the same data reuses the same entries.
+    sweep and every DDP worker with the same data reuses the same entries. ``progress("features", done, total)``
+    is called as images are encoded (or found in the cache), if given.
     """
     device = torch.device(device)
     cache = FeatureCache(cache_dir) if cache_dir is not None else None
@@ -81,7 +102,10 @@ def prepare_features(
             "image_dir": str(splits.image_dir)}
     test_tf = test_transform(clip.image_size, clip.mean, clip.std)
     train_tf = train_transform(clip.image_size, clip.mean, clip.std)
-    common = {"cache": cache, "device": device, "batch_size": batch_size, "loader_workers": cfg.loader_workers}
+    n_train_views = 0 if cfg.feature_mode == "exact" else cfg.n_views * len(fewshot.train)
+    counter = _ImageCounter(progress, len(fewshot.val) + (len(splits.test) if with_test else 0) + n_train_views)
+    common = {"cache": cache, "device": device, "batch_size": batch_size, "loader_workers": cfg.loader_workers,
+              "counter": counter}
 
     def eval_set(items: tuple[Item, ...]) -> FeatureSet:
         key = base | {"items": items_digest(items), "transform": describe(test_tf)}

@@ -1,1 +1,2 @@
-"""Pictures and reports of tracked CoOp runs, read from MLflow (see ``dashboards.report``)."""
+"""Pictures of tracked CoOp sweeps, read from MLflow and logged back to the sweep run: ``python -m dashboards``
+(see ``dashboards.report`` for the files)."""

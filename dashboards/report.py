@@ -1,81 +1,47 @@
-"""Pictures of a sweep from MLflow: learning curves per trial and validation accuracy by search dimension.
+"""A sweep's dashboards, drawn from MLflow and logged back to its parent run: ``python -m dashboards``.
 
-Reads only MLflow (parent run + child runs), so it works on any finished or running sweep, from any machine that
-can reach the tracking store:
+:func:`build_dashboards` writes, for one sweep (its parent run), into a folder and (with ``log``) under the parent
+run's ``dashboards/`` artifacts, where the MLflow UI shows them:
 
-    python -m dashboards.report --tracking-uri sqlite:///mlflow.db --parent-run-id <id> --out report/
+- ``val_curves.png``: validation accuracy of every trial by epoch, ASHA-stopped trials dashed and crossed;
+- ``param_importances.png``: Optuna's parameter importances for validation accuracy;
+- ``parallel_coordinates.html`` (interactive) and ``.png``: every trial's searched values and validation accuracy;
+- ``acc_vs_shots.png``: test accuracy against shots beside zero-shot CLIP, when several shot counts were trained;
+- ``nearest_words.png``: the best trial's context in words, per position (unified) or per class (CSC);
+- ``dimensions.png`` and ``summary.md``: validation accuracy by searched value, and the trials ranked by it.
 
-With ``--log`` the PNGs and a Markdown summary are logged back as artifacts of the parent run (under ``report/``),
-where the MLflow UI shows them.
+``platform.tune`` draws them when a sweep ends; this module draws them again for any past sweep.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
-import sys
+import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from platform.artifacts import DASHBOARDS_ARTIFACT_DIR, NEAREST_WORDS_FILE, SELECTION_METRIC, TEST_METRIC
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-from platform.artifacts import SELECTION_METRIC, TEST_METRIC  # noqa: E402 (run from the repository root)
-
 import matplotlib.pyplot as plt  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
+
+from dashboards.curves import plot_val_curves  # noqa: E402
+from dashboards.search import plot_importances, plot_parallel, study_from_sweep  # noqa: E402
+from dashboards.shots import plot_acc_vs_shots  # noqa: E402
+from dashboards.sweep import Sweep, Trial, load_sweep  # noqa: E402
+from dashboards.words import plot_nearest_words  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 DIMENSIONS = ("prompt.n_ctx", "prompt.ctx_init", "prompt.class_token_position", "prompt.csc", "train.lr")
-
-
-@dataclass
-class Trial:
-    """One child run: its params, final metrics and validation-accuracy curve."""
-
-    run_id: str
-    name: str
-    params: dict[str, str]
-    metrics: dict[str, float]
-    val_curve: list[tuple[int, float]]
-
-
-def load_trials(client: MlflowClient, parent_run_id: str, metric: str = SELECTION_METRIC) -> list[Trial]:
-    """The child runs of ``parent_run_id`` with their ``metric`` history."""
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10_000
-    )
-    trials = []
-    for run in runs:
-        history = client.get_metric_history(run.info.run_id, metric)
-        curve = sorted((int(m.step), float(m.value)) for m in history)
-        trials.append(Trial(run.info.run_id, run.info.run_name or run.info.run_id[:8], dict(run.data.params),
-                            dict(run.data.metrics), curve))
-    return trials
-
-
-def plot_curves(trials: Sequence[Trial], path: Path, metric: str = SELECTION_METRIC) -> Path:
-    """Validation accuracy by epoch, one line per trial (early-stopped trials end early)."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for t in trials:
-        if t.val_curve:
-            xs, ys = zip(*t.val_curve)
-            ax.plot(xs, ys, marker="o", ms=2, lw=1, label=t.name)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(f"{metric} (%)")
-    ax.set_title(f"{metric} per trial ({len(trials)} trials)")
-    ax.grid(alpha=0.3)
-    if 0 < len(trials) <= 12:
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+FILES = {"val_curves": "val_curves.png", "param_importances": "param_importances.png",
+         "parallel_html": "parallel_coordinates.html", "parallel_png": "parallel_coordinates.png",
+         "acc_vs_shots": "acc_vs_shots.png", "nearest_words": "nearest_words.png", "dimensions": "dimensions.png",
+         "summary": "summary.md"}
 
 
 def plot_dimensions(trials: Sequence[Trial], path: Path, metric: str = SELECTION_METRIC) -> Path:
@@ -140,49 +106,68 @@ def summary_markdown(trials: Sequence[Trial], metric: str = SELECTION_METRIC) ->
     return "\n".join(lines) + "\n"
 
 
-def build_report(client: MlflowClient, parent_run_id: str, out_dir: Path, log: bool = False) -> dict[str, str]:
-    """Write curves.png, dimensions.png and summary.md for a sweep; optionally log them to the parent run."""
+def build_dashboards(client: MlflowClient, parent_run_id: str, out_dir: Path, *, log: bool = False
+                     ) -> dict[str, Any]:
+    """Draw every dashboard of the sweep ``parent_run_id`` into ``out_dir``; with ``log``, log them to the run.
+
+    A view that the sweep cannot have is skipped with the reason in the result's ``skipped`` (acc-vs-shots with one
+    shot count; the search views with fewer than two trials; nearest words before any trial finished).
+
+    Returns:
+        ``{"files": {name: path}, "skipped": {name: reason}, "drawn": {name: the data each picture shows}}``.
+
+    Raises:
+        ValueError: the run is not a sweep's parent run.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    trials = load_trials(client, parent_run_id)
-    if not trials:
-        raise ValueError(f"run {parent_run_id} has no child runs: is it a sweep's parent run?")
-    files = {
-        "curves": plot_curves(trials, out_dir / "curves.png"),
-        "dimensions": plot_dimensions(trials, out_dir / "dimensions.png"),
-        "summary": out_dir / "summary.md",
-    }
-    files["summary"].write_text(summary_markdown(trials))
+    sweep = load_sweep(client, parent_run_id)
+    files: dict[str, Path] = {}
+    skipped: dict[str, str] = {}
+    drawn: dict[str, Any] = {}
+    path = out_dir / FILES["val_curves"]
+    drawn["val_curves"] = plot_val_curves(sweep.trials, path, epochs=sweep.epochs)
+    files["val_curves"] = path
+    try:
+        study = study_from_sweep(sweep)
+    except ValueError as err:
+        skipped["param_importances"] = skipped["parallel_coordinates"] = str(err)
+    else:
+        files["param_importances"] = out_dir / FILES["param_importances"]
+        drawn["param_importances"] = plot_importances(study, files["param_importances"])
+        files["parallel_html"] = out_dir / FILES["parallel_html"]
+        files["parallel_png"] = out_dir / FILES["parallel_png"]
+        drawn["parallel_coordinates"] = plot_parallel(study, files["parallel_html"], files["parallel_png"])
+    shots = plot_acc_vs_shots(sweep.trials, out_dir / FILES["acc_vs_shots"])
+    if shots is None:
+        skipped["acc_vs_shots"] = "fewer than two shot counts ran all their epochs"
+    else:
+        files["acc_vs_shots"], drawn["acc_vs_shots"] = out_dir / FILES["acc_vs_shots"], shots
+    words = _nearest_words(client, sweep, out_dir / FILES["nearest_words"])
+    if isinstance(words, str):
+        skipped["nearest_words"] = words
+    else:
+        files["nearest_words"], drawn["nearest_words"] = out_dir / FILES["nearest_words"], words
+    files["dimensions"] = plot_dimensions(sweep.trials, out_dir / FILES["dimensions"])
+    files["summary"] = out_dir / FILES["summary"]
+    files["summary"].write_text(summary_markdown(sweep.trials))
     if log:
         for f in files.values():
-            client.log_artifact(parent_run_id, str(f), artifact_path="report")
-    return {k: str(v) for k, v in files.items()}
+            client.log_artifact(parent_run_id, str(f), artifact_path=DASHBOARDS_ARTIFACT_DIR)
+    return {"files": {k: str(v) for k, v in files.items()}, "skipped": skipped, "drawn": drawn}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dashboards.report",
-        description="Plot a CoOp sweep from MLflow: val-accuracy curves per trial and accuracy by search dimension.",
-    )
-    parser.add_argument(
-        "--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (default: %(default)s)"
-    )
-    parser.add_argument("--parent-run-id", required=True, help="the sweep's parent run id (printed by platform.tune)")
-    parser.add_argument("--out", default="report", help="output folder for PNGs and summary.md (default: %(default)s)")
-    parser.add_argument("--log", action="store_true", help="also log the files as artifacts of the parent run")
-    parser.add_argument("--json", action="store_true", help="print one JSON object with the file paths last")
-    args = parser.parse_args(argv)
-    client = MlflowClient(tracking_uri=args.tracking_uri)
-    try:
-        files = build_report(client, args.parent_run_id, Path(args.out), log=args.log)
-    except Exception as err:  # unknown run id, unreachable store: one line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for name, path in files.items():
-        print(f"{name:<11} {path}")
-    if args.json:
-        print(json.dumps(files))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def _nearest_words(client: MlflowClient, sweep: Sweep, path: Path) -> dict[str, list[list[str]]] | str:
+    """The best trial's nearest-words picture, or why there is none."""
+    best = sweep.best_trial()
+    if best is None:
+        return "no trial ran all its epochs"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(best.run_id, NEAREST_WORDS_FILE, tmp)
+        except Exception as err:  # an MLflow store error names the missing artifact
+            return f"trial {best.trial_id} has no {NEAREST_WORDS_FILE}: {str(err).splitlines()[0]}"
+        text = Path(local).read_text()
+    csc = best.params.get("prompt.csc") == "True"
+    title = (f"nearest words of the learned context: best trial {best.trial_id} "
+             f"({SELECTION_METRIC} {best.final_val:.1f}, {'CSC' if csc else 'unified'})")
+    return plot_nearest_words(text, path, title=title)

@@ -30,10 +30,14 @@ NEAREST_WORDS_FILE = "nearest_words.txt"  # final checkpoint only: the context's
 PROMPTS_ARTIFACT_DIR = "prompts"  # PROMPTS_FILE and PROMPTS_META_FILE go under this artifact folder
 PROMPT_ARTIFACT_FILES = (PROMPTS_FILE, PROMPTS_META_FILE)
 ROOT_ARTIFACT_FILES = (CONFIG_FILE, NEAREST_WORDS_FILE, HISTORY_FILE, METRICS_FILE)
+DASHBOARDS_ARTIFACT_DIR = "dashboards"  # a sweep's pictures (dashboards/), logged to its parent run
 
 # -- metric keys ----------------------------------------------------------------------------------------------------
 SELECTION_METRIC = "val_acc"  # what chooses: ASHA, the best trial, the registry's champion rule (never test accuracy)
 TEST_METRIC = "test_acc"  # measured on the test split after the last epoch, only reported
+ZEROSHOT_TEST_METRIC = "zeroshot_test_acc"  # the hand-crafted prompt's test accuracy, the baseline CoOp must beat
+# The accuracies a person compares runs by: the columns of the MLflow runs table and the registry's version tags.
+ACCURACY_KEYS = (SELECTION_METRIC, TEST_METRIC, ZEROSHOT_TEST_METRIC)
 # Reported every epoch (coop_core.engine.train; val_* on validation epochs), logged with step = epoch.
 EPOCH_KEYS = ("epoch", "train_loss", "train_acc", "lr", "val_acc", "val_macro_f1", "epoch_time_s", "val_time_s")
 # Added to the last epoch's report (the test split is only measured, never used to choose).

@@ -203,6 +203,12 @@ class StderrHandler(logging.StreamHandler):
 
 def configure_logging(verbose: bool) -> None:
     """Our progress on stderr; other libraries' INFO only with --verbose (their warnings reach stderr anyway)."""
+    if not verbose:
+        # MLflow draws a progress bar for every artifact it downloads (a checkpoint file, a table) and logs its
+        # database set-up at INFO; both documented switches, read when mlflow is imported or downloads.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
     for name in ("platform", "coop_core"):
         lg = logging.getLogger(name)
         if not any(isinstance(h, StderrHandler) for h in lg.handlers):

@@ -17,7 +17,10 @@ available), ``batch_size`` the images per forward pass.
 Input: a pandas DataFrame whose ``image`` column (else its first column) holds image paths, raw image bytes (or
 base64 text of them), PIL images or HxWx3 uint8 arrays; or a numpy batch, either ``(n, H, W, 3)`` uint8 images or
 ``(n, 3, S, S)`` float images already preprocessed with CLIP's test transform. Output: a DataFrame with ``class_name``
-(the most probable class), ``probability`` (its probability) and one ``prob_<class name>`` column per class.
+(the most probable class), ``probability`` (its probability) and one ``prob_<class name>`` column per class. The
+registered model's signature declares the ``image`` column (``platform.registry.model_signature``), so through
+``mlflow.pyfunc`` and the REST server the input is that DataFrame; the numpy forms are for ``unwrap_python_model()``.
+An unreadable image fails the request with one line naming it (HTTP 400 when served).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.pyfunc import PythonModel
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 PROMPTS_ARTIFACT = "prompts"
 BACKBONE_ARTIFACT = "backbone_config"
@@ -62,8 +65,31 @@ def _to_pil(value: Any) -> Image.Image:
     raise ValueError(f"cannot read an image from a {type(value).__name__}; give a path, bytes or an array")
 
 
+def _read_image(index: int, value: Any, count: int) -> Image.Image:
+    """Image ``index`` of a request; an unreadable one is the client's error: ``MlflowException`` with
+    ``INVALID_PARAMETER_VALUE``, which the scoring server answers with HTTP 400 and this one-line message."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _to_pil(value)
+    except UnidentifiedImageError:  # its message names a BytesIO object, which tells the client nothing
+        reason = "its bytes are not an image format PIL reads (JPEG, PNG, TIFF, ...)"
+    except (ValueError, OSError) as err:  # a truncated image, a bad path or base64
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    message = f"image {index + 1} of {count} is not readable: {reason}"
+    raise MlflowException.invalid_parameter_value(message) from None
+
+
 class CoOpClassifier(PythonModel):
     """CLIP with a learned CoOp context: images -> class names and probabilities."""
+
+    # MLflow wraps a PythonModel's ``predict`` for type-hint validation when the class is defined, and warns on every
+    # console that saves, loads or serves the model that ``predict`` has no type hints. This model's input is
+    # declared by its registered signature instead (type hints would switch MLflow to its type-hint schema, which
+    # takes {"inputs": ...} requests only). No public switch turns the check off; MLflow's own ChatModel classes skip
+    # it with this private attribute (mlflow/pyfunc/model.py, PythonModel.__init_subclass__). On an MLflow upgrade,
+    # check that saving the model prints no such warning and that predict still gets the DataFrame.
+    _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
         from coop_core.backbone import load_clip
@@ -116,7 +142,8 @@ class CoOpClassifier(PythonModel):
             )
         if not values:
             return torch.empty(0, 3, 1, 1)
-        return torch.stack([self.preprocess(_to_pil(v)) for v in values])  # (n, 3, S, S)
+        images = [_read_image(i, v, len(values)) for i, v in enumerate(values)]
+        return torch.stack([self.preprocess(image) for image in images])  # (n, 3, S, S)
 
     @torch.no_grad()
     def probabilities(self, model_input: Any) -> np.ndarray:

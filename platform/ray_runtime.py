@@ -4,6 +4,7 @@ what the cluster offers (GPUs or not)."""
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -14,7 +15,31 @@ import torch
 TRIAL_THREAD_TIMEOUT_S = 600
 
 
-def init_ray(address: str | None = None, *, working_dir: bool = True, **ray_init_kwargs: Any) -> bool:
+# Notices Ray logs on every start that tell a user of our CLIs nothing they can act on, by the logger that emits them.
+START_UP_CHATTER = {
+    # .git/.venv are no longer uploaded with the working_dir -- which is what we want.
+    "ray._private.worker": ("is now ignored by default",),
+    # A local Ray started by ray.init() has token authentication on by default: a notice, not a problem.
+    "ray._private.authentication.authentication_token_setup": ("Token authentication is enabled for this Ray",),
+}
+
+
+def _not_chatter(messages: tuple[str, ...]):
+    return lambda record: not any(m in record.getMessage() for m in messages)
+
+
+def hide_start_up_chatter() -> None:
+    """Filter Ray's start-up notices (:data:`START_UP_CHATTER`) out of the console; idempotent."""
+    for name, messages in START_UP_CHATTER.items():
+        lg = logging.getLogger(name)
+        if not any(getattr(f, "_coop_chatter", False) for f in lg.filters):
+            chatter_filter = _not_chatter(messages)
+            chatter_filter._coop_chatter = True  # type: ignore[attr-defined]
+            lg.addFilter(chatter_filter)
+
+
+def init_ray(address: str | None = None, *, working_dir: bool = True, quiet: bool = True,
+             **ray_init_kwargs: Any) -> bool:
     """``ray.init`` with the ``runtime_env`` that makes ``platform.*`` importable in every worker.
 
     Ships the repository as ``working_dir`` and installs this package in each worker with a setup hook (see
@@ -23,6 +48,7 @@ def init_ray(address: str | None = None, *, working_dir: bool = True, **ray_init
     Args:
         address: a cluster address (``auto``, ``ray://head:10001``) or None for a local instance.
         working_dir: ship the repository to the cluster (off: workers on this machine import it in place).
+        quiet: hide Ray's start-up notices (the CLIs pass ``not --verbose``).
         ray_init_kwargs: passed to ``ray.init`` (``num_cpus``, ``num_gpus``, ``include_dashboard``...); a
             ``runtime_env`` is merged into ours (its ``env_vars`` added).
 
@@ -47,9 +73,12 @@ def init_ray(address: str | None = None, *, working_dir: bool = True, **ray_init
                                **extra_env.pop("env_vars", {})}
     runtime_env.update(extra_env)
     ray_init_kwargs.setdefault("logging_level", logging.WARNING)
-    # Ray warns on every start that .git/.venv are no longer uploaded -- which is what we want; keep the console clean.
-    logging.getLogger("ray._private.worker").addFilter(
-        lambda record: "is now ignored by default" not in record.getMessage())
+    if quiet:
+        hide_start_up_chatter()
+    # No address means a Ray of our own, as the CLIs' --ray-address promises: a bare ray.init() would instead join
+    # whatever Ray another program started on this machine (Ray picks "the latest cluster" it finds), and a sweep
+    # would die with it. $RAY_ADDRESS still chooses a cluster explicitly.
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, runtime_env=runtime_env, **ray_init_kwargs)
     return True
 

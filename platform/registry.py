@@ -21,11 +21,19 @@ import json
 import logging
 import re
 import tempfile
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from platform.artifacts import PROMPTS_FILE, SELECTION_METRIC
+from platform.artifacts import (
+    ACCURACY_KEYS,
+    N_CTX_EFFECTIVE_KEY,
+    PROMPTS_FILE,
+    SELECTION_METRIC,
+    TEST_METRIC,
+    ZEROSHOT_TEST_METRIC,
+)
 from typing import Any
 
 import mlflow
@@ -113,11 +121,57 @@ def version_tags(spec: Mapping[str, Any], classnames: list[str], metrics: Mappin
         "classnames": json.dumps(list(classnames)),
         "config": json.dumps(spec, sort_keys=True),
     }
-    for key in ("val_acc", "test_acc", "zeroshot_test_acc"):
+    for key in ACCURACY_KEYS:
         if metrics.get(key) is not None:
             tags[key] = f"{float(metrics[key]):.4f}"
     tags.update({k: str(v) for k, v in (extra or {}).items()})
     return tags
+
+
+def model_signature(classnames: list[str]):
+    """The served model's signature: one ``image`` column in (a path, image bytes, or base64 text of them), the most
+    probable class, its probability and one probability column per class out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
+
+    outputs = [ColSpec(DataType.string, "class_name"), ColSpec(DataType.double, "probability")]
+    outputs += [ColSpec(DataType.double, f"prob_{name}") for name in classnames]
+    return ModelSignature(inputs=Schema([ColSpec(DataType.string, "image")]), outputs=Schema(outputs))
+
+
+def serve_command(name: str, alias: str = CHAMPION, port: int = 5001) -> str:
+    """The command that serves ``models:/<name>@<alias>`` over REST on this machine (README: Serving)."""
+    return f"mlflow models serve -m models:/{name}@{alias} --env-manager local --host 127.0.0.1 --port {port}"
+
+
+def version_description(spec: Mapping[str, Any], classnames: list[str], metrics: Mapping[str, float],
+                        extra: Mapping[str, str] | None = None) -> str:
+    """The model version's description in the UI: what it is, trained on what, how well, how to load and serve it."""
+    name = registered_model_name(str(spec["dataset"]))
+    prompt, train = spec["prompt"], spec["train"]
+    n_ctx = spec.get(N_CTX_EFFECTIVE_KEY) or prompt["n_ctx"]
+    context = "one context per class (CSC)" if prompt["csc"] else "one context shared by all classes"
+    init = f"initialised from {prompt['ctx_init']!r}" if prompt["ctx_init"] else "randomly initialised"
+    acc = [f"{label} {float(metrics[key]):.2f} %" for key, label in
+           ((SELECTION_METRIC, "validation"), (TEST_METRIC, "test"), (ZEROSHOT_TEST_METRIC, "zero-shot CLIP on test"))
+           if metrics.get(key) is not None]
+    n_test = f" ({spec['n_test']} test images)" if spec.get("n_test") else ""
+    origin = ""
+    if extra and extra.get("sweep"):
+        origin = f" Best trial (`{extra.get('trial_id')}`) of sweep `{extra['sweep']}` by validation accuracy."
+    return "\n".join([
+        f"CoOp prompt for CLIP `{spec['model']['backbone']}` (weights `{spec['model']['pretrained']}`) on "
+        f"{spec['dataset']} ({len(classnames)} classes), {train['shots']}-shot, seed {train['seed']}: {n_ctx} learned "
+        f"context vectors, {context}, {init}, class name at the {prompt['class_token_position']}.{origin}",
+        "",
+        f"Accuracy: {', '.join(acc)}{n_test}.",
+        "",
+        f"Load: `mlflow.pyfunc.load_model(\"models:/{name}/<version>\").predict(pandas.DataFrame({{\"image\": "
+        "[path_or_bytes, ...]}))` gives `class_name`, `probability` and one `prob_<class>` column per class.",
+        "",
+        f"Serve: `{serve_command(name)}`, then POST `{{\"dataframe_split\": {{\"columns\": [\"image\"], "
+        "\"data\": [[\"<base64 image>\"]]}}` to `http://127.0.0.1:5001/invocations` (README: Serving).",
+    ])
 
 
 def log_prompt_model(checkpoint_dir: str | Path, spec: Mapping[str, Any], *, run_id: str, tracking_uri: str) -> str:
@@ -132,6 +186,7 @@ def log_prompt_model(checkpoint_dir: str | Path, spec: Mapping[str, Any], *, run
     prompts = Path(checkpoint_dir) / PROMPTS_FILE
     if not prompts.is_file():
         raise FileNotFoundError(f"{prompts} not found: only a trial's final checkpoint holds its prompts")
+    _, meta = load_prompts(prompts)
     artifacts = {"prompts": str(prompts)}
     backbone = str(spec["model"]["backbone"])
     if backbone.endswith(".json"):
@@ -139,7 +194,10 @@ def log_prompt_model(checkpoint_dir: str | Path, spec: Mapping[str, Any], *, run
         if not path.is_file():
             raise FileNotFoundError(f"backbone config {backbone} not found (needed to make the model self-contained)")
         artifacts["backbone_config"] = str(path)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # MLflow suggests an input example on every save; the signature already says what the model takes, and an
+        # example would make MLflow run CLIP at registration time.
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
         local = Path(tmp) / MODEL_ARTIFACT_NAME
         mlflow.pyfunc.save_model(
             path=str(local),
@@ -147,6 +205,7 @@ def log_prompt_model(checkpoint_dir: str | Path, spec: Mapping[str, Any], *, run
             artifacts=artifacts,
             code_paths=[str(COOP_CORE_DIR)],
             pip_requirements=_pip_requirements(),
+            signature=model_signature(list(meta.classnames)),
         )
         MlflowClient(tracking_uri).log_artifacts(run_id, str(local), artifact_path=MODEL_ARTIFACT_NAME)
     return f"runs:/{run_id}/{MODEL_ARTIFACT_NAME}"
@@ -177,11 +236,17 @@ def register_prompt(
     model_uri = log_prompt_model(checkpoint_dir, spec, run_id=run_id, tracking_uri=tracking_uri)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     try:
-        client.create_registered_model(name, description=f"CoOp prompts for CLIP on {spec['dataset']}")
+        client.create_registered_model(name, description=(
+            f"CoOp prompts for CLIP on {spec['dataset']}: each version is one learned context with its backbone, "
+            "classes and accuracy (see its description and tags). `@champion` is the best by validation accuracy "
+            "among versions of the same backbone and shot count; `@champion-<backbone>-<K>shot` the best of each "
+            "family. Serve the champion with `" + serve_command(name) + "`."))
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    registered = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags)
+    description = version_description(spec, list(meta.classnames), metrics, extra_tags)
+    registered = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags,
+                                             description=description)
     version = int(registered.version)
     val_acc = float(metrics[SELECTION_METRIC])
     backbone, shots = tags["backbone"], tags["shots"]

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from platform import artifacts
+from platform.tracking import EARLY_STOPPED_TAG, SWEEP_TAG, TRIAL_TAG
 from platform.trials import searched_overrides, trial_spec
 from typing import Any
 
@@ -29,9 +30,6 @@ from ray.tune import Callback
 
 logger = logging.getLogger(__name__)
 
-TRIAL_TAG = "coop.trial_id"
-SWEEP_TAG = "coop.sweep"
-EARLY_STOPPED_TAG = "coop.stopped_early"
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # what ray.tune.integration.ray_train.TuneReportCallback reports
 
 
@@ -70,6 +68,28 @@ def checkpoint_dir(path: str, storage_path: str) -> Iterator[Path]:
         checkpoint = Checkpoint(path=path)
     with checkpoint.as_directory() as d:
         yield Path(d)
+
+
+def trial_description(trial_id: str, config: Mapping[str, Any], *, sweep_name: str, experiment_id: str,
+                      parent_run_id: str, run_id: str, outcome: str | None = None,
+                      last_result: Mapping[str, Any] | None = None, checkpoint: str | None = None) -> str:
+    """The trial run's Markdown description: what it tried, how it ended, links to its config and checkpoint."""
+    from platform import tracking
+
+    lines = [f"**Trial `{trial_id}`** of sweep [{sweep_name}]({tracking.run_link(experiment_id, parent_run_id)}): "
+             f"`{describe_config(config) or 'no searched values'}`", ""]
+    if outcome:
+        result = last_result or {}
+        accs = [f"{k} {result[k]:.2f} %" for k in artifacts.ACCURACY_KEYS if result.get(k) is not None]
+        lines.append(f"- {outcome}" + (f": {', '.join(accs)}" if accs else ""))
+    else:
+        lines.append("- running")
+    config_link = tracking.artifact_link(experiment_id, run_id, artifacts.CONFIG_FILE)
+    lines.append(f"- config: [{artifacts.CONFIG_FILE}]({config_link}) (the resolved configuration; the same values "
+                 "are this run's params)")
+    if checkpoint:
+        lines.append(f"- Ray checkpoint: `{checkpoint}`")
+    return "\n".join(lines)
 
 
 def trial_timing(last_result: Mapping[str, Any], *, created_at: float | None, ended_at: float,
@@ -128,12 +148,14 @@ class MlflowSweepCallback(Callback):
         self._logged: dict[str, set[int]] = {}  # epochs logged per trial by this driver
         self.timings: dict[str, dict[str, float]] = {}  # trial id -> worker and trial timings, once it ended
         self.windows: dict[str, tuple[float, float]] = {}  # trial id -> (created, ended) wall-clock times
+        self._experiment_id: str | None = None
 
     # -- bookkeeping ------------------------------------------------------------------------------------------------
 
     def __getstate__(self) -> dict[str, Any]:  # pickled into the Tuner's state: no run caches
         state = self.__dict__.copy()
-        for key in ("_runs", "_params_done", "_created", "_tracking_s", "_logged", "timings", "windows"):
+        for key in ("_runs", "_params_done", "_created", "_tracking_s", "_logged", "timings", "windows",
+                    "_experiment_id"):
             state.pop(key, None)
         return state
 
@@ -145,6 +167,15 @@ class MlflowSweepCallback(Callback):
         from mlflow.tracking import MlflowClient
 
         return MlflowClient(tracking_uri=self.tracking_uri)
+
+    def _describe(self, trial_id: str, run_id: str, config: Mapping[str, Any], **outcome: Any) -> None:
+        from platform import tracking
+
+        if self._experiment_id is None:
+            self._experiment_id = self._client().get_run(self.parent_run_id).info.experiment_id
+        text = trial_description(trial_id, config, sweep_name=self.sweep_name, experiment_id=self._experiment_id,
+                                 parent_run_id=self.parent_run_id, run_id=run_id, **outcome)
+        tracking.set_description(run_id, text, tracking_uri=self.tracking_uri)
 
     @contextmanager
     def _tracking(self, trial_id: str) -> Iterator[None]:
@@ -183,6 +214,7 @@ class MlflowSweepCallback(Callback):
                                          parent_run_id=self.parent_run_id, tracking_uri=self.tracking_uri)
             params = tracking.flatten_params(trial_spec(self.base_spec, config)) | {"trial_id": trial_id}
             tracking.log_params(run_id, params, tracking_uri=self.tracking_uri)
+            self._describe(trial_id, run_id, config)
         self._runs[trial_id] = run_id
         return run_id
 
@@ -287,8 +319,12 @@ class MlflowSweepCallback(Callback):
                                   if k in final}
         stopped_early = last_epoch < self.epochs
         client.set_tag(run_id, EARLY_STOPPED_TAG, str(stopped_early).lower())
-        tracking.end_run(run_id, "FINISHED", tracking_uri=self.tracking_uri)
+        if checkpoint_path:
+            client.set_tag(run_id, tracking.CHECKPOINT_TAG, checkpoint_path)
         how = f"stopped early by ASHA after epoch {last_epoch}" if stopped_early else "finished"
+        self._describe(trial_id, run_id, config, last_result=last_result, checkpoint=checkpoint_path,
+                       outcome=(f"{how} of {self.epochs}" if stopped_early else f"ran all {self.epochs} epochs"))
+        tracking.end_run(run_id, "FINISHED", tracking_uri=self.tracking_uri)
         val = last_result.get("val_acc")
         logger.info("trial %s %s: val_acc %s%s", trial_id, how, f"{val:.2f}" if val is not None else "-",
                     f", test_acc {final['test_acc']:.2f}" if "test_acc" in final else "")

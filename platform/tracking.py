@@ -10,6 +10,22 @@ SQLite store go to ``mlruns/`` beside the database file.
 
 Every function takes an explicit run id and tracking URI and uses an ``MlflowClient``: nothing here touches MLflow's
 global "active run", so sweeps can log many runs from one process.
+
+What the MLflow UI shows a person (MLflow 3):
+
+- experiments are created as model-training experiments (tag ``mlflow.experimentKind``). MLflow 3.17's UI also has a
+  global "GenAI | Model training" switch, kept per browser and "GenAI" at first, that decides the experiment page
+  over the tag: on "GenAI" it opens on the overview of traces (empty here). Every link we print or write carries
+  ``workflowType=machine_learning`` (what that switch puts in the URL), so it opens on the runs table;
+- a run's description (tag ``mlflow.note.content``, Markdown) says what it is and links its config and checkpoint;
+- the columns of the runs table are a per-browser setting MLflow keeps in the browser's local storage, which no
+  server-side call can set. What MLflow does read from the store is a *shared view*: an experiment tag
+  ``mlflow.sharedViewState.<key>`` holding the table's state, opened by ``?viewStateShareKey=<key>`` (the UI's own
+  "Share" button writes the same tag). :func:`save_runs_view` writes one with the accuracy and searched-parameter
+  columns; :func:`runs_view_url` is its link. It keeps MLflow's default order (newest first): the UI nests child runs
+  under their parent (a sweep's row unfolds with its "+") only in that order, and lists all runs flat when the table
+  is sorted by a metric (click the ``val_acc`` header for best first). Which parents are unfolded is not part of a
+  shared view (the UI drops it), so a sweep opens folded.
 """
 
 from __future__ import annotations
@@ -27,6 +43,25 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow nests a run under this run in the runs table
+# Our run tags (written by platform.tune / platform.sweep_tracking, read by dashboards/ and the tests).
+TRIAL_TAG = "coop.trial_id"  # a trial run's Ray Tune trial id
+SWEEP_TAG = "coop.sweep"  # the sweep's name, on its parent run and every trial run
+EARLY_STOPPED_TAG = "coop.stopped_early"  # "true" on a trial ASHA stopped before its last epoch
+BEST_TRIAL_TAG = "coop.best_trial_id"  # on a sweep's parent run: the trial registered as its best
+CHECKPOINT_TAG = "coop.checkpoint"  # where a run's last Ray checkpoint is (a path or URI on the Ray storage)
+NOTE_TAG = "mlflow.note.content"  # the run's (or experiment's) Markdown description in the UI
+# MLflow 3's UI reads this experiment tag to choose the experiment's landing page; "custom_model_development" is its
+# "model training" kind (runs table first), instead of the GenAI overview of traces an untagged experiment may get.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+# The prefix of the experiment tag that holds a shared view of the runs table. Not part of MLflow's documented API:
+# it is what the UI's "Share" button writes and what ``?viewStateShareKey=`` reads (mlflow/server/js, the experiment
+# page's shared view state). On an MLflow upgrade, check that a saved view still selects its columns
+# (tests/platform/test_mlflow_ui.py does, in a browser).
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
+DEFAULT_UI_URL = "http://127.0.0.1:5000"  # where ``mlflow ui`` serves by default
+ML_WORKFLOW = "machine_learning"  # the UI's ``workflowType`` URL value of its "Model training" switch
 NOT_METRICS = frozenset({"epoch", "done", *artifacts.NOT_LOGGED_KEYS})
 
 
@@ -61,6 +96,41 @@ def ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri}"
 
 
+def ui_url(tracking_uri: str) -> str:
+    """The address of the MLflow UI for ``tracking_uri``: the tracking server itself, or ``mlflow ui``'s default."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return DEFAULT_UI_URL
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The UI page of a run."""
+    return f"{ui_url(tracking_uri)}/{run_link(experiment_id, run_id)}"
+
+
+def run_link(experiment_id: str, run_id: str) -> str:
+    """A link to a run's page, relative to the UI (in the UI's model-training mode)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}?workflowType={ML_WORKFLOW}"
+
+
+def artifact_link(experiment_id: str, run_id: str, path: str) -> str:
+    """A link to one artifact of a run, relative to the UI (for run descriptions, which the UI renders in place)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}/artifacts/{path}?workflowType={ML_WORKFLOW}"
+
+
+def runs_view_link(experiment_id: str, view_key: str | None = None) -> str:
+    """A link (relative to the UI) that opens the experiment's runs table, with the view saved by
+    :func:`save_runs_view` when ``view_key`` is given (see the module docstring for ``workflowType``)."""
+    query = f"workflowType={ML_WORKFLOW}" + (f"&viewStateShareKey={view_key}" if view_key else "")
+    return f"#/experiments/{experiment_id}/runs?{query}"
+
+
+def runs_view_url(tracking_uri: str, experiment_id: str, view_key: str | None = None) -> str:
+    """The full address of :func:`runs_view_link` on the UI of ``tracking_uri`` (``mlflow ui``'s default address
+    for a local store)."""
+    return f"{ui_url(tracking_uri)}/{runs_view_link(experiment_id, view_key)}"
+
+
 def default_experiment(dataset: str) -> str:
     """``coop-<dataset>``."""
     return f"coop-{dataset}"
@@ -92,22 +162,73 @@ def flatten_params(spec: Any) -> dict[str, str]:
     return out
 
 
+def experiment_description(name: str) -> str:
+    """The experiment's description in the UI."""
+    return (f"CoOp prompt learning for CLIP (`{name}`): each sweep (`platform.tune`) is a parent run with one child "
+            "run per trial; single runs (`platform.train`) stand alone. Runs are compared by validation accuracy "
+            "(`val_acc`); test and zero-shot accuracy are measured, never used to choose. The best prompt of each "
+            "sweep is registered as a version of the model of the same name.")
+
+
 def get_or_create_experiment(name: str, *, tracking_uri: str | None = None) -> str:
-    """The id of experiment ``name``, created if needed (a SQLite store keeps its artifacts beside the DB file)."""
+    """The id of experiment ``name``, created if needed as a model-training experiment with a description.
+
+    A SQLite store keeps its artifacts beside the DB file. An existing experiment without the kind tag (made by an
+    older version, or by hand) gets it, so the UI opens it on its runs too.
+    """
     uri = resolve_tracking_uri(tracking_uri)
     client = _client(uri)
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    db = _sqlite_path(uri)
-    location = (db.resolve().parent / "mlruns").as_uri() if db is not None else None
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except Exception:  # created concurrently by another process
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        db = _sqlite_path(uri)
+        location = (db.resolve().parent / "mlruns").as_uri() if db is not None else None
+        tags = {EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND, NOTE_TAG: experiment_description(name)}
+        try:
+            return client.create_experiment(name, artifact_location=location, tags=tags)
+        except Exception:  # created concurrently by another process
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    return exp.experiment_id
+
+
+def save_runs_view(experiment_id: str, view_key: str, *, columns: Iterable[str],
+                   tracking_uri: str | None = None) -> str:
+    """Save a shared view of the experiment's runs table (see the module docstring); returns its key.
+
+    Args:
+        experiment_id: the experiment.
+        view_key: the view's name (letters, digits, ``-`` and ``_``), used in :func:`runs_view_url`.
+        columns: the columns to show, as MLflow names them: ``metrics.`val_acc```, ``params.`prompt.n_ctx```.
+        tracking_uri: see :func:`resolve_tracking_uri`.
+    """
+    if not view_key or not all(c.isalnum() or c in "-_" for c in view_key):
+        raise ValueError(f"view key {view_key!r}: use letters, digits, '-' and '_'")
+    state = {"selectedColumns": list(columns)}
+    _client(tracking_uri).set_experiment_tag(experiment_id, SHARED_VIEW_PREFIX + view_key, json.dumps(state))
+    return view_key
+
+
+def metric_column(key: str) -> str:
+    """The runs-table column name of a metric, as the MLflow UI writes it."""
+    return f"metrics.`{key}`"
+
+
+def param_column(key: str) -> str:
+    """The runs-table column name of a param."""
+    return f"params.`{key}`"
+
+
+def set_tag(run_id: str, key: str, value: str, *, tracking_uri: str | None = None) -> None:
+    """Set one tag on a run."""
+    _client(tracking_uri).set_tag(run_id, key, value)
+
+
+def set_description(run_id: str, markdown: str, *, tracking_uri: str | None = None) -> None:
+    """Set the run's description (Markdown, shown at the top of its page in the UI)."""
+    _client(tracking_uri).set_tag(run_id, NOTE_TAG, markdown)
 
 
 def create_run(experiment: str, *, run_name: str | None = None, tags: Mapping[str, str] | None = None,
@@ -124,7 +245,7 @@ def create_run(experiment: str, *, run_name: str | None = None, tags: Mapping[st
     exp_id = get_or_create_experiment(experiment, tracking_uri=tracking_uri)
     all_tags = dict(tags or {})
     if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
+        all_tags[PARENT_RUN_TAG] = parent_run_id
     run = _client(tracking_uri).create_run(exp_id, run_name=run_name, tags=all_tags)
     return run.info.run_id
 

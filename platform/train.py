@@ -34,6 +34,7 @@ from platform.cli import (
     spec_from_args,
 )
 from platform.cluster_check import check_shared_paths
+from platform.progress import ConsoleProgress, bars_wanted
 from platform.ray_runtime import init_ray, resolve_use_gpu
 from platform.trainer import build_trainer
 from typing import Any
@@ -42,6 +43,8 @@ from coop_core.backbone import WeightsUnavailableError
 from coop_core.datasets import DatasetNotFoundError
 
 logger = logging.getLogger(__name__)
+
+BAR_LABELS = {"features": "image features", "epochs": "epochs"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,8 +83,26 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"  prompts         {summary['prompts']}",
         f"  wall time       {summary['wall_s']:.1f}s (training loop {summary.get('time_train_loop_s', 0.0):.1f}s)",
         f"  open the UI     {summary['ui_command']}",
+        f"  the run         {summary['run_url']}",
     ]
     return "\n".join(lines)
+
+
+def run_description(spec: Any, final: Mapping[str, Any], experiment_id: str, run_id: str, checkpoint: str) -> str:
+    """The run's Markdown description in the MLflow UI: what was trained, how well, links to its config and files."""
+    from platform import tracking
+
+    accs = ", ".join(f"{k} {final[k]:.2f} %" for k in artifacts.ACCURACY_KEYS if final.get(k) is not None)
+    config_link = tracking.artifact_link(experiment_id, run_id, artifacts.CONFIG_FILE)
+    prompts = f"{artifacts.PROMPTS_ARTIFACT_DIR}/{artifacts.PROMPTS_FILE}"
+    return "\n".join([
+        f"**CoOp on {spec.dataset}**: {spec.train.shots}-shot, seed {spec.train.seed}, `{spec.model.backbone}`, "
+        f"{spec.train.resolved_epochs} epochs, {spec.num_workers} Ray Train worker(s)", "",
+        f"- {accs or 'no final metrics'}",
+        f"- config: [{artifacts.CONFIG_FILE}]({config_link}) (the resolved configuration; also this run's params)",
+        f"- learned prompts: [{prompts}]({tracking.artifact_link(experiment_id, run_id, prompts)})",
+        f"- Ray checkpoint: `{checkpoint}`",
+    ])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,13 +120,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from platform import tracking
 
-    started_ray = init_ray(args.ray_address, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}} if offline else None)
+    started_ray = init_ray(args.ray_address, quiet=not args.verbose,
+                           runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}} if offline else None)
     try:
         use_gpu = resolve_use_gpu(args.use_gpu)
         if args.use_gpu == "yes" and not resolve_use_gpu("auto"):
             raise ValueError("--use-gpu yes, but the Ray cluster has no GPUs; use --use-gpu no or auto")
         spec = dataclasses.replace(spec, use_gpu=use_gpu)
-        check_shared_paths(str(splits.image_dir), {"--cache-dir": spec.cache_dir, "--storage-path": args.storage_path})
+        for warning in check_shared_paths(str(splits.image_dir), {"--storage-path": args.storage_path},
+                                          {"--cache-dir": spec.cache_dir}):
+            logger.warning("%s", warning)
     except ValueError as err:
         return fail(str(err))
 
@@ -118,10 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("MLflow run %s (experiment %r, %s)", run_id, experiment, tracking_uri)
     logger.info("starting %d Ray Train worker(s) (%s); checkpoints under %s/%s", spec.num_workers,
                 "GPU" if spec.use_gpu else "CPU", args.storage_path, name)
+    bars = ConsoleProgress(bars_wanted(json_output=args.json, verbose=args.verbose), labels=BAR_LABELS)
     try:
-        trainer = build_trainer(spec, storage_path=args.storage_path, name=name, max_failures=args.max_failures,
-                                log_level="INFO" if args.verbose else "WARNING")
-        result = trainer.fit()
+        with bars:
+            trainer = build_trainer(spec, storage_path=args.storage_path, name=name, max_failures=args.max_failures,
+                                    log_level="INFO" if args.verbose else "WARNING", progress_board=bars.board)
+            result = trainer.fit()
     except KeyboardInterrupt:
         tracking.end_run(run_id, "KILLED", tracking_uri=tracking_uri)
         sys.stderr.write(f"interrupted (MLflow run {run_id} marked KILLED)\n")
@@ -136,6 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         resolved = artifacts.read_config(ckpt_dir)
     tracking.log_params(run_id, {param: resolved[key] for key, param in artifacts.RESOLVED_PARAMS.items()},
                         tracking_uri=tracking_uri)
+    experiment_id = tracking.get_or_create_experiment(experiment, tracking_uri=tracking_uri)
+    tracking.set_tag(run_id, tracking.CHECKPOINT_TAG, result.checkpoint.path, tracking_uri=tracking_uri)
+    tracking.set_description(run_id, run_description(spec, final, experiment_id, run_id, result.checkpoint.path),
+                             tracking_uri=tracking_uri)
     wall_s = time.perf_counter() - t0
     timing = {k: final[k] for k in artifacts.WORKER_TIMING_KEYS if k in final}
     tracking.log_final_metrics(run_id, {"wall_s": wall_s, **timing}, step=spec.train.resolved_epochs,
@@ -157,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "prompts": str(Path(result.checkpoint.path) / artifacts.PROMPTS_FILE),
         "wall_s": wall_s,
         "ui_command": tracking.ui_command(tracking_uri),
+        "run_url": tracking.run_url(tracking_uri, experiment_id, run_id),
     }
     print(format_summary(summary))
     if args.json:

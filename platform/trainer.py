@@ -19,6 +19,7 @@ def build_trainer(
     epoch_hooks: Sequence[EpochHook] = (),
     num_to_keep: int | None = 2,
     log_level: str = "WARNING",
+    progress_board: Any = None,
 ) -> Any:
     """A Ray Train ``TorchTrainer`` for ``spec`` (DDP over ``spec.num_workers`` workers).
 
@@ -33,6 +34,8 @@ def build_trainer(
             tests inject worker faults through them).
         num_to_keep: checkpoints to keep (each holds the whole metric history; None keeps all).
         log_level: Ray Train's and the workers' console log level (rank 0's progress lines are always shown).
+        progress_board: the driver's ``platform.progress.ProgressBoard`` (rank 0 reports features and epochs to
+            it), or None when the driver draws no bars.
 
     Returns:
         The trainer; ``trainer.fit()`` returns a ``ray.train.Result`` whose ``checkpoint`` is the final one.
@@ -45,7 +48,8 @@ def build_trainer(
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.to_dict(), "log_level": log_level, "epoch_hooks": list(epoch_hooks)},
+        train_loop_config={"spec": spec.to_dict(), "log_level": log_level, "epoch_hooks": list(epoch_hooks),
+                           "progress_board": progress_board},
         torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
                                      resources_per_worker=resources, placement_strategy=spec.placement_strategy),

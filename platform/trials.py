@@ -19,6 +19,7 @@ on a small machine. DDP only pays off when one trial needs several devices.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from platform.progress import board_reporter
 from platform.run_spec import RunSpec
 from platform.worker import EpochHook, RaySession, configure_worker_logging, run_training
 from typing import Any
@@ -37,15 +38,26 @@ def trial_spec(base_spec: Mapping[str, Any], config: Mapping[str, Any]) -> RunSp
 
 
 def in_process_trial(config: dict[str, Any], *, base_spec: dict[str, Any], log_level: str = "WARNING",
-                     epoch_hooks: Sequence[EpochHook] = ()) -> None:
-    """Tune function trainable: one single-worker CoOp run in this trial's process (see the module docstring)."""
+                     epoch_hooks: Sequence[EpochHook] = (), progress_board: Any = None) -> None:
+    """Tune function trainable: one single-worker CoOp run in this trial's process (see the module docstring).
+
+    ``progress_board``: the driver's ``platform.progress.ProgressBoard`` for the feature-extraction bar (the
+    driver's trial bar counts the epochs), or None.
+    """
     import ray
 
     spec = trial_spec(base_spec, config)
-    configure_worker_logging(0, log_level)
+    configure_worker_logging(0, log_level, progress_lines=False)  # the driver logs the trial's progress
     torch.set_num_threads(max(1, int(spec.cpus_per_worker)))  # the CPUs this trial reserved
     device = torch.device("cuda", 0) if spec.use_gpu and ray.get_gpu_ids() else torch.device("cpu")
-    run_training(spec, RaySession("tune"), device=device, epoch_hooks=epoch_hooks, log_epochs=False)
+    report = board_reporter(progress_board)
+
+    def features_only(task: str, done: int, total: int) -> None:
+        if task == "features":
+            report(task, done, total)
+
+    run_training(spec, RaySession("tune"), device=device, epoch_hooks=epoch_hooks, log_epochs=False,
+                 progress=features_only)
 
 
 def ray_train_trial(config: dict[str, Any], *, base_spec: dict[str, Any], train_storage: str, max_failures: int,

@@ -37,10 +37,12 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from platform.artifacts import SELECTION_METRIC
+from platform.artifacts import ACCURACY_KEYS, DASHBOARDS_ARTIFACT_DIR, SELECTION_METRIC
+from platform.progress import ConsoleProgress, TrialBar, bars_wanted
 from typing import Any
 
 from coop_core.datasets import DatasetNotFoundError
@@ -50,12 +52,14 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "coop_sweep.json"  # in the sweep folder: what --resume needs (parent run, base spec, tracking)
 TRAIN_RUNS_DIR = "train_runs"  # in the sweep folder: one Ray Train run per multi-worker trial, named by trial id
 METRIC, MODE = SELECTION_METRIC, "max"
+BAR_LABELS = {"features": "image features"}
 TRIAL_MEMORY_BYTES = 256 * 1024**2  # a multi-worker trial's own reservation: it waits on its trainer, no CPU needed
 TRIAL_RUNNERS = ("auto", "in-process", "ray-train")
 JSON_KEYS = ("best_config", "val_acc", "test_acc", "zeroshot_test_acc", "parent_run_id", "registered_model",
              "registered_version", "champion_version", "trials", "trials_completed", "trials_finished",
              "trials_early_stopped", "trials_errored", "best_trial_id", "best_run_id", "n_ctx_effective", "sweep_name",
-             "sweep_dir", "tracking_uri", "experiment", "resumed", "wall_s", "timing", "trial_runner")
+             "sweep_dir", "tracking_uri", "experiment", "resumed", "wall_s", "timing", "trial_runner", "runs_url",
+             "dashboards")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -266,6 +270,14 @@ def _pct(value: Any) -> str:
     return f"{value:6.2f}" if isinstance(value, (int, float)) else "     -"
 
 
+def _dashboards_line(summary: Mapping[str, Any]) -> str:
+    files = summary.get("dashboards") or {}
+    if not files:
+        return f"not drawn (python -m dashboards --parent-run-id {summary['parent_run_id']})"
+    folder = Path(next(iter(files.values()))).parent
+    return f"{len(files)} files in {folder}, also under the sweep run's {DASHBOARDS_ARTIFACT_DIR}/ artifacts"
+
+
 def format_report(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
     """The human-readable end-of-sweep report: trials, best configuration beside zero-shot, where to look."""
     from platform.sweep_tracking import describe_config
@@ -298,6 +310,8 @@ def format_report(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]])
         f"  MLflow sweep run   {summary['parent_run_id']}  (experiment {summary['experiment']!r}; best trial run "
         f"{summary.get('best_run_id') or '-'})",
         f"  open the UI        {summary['ui_command']}",
+        f"  trials table       {summary.get('runs_url') or '-'}",
+        f"  dashboards         {_dashboards_line(summary)}",
         f"  sweep folder       {summary['sweep_dir']}  (resume: add --resume --sweep-name {summary['sweep_name']})",
     ]
     return "\n".join(lines)
@@ -425,7 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import ray
 
-    started_ray = init_ray(args.ray_address, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}} if offline else None)
+    started_ray = init_ray(args.ray_address, quiet=not args.verbose,
+                           runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}} if offline else None)
     try:
         if state is None:
             use_gpu = resolve_use_gpu(args.use_gpu)
@@ -436,7 +451,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             gpus_per_trial = state["gpus_per_trial"]
         max_concurrent = resolve_max_concurrent(args.max_concurrent, spec, ray.cluster_resources(), gpus_per_trial)
-        check_shared_paths(str(splits.image_dir), {"--cache-dir": spec.cache_dir, "--storage-path": storage_path})
+        for warning in check_shared_paths(str(splits.image_dir), {"--storage-path": storage_path},
+                                          {"--cache-dir": spec.cache_dir}):
+            logger.warning("%s", warning)
     except ValueError as err:
         return fail(str(err))
     epochs = spec.train.resolved_epochs
@@ -455,14 +472,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     callback = MlflowSweepCallback(parent_run_id=state["parent_run_id"], experiment=state["experiment"],
                                    tracking_uri=state["tracking_uri"], base_spec=spec.to_dict(),
                                    storage_path=storage_path, epochs=epochs, sweep_name=name)
-    tuner = build_tuner(args, spec, space, state, name, storage_path, sweep_dir, max_concurrent, callback,
-                        restore=resumed)
-    controllers = None
-    if state["trial_runner"] == "ray-train":
-        from platform.trial_stopping import CONTROLLERS_ACTOR_NAME, TrialControllersActor
+    bars = ConsoleProgress(bars_wanted(json_output=args.json, verbose=args.verbose), labels=BAR_LABELS)
+    with bars:
+        trial_bar = TrialBar(bars, n_trials, epochs, METRIC)
+        tuner = build_tuner(args, spec, space, state, name, storage_path, sweep_dir, max_concurrent,
+                            [callback, trial_bar], restore=resumed, progress_board=bars.board)
+        controllers = None
+        if state["trial_runner"] == "ray-train":
+            from platform.trial_stopping import CONTROLLERS_ACTOR_NAME, TrialControllersActor
 
-        controllers = TrialControllersActor.options(name=CONTROLLERS_ACTOR_NAME, get_if_exists=True).remote()
-    grid = tuner.fit()
+            controllers = TrialControllersActor.options(name=CONTROLLERS_ACTOR_NAME, get_if_exists=True).remote()
+        grid = tuner.fit()
     if controllers is not None:
         logger.info("trial controllers: %s", ray.get(controllers.stats.remote()))
         ray.kill(controllers)  # the sweep is over: nothing is left to stop or reap
@@ -480,6 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary["wall_s"] = time.perf_counter() - t0
     summary["timing"] = timing(callback.timings, len(rows), summary["wall_s"], callback.windows)
     close_sweep(summary, state)
+    summary["dashboards"] = draw_dashboards(state, sweep_dir)
     if started_ray:
         ray.shutdown()  # stops forwarding worker logs, so nothing can follow the report and the JSON line on stdout
 
@@ -510,8 +531,23 @@ def open_sweep(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], na
                     "sweep.fixed": " ".join(args.fixed) or "-", "sweep.trial_runner": runner,
                     "sweep.gpus_per_trial": gpus_per_trial, "sweep.max_failures": args.max_failures}
     tracking.log_params(parent_run_id, tracking.flatten_params(spec) | sweep_params, tracking_uri=tracking_uri)
+    experiment_id = tracking.get_or_create_experiment(experiment, tracking_uri=tracking_uri)
+    searched = list(args.grid) if args.grid else list(space)
+    view_key = save_sweep_view(experiment_id, name, searched, tracking_uri)
+    runs_url = tracking.runs_view_url(tracking_uri, experiment_id, view_key)
+    what = (f"grid over {', '.join(f'`{k}`' for k in searched)}" if args.grid
+            else f"Optuna TPE over {', '.join(f'`{k}`' for k in searched) or 'nothing (all fixed)'}")
+    tracking.set_description(parent_run_id, (
+        f"**Sweep `{name}`** of CoOp on {spec.dataset} ({spec.train.shots}-shot, `{spec.model.backbone}`, "
+        f"{epochs} epochs per trial): {what}, ASHA on `{METRIC}`. Each trial is a child run below.\n\n"
+        f"- [trials table]({tracking.runs_view_link(experiment_id, view_key)}) (accuracies and searched parameters as "
+        "columns)\n"
+        f"- dashboards: the `{DASHBOARDS_ARTIFACT_DIR}/` artifacts of this run, drawn when the sweep ends "
+        f"(again: `python -m dashboards --parent-run-id {parent_run_id}`)\n"
+        f"- sweep folder (Ray Tune state, checkpoints): `{sweep_dir}`"), tracking_uri=tracking_uri)
     state = {"dataset": spec.dataset, "base_spec": spec.to_dict(), "parent_run_id": parent_run_id,
-             "tracking_uri": tracking_uri, "experiment": experiment, "started_at": time.time(),
+             "tracking_uri": tracking_uri, "experiment": experiment, "experiment_id": experiment_id,
+             "started_at": time.time(), "runs_url": runs_url,
              "num_samples": args.num_samples, "search_seed": search_seed, "epochs": epochs, "trial_runner": runner,
              "gpus_per_trial": gpus_per_trial, "max_failures": args.max_failures, "grid": args.grid}
     if "://" not in sweep_dir:
@@ -519,15 +555,26 @@ def open_sweep(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], na
     return state
 
 
+def save_sweep_view(experiment_id: str, name: str, searched: Sequence[str], tracking_uri: str) -> str:
+    """Save the sweep's view of the runs table: accuracies and searched parameters as columns
+    (``platform.tracking.save_runs_view``); returns the view key."""
+    from platform import tracking
+    columns = [*(tracking.metric_column(k) for k in ACCURACY_KEYS), *(tracking.param_column(k) for k in searched),
+               f"tags.`{tracking.EARLY_STOPPED_TAG}`"]
+    key = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
+    return tracking.save_runs_view(experiment_id, key, columns=columns, tracking_uri=tracking_uri)
+
+
 def build_tuner(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], state: Mapping[str, Any], name: str,
-                storage_path: str, sweep_dir: str, max_concurrent: int, callback: Any, *, restore: bool,
-                epoch_hooks: Sequence[Any] = ()) -> Any:
+                storage_path: str, sweep_dir: str, max_concurrent: int, callbacks: Sequence[Any], *, restore: bool,
+                epoch_hooks: Sequence[Any] = (), progress_board: Any = None) -> Any:
     """The Tuner: restored from ``sweep_dir`` (searcher, scheduler, trial states) or new (Optuna TPE + ASHA).
 
     Single-worker trials (``in-process``) reserve their worker's CPUs and GPU share, reuse their actor for the next
     trial, and are retried from their last checkpoint by Tune (``max_failures``). Multi-worker trials (``ray-train``)
     reserve only a little memory — their Ray Train workers hold the CPUs — and recover lost workers inside Ray Train.
-    ``epoch_hooks`` reach every trial's training function (see ``platform.worker.run_training``).
+    ``epoch_hooks`` reach every trial's training function (see ``platform.worker.run_training``);
+    ``progress_board`` (``platform.progress``) receives the trials' feature-extraction progress for the driver's bars.
     """
     from platform.trials import in_process_trial, ray_train_trial
 
@@ -537,11 +584,14 @@ def build_tuner(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], s
     from ray.tune.search.optuna import OptunaSearch
 
     log_level = "INFO" if args.verbose else "WARNING"
+    if not args.verbose:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory ..."
     max_failures = state["max_failures"]
     if state["trial_runner"] == "in-process":
         resources = {"cpu": spec.cpus_per_worker, "gpu": state["gpus_per_trial"] if spec.use_gpu else 0}
         trainable = tune.with_resources(tune.with_parameters(
-            in_process_trial, base_spec=spec.to_dict(), log_level=log_level, epoch_hooks=list(epoch_hooks)),
+            in_process_trial, base_spec=spec.to_dict(), log_level=log_level, epoch_hooks=list(epoch_hooks),
+            progress_board=progress_board),
             resources)
         trial_failures = max_failures
     else:
@@ -557,6 +607,11 @@ def build_tuner(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], s
     # twice (so --resume never points at a deleted checkpoint); with one checkpoint per CoOp epoch that is often, and
     # Tune warns about it each time. The snapshot is a small local write; the warning is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's newer console output prints its configuration box, the results folder and a TensorBoard hint even at
+    # verbose=0; its legacy output (RAY_AIR_NEW_OUTPUT=0, a documented switch) is silent at verbose=0. The sweep's own
+    # lines, bars and report say the same things. --verbose keeps Tune's output.
+    if not args.verbose:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     epochs = spec.train.resolved_epochs
     asha = dict(time_attr="epoch", max_t=epochs, grace_period=min(args.grace_period, epochs),
                 reduction_factor=args.reduction_factor)
@@ -588,7 +643,7 @@ def build_tuner(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], s
             # a reuse never fails mid-epoch. Multi-worker trials hold no model in their actor, so nothing to reuse.
             reuse_actors=state["trial_runner"] == "in-process",
         ),
-        run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=[callback], verbose=0,
+        run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=trial_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
@@ -609,6 +664,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], spec: Any, state: Mapping[str, 
         "trials_errored": sum(r["status"] == "ERROR" for r in rows),
         "parent_run_id": state["parent_run_id"], "experiment": state["experiment"],
         "tracking_uri": state["tracking_uri"], "ui_command": tracking.ui_command(state["tracking_uri"]),
+        "runs_url": state.get("runs_url"),
         "resumed": resumed, "trial_runner": state["trial_runner"], "best_config": None, "best_trial_id": None,
         "best_run_id": None, "val_acc": None,
         "test_acc": None, "zeroshot_test_acc": None, "registered_model": registered_model_name(spec.dataset),
@@ -689,6 +745,29 @@ def format_timing(t: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def draw_dashboards(state: Mapping[str, Any], sweep_dir: str) -> dict[str, str]:
+    """Draw the sweep's dashboards (``dashboards.report``) and log them to its parent run; the files by name.
+
+    A failure here costs the pictures, never the sweep: it is logged in one line and the report says how to retry.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from dashboards.report import build_dashboards
+
+    out = Path(sweep_dir) / DASHBOARDS_ARTIFACT_DIR if "://" not in sweep_dir else None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = build_dashboards(MlflowClient(state["tracking_uri"]), state["parent_run_id"], out or Path(tmp),
+                                      log=True)
+    except Exception as err:  # a plotting or store error: keep the sweep's outcome
+        logger.warning("dashboards not drawn (%s: %s); retry with: python -m dashboards --parent-run-id %s",
+                       type(err).__name__, str(err).strip().splitlines()[0] if str(err).strip() else "",
+                       state["parent_run_id"])
+        return {}
+    return result["files"] if out is not None else {k: f"{DASHBOARDS_ARTIFACT_DIR}/{Path(v).name}"
+                                                    for k, v in result["files"].items()}
+
+
 def close_sweep(summary: Mapping[str, Any], state: Mapping[str, Any]) -> None:
     """Log the sweep's outcome on the parent run and end it (FINISHED, or FAILED when no trial finished)."""
     from platform import tracking
@@ -696,7 +775,10 @@ def close_sweep(summary: Mapping[str, Any], state: Mapping[str, Any]) -> None:
     from mlflow.tracking import MlflowClient
 
     uri, parent = state["tracking_uri"], state["parent_run_id"]
-    final = {f"best_{k}": summary[k] for k in ("val_acc", "test_acc", "zeroshot_test_acc") if summary[k] is not None}
+    best = {k: summary[k] for k in ACCURACY_KEYS if summary[k] is not None}
+    # The best trial's accuracies also go under the trials' own keys, so the sweep's row of the runs table shows them
+    # in the same columns as its trials; best_* keep their explicit names for scripts.
+    final = best | {f"best_{k}": v for k, v in best.items()}
     final |= {"trials_completed": summary["trials_completed"], "trials_errored": summary["trials_errored"],
               "sweep_wall_s": summary["wall_s"]}
     final |= {f"sweep_{k}": v for k, v in (summary.get("timing") or {}).items()
@@ -705,7 +787,7 @@ def close_sweep(summary: Mapping[str, Any], state: Mapping[str, Any]) -> None:
     tracking.log_final_metrics(parent, final, tracking_uri=uri)
     client = MlflowClient(uri)
     if summary["best_trial_id"] is not None:
-        client.set_tag(parent, "coop.best_trial_id", summary["best_trial_id"])
+        client.set_tag(parent, tracking.BEST_TRIAL_TAG, summary["best_trial_id"])
         client.set_tag(parent, "coop.registered_version", str(summary["registered_version"]))
     tracking.end_run(parent, "FINISHED" if summary["best_trial_id"] is not None else "FAILED", tracking_uri=uri)
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from platform import artifacts
 from platform.distributed import TorchDistributed
 from platform.process_cache import model_key, process_cache
+from platform.progress import ProgressFn, board_reporter
 from platform.run_spec import RunSpec, load_splits
 from typing import Any, Protocol
 
@@ -121,7 +122,7 @@ def _format_epoch(metrics: Mapping[str, float], epochs: int) -> str:
 
 def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = None,
                  device: torch.device | str = "cpu", epoch_hooks: Sequence[EpochHook] = (),
-                 log_epochs: bool = True) -> None:
+                 log_epochs: bool = True, progress: ProgressFn | None = None) -> None:
     """Train ``spec`` to its last epoch, reporting every epoch to ``session`` (see the module docstring).
 
     Args:
@@ -131,6 +132,8 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
         device: where the model and features live.
         epoch_hooks: called after each epoch's report with ``(epoch, rank)``.
         log_epochs: log one progress line per epoch (rank 0).
+        progress: ``progress(task, done, total)`` for the driver's bars (rank 0): ``features`` in images while they
+            are encoded, ``epochs`` after each epoch (``platform/progress.py``).
     """
     global _TRIALS_IN_PROCESS
     entered_at = time.time()
@@ -154,12 +157,14 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
                              lambda: build_few_shot(splits, cfg.shots, cfg.seed, spec.cache_dir))
     with_test = rank == 0
     feature_key = (mkey, *data_key, cfg.shots, cfg.seed, cfg.feature_mode, cfg.n_views, with_test)
+    progress = progress if rank == 0 else None
     if cfg.feature_mode == "exact":  # an on-the-fly image source holds a dataset and RNG use: never shared
         feats, hit_feats = prepare_features(clip, splits, fewshot, cfg, cache_dir=spec.cache_dir, device=device,
-                                            with_test=with_test), False
+                                            with_test=with_test, progress=progress), False
     else:
         feats, hit_feats = cache.features(feature_key, lambda: prepare_features(
-            clip, splits, fewshot, cfg, cache_dir=spec.cache_dir, device=device, with_test=with_test))
+            clip, splits, fewshot, cfg, cache_dir=spec.cache_dir, device=device, with_test=with_test,
+            progress=progress))
     model = build_model(clip, splits.classnames, spec.prompt, cfg.seed, device)
     n_ctx_effective = model.prompt_learner.ctx.shape[-2]
     text_sharding = text_sharding_for(cfg.text_sharding, model, dist).name  # what engine.train will use
@@ -217,6 +222,8 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
                 session.report(report, d)
             if log_epochs:
                 logger.info("%s", _format_epoch(metrics, epochs))
+            if progress is not None:
+                progress("epochs", int(metrics["epoch"]), epochs)
         timing["time_report_s"] += time.perf_counter() - t_report
         for hook in epoch_hooks:
             hook(int(metrics["epoch"]), rank)
@@ -240,9 +247,13 @@ def _write_final_artifacts(d: Path, spec: RunSpec, clip: Any, splits: DatasetSpl
     artifacts.write_final_metrics(d, metrics)
 
 
-def configure_worker_logging(rank: int, level: str) -> None:
+def configure_worker_logging(rank: int, level: str, *, progress_lines: bool = True) -> None:
     """Rank 0 prints its progress lines to stderr (Ray forwards worker stderr to the driver's console); other ranks
-    and chatty libraries (open_clip logs through the root logger) only show warnings unless ``level`` is lower."""
+    and chatty libraries (open_clip logs through the root logger) only show warnings unless ``level`` is lower.
+
+    ``progress_lines=False`` (a sweep's trials, whose driver tells each trial's story itself) keeps rank 0 at
+    ``level`` too, so the console is not doubled by every trial's loading and caching lines.
+    """
     logging.getLogger().setLevel(level)
     for name in ("platform", "coop_core"):
         lg = logging.getLogger(name)
@@ -252,7 +263,7 @@ def configure_worker_logging(rank: int, level: str) -> None:
             handler._coop_worker = True  # type: ignore[attr-defined]
             lg.addHandler(handler)
             lg.propagate = False
-        lg.setLevel(logging.INFO if rank == 0 else level)
+        lg.setLevel(logging.INFO if rank == 0 and progress_lines else level)
     logging.getLogger("coop_core.engine").setLevel(logging.WARNING)  # rank 0 prints its own epoch line
     for name in ("ray.train", "ray.tune"):  # "Checkpoint successfully created at ..." for every epoch of every trial
         logging.getLogger(name).setLevel(max(logging.getLevelName(level), logging.WARNING))
@@ -263,7 +274,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     Args:
         config: ``{"spec": RunSpec.to_dict()}``, plus optional ``"overrides"`` (:meth:`RunSpec.with_overrides`),
-            ``"log_level"`` and ``"epoch_hooks"`` (see :func:`run_training`).
+            ``"log_level"``, ``"epoch_hooks"`` (see :func:`run_training`) and ``"progress_board"`` (the driver's
+            ``platform.progress.ProgressBoard``, when it draws bars).
     """
     spec = RunSpec.from_dict(config["spec"])
     if config.get("overrides"):
@@ -277,5 +289,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         device = torch.device("cpu")
     # (3) Ray: the session reports each epoch (and resumes from the last checkpoint after a failure)
-    run_training(spec, RaySession("train"), dist=dist, device=device, epoch_hooks=config.get("epoch_hooks", ()))
+    run_training(spec, RaySession("train"), dist=dist, device=device, epoch_hooks=config.get("epoch_hooks", ()),
+                 progress=board_reporter(config.get("progress_board")))
 

@@ -303,3 +303,15 @@ def test_exact_mode_encodes_fresh_augmentations(tiny_clip, image_folder):
     assert a.shape == (6, 32)
     torch.testing.assert_close(a.norm(dim=-1), torch.ones(6))
     assert (a - b).abs().max() > 1e-3  # a new random crop every time, as the reference implementation does
+
+
+def test_prepare_features_reports_progress_in_images_computed_or_cached(tiny_clip, image_folder, tmp_path):
+    fewshot = build_few_shot(image_folder, 2, 1, None)
+    cfg = TrainConfig(shots=2, n_views=3)
+    for _ in range(2):  # computed, then read from the cache: the same count either way
+        seen: list[tuple[str, int, int]] = []
+        pipeline.prepare_features(tiny_clip, image_folder, fewshot, cfg, cache_dir=tmp_path / "cache",
+                                  batch_size=4, progress=lambda *a, seen=seen: seen.append(a))
+        assert {task for task, _, _ in seen} == {"features"} and {t for _, _, t in seen} == {30}  # 6 val+6 test+3x6
+        done = [d for _, d, _ in seen]
+        assert done == sorted(done) and done[-1] == 30 and done[0] < 30

@@ -57,3 +57,15 @@ def test_perturbed_context_still_finds_its_word_with_a_positive_distance(tiny_cl
     assert [ranked[0][0] for ranked in words[0]] == WORDS
     for ranked, row in zip(words[0], (noisy - ctx).norm(dim=-1)):
         assert ranked[0][1] == pytest.approx(row.item(), rel=1e-3)
+
+
+def test_nearest_words_table_reads_back():
+    from coop_core.interpret import nearest_words_table, parse_nearest_words_table
+
+    words = [[[("a", 0.5), ("photo", 0.75)], [("of, the", 1.0), ("x", 2.0)]],
+             [[("b", 0.25), ("c", 0.125)], [("d", 3.0), ("e", 4.0)]]]
+    table = nearest_words_table(words, ["Forest", "River"])
+    assert parse_nearest_words_table(table) == {"Forest": words[0], "River": words[1]}
+    assert list(parse_nearest_words_table(nearest_words_table(words[:1]))) == ["shared"]
+    with pytest.raises(ValueError, match="header"):
+        parse_nearest_words_table("position\tword\n1\ta")

@@ -75,21 +75,27 @@ def test_shared_paths_are_checked_on_every_node(tmp_path):
         asked.append(address)
         return _check_here(checks)
 
-    writable = {"--cache-dir": str(cache), "--storage-path": str(storage)}
-    assert check_shared_paths(str(data), writable, nodes=nodes, probe=same_filesystem) == 2
+    required, preferred = {"--storage-path": str(storage)}, {"--cache-dir": str(cache)}
+    assert check_shared_paths(str(data), required, preferred, nodes=nodes, probe=same_filesystem) == []
     assert asked == ["10.0.0.1", "10.0.0.2"]  # dead nodes are not asked
     assert (cache / TOKEN_NAME).is_file() and (storage / TOKEN_NAME).is_file()
 
-    def node_local_cache(node_id, address, checks):  # node b has its own /tmp-style cache folder
-        from platform.cluster_check import _check_here
+    def node_local(flag):  # node b has its own /tmp-style folder for this flag
+        def probe(node_id, address, checks):
+            from platform.cluster_check import _check_here
 
-        if address == "10.0.0.2":
-            checks = {**checks, "--cache-dir": (checks["--cache-dir"][0], "another token")}
-        return _check_here(checks)
+            if address == "10.0.0.2":
+                checks = {**checks, flag: (checks[flag][0], "another token")}
+            return _check_here(checks)
 
-    with pytest.raises(ValueError, match=r"^--cache-dir .* not the driver's folder \(node-local, not shared\) on Ray "
-                                         r"node 10\.0\.0\.2: every node must see"):
-        check_shared_paths(str(data), writable, nodes=nodes, probe=node_local_cache)
+        return probe
+
+    with pytest.raises(ValueError, match=r"^--storage-path .* not the driver's folder \(node-local, not shared\) on "
+                                         r"Ray node 10\.0\.0\.2: every node must see"):
+        check_shared_paths(str(data), required, preferred, nodes=nodes, probe=node_local("--storage-path"))
+    # A node-local feature cache works (content-keyed), only slower: a warning, not an error.
+    warnings = check_shared_paths(str(data), required, preferred, nodes=nodes, probe=node_local("--cache-dir"))
+    assert len(warnings) == 1 and warnings[0].startswith(f"--cache-dir {cache} is not shared with Ray node 10.0.0.2")
 
     def no_data(node_id, address, checks):  # the data root is not mounted on any other node
         from platform.cluster_check import _check_here
@@ -97,8 +103,10 @@ def test_shared_paths_are_checked_on_every_node(tmp_path):
         return _check_here({**checks, "--data-root": (str(tmp_path / "absent"), None)})
 
     with pytest.raises(ValueError, match=r"^--data-root \S+/data does not exist on Ray node 10\.0\.0\.1"):
-        check_shared_paths(str(data), writable, nodes=nodes, probe=no_data)
+        check_shared_paths(str(data), required, preferred, nodes=nodes, probe=no_data)
     # URIs are not checked, and a one-node cluster is not checked at all.
+    asked.clear()
     assert check_shared_paths(str(data), {"--storage-path": "s3://bucket/ray"}, nodes=nodes,
-                              probe=same_filesystem) == 2
-    assert check_shared_paths(str(tmp_path / "absent"), writable, nodes=nodes[:1], probe=no_data) == 0
+                              probe=same_filesystem) == []
+    assert asked == ["10.0.0.1", "10.0.0.2"]
+    assert check_shared_paths(str(tmp_path / "absent"), required, nodes=nodes[:1], probe=no_data) == []

@@ -92,7 +92,13 @@ def sweeps(ray_session, small_eurosat_root, shared_data, feature_cache, tiny_vit
                    "--sweep-name", "good"])
     worse = _sweep([*common, "--epochs", "1", "--num-samples", "2", "--fixed", "prompt.ctx_init", "train.lr",
                     "--ctx-init", "", "--lr", "1e-5", "--sweep-name", "worse"])
-    return {"uri": uri, "tmp": tmp, "good": good, "worse": worse, "checkpoint": checkpoint}
+    # A study of two shot counts, in its own store (its registration must not touch the champion tests above).
+    shots_uri = f"sqlite:///{tmp / 'shots.db'}"
+    shots_argv = [shots_uri if a == uri else a for a in common]
+    shots = _sweep([*shots_argv, "--epochs", "1", "--grid", "train.shots=1,2", "--max-concurrent", "2",
+                    "--sweep-name", "shots"])
+    return {"uri": uri, "tmp": tmp, "good": good, "worse": worse, "checkpoint": checkpoint, "shots": shots,
+            "shots_uri": shots_uri}
 
 
 def _client(uri: str):
@@ -237,3 +243,231 @@ def test_set_champion_command_promotes_a_version_by_hand(sweeps, capsys):
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert int(client.get_model_version_by_alias("coop-eurosat", CHAMPION).version) == 2  # unchanged
     registry.main(["set-champion", "--dataset", "eurosat", "--version", "1", "--tracking-uri", sweeps["uri"]])
+
+
+def test_mlflow_ui_metadata_opens_on_runs_with_accuracy_columns_and_links(sweeps):
+    from platform import tracking
+
+    s = sweeps["good"]["summary"]
+    client = _client(sweeps["uri"])
+    parent = client.get_run(s["parent_run_id"])
+    exp_id = parent.info.experiment_id
+    experiment = client.get_experiment(exp_id)
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert "child run per trial" in experiment.tags[tracking.NOTE_TAG]
+    # The printed link opens the runs table (not the GenAI overview) with the sweep's saved view.
+    assert s["runs_url"] == (f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+                             "&viewStateShareKey=good")
+    view = json.loads(experiment.tags[tracking.SHARED_VIEW_PREFIX + "good"])
+    assert view["selectedColumns"][:3] == ["metrics.`val_acc`", "metrics.`test_acc`", "metrics.`zeroshot_test_acc`"]
+    assert {f"params.`{k}`" for k in SEARCHED} <= set(view["selectedColumns"])
+    # The sweep's own row shows the best trial's accuracies in the same columns as its trials.
+    assert parent.data.metrics["val_acc"] == pytest.approx(s["val_acc"])
+    assert parent.data.metrics["zeroshot_test_acc"] == pytest.approx(s["zeroshot_test_acc"])
+    note = parent.data.tags[tracking.NOTE_TAG]
+    assert note.startswith("**Sweep `good`**") and "viewStateShareKey=good" in note
+    assert f"python -m dashboards --parent-run-id {s['parent_run_id']}" in note
+    for child in _children(client, s["parent_run_id"]):
+        run_id, tags = child.info.run_id, child.data.tags
+        note = tags[tracking.NOTE_TAG]
+        assert note.startswith(f"**Trial `{tags[TRIAL_TAG]}`** of sweep [good](#/experiments/{exp_id}/runs/")
+        assert f"(#/experiments/{exp_id}/runs/{run_id}/artifacts/config.json?workflowType=machine_learning)" in note
+        checkpoint = Path(tags[tracking.CHECKPOINT_TAG])
+        assert f"Ray checkpoint: `{checkpoint}`" in note
+        assert json.loads((checkpoint / "config.json").read_text())["dataset"] == "eurosat"  # the link is real
+        if tags[EARLY_STOPPED_TAG] == "true":
+            assert "stopped early by ASHA after epoch 1 of 2" in note
+        else:
+            assert f"ran all 2 epochs: val_acc {child.data.metrics['val_acc']:.2f} %" in note
+
+
+def test_registered_version_says_what_it_is_and_how_to_serve_it(sweeps):
+    s = sweeps["good"]["summary"]
+    client = _client(sweeps["uri"])
+    version = client.get_model_version("coop-eurosat", "1")
+    text = version.description
+    assert "on eurosat (10 classes), 2-shot, seed 1" in text
+    assert f"validation {s['val_acc']:.2f} %" in text and f"test {s['test_acc']:.2f} %" in text
+    assert f"zero-shot CLIP on test {s['zeroshot_test_acc']:.2f} %" in text
+    assert "sweep `good`" in text and s["best_trial_id"] in text
+    assert "mlflow models serve -m models:/coop-eurosat@champion --env-manager local --host 127.0.0.1" in text
+    assert "champion" in client.get_registered_model("coop-eurosat").description
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post(url: str, payload: dict) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture(scope="module")
+def served_champion(sweeps, tmp_path_factory):
+    """``mlflow models serve -m models:/coop-eurosat@champion`` on 127.0.0.1, started as the README says (the venv's
+    bin/ on PATH, where ``uvicorn`` lives); stopped after the tests."""
+    import time
+    import urllib.request
+    from platform.registry import serve_command
+
+    port = _free_port()
+    argv = serve_command("coop-eurosat", port=port).split()
+    bin_dir = str(Path(sys.executable).parent)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env |= {"MLFLOW_TRACKING_URI": sweeps["uri"], "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([os.path.join(bin_dir, argv[0]), *argv[1:]], cwd=log.parent, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, f"mlflow models serve exited: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"mlflow models serve did not answer: {log.read_text()[-3000:]}"
+            time.sleep(1)
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+def test_registered_model_has_an_image_in_probabilities_out_signature(sweeps):
+    import mlflow
+
+    mlflow.set_tracking_uri(sweeps["uri"])
+    info = mlflow.models.get_model_info("models:/coop-eurosat@champion")
+    assert info.signature.inputs.input_names() == ["image"]
+    assert info.signature.inputs.input_types()[0].name == "string"
+    from coop_core.datasets.eurosat import EUROSAT_CLASSNAMES
+
+    classes = list(EUROSAT_CLASSNAMES.values())
+    assert info.signature.outputs.input_names() == ["class_name", "probability", *[f"prob_{c}" for c in classes]]
+
+
+def test_rest_server_classifies_real_eurosat_images_sent_as_base64(served_champion, shared_data):
+    import base64
+
+    from coop_core.datasets import load_dataset
+
+    splits = load_dataset("eurosat", shared_data)
+    items = splits.test[::900][:4]  # real test images of several classes
+    b64 = [base64.b64encode((splits.image_dir / it.path).read_bytes()).decode() for it in items]
+    classes = list(splits.classnames)
+
+    status, one = _post(f"{served_champion}/invocations",
+                        {"dataframe_split": {"columns": ["image"], "data": [[b64[0]]]}})
+    assert status == 200, one
+    status, batch = _post(f"{served_champion}/invocations",
+                          {"dataframe_split": {"columns": ["image"], "data": [[b] for b in b64]}})
+    assert status == 200, batch
+    rows = batch["predictions"]
+    assert len(rows) == len(items) and len(one["predictions"]) == 1
+    for row in rows:
+        probs = [row[f"prob_{c}"] for c in classes]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5) and min(probs) >= 0.0
+        assert row["class_name"] == classes[probs.index(max(probs))] and row["probability"] == pytest.approx(max(probs))
+    assert one["predictions"][0]["probability"] == pytest.approx(rows[0]["probability"], abs=1e-5)  # batch = single
+    assert one["predictions"][0]["class_name"] == rows[0]["class_name"]
+
+
+def test_rest_server_answers_a_malformed_image_with_400_and_one_line(served_champion, shared_data):
+    import base64
+
+    from coop_core.datasets import load_dataset
+
+    splits = load_dataset("eurosat", shared_data)
+    good = base64.b64encode((splits.image_dir / splits.test[0].path).read_bytes()).decode()
+    bad = base64.b64encode(b"this is not an image").decode()
+    status, body = _post(f"{served_champion}/invocations",
+                         {"dataframe_split": {"columns": ["image"], "data": [[good], [bad]]}})
+    assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE"
+    # MLflow's scoring server puts "Failed to predict data '<the request>'." before the model's message; ours is
+    # its last line, one line that names the image.
+    last = body["message"].splitlines()[-1]
+    assert last == ("Error: image 2 of 2 is not readable: its bytes are not an image format PIL reads "
+                    "(JPEG, PNG, TIFF, ...)"), body["message"]
+    assert "Traceback" not in json.dumps(body)
+
+
+def _png_is_drawn(path) -> bool:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    return colours is not None and len(colours) > 20  # more than a blank canvas with a frame
+
+
+DASHBOARD_FILES = {"val_curves.png", "param_importances.png", "parallel_coordinates.html", "parallel_coordinates.png",
+                   "nearest_words.png", "dimensions.png", "summary.md"}
+
+
+def test_every_sweep_logs_dashboards_that_show_its_trials(sweeps, tmp_path):
+    from coop_core.interpret import parse_nearest_words_table
+    from dashboards.report import build_dashboards
+
+    s = sweeps["good"]["summary"]
+    client = _client(sweeps["uri"])
+    logged = {a.path.split("/", 1)[1] for a in client.list_artifacts(s["parent_run_id"], "dashboards")}
+    assert logged == DASHBOARD_FILES  # one shot count: no acc-vs-shots
+    assert {Path(p).name for p in s["dashboards"].values()} == DASHBOARD_FILES
+    assert all(Path(p).is_file() for p in s["dashboards"].values())
+    # Drawn again on demand, the pictures hold the trials' real values.
+    result = build_dashboards(client, s["parent_run_id"], tmp_path)
+    drawn = result["drawn"]
+    children = {c.data.tags[TRIAL_TAG]: c for c in _children(client, s["parent_run_id"])}
+    assert set(drawn["val_curves"]) == set(children)
+    for trial_id, points in drawn["val_curves"].items():
+        history = client.get_metric_history(children[trial_id].info.run_id, "val_acc")
+        assert points == sorted((m.step, m.value) for m in history) and points
+    rows = {r["trial_id"]: r for r in drawn["parallel_coordinates"]}
+    assert set(rows) == set(children)
+    for trial_id, row in rows.items():
+        assert row["val_acc"] == drawn["val_curves"][trial_id][-1][1]
+        assert row["prompt.n_ctx"] == int(children[trial_id].data.params["prompt.n_ctx"])
+    assert set(drawn["param_importances"]) <= set(SEARCHED) and drawn["param_importances"]
+    best = children[s["best_trial_id"]]
+    words_file = client.download_artifacts(best.info.run_id, "nearest_words.txt", str(tmp_path / "w"))
+    table = parse_nearest_words_table(Path(words_file).read_text())
+    assert drawn["nearest_words"] == {k: [[w for w, _ in r] for r in v] for k, v in table.items()}
+    expected_sets = 10 if best.data.params["prompt.csc"] == "True" else 1
+    assert len(drawn["nearest_words"]) == expected_sets
+    for name in ("val_curves", "param_importances", "parallel_png", "nearest_words", "dimensions"):
+        assert _png_is_drawn(result["files"][name]), name
+    assert "Plotly.newPlot" in Path(result["files"]["parallel_html"]).read_text()
+
+
+def test_a_study_of_several_shot_counts_draws_accuracy_vs_shots(sweeps):
+    s = sweeps["shots"]["summary"]
+    assert s["trials"] == 2 and s["trials_finished"] == 2
+    client = _client(sweeps["shots_uri"])
+    logged = {a.path.split("/", 1)[1] for a in client.list_artifacts(s["parent_run_id"], "dashboards")}
+    assert "acc_vs_shots.png" in logged
+    from dashboards.shots import plot_acc_vs_shots
+    from dashboards.sweep import load_sweep
+
+    sweep = load_sweep(client, s["parent_run_id"])
+    drawn = plot_acc_vs_shots(sweep.trials, Path(s["dashboards"]["acc_vs_shots"]).with_name("again.png"))
+    by_shots = {int(t.params["train.shots"]): t.metrics for t in sweep.trials}
+    assert drawn["coop"] == {k: m["test_acc"] for k, m in sorted(by_shots.items())} and set(drawn["coop"]) == {1, 2}
+    assert drawn["zeroshot"] == {k: m["zeroshot_test_acc"] for k, m in sorted(by_shots.items())}
+    assert _png_is_drawn(s["dashboards"]["acc_vs_shots"])

@@ -56,7 +56,7 @@ def backbone_slug(backbone: str) -> str:
     return re.sub(r"[^a-z0-9_-]+", "-", name.lower()).strip("-") or "backbone"
 
 
-def scoped_champion_alias(backbone: str, shots: int) -> str:
+def scoped_champion_alias(backbone: str, shots: int | str) -> str:
     """The per-family champion alias, ``champion-<backbone>-<K>shot``."""
     return f"{CHAMPION}-{backbone_slug(backbone)}-{shots}shot"
 
@@ -186,7 +186,7 @@ def register_prompt(
     val_acc = float(metrics[SELECTION_METRIC])
     backbone, shots = tags["backbone"], tags["shots"]
 
-    scoped = scoped_champion_alias(backbone, int(shots))
+    scoped = scoped_champion_alias(backbone, shots)
     current_scoped = _version_by_alias(client, name, scoped)
     if current_scoped is None or val_acc > _float_tag(current_scoped, SELECTION_METRIC):
         client.set_registered_model_alias(name, scoped, str(version))

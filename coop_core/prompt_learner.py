@@ -76,8 +76,8 @@ def check_prompt_fits(tokenizer: Callable, classnames: Sequence[str], n_ctx: int
     if n_ctx > room:
         what = f"ctx_init {ctx_init!r} is {n_ctx} tokens" if ctx_init else f"n_ctx is {n_ctx}"
         raise ValueError(f"the prompt does not fit CLIP's {seq_len}-token text context: {what}, and class "
-                         f"{names[longest]!r} takes {lens[longest]} more + 3 (start, '.', end); use a context of at most "
-                         f"{room} tokens" + (" (a shorter --ctx-init)" if ctx_init else " (--n-ctx)"))
+                         f"{names[longest]!r} takes {lens[longest]} more + 3 (start, '.', end); use a context of at "
+                         f"most {room} tokens" + (" (a shorter --ctx-init)" if ctx_init else " (--n-ctx)"))
     return n_ctx
 
 

@@ -202,7 +202,8 @@ def test_prompts_that_cannot_fit_the_text_context_are_refused_with_the_numbers(t
     # "annual crop land" is 3 tokens: start + context + 3 + "." + end must fit, so the context may take seq - 6.
     assert check_prompt_fits(tiny_clip.tokenizer, CLASSNAMES, seq - 6) == seq - 6
     with pytest.raises(ValueError, match=rf"n_ctx is {seq - 5}, and class 'annual crop land' takes 3 more \+ 3 "
-                                         rf"\(start, '.', end\); use a context of at most {seq - 6} tokens \(--n-ctx\)"):
+                                         rf"\(start, '.', end\); use a context of at most {seq - 6} tokens "
+                                         r"\(--n-ctx\)"):
         _learner(tiny_clip, n_ctx=seq - 5)
     long_init = " ".join(["photo"] * 100)  # 100 tokens: open_clip would silently cut it at the context length
     with pytest.raises(ValueError, match=r"ctx_init 'photo photo .*' is 100 tokens.*\(a shorter --ctx-init\)"):

@@ -228,10 +228,10 @@ def build_few_shot(splits: DatasetSplits, shots: int | str, seed: int, cache_dir
     ``train`` is ``sample_few_shot(splits.train, shots, seed)`` and ``val`` is
     ``sample_few_shot(splits.val, min(shots, 4), seed)`` (CoOp's few-shot validation set). A ``shots`` larger than
     the smallest training class is refused (:func:`check_shots_fit`); ``"all"`` takes every training image. With a
-    cache directory the result is stored as a Parquet manifest there (see :func:`manifest_name`); an existing manifest that is readable
-    and matches the source split is reused, a damaged one is rebuilt. The write goes to a temporary file in the same
-    directory and is renamed into place, so concurrent builders never expose a partial file (they all write the same
-    content, the last rename wins).
+    cache directory the result is stored as a Parquet manifest there (see :func:`manifest_name`); an existing manifest
+    that is readable and matches the source split is reused, a damaged one is rebuilt. The write goes to a temporary
+    file in the same directory and is renamed into place, so concurrent builders never expose a partial file (they
+    all write the same content, the last rename wins).
 
     Args:
         splits: The loaded dataset.

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,49 @@ class ExactImages:
     def batch(self, indices: torch.Tensor, epoch: int) -> torch.Tensor:
         images = torch.stack([self.dataset[int(i)][0] for i in indices.tolist()]).to(self.device)
         return self.encode(images)
+
+
+def collate_readable(batch: list[tuple]) -> list | None:
+    """``default_collate`` of the samples whose image decoded (an unreadable one comes as ``(None, label, index)``)."""
+    readable = [sample for sample in batch if sample[0] is not None]
+    return default_collate(readable) if readable else None
+
+
+@torch.no_grad()
+def extract_readable(
+    image_encoder: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the frozen image encoder over ``dataset``, leaving out samples whose image is ``None`` (unreadable).
+
+    The dataset yields ``(image, label, index)`` (``ImageListDataset(..., skip_unreadable=True)``).
+
+    Returns:
+        L2-normalised fp32 features ``(n_kept, d)``, their labels ``(n_kept,)`` and dataset indices ``(n_kept,)``.
+    """
+    device = torch.device(device)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_readable)
+    feats, labels, kept = [], [], []
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    image_encoder.eval()
+    for batch in loader:
+        if batch is None:
+            continue
+        images, y, index = batch[0], batch[1], batch[2]
+        with autocast:
+            out = image_encoder(images.to(device, non_blocking=True))
+        feats.append(F.normalize(out.float(), dim=-1).cpu())
+        labels.append(torch.as_tensor(y))
+        kept.append(torch.as_tensor(index))
+    if not feats:
+        raise ValueError(f"cannot extract features: none of the {len(dataset)} images could be read")
+    return torch.cat(feats), torch.cat(labels).long(), torch.cat(kept).long()
 
 
 @torch.no_grad()

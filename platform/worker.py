@@ -186,6 +186,7 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
         "n_train": len(fewshot.train), "n_val": len(fewshot.val), "n_test": len(splits.test),
         artifacts.N_CTX_EFFECTIVE_KEY: n_ctx_effective,
         "fewshot_manifest": str(fewshot.manifest_path) if fewshot.manifest_path else None,
+        "skipped_images": dict(feats.skipped),  # undecodable images left out, per split
         "resumed_from_epoch": resume.epoch if resume is not None else None,
     }
     timing = {"time_model_s": t_model - t_start, "time_features_s": t_setup - t_model,

@@ -434,11 +434,46 @@ def make_splits(
     )
 
 
+# What PIL raises for a file that is not a decodable image: unknown format (UnidentifiedImageError is an OSError),
+# truncated data ("image file is truncated"), broken headers (SyntaxError, ValueError), decompression bombs.
+UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class UnreadableImageError(ValueError):
+    """An image file that cannot be decoded (corrupt, truncated or not an image)."""
+
+
+def read_rgb(path: Path) -> Image.Image:
+    """The image at ``path``, fully decoded and converted to RGB (greyscale, palette, RGBA, CMYK, 16-bit all convert).
+
+    Raises:
+        UnreadableImageError: the file is corrupt, truncated or not an image.
+    """
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # decodes every pixel: a truncated file fails here, not later
+    except UNREADABLE_IMAGE_ERRORS as err:
+        raise UnreadableImageError(f"cannot decode image {path}: {err}") from None
+
+
+def unreadable_images(image_dir: Path, items: Sequence[Item]) -> list[Item]:
+    """The items whose image cannot be decoded (each image is decoded once)."""
+    bad = []
+    for item in items:
+        try:
+            read_rgb(Path(image_dir) / item.path)
+        except UnreadableImageError:
+            bad.append(item)
+    return bad
+
+
 class ImageListDataset(torch.utils.data.Dataset):
-    """Images of a list of :class:`Item`, read from ``image_dir``.
+    """Images of a list of :class:`Item`, read from ``image_dir`` and converted to RGB.
 
     ``dataset[i]`` is ``(transform(RGB PIL image), label, i)``; the index lets feature caches map outputs back to
-    items. Without a transform the PIL image itself is returned.
+    items. Without a transform the PIL image itself is returned. An image that cannot be decoded raises
+    :class:`UnreadableImageError`, or, with ``skip_unreadable``, gives ``(None, label, i)`` (feature extraction
+    leaves it out and counts it).
     """
 
     def __init__(
@@ -446,16 +481,22 @@ class ImageListDataset(torch.utils.data.Dataset):
         image_dir: str | Path,
         items: Sequence[Item],
         transform: Callable[[Image.Image], Any] | None = None,
+        skip_unreadable: bool = False,
     ) -> None:
         self.image_dir = Path(image_dir)
         self.items = tuple(items)
         self.transform = transform
+        self.skip_unreadable = skip_unreadable
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[Any, int, int]:
         item = self.items[index]
-        with Image.open(self.image_dir / item.path) as image:
-            rgb = image.convert("RGB")
+        try:
+            rgb = read_rgb(self.image_dir / item.path)
+        except UnreadableImageError:
+            if not self.skip_unreadable:
+                raise
+            return None, item.label, index
         return (self.transform(rgb) if self.transform is not None else rgb), item.label, index

@@ -53,7 +53,10 @@ N_CTX_EFFECTIVE_KEY = "n_ctx_effective"  # the context length actually trained (
 ENTERED_AT_KEY = "entered_at"  # wall-clock time the worker's code started (time.time())
 PROCESS_CREATED_AT_KEY = "process_created_at"  # wall-clock start of a fresh worker process; absent when reused
 WARM_HITS_KEY = "warm_cache_hits"  # how many of (model, data, features) came from the process's warm cache
-NOT_LOGGED_KEYS = (ENTERED_AT_KEY, PROCESS_CREATED_AT_KEY)
+# A run that diverged (coop_core.engine.NonFiniteLossError) reports once more, with this key holding the reason and
+# "epoch" the last epoch it completed, and ends: the run is FAILED (a retry from its checkpoint would diverge again).
+FAILURE_KEY = "failure"
+NOT_LOGGED_KEYS = (ENTERED_AT_KEY, PROCESS_CREATED_AT_KEY, FAILURE_KEY)
 
 
 def write_checkpoint(d: Path, state: TrainState, history: Sequence[Mapping[str, Any]],

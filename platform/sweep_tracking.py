@@ -72,6 +72,14 @@ def checkpoint_dir(path: str, storage_path: str) -> Iterator[Path]:
         yield Path(d)
 
 
+def error_line(error: BaseException | str | None) -> str:
+    """The last non-empty line of an error (a Ray error's message ends with the worker's exception), for one line."""
+    if error is None:
+        return "error (see the trial's Ray logs)"
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:500]
+
+
 def trial_timing(last_result: Mapping[str, Any], *, created_at: float | None, ended_at: float,
                  tracking_s: float) -> dict[str, float]:
     """Where a trial's time went (``TRIAL_TIMING_KEYS``), from its last report and the driver's wall-clock stamps.
@@ -216,8 +224,8 @@ class MlflowSweepCallback(Callback):
         logger.info("trial %s started: %s", trial.trial_id, describe_config(trial.config))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        if "epoch" not in result:
-            return
+        if "epoch" not in result or artifacts.FAILURE_KEY in result:
+            return  # a diverged trial's last report: closed by on_trial_complete
         from platform import tracking
 
         epoch = int(result["epoch"])
@@ -240,17 +248,26 @@ class MlflowSweepCallback(Callback):
         self.finish_from_result(trial.trial_id, trial.config, last, trial_checkpoint_path(trial, last))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        reason = error_line(trial.get_error())
+        run_id = self.mark_failed(trial.trial_id, trial.config, reason)
+        logger.warning("trial %s failed: %s (see its Ray logs); MLflow run %s marked FAILED", trial.trial_id, reason,
+                       run_id)
+
+    def mark_failed(self, trial_id: str, config: Mapping[str, Any], reason: str) -> str:
+        """End a trial's run FAILED, with ``reason`` as its ``coop.failure`` tag; returns the run id."""
         from platform import tracking
 
-        run_id = self.run_for(trial.trial_id, trial.config)
+        run_id = self.run_for(trial_id, config)
+        tracking.set_tag(run_id, tracking.FAILURE_TAG, reason, tracking_uri=self.tracking_uri)
         tracking.end_run(run_id, "FAILED", tracking_uri=self.tracking_uri)
-        logger.warning("trial %s failed (see its Ray logs); MLflow run %s marked FAILED", trial.trial_id, run_id)
+        return run_id
 
     # -- closing a trial's run ----------------------------------------------------------------------------------------
 
     def finish_from_result(self, trial_id: str, config: Mapping[str, Any], last_result: Mapping[str, Any],
                            checkpoint_path: str | None) -> str:
-        """Close a trial's run from its last result: missing epochs, final metrics, timings, artifacts, FINISHED.
+        """Close a trial's run from its last result: missing epochs, final metrics, timings, artifacts, FINISHED
+        (FAILED with the reason as the ``coop.failure`` tag when the trial reported a failure).
 
         Idempotent: epochs already in MLflow are not logged again, so it also repairs the runs of trials that
         finished while the driver was down.
@@ -279,6 +296,12 @@ class MlflowSweepCallback(Callback):
         tracking.log_final_metrics(run_id, final, step=last_epoch, tracking_uri=self.tracking_uri)
         self.timings[trial_id] = {k: final[k] for k in (*artifacts.WORKER_TIMING_KEYS, *artifacts.TRIAL_TIMING_KEYS)
                                   if k in final}
+        failure = last_result.get(artifacts.FAILURE_KEY)
+        if failure:
+            self.mark_failed(trial_id, config, str(failure))
+            logger.warning("trial %s failed after epoch %d: %s (MLflow run %s marked FAILED)", trial_id, last_epoch,
+                           failure, run_id)
+            return run_id
         stopped_early = last_epoch < self.epochs
         client.set_tag(run_id, EARLY_STOPPED_TAG, str(stopped_early).lower())
         tracking.end_run(run_id, "FINISHED", tracking_uri=self.tracking_uri)

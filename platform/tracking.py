@@ -27,6 +27,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+MAX_TAG_LENGTH = 5000  # what we keep of a long tag value (MLflow's limit is 8000)
+FAILURE_TAG = "coop.failure"  # why a run failed (a diverged loss, or the error that ended it)
 NOT_METRICS = frozenset({"epoch", "done", *artifacts.NOT_LOGGED_KEYS})
 
 
@@ -127,6 +129,11 @@ def create_run(experiment: str, *, run_name: str | None = None, tags: Mapping[st
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = _client(tracking_uri).create_run(exp_id, run_name=run_name, tags=all_tags)
     return run.info.run_id
+
+
+def set_tag(run_id: str, key: str, value: str, *, tracking_uri: str | None = None) -> None:
+    """Set one tag (cut to ``MAX_TAG_LENGTH``)."""
+    _client(tracking_uri).set_tag(run_id, key, str(value)[:MAX_TAG_LENGTH])
 
 
 def end_run(run_id: str, status: str = "FINISHED", *, tracking_uri: str | None = None) -> None:

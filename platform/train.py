@@ -129,6 +129,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"error: training failed ({type(err).__name__}): {str(err).strip().splitlines()[0]}\n"
                          f"(MLflow run {run_id} marked FAILED; worker logs are above)\n")
         return 1
+    failure = (result.metrics or {}).get(artifacts.FAILURE_KEY)
+    if failure:  # the run diverged: log the epochs it completed, mark it FAILED with the reason
+        if result.checkpoint is not None:
+            with result.checkpoint.as_directory() as ckpt_dir:
+                tracking.log_checkpoint(run_id, ckpt_dir, tracking_uri=tracking_uri)
+        tracking.set_tag(run_id, tracking.FAILURE_TAG, failure, tracking_uri=tracking_uri)
+        tracking.end_run(run_id, "FAILED", tracking_uri=tracking_uri)
+        return fail(f"{failure} (MLflow run {run_id} marked FAILED)")
     with result.checkpoint.as_directory() as ckpt_dir:
         final = tracking.log_checkpoint(run_id, ckpt_dir, tracking_uri=tracking_uri)
     wall_s = time.perf_counter() - t0

@@ -40,7 +40,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from platform.artifacts import SELECTION_METRIC
+from platform.artifacts import FAILURE_KEY, SELECTION_METRIC
 from typing import Any
 
 from coop_core.datasets import DatasetNotFoundError
@@ -229,12 +229,12 @@ def latest_sweep(storage_path: str, dataset: str) -> str | None:
 
 def trial_rows(grid: Any, epochs: int) -> list[dict[str, Any]]:
     """One summary row per trial of a ResultGrid (status, epochs reached, metrics, config, checkpoint)."""
-    from platform.sweep_tracking import trial_checkpoint_path
+    from platform.sweep_tracking import error_line, trial_checkpoint_path
 
     rows = []
     for result in grid:
         m = result.metrics or {}
-        status = "ERROR" if result.error is not None else "TERMINATED"
+        status = "ERROR" if result.error is not None else "FAILED" if m.get(FAILURE_KEY) else "TERMINATED"
         rows.append({
             "trial_id": m.get("trial_id") or Path(result.path).name,
             "status": status,
@@ -245,6 +245,7 @@ def trial_rows(grid: Any, epochs: int) -> list[dict[str, Any]]:
             "test_acc": m.get("test_acc"),
             "zeroshot_test_acc": m.get("zeroshot_test_acc"),
             "checkpoint_path": trial_checkpoint_path(result, m),
+            "failure": m.get(FAILURE_KEY) or (error_line(result.error) if result.error is not None else None),
             "last_result": m,
         })
     return rows
@@ -278,6 +279,9 @@ def format_report(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]])
         mark = " *" if summary.get("best_trial_id") == r["trial_id"] else "  "
         lines.append(f"{mark}{r['trial_id']:<10} {r['status']:<11} {r['epochs']:>6}  {_pct(r['val_acc']):>9}  "
                      f"{_pct(r['test_acc']):>10}  {describe_config(r['config'])}")
+    failed = [r for r in rows if r["status"] in ("ERROR", "FAILED")]
+    for r in failed:
+        lines.append(f"  trial {r['trial_id']} failed: {r['failure'] or 'see its Ray logs'}")
     lines.append("")
     best = summary.get("best_config")
     if best is None:
@@ -467,10 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows = trial_rows(grid, epochs)
     callback.setup()
-    for row in rows:  # runs of trials that finished while no driver was watching
-        run = callback.child_runs().get(row["trial_id"])
-        if row["status"] == "TERMINATED" and (run is None or run.info.status != "FINISHED"):
-            callback.finish_from_result(row["trial_id"], row["config"], row["last_result"], row["checkpoint_path"])
+    close_unclosed_runs(callback, rows)
     summary = summarise(rows, spec, state, name, sweep_dir, resumed)
     best = pick_best(rows)
     if best is not None:
@@ -485,6 +486,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps({k: summary.get(k) for k in JSON_KEYS}, sort_keys=True))
     return 0 if best is not None else 1
+
+
+def close_unclosed_runs(callback: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Close the child runs of trials that ended while no driver was watching (a killed or interrupted driver), so
+    no run stays RUNNING: finished trials become FINISHED (with their metrics and artifacts from the checkpoint),
+    failed and errored ones FAILED with the reason."""
+    runs = callback.child_runs()
+    for row in rows:
+        run = runs.get(row["trial_id"])
+        status = run.info.status if run is not None else None
+        if row["status"] == "TERMINATED" and status != "FINISHED" or row["status"] == "FAILED" and status != "FAILED":
+            callback.finish_from_result(row["trial_id"], row["config"], row["last_result"], row["checkpoint_path"])
+        elif row["status"] == "ERROR" and status != "FAILED":
+            callback.mark_failed(row["trial_id"], row["config"], row["failure"] or "error (see the trial's Ray logs)")
 
 
 def open_sweep(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], name: str, sweep_dir: str,
@@ -604,7 +619,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], spec: Any, state: Mapping[str, 
         "trials": len(rows), "trials_completed": sum(r["status"] == "TERMINATED" for r in rows),
         "trials_finished": sum(r["finished"] for r in rows),
         "trials_early_stopped": sum(r["status"] == "TERMINATED" and not r["finished"] for r in rows),
-        "trials_errored": sum(r["status"] == "ERROR" for r in rows),
+        "trials_errored": sum(r["status"] in ("ERROR", "FAILED") for r in rows),
         "parent_run_id": state["parent_run_id"], "experiment": state["experiment"],
         "tracking_uri": state["tracking_uri"], "ui_command": tracking.ui_command(state["tracking_uri"]),
         "resumed": resumed, "trial_runner": state["trial_runner"], "best_config": None, "best_trial_id": None,

@@ -37,7 +37,7 @@ import torch
 
 from coop_core.backbone import load_clip
 from coop_core.datasets import DatasetSplits
-from coop_core.engine import Distributed, SingleProcess, TrainState, evaluate, train
+from coop_core.engine import Distributed, NonFiniteLossError, SingleProcess, TrainState, evaluate, train
 from coop_core.fewshot import build_few_shot
 from coop_core.interpret import nearest_words, nearest_words_table
 from coop_core.pipeline import build_model, prepare_features
@@ -129,6 +129,9 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
                  device: torch.device | str = "cpu", epoch_hooks: Sequence[EpochHook] = (),
                  log_epochs: bool = True) -> None:
     """Train ``spec`` to its last epoch, reporting every epoch to ``session`` (see the module docstring).
+
+    A run that diverges (NaN or infinite loss) ends with one more report carrying ``artifacts.FAILURE_KEY`` (the
+    reason) instead of raising: the caller marks it failed, and no retry repeats the divergence.
 
     Args:
         spec: the run.
@@ -226,7 +229,13 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
         for hook in epoch_hooks:
             hook(int(metrics["epoch"]), rank)
 
-    train(model, feats.train, cfg, val=feats.val, dist=dist, on_epoch_end=on_epoch_end, resume=resume)
+    try:
+        train(model, feats.train, cfg, val=feats.val, dist=dist, on_epoch_end=on_epoch_end, resume=resume)
+    except NonFiniteLossError as err:  # every rank raises at the same step; each reports, so none is left waiting
+        if rank == 0:
+            logger.error("%s", err)
+        last = int(history[-1]["epoch"]) if history else 0
+        session.report({artifacts.FAILURE_KEY: str(err), "epoch": last}, None)
 
 
 def _write_final_artifacts(d: Path, spec: RunSpec, clip: Any, splits: DatasetSplits, model: Any,

@@ -33,7 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import coop_core
-from coop_core.prompts_io import load_prompts
+from coop_core.prompts_io import load_prompts, verified_digest
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ CHAMPION = "champion"
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 COOP_CORE_DIR = Path(coop_core.__file__).resolve().parent
 MODEL_ARTIFACT_NAME = "model"
+PROMPTS_SHA256_KEY = "prompts_sha256"  # model_config key (and version tag) holding the prompt file's digest
 # What the pyfunc needs at load time (pinned to what logged it).
 SERVING_PACKAGES = ("mlflow", "torch", "torchvision", "open_clip_torch", "safetensors", "pillow", "numpy", "pandas")
 
@@ -147,6 +148,8 @@ def log_prompt_model(checkpoint_dir: str | Path, spec: Mapping[str, Any], *, run
             artifacts=artifacts,
             code_paths=[str(COOP_CORE_DIR)],
             pip_requirements=_pip_requirements(),
+            # The served model refuses a prompts artifact other than the one it was logged with (pyfunc_model.py).
+            model_config={PROMPTS_SHA256_KEY: verified_digest(prompts)},
         )
         MlflowClient(tracking_uri).log_artifacts(run_id, str(local), artifact_path=MODEL_ARTIFACT_NAME)
     return f"runs:/{run_id}/{MODEL_ARTIFACT_NAME}"
@@ -174,6 +177,7 @@ def register_prompt(
     name = registered_model_name(str(spec["dataset"]))
     _, meta = load_prompts(Path(checkpoint_dir) / PROMPTS_FILE)
     tags = version_tags(spec, list(meta.classnames), metrics, extra_tags)
+    tags[PROMPTS_SHA256_KEY] = verified_digest(Path(checkpoint_dir) / PROMPTS_FILE)
     model_uri = log_prompt_model(checkpoint_dir, spec, run_id=run_id, tracking_uri=tracking_uri)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     try:

@@ -230,12 +230,11 @@ def set_champion(dataset: str, version: int, *, tracking_uri: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m platform.registry set-champion --dataset D --version V``: promote a version by hand."""
-    import argparse
-    import sys
     from platform import tracking
+    from platform.cli import Parser, fail
 
-    parser = argparse.ArgumentParser(prog="python -m platform.registry",
-                                     description="Manage the registered CoOp prompts (coop-<dataset>).")
+    parser = Parser(prog="python -m platform.registry",
+                    description="Manage the registered CoOp prompts (coop-<dataset>).")
     sub = parser.add_subparsers(dest="command", required=True)
     promote = sub.add_parser("set-champion", help="point coop-<dataset>@champion at a version, whatever its family")
     promote.add_argument("--dataset", required=True, help="dataset name (the model is coop-<dataset>)")
@@ -247,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         set_champion(args.dataset, args.version, tracking_uri=uri)
     except MlflowException as err:
-        sys.stderr.write(f"error: {str(err).splitlines()[0]}\n")
-        return 2
+        return fail(str(err).splitlines()[0])
     print(f"{registered_model_name(args.dataset)}@{CHAMPION} -> v{args.version}")
     return 0
 

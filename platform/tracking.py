@@ -14,6 +14,7 @@ global "active run", so sweeps can log many runs from one process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -43,6 +44,108 @@ def resolve_tracking_uri(arg: str | None = None) -> str:
     if "://" not in uri and uri.endswith(".db"):
         return f"sqlite:///{Path(uri).expanduser().resolve()}"
     return uri
+
+
+PROBE_TIMEOUT_S = 5.0  # the probe's whole budget per attempt: one clear line within seconds, never minutes
+# MLflow's HTTP client retries a failed request 7 times with exponential back-off (about 4.5 minutes against a server
+# that is not there). The CLIs lower that for their own process: a sweep whose server goes away keeps training and
+# keeps its results on disk (platform/sweep_tracking.py) instead of stalling for minutes on every call.
+HTTP_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+
+
+class TrackingUnavailableError(OSError):
+    """The MLflow tracking store cannot be reached or answers with errors; the message is one actionable line."""
+
+
+def limit_http_retries() -> None:
+    """Apply :data:`HTTP_RETRY_ENV` to this process (values the user set in the environment win)."""
+    for key, value in HTTP_RETRY_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def probe_tracking_store(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Check in a few seconds that the tracking store answers, before any training starts.
+
+    An ``http(s)://`` server gets one request to its REST API (no retries); a ``sqlite:///`` file is opened and read
+    (or, when it does not exist yet, its folder must be writable); a ``file:`` store's folder must be writable. Other
+    stores (databricks, SQL servers) are left to MLflow.
+
+    Raises:
+        TrackingUnavailableError: unreachable, timing out, refusing access, answering with errors, or not MLflow.
+    """
+    import sqlite3
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    fallback = "or pass another --tracking-uri (e.g. sqlite:///mlflow.db, a file in this folder)"
+    if parsed.scheme in ("http", "https"):
+        request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1",
+                                         headers=_auth_headers())
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                body = response.read(1 << 16)
+            json.loads(body or b"{}")
+        except urllib.error.HTTPError as err:
+            if err.code in (401, 403):
+                why = (f"refuses access (HTTP {err.code}); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                       "or MLFLOW_TRACKING_TOKEN")
+            elif err.code == 404:
+                why = "answers, but not as an MLflow tracking server (HTTP 404 for its REST API); check the URL"
+            else:
+                why = f"answers with errors (HTTP {err.code} {err.reason}); check the server's log"
+            raise TrackingUnavailableError(f"MLflow tracking server {uri} {why}, {fallback}") from None
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            text = "no answer" if isinstance(reason, TimeoutError) else str(getattr(reason, "strerror", None) or reason)
+            raise TrackingUnavailableError(
+                f"MLflow tracking server {uri} is unreachable ({text} within {timeout_s:.0f}s); start it (e.g. mlflow "
+                f"server --host 127.0.0.1 --port 5000) {fallback}") from None
+        except ValueError:
+            raise TrackingUnavailableError(f"{uri} answers, but not as an MLflow tracking server (its REST API "
+                                           f"returned no JSON); check the URL, {fallback}") from None
+        return
+    db = _sqlite_path(uri)
+    if db is not None:
+        if db.exists():
+            try:
+                with contextlib.closing(sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=timeout_s)) as conn:
+                    conn.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+            except sqlite3.Error as err:
+                raise TrackingUnavailableError(f"tracking store {db} cannot be opened as an SQLite database ({err}); "
+                                               f"{fallback.removeprefix('or ')}") from None
+            return
+        _probe_writable(db.parent, uri, fallback)
+        return
+    if parsed.scheme in ("", "file"):
+        _probe_writable(Path(parsed.path or uri), uri, fallback)
+
+
+def _probe_writable(folder: Path, uri: str, fallback: str) -> None:
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".coop-write-check-"):
+            pass
+    except OSError as err:
+        raise TrackingUnavailableError(f"tracking store {uri}: cannot write to {folder} ({err.strerror or err}); "
+                                       f"{fallback.removeprefix('or ')}") from None
+
+
+def _auth_headers() -> dict[str, str]:
+    """The credentials MLflow's own client would send (``MLFLOW_TRACKING_TOKEN`` or user name and password)."""
+    import base64
+
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if token:
+        return {"Authorization": f"Bearer {token}"}
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    return {}
 
 
 def _sqlite_path(uri: str) -> Path | None:

@@ -25,9 +25,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from platform import artifacts
 from platform.cli import (
+    INPUT_ERRORS,
+    Parser,
     add_infra_arguments,
     add_run_arguments,
     check_inputs,
+    check_writable_dir,
     configure_logging,
     fail,
     hub_unreachable_use_cache,
@@ -37,14 +40,11 @@ from platform.ray_runtime import init_ray, resolve_use_gpu
 from platform.trainer import build_trainer
 from typing import Any
 
-from coop_core.backbone import WeightsUnavailableError
-from coop_core.datasets import DatasetNotFoundError
-
 logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m platform.train",
         description="Train CoOp prompts for CLIP on one dataset with Ray Train (DDP across --num-workers), track the "
                     "run in MLflow and save the learned prompts.",
@@ -85,18 +85,23 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 training failed, 2 bad input / data / weights)."""
+    from platform import tracking
+
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
+    tracking.limit_http_retries()
     t0 = time.perf_counter()
+    tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
     try:
         # --use-gpu auto is resolved once Ray is up; until then assume GPUs may exist (so 'amp' is not refused yet).
         spec = spec_from_args(args, use_gpu=args.use_gpu != "no")
+        tracking.probe_tracking_store(tracking_uri)
+        if "://" not in args.storage_path:
+            check_writable_dir(args.storage_path, "--storage-path")
         offline = hub_unreachable_use_cache(spec)
         check_inputs(spec)
-    except (DatasetNotFoundError, WeightsUnavailableError, ValueError, FileNotFoundError) as err:
+    except INPUT_ERRORS as err:
         return fail(str(err))
-
-    from platform import tracking
 
     started_ray = init_ray(args.ray_address, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}} if offline else None)
     try:
@@ -107,7 +112,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         return fail(str(err))
 
-    tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
     experiment = args.experiment or tracking.default_experiment(spec.dataset)
     name = f"coop-{spec.dataset}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     run_id = tracking.create_run(experiment, run_name=name, tracking_uri=tracking_uri,

@@ -43,8 +43,6 @@ from pathlib import Path
 from platform.artifacts import FAILURE_KEY, SELECTION_METRIC
 from typing import Any
 
-from coop_core.datasets import DatasetNotFoundError
-
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "coop_sweep.json"  # in the sweep folder: what --resume needs (parent run, base spec, tracking)
@@ -120,6 +118,24 @@ def parse_grid(items: Sequence[str], spec: Any) -> dict[str, list[Any]]:
             raise ValueError(f"--grid {field}: repeated values in {raw!r}")
         grid[field] = values
     return grid
+
+
+def prompt_candidates(spec: Any, space: Mapping[str, Any], grid: Mapping[str, Sequence[Any]] | None
+                      ) -> list[tuple[int, str]]:
+    """Every ``(n_ctx, ctx_init)`` a trial of the sweep may train: the grid's or the space's values, else the flag's.
+
+    The prompt's length depends on nothing else, so checking these before Ray starts proves every trial's prompt fits.
+    """
+    from tune_spaces import Choice
+
+    def values(field: str, default: Any) -> list[Any]:
+        if grid and field in grid:
+            return list(grid[field])
+        domain = space.get(field)
+        return list(domain.values) if isinstance(domain, Choice) else [default]
+
+    return [(n, init) for n in values("prompt.n_ctx", spec.prompt.n_ctx)
+            for init in values("prompt.ctx_init", spec.prompt.ctx_init)]
 
 
 def resolve_trial_runner(requested: str, spec: Any) -> str:
@@ -313,9 +329,9 @@ def format_report(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from platform.cli import add_infra_arguments, add_run_arguments
+    from platform.cli import Parser, add_infra_arguments, add_run_arguments
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m platform.tune",
         description="Sweep CoOp's prompt design (context length and initialisation, class-token position, "
                     "class-specific context, learning rate) with Ray Tune: Optuna TPE proposes, ASHA stops trials "
@@ -374,15 +390,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 no trial finished, 2 bad input / data / weights)."""
-    from platform.cli import check_inputs, configure_logging, fail, hub_unreachable_use_cache, spec_from_args
+    from platform import tracking
+    from platform.cli import (
+        INPUT_ERRORS,
+        check_inputs,
+        check_writable_dir,
+        configure_logging,
+        fail,
+        hub_unreachable_use_cache,
+        spec_from_args,
+    )
     from platform.ray_runtime import init_ray, resolve_use_gpu
     from platform.run_spec import RunSpec
 
-    from coop_core.backbone import WeightsUnavailableError
     from tune_spaces import get_space
 
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
+    tracking.limit_http_retries()
     t0 = time.perf_counter()
     storage_path = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
 
@@ -419,9 +444,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.max_failures < 0:
                 raise ValueError(f"--max-failures must be >= 0, got {args.max_failures}")
             runner = resolve_trial_runner(args.trial_runner, spec)
+        tracking.probe_tracking_store(state["tracking_uri"] if state is not None
+                                      else tracking.resolve_tracking_uri(args.tracking_uri))
+        if "://" not in storage_path:
+            check_writable_dir(storage_path, "--storage-path")
         offline = hub_unreachable_use_cache(spec)
-        check_inputs(spec)
-    except (DatasetNotFoundError, WeightsUnavailableError, ValueError, FileNotFoundError) as err:
+        check_inputs(spec, prompt_candidates(spec, space, state["grid"] if state is not None else args.grid))
+    except INPUT_ERRORS as err:
         return fail(str(err))
 
     from platform.sweep_tracking import MlflowSweepCallback

@@ -77,7 +77,7 @@ def small_split(small_eurosat_root) -> dict:
     return json.loads((small_eurosat_root / "eurosat" / "split_zhou_EuroSAT.json").read_text())
 
 
-# -- data ---------------------------------------------------------------------------------------------------------
+# -- data --------------------------------------------------------------------------------------------------------------
 
 
 def test_unknown_dataset(capsys, base):
@@ -160,7 +160,7 @@ def test_shots_all_is_accepted_explicitly(base, tmp_path):
     assert len(manifests) == 1 and len(splits.train) == 80  # the few-shot split is every training image
 
 
-# -- prompt ---------------------------------------------------------------------------------------------------------
+# -- prompt ------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("n_ctx", ["0", "-3"])
@@ -193,7 +193,7 @@ def test_search_space_value_that_cannot_fit(capsys, base, tmp_path):
     assert "ctx_init 'photo photo" in line and "is 74 tokens" in line
 
 
-# -- backbone and weights --------------------------------------------------------------------------------------------
+# -- backbone and weights ----------------------------------------------------------------------------------------------
 
 
 def test_unknown_backbone(capsys, base):
@@ -224,7 +224,7 @@ def test_search_space_override_naming_an_unknown_field(capsys, base):
     assert "--grid 'prompt.depth=2,4': prompt has no field 'depth'" in line
 
 
-# -- tracking, folders --------------------------------------------------------------------------------------------------
+# -- tracking, folders -------------------------------------------------------------------------------------------------
 
 
 def test_tracking_server_unreachable(capsys, base):

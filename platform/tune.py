@@ -592,13 +592,17 @@ def build_tuner(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], s
             max_failures=max_failures, log_level=log_level, epoch_hooks=list(epoch_hooks)),
             {"cpu": 0, "memory": TRIAL_MEMORY_BYTES})
         trial_failures = 0  # Ray Train restarts lost workers from the run's checkpoint
-    if restore and tune.Tuner.can_restore(sweep_dir):
-        logger.info("resuming sweep %s from %s", name, sweep_dir)
-        return tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     # Keeping 2 checkpoints per trial makes Tune snapshot its experiment state whenever a trial has checkpointed
     # twice (so --resume never points at a deleted checkpoint); with one checkpoint per CoOp epoch that is often, and
     # Tune warns about it each time. The snapshot is a small local write; the warning is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # A diverged trial ends with a report that has the reason (artifacts.FAILURE_KEY) and no val_acc; Tune's strict
+    # metric check would turn that report into an error the trial is retried for (diverging again). Without the
+    # check ASHA ignores the report and Optuna records the trial as pruned. Read by Tune at every result.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    if restore and tune.Tuner.can_restore(sweep_dir):
+        logger.info("resuming sweep %s from %s", name, sweep_dir)
+        return tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     epochs = spec.train.resolved_epochs
     asha = dict(time_attr="epoch", max_t=epochs, grace_period=min(args.grace_period, epochs),
                 reduction_factor=args.reduction_factor)

@@ -269,3 +269,40 @@ def test_unwritable_folder(capsys, base, tmp_path, flag):
         (tmp_path / "locked").mkdir(mode=0o500)
         line, _ = refused(capsys, with_flag(base, flag, str(tmp_path / "locked")))
         assert "(Permission denied)" in line
+
+
+# -- during training ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_nan_loss_fails_its_trial_with_the_reason_and_the_sweep_goes_on(ray_session, base, feature_cache, tmp_path,
+                                                                       capsys):
+    """lr 1e20 makes the context explode within the first epoch: that trial ends FAILED with the reason (no retry
+    repeats the divergence), the other trial finishes and is registered."""
+    import io
+    from contextlib import redirect_stdout
+
+    from mlflow.tracking import MlflowClient
+
+    argv = [*with_flag(with_flag(base, "--cache-dir", str(feature_cache)), "--epochs", "2"), "--batch-size", "8",
+            "--n-views", "1", "--max-test-items", "20", "--grid", "train.lr=0.002,1e20", "--warmup-epochs", "0",
+            "--sweep-name", "nan", "--json"]
+    out = io.StringIO()
+    with redirect_stdout(out):
+        rc = tune.main(argv)
+    lines = out.getvalue().strip().splitlines()
+    assert rc == 0, "\n".join(lines[-20:])
+    summary = json.loads(lines[-1])
+    assert summary["trials"] == 2 and summary["trials_errored"] == 1 and summary["trials_finished"] == 1
+    assert summary["best_config"]["train.lr"] == 0.002 and summary["registered_version"] == 1
+    assert "failed: training diverged: the loss gradient became nan at epoch 1" in out.getvalue()  # the report
+    client = MlflowClient(summary["tracking_uri"])
+    parent = client.get_run(summary["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
+    by_lr = {float(c.data.params["train.lr"]): c for c in children}
+    assert by_lr[1e20].info.status == "FAILED" and by_lr[0.002].info.status == "FINISHED"
+    assert by_lr[1e20].data.tags["coop.failure"].startswith("training diverged: the loss gradient became nan at "
+                                                            "epoch 1, step ")
+    assert "lower the learning rate (--lr)" in by_lr[1e20].data.tags["coop.failure"]
+    assert client.get_metric_history(by_lr[1e20].info.run_id, "val_acc") == []  # it never finished an epoch

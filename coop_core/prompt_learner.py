@@ -43,6 +43,11 @@ def normalise_ctx_init(ctx_init: str) -> str:
     return " ".join(ctx_init.replace("_", " ").split())
 
 
+def _quoted(text: str, limit: int = 40) -> str:
+    """``repr`` of ``text``, cut to about ``limit`` characters for one-line messages."""
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
 def check_prompt_fits(tokenizer: Callable, classnames: Sequence[str], n_ctx: int, ctx_init: str = "") -> int:
     """Check that every class's prompt fits the text context; return the effective context length.
 
@@ -58,7 +63,7 @@ def check_prompt_fits(tokenizer: Callable, classnames: Sequence[str], n_ctx: int
     if ctx_init:
         n_ctx = _n_word_tokens(tokenizer, ctx_init)
         if n_ctx < 1:
-            raise ValueError(f"ctx_init {ctx_init!r} tokenizes to no tokens; give words (e.g. 'a photo of a') or '' "
+            raise ValueError(f"ctx_init {_quoted(ctx_init)} tokenizes to no tokens; give words (e.g. 'a photo of a') or '' "
                              "for a random context")
     if n_ctx < 1:
         raise ValueError(f"n_ctx must be a positive integer, got {n_ctx}")
@@ -66,17 +71,17 @@ def check_prompt_fits(tokenizer: Callable, classnames: Sequence[str], n_ctx: int
     lens = [_n_word_tokens(tokenizer, name) for name in names]
     for name, k in zip(names, lens):
         if k < 1:
-            raise ValueError(f"class name {name!r} tokenizes to no tokens, so its prompt could not name the class; "
+            raise ValueError(f"class name {_quoted(name)} tokenizes to no tokens, so its prompt could not name the class; "
                              "give the class a readable name in the split file")
     longest = max(range(len(names)), key=lambda c: lens[c])
     room = seq_len - 3 - lens[longest]  # context tokens that still fit beside the longest class name
     if room < 1:
-        raise ValueError(f"class name {names[longest]!r} is {lens[longest]} tokens, too long for the text context of "
+        raise ValueError(f"class name {_quoted(names[longest])} is {lens[longest]} tokens, too long for the text context of "
                          f"{seq_len} tokens with any context; shorten it to at most {seq_len - 4} tokens")
     if n_ctx > room:
-        what = f"ctx_init {ctx_init!r} is {n_ctx} tokens" if ctx_init else f"n_ctx is {n_ctx}"
+        what = f"ctx_init {_quoted(ctx_init)} is {n_ctx} tokens" if ctx_init else f"n_ctx is {n_ctx}"
         raise ValueError(f"the prompt does not fit CLIP's {seq_len}-token text context: {what}, and class "
-                         f"{names[longest]!r} takes {lens[longest]} more + 3 (start, '.', end); use a context of at "
+                         f"{_quoted(names[longest])} takes {lens[longest]} more + 3 (start, '.', end); use a context of at "
                          f"most {room} tokens" + (" (a shorter --ctx-init)" if ctx_init else " (--n-ctx)"))
     return n_ctx
 

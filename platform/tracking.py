@@ -99,10 +99,11 @@ def probe_tracking_store(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
             raise TrackingUnavailableError(f"MLflow tracking server {uri} {why}, {fallback}") from None
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
-            text = "no answer" if isinstance(reason, TimeoutError) else str(getattr(reason, "strerror", None) or reason)
+            text = (f"no answer within {timeout_s:.0f}s" if isinstance(reason, TimeoutError)
+                    else str(getattr(reason, "strerror", None) or reason).lower())
             raise TrackingUnavailableError(
-                f"MLflow tracking server {uri} is unreachable ({text} within {timeout_s:.0f}s); start it (e.g. mlflow "
-                f"server --host 127.0.0.1 --port 5000) {fallback}") from None
+                f"MLflow tracking server {uri} is unreachable ({text}); start it (e.g. mlflow server --host 127.0.0.1 "
+                f"--port 5000) {fallback}") from None
         except ValueError:
             raise TrackingUnavailableError(f"{uri} answers, but not as an MLflow tracking server (its REST API "
                                            f"returned no JSON); check the URL, {fallback}") from None

@@ -42,6 +42,7 @@ PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 COOP_CORE_DIR = Path(coop_core.__file__).resolve().parent
 MODEL_ARTIFACT_NAME = "model"
 PROMPTS_SHA256_KEY = "prompts_sha256"  # model_config key (and version tag) holding the prompt file's digest
+RULE_APPLIED_TAG = "champion_rule_applied"  # version tag: the champion rule ran for it (exactly once)
 # What the pyfunc needs at load time (pinned to what logged it).
 SERVING_PACKAGES = ("mlflow", "torch", "torchvision", "open_clip_torch", "safetensors", "pillow", "numpy", "pandas")
 
@@ -166,6 +167,9 @@ def register_prompt(
 ) -> Registration:
     """Register a trial's final prompts as a new version of ``coop-<dataset>`` and apply the champion rule.
 
+    Idempotent: registering the same prompts from the same run again (a resumed sweep, a retry after the tracking
+    server came back) returns the existing version, and the champion rule runs once per version.
+
     Args:
         checkpoint_dir: the trial's final checkpoint (``prompts.safetensors`` inside).
         spec: the trial's resolved run config (``RunSpec.to_dict()``: dataset, model, prompt, train ...).
@@ -178,19 +182,29 @@ def register_prompt(
     _, meta = load_prompts(Path(checkpoint_dir) / PROMPTS_FILE)
     tags = version_tags(spec, list(meta.classnames), metrics, extra_tags)
     tags[PROMPTS_SHA256_KEY] = verified_digest(Path(checkpoint_dir) / PROMPTS_FILE)
-    model_uri = log_prompt_model(checkpoint_dir, spec, run_id=run_id, tracking_uri=tracking_uri)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    try:
-        client.create_registered_model(name, description=f"CoOp prompts for CLIP on {spec['dataset']}")
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    registered = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags)
-    version = int(registered.version)
     val_acc = float(metrics[SELECTION_METRIC])
     backbone, shots = tags["backbone"], tags["shots"]
-
     scoped = scoped_champion_alias(backbone, shots)
+    registered = _registered_before(client, name, run_id, tags[PROMPTS_SHA256_KEY])
+    if registered is not None and registered.tags.get(RULE_APPLIED_TAG) == "true":
+        # A resumed sweep (or a retried registration) registering the same prompts again: one version, one rule.
+        version = int(registered.version)
+        champion = _version_by_alias(client, name, CHAMPION)
+        champion_version = int(champion.version) if champion is not None else version
+        logger.info("%s v%d already holds these prompts; @%s -> v%d", name, version, CHAMPION, champion_version)
+        return Registration(name, version, champion_version, champion_version == version,
+                            f"registered before as v{version}; the champion rule was applied then", scoped)
+    if registered is None:
+        model_uri = log_prompt_model(checkpoint_dir, spec, run_id=run_id, tracking_uri=tracking_uri)
+        try:
+            client.create_registered_model(name, description=f"CoOp prompts for CLIP on {spec['dataset']}")
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        registered = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags)
+    version = int(registered.version)
+
     current_scoped = _version_by_alias(client, name, scoped)
     if current_scoped is None or val_acc > _float_tag(current_scoped, SELECTION_METRIC):
         client.set_registered_model_alias(name, scoped, str(version))
@@ -211,9 +225,16 @@ def register_prompt(
         reason = f"val_acc {val_acc:.2f} {verb} champion v{current.version}'s {best:.2f}"
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, str(version))
+    client.set_model_version_tag(name, str(version), RULE_APPLIED_TAG, "true")
     champion_version = version if promoted else int(current.version)
     logger.info("registered %s v%d (%s); @%s -> v%d", name, version, reason, CHAMPION, champion_version)
     return Registration(name, version, champion_version, promoted, reason, scoped)
+
+
+def _registered_before(client: MlflowClient, name: str, run_id: str, digest: str) -> Any:
+    """The version of ``name`` that already holds these prompts from this run, if any (None for a new model)."""
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return next((v for v in found if v.tags.get(PROMPTS_SHA256_KEY) == digest), None)
 
 
 def set_champion(dataset: str, version: int, *, tracking_uri: str) -> None:

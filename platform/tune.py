@@ -53,7 +53,8 @@ TRIAL_RUNNERS = ("auto", "in-process", "ray-train")
 JSON_KEYS = ("best_config", "val_acc", "test_acc", "zeroshot_test_acc", "parent_run_id", "registered_model",
              "registered_version", "champion_version", "trials", "trials_completed", "trials_finished",
              "trials_early_stopped", "trials_errored", "best_trial_id", "best_run_id", "n_ctx_effective", "sweep_name",
-             "sweep_dir", "tracking_uri", "experiment", "resumed", "wall_s", "timing", "trial_runner")
+             "sweep_dir", "tracking_uri", "experiment", "resumed", "wall_s", "timing", "trial_runner",
+             "tracking_complete", "tracking_error", "log_command")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -311,8 +312,13 @@ def format_report(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]])
             f"    test  zero-shot    {_pct(summary['zeroshot_test_acc'])}",
             "",
             f"  registered         {summary['registered_model']} v{summary['registered_version']}; @champion -> "
-            f"v{summary['champion_version']} ({summary['champion_reason']})",
+            f"v{summary['champion_version']} ({summary['champion_reason']})" if summary.get("registered_version")
+            else f"  registered         not yet: {summary['registered_model']} is registered when MLflow is back",
         ]
+    if summary.get("tracking_error"):
+        lines += ["", f"  MLflow failed: {summary['tracking_error']}",
+                  f"  Every trial's results are kept under {summary['sweep_dir']}. Once the tracking server is back, "
+                  "log them (and register the best trial) with:", f"    {summary['log_command']}"]
     lines += format_timing(summary.get("timing") or {})
     lines += [
         f"  MLflow sweep run   {summary['parent_run_id']}  (experiment {summary['experiment']!r}; best trial run "
@@ -453,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except INPUT_ERRORS as err:
         return fail(str(err))
 
-    from platform.sweep_tracking import MlflowSweepCallback
+    from platform.sweep_tracking import MlflowSweepCallback, error_line
 
     import ray
 
@@ -472,12 +478,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(err))
     epochs = spec.train.resolved_epochs
 
-    if state is None:
-        state = open_sweep(args, spec, space, name, sweep_dir, max_concurrent, runner, gpus_per_trial)
-    else:
-        from mlflow.tracking import MlflowClient
+    try:
+        if state is None:
+            state = open_sweep(args, spec, space, name, sweep_dir, max_concurrent, runner, gpus_per_trial)
+        else:
+            from mlflow.tracking import MlflowClient
 
-        MlflowClient(state["tracking_uri"]).update_run(state["parent_run_id"], status="RUNNING")
+            MlflowClient(state["tracking_uri"]).update_run(state["parent_run_id"], status="RUNNING")
+    except Exception as err:  # the store passed the probe a moment ago and failed now: nothing has run yet
+        return fail(f"MLflow tracking failed before the sweep started ({error_line(err)}); nothing was trained, "
+                    "run the command again once the tracking store works")
     resumed = args.resume
     n_trials = state["num_samples"] * math.prod(len(v) for v in (state.get("grid") or {}).values())
     logger.info("sweep %s: %d trials of %s, %d at once (%s trials); MLflow run %s (%s)", name, n_trials, spec.dataset,
@@ -499,22 +509,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         ray.kill(controllers)  # the sweep is over: nothing is left to stop or reap
 
     rows = trial_rows(grid, epochs)
-    callback.setup()
-    close_unclosed_runs(callback, rows)
     summary = summarise(rows, spec, state, name, sweep_dir, resumed)
     best = pick_best(rows)
-    if best is not None:
-        summary.update(register_best(best, callback, state, name, storage_path))
+    # Everything below writes to MLflow. If the server went away, the trials' results stay in their checkpoints and
+    # the report says which command logs them (and registers the best trial, once) when it is back.
+    tracking_error = None
+    try:
+        callback.setup()
+        close_unclosed_runs(callback, rows)
+        if best is not None:
+            summary.update(register_best(best, callback, state, name, storage_path))
+    except Exception as err:  # whatever the store raises; the sweep's results are safe on disk
+        tracking_error = error_line(err)
     summary["wall_s"] = time.perf_counter() - t0
     summary["timing"] = timing(callback.timings, len(rows), summary["wall_s"])
-    close_sweep(summary, state)
+    if tracking_error is None:
+        try:
+            close_sweep(summary, state)
+        except Exception as err:
+            tracking_error = error_line(err)
+    summary.update(tracking_complete=tracking_error is None, tracking_error=tracking_error,
+                   log_command=None if tracking_error is None else callback.log_command())
     if started_ray:
         ray.shutdown()  # stops forwarding worker logs, so nothing can follow the report and the JSON line on stdout
 
     print(format_report(summary, rows))
     if args.json:
         print(json.dumps({k: summary.get(k) for k in JSON_KEYS}, sort_keys=True))
-    return 0 if best is not None else 1
+    return 0 if best is not None and tracking_error is None else 1
 
 
 def close_unclosed_runs(callback: Any, rows: Sequence[Mapping[str, Any]]) -> None:

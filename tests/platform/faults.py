@@ -57,6 +57,27 @@ class Pause:
         time.sleep(self.seconds)
 
 
+@dataclass(frozen=True)
+class KillGroupAfter:
+    """SIGKILL the process group ``pgid`` (e.g. a tracking server) at the ``calls``-th epoch end of the whole sweep.
+
+    Epoch ends are counted in ``counter_file`` (one line each, across trials and processes), so "during the second
+    trial" is ``calls = epochs + 1`` when trials run one at a time.
+    """
+
+    calls: int
+    pgid: int
+    counter_file: str
+
+    def __call__(self, epoch: int, rank: int) -> None:
+        with open(self.counter_file, "a+") as fh:
+            fh.write(f"{epoch}\n")
+            fh.seek(0)
+            n = len(fh.read().splitlines())
+        if n == self.calls:
+            os.killpg(self.pgid, signal.SIGKILL)
+
+
 def tune_main_with_hooks() -> None:
     """Child-process entry point: ``platform.tune.main(argv)`` with epoch hooks given as JSON in ``argv[1]``.
 

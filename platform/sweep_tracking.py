@@ -127,6 +127,7 @@ class MlflowSweepCallback(Callback):
         self.storage_path = storage_path
         self.epochs = epochs
         self.sweep_name = sweep_name
+        self.stopping = False  # set when the user interrupts the sweep (Ctrl-C): trials stopped now did not end
         self._reset_caches()
 
     def _reset_caches(self) -> None:
@@ -294,6 +295,8 @@ class MlflowSweepCallback(Callback):
                     result.get("train_loss", math.nan), val, test)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if self.stopping:
+            return  # stopped by Ctrl-C, not ended: the CLI marks its run KILLED and --resume continues it
         last = trial.last_result or {}
         self._safely(trial.trial_id, "the results", lambda: self.finish_from_result(
             trial.trial_id, trial.config, last, trial_checkpoint_path(trial, last)))

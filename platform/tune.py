@@ -503,13 +503,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from platform.trial_stopping import CONTROLLERS_ACTOR_NAME, TrialControllersActor
 
         controllers = TrialControllersActor.options(name=CONTROLLERS_ACTOR_NAME, get_if_exists=True).remote()
-    grid = tuner.fit()
+    with SweepInterrupt(callback) as interrupt:
+        grid = tuner.fit()
     if controllers is not None:
         logger.info("trial controllers: %s", ray.get(controllers.stats.remote()))
         ray.kill(controllers)  # the sweep is over: nothing is left to stop or reap
 
     rows = trial_rows(grid, epochs)
     summary = summarise(rows, spec, state, name, sweep_dir, resumed)
+    if interrupt.requested:  # Ctrl-C: Tune stopped the trials and saved its state, fit() returned early
+        return interrupted(callback, summary, state, started_ray)
     best = pick_best(rows)
     # Everything below writes to MLflow. If the server went away, the trials' results stay in their checkpoints and
     # the report says which command logs them (and registers the best trial, once) when it is back.
@@ -537,6 +540,74 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps({k: summary.get(k) for k in JSON_KEYS}, sort_keys=True))
     return 0 if best is not None and tracking_error is None else 1
+
+
+class SweepInterrupt:
+    """Ctrl-C (SIGINT) during ``tuner.fit()``: tell the MLflow callback first, then stop Ray Tune gracefully.
+
+    Ray Tune's own SIGINT handler stops the sweep and saves its state, but then reports the stopped trials as ended
+    (``on_trial_complete``), so a callback cannot tell an interrupted trial from a finished one. So Tune's SIGINT
+    handler is turned off (``TUNE_DISABLE_SIGINT_HANDLER``, read when ``fit()`` starts) and this one marks the
+    callback as stopping, then sends SIGUSR1, on which Tune runs the same graceful stop. A second Ctrl-C quits at once.
+    """
+
+    def __init__(self, callback: Any) -> None:
+        self.callback = callback
+        self.requested = False
+
+    def __enter__(self) -> SweepInterrupt:
+        import signal
+        import threading
+
+        self._active = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+        if self._active:
+            self._env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.callback.stopping = True
+        logger.warning("interrupted: stopping the trials and saving the sweep's state (Ctrl-C again to quit at once)")
+        os.kill(os.getpid(), signal.SIGUSR1)  # Ray Tune's graceful stop
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if not self._active:
+            return
+        signal.signal(signal.SIGINT, self._previous)
+        if self._env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self._env
+
+
+def interrupted(callback: Any, summary: Mapping[str, Any], state: Mapping[str, Any], started_ray: bool) -> int:
+    """End an interrupted sweep cleanly: the runs of the trials it stopped, and the sweep's run, end KILLED
+    (``--resume`` continues them and sets them running again); nothing is registered; exit status 130."""
+    from platform import tracking
+    from platform.sweep_tracking import error_line
+
+    import ray
+
+    try:
+        for run in callback.child_runs().values():
+            if run.info.status == "RUNNING":
+                tracking.end_run(run.info.run_id, "KILLED", tracking_uri=callback.tracking_uri)
+        tracking.end_run(state["parent_run_id"], "KILLED", tracking_uri=state["tracking_uri"])
+    except Exception as err:  # the store is gone too: --resume closes the runs later
+        logger.warning("could not mark the interrupted runs in MLflow (%s)", error_line(err))
+    if started_ray:
+        ray.shutdown()
+    sys.stderr.write(f"interrupted: the sweep's {summary['trials']} trials are kept with their checkpoints; their "
+                     f"MLflow runs are marked KILLED. Finish the sweep with: {callback.log_command()}\n")
+    return 130
 
 
 def close_unclosed_runs(callback: Any, rows: Sequence[Mapping[str, Any]]) -> None:

@@ -17,6 +17,11 @@ from pathlib import Path
 TMP_SUFFIX = ".tmp"
 
 
+class CacheWriteError(OSError):
+    """A cache entry (features, a few-shot manifest) could not be written: a full disk, an unwritable folder. The
+    message is one line; the atomic write left nothing partial behind."""
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, mode: int = 0o644) -> Iterator[Path]:
     """A temporary path to write ``path``'s new content to; renamed onto ``path`` when the block ends without error.

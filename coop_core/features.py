@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
+
+from coop_core.atomic import CacheWriteError, atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -242,20 +243,18 @@ class FeatureCache:
         found = self._read(path)
         if found is not None:
             return found
-        with _locked(path.with_suffix(".lock")):
-            found = self._read(path)  # another process may have finished it while we waited
-            if found is not None:
-                return found
-            tensors = {k: v.contiguous().cpu() for k, v in compute().items()}
-            meta = {"sha256": _tensor_digest(tensors), "key": json.dumps(parts, sort_keys=True, default=str)}
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            os.close(fd)
-            try:
-                save_file(tensors, tmp, metadata=meta)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-            shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in tensors.items())
-            logger.info("cached features %s (%s)", path.name, shapes)
-            return tensors
+        try:
+            with _locked(path.with_suffix(".lock")):
+                found = self._read(path)  # another process may have finished it while we waited
+                if found is not None:
+                    return found
+                tensors = {k: v.contiguous().cpu() for k, v in compute().items()}
+                meta = {"sha256": _tensor_digest(tensors), "key": json.dumps(parts, sort_keys=True, default=str)}
+                with atomic_path(path) as tmp:  # a full disk mid-write leaves no partial entry behind
+                    save_file(tensors, str(tmp), metadata=meta)
+        except OSError as err:
+            raise CacheWriteError(f"cannot write the feature cache under {self.root} ({err.strerror or err}); free "
+                                  "space there or pass another --cache-dir (nothing partial was kept)") from None
+        shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in tensors.items())
+        logger.info("cached features %s (%s)", path.name, shapes)
+        return tensors

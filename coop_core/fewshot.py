@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import random
 import re
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from coop_core.atomic import CacheWriteError, atomic_path
 from coop_core.config import ALL_SHOTS, check_shots
 from coop_core.datasets.base import DatasetSplits, Item
 
@@ -178,17 +177,12 @@ def _write_manifest(path: Path, train: Sequence[Item], val: Sequence[Item], meta
         },
         schema=MANIFEST_SCHEMA.with_metadata(metadata),
     )
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:  # readable by every user of a shared cache; never a partial file
+            pq.write_table(table, str(tmp))
+    except OSError as err:
+        raise CacheWriteError(f"cannot write the few-shot manifest under {path.parent} ({err.strerror or err}); free "
+                              "space there or pass another --cache-dir (nothing partial was kept)") from None
 
 
 def _read_manifest(

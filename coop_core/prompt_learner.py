@@ -63,26 +63,27 @@ def check_prompt_fits(tokenizer: Callable, classnames: Sequence[str], n_ctx: int
     if ctx_init:
         n_ctx = _n_word_tokens(tokenizer, ctx_init)
         if n_ctx < 1:
-            raise ValueError(f"ctx_init {_quoted(ctx_init)} tokenizes to no tokens; give words (e.g. 'a photo of a') or '' "
-                             "for a random context")
+            raise ValueError(f"ctx_init {_quoted(ctx_init)} tokenizes to no tokens; give words (e.g. 'a photo of "
+                             "a') or '' for a random context")
     if n_ctx < 1:
         raise ValueError(f"n_ctx must be a positive integer, got {n_ctx}")
     names = [clean_classname(c) for c in classnames]
     lens = [_n_word_tokens(tokenizer, name) for name in names]
     for name, k in zip(names, lens):
         if k < 1:
-            raise ValueError(f"class name {_quoted(name)} tokenizes to no tokens, so its prompt could not name the class; "
-                             "give the class a readable name in the split file")
+            raise ValueError(f"class name {_quoted(name)} tokenizes to no tokens, so its prompt could not name the "
+                             "class; give the class a readable name in the split file")
     longest = max(range(len(names)), key=lambda c: lens[c])
     room = seq_len - 3 - lens[longest]  # context tokens that still fit beside the longest class name
     if room < 1:
-        raise ValueError(f"class name {_quoted(names[longest])} is {lens[longest]} tokens, too long for the text context of "
-                         f"{seq_len} tokens with any context; shorten it to at most {seq_len - 4} tokens")
+        raise ValueError(f"class name {_quoted(names[longest])} is {lens[longest]} tokens, too long for the text "
+                         f"context of {seq_len} tokens with any context; shorten it to at most {seq_len - 4} tokens")
     if n_ctx > room:
         what = f"ctx_init {_quoted(ctx_init)} is {n_ctx} tokens" if ctx_init else f"n_ctx is {n_ctx}"
+        flag = "a shorter --ctx-init" if ctx_init else "--n-ctx"
         raise ValueError(f"the prompt does not fit CLIP's {seq_len}-token text context: {what}, and class "
-                         f"{_quoted(names[longest])} takes {lens[longest]} more + 3 (start, '.', end); use a context of at "
-                         f"most {room} tokens" + (" (a shorter --ctx-init)" if ctx_init else " (--n-ctx)"))
+                         f"{_quoted(names[longest])} takes {lens[longest]} more + 3 (start, '.', end); use a "
+                         f"context of at most {room} tokens ({flag})")
     return n_ctx
 
 

@@ -50,7 +50,9 @@ def init_ray(address: str | None = None, *, working_dir: bool = True, **ray_init
     # Ray warns on every start that .git/.venv are no longer uploaded -- which is what we want; keep the console clean.
     logging.getLogger("ray._private.worker").addFilter(
         lambda record: "is now ignored by default" not in record.getMessage())
-    ray.init(address=address, runtime_env=runtime_env, **ray_init_kwargs)
+    # address None means a new local instance, as the CLIs' --ray-address help says; Ray's own None would join any
+    # cluster found on this machine (one started with `ray start`, or another user's).
+    ray.init(address=address or "local", runtime_env=runtime_env, **ray_init_kwargs)
     return True
 
 

@@ -59,7 +59,8 @@ def trial_checkpoint_path(trial_or_result: Any, metrics: Mapping[str, Any]) -> s
 
 @contextmanager
 def checkpoint_dir(path: str, storage_path: str) -> Iterator[Path]:
-    """A local directory with the checkpoint at ``path`` (a path on ``storage_path``'s filesystem)."""
+    """A local directory with the checkpoint at ``path`` (a path on ``storage_path``'s filesystem), verified against
+    its manifest (``artifacts.verify``)."""
     from ray.train import Checkpoint
 
     if "://" in storage_path:
@@ -70,6 +71,7 @@ def checkpoint_dir(path: str, storage_path: str) -> Iterator[Path]:
     else:
         checkpoint = Checkpoint(path=path)
     with checkpoint.as_directory() as d:
+        artifacts.verify(d)
         yield Path(d)
 
 

@@ -311,6 +311,7 @@ def log_checkpoint(run_id: str, checkpoint_dir: str | Path, *, tracking_uri: str
     """Log a finished run's final checkpoint: per-epoch metrics, final metrics and artifacts; returns the final metrics.
     """
     d = Path(checkpoint_dir)
+    artifacts.verify(d)
     log_epoch_metrics(run_id, artifacts.read_history(d), tracking_uri=tracking_uri)
     final = artifacts.read_final_metrics(d)
     log_run_artifacts(run_id, d, tracking_uri=tracking_uri)

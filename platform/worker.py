@@ -69,6 +69,7 @@ def _restore(checkpoint: Any) -> tuple[TrainState, list[dict[str, Any]]] | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as d:
+        artifacts.verify(d)
         return artifacts.read_state(d), artifacts.read_history(d)
 
 
@@ -222,6 +223,7 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
                 artifacts.write_checkpoint(d, state, history, resolved)
                 if final:
                     _write_final_artifacts(d, spec, clip, splits, model, report)
+                artifacts.seal(d)
                 session.report(report, d)
             if log_epochs:
                 logger.info("%s", _format_epoch(metrics, epochs))

@@ -25,6 +25,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -252,9 +253,10 @@ class FeatureCache:
                 meta = {"sha256": _tensor_digest(tensors), "key": json.dumps(parts, sort_keys=True, default=str)}
                 with atomic_path(path) as tmp:  # a full disk mid-write leaves no partial entry behind
                     save_file(tensors, str(tmp), metadata=meta)
-        except OSError as err:
-            raise CacheWriteError(f"cannot write the feature cache under {self.root} ({err.strerror or err}); free "
-                                  "space there or pass another --cache-dir (nothing partial was kept)") from None
+        except (OSError, SafetensorError) as err:  # safetensors reports a failed write as its own error
+            reason = getattr(err, "strerror", None) or str(err).strip()[:200]
+            raise CacheWriteError(f"cannot write the feature cache under {self.root} ({reason}); free space there or "
+                                  "pass another --cache-dir (nothing partial was kept)") from None
         shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in tensors.items())
         logger.info("cached features %s (%s)", path.name, shapes)
         return tensors

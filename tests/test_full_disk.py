@@ -106,9 +106,10 @@ def test_a_manifest_write_that_runs_out_of_space_keeps_nothing(full_disk):
 
 
 def test_a_checkpoint_cut_short_fails_in_one_line_and_is_refused_when_read(full_disk, tmp_path):
+    from platform import artifacts
+
     import torch
 
-    from platform import artifacts
     from coop_core.engine import TrainState
 
     root, outcome = full_disk

@@ -4,6 +4,7 @@ the one-line failure."""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -178,15 +179,18 @@ INPUT_ERRORS = (ValueError, OSError, WeightsUnavailableError)
 
 
 def check_writable_dir(path: str | Path, flag: str) -> None:
-    """Create ``path`` if needed and prove it writable with a throw-away file.
+    """Prove that ``path`` can be written (or created), with a throw-away file in it or in its nearest existing
+    parent; nothing is left behind.
 
     Raises:
-        OSError: one line naming the folder, the flag and the reason (unwritable, read-only, full, not a folder).
+        OSError: one line naming the folder, the flag and the reason (unwritable, read-only, not a folder).
     """
-    path = Path(path)
+    path = Path(path).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".coop-write-check-"):
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".coop-write-check-"):
             pass
     except OSError as err:
         raise OSError(f"cannot write to {flag} {path} ({err.strerror or err}); pass a writable folder with {flag}"
@@ -198,9 +202,9 @@ def check_inputs(spec: RunSpec, prompts: Sequence[tuple[int, str]] | None = None
 
     In order: the backbone name; the cache folder is writable; the dataset (layout, split file, a training image for
     every class); the shot count against the smallest class; every prompt the run may build (``prompts``:
-    ``(n_ctx, ctx_init)`` pairs, default the spec's) against the text context, with the tokenizer only; the few-shot
-    split (built and cached here, so workers reuse it); the images the run reads exist; and the weights (a short
-    download, or reading the checkpoint file).
+    ``(n_ctx, ctx_init)`` pairs, default the spec's) against the text context, with the tokenizer only; the weights
+    (a short download, or reading the checkpoint file); the few-shot split (built and cached here, so workers reuse
+    it); and that the images the run reads exist.
 
     Raises:
         One of :data:`INPUT_ERRORS`, whose message is the line to show.
@@ -213,10 +217,10 @@ def check_inputs(spec: RunSpec, prompts: Sequence[tuple[int, str]] | None = None
     tokenizer = open_clip.get_tokenizer(model_name)
     for n_ctx, ctx_init in prompts or [(spec.prompt.n_ctx, spec.prompt.ctx_init)]:
         check_prompt_fits(tokenizer, splits.classnames, n_ctx, ctx_init)
-    fewshot = build_few_shot(splits, spec.train.shots, spec.train.seed, spec.cache_dir)
-    check_images_exist(splits, (*fewshot.train, *fewshot.val, *splits.test))
     if spec.model.pretrained.lower() not in NO_WEIGHTS:
         load_clip(spec.model.backbone, spec.model.pretrained)  # downloads into the open_clip cache, or fails fast
+    fewshot = build_few_shot(splits, spec.train.shots, spec.train.seed, spec.cache_dir)
+    check_images_exist(splits, (*fewshot.train, *fewshot.val, *splits.test))
     return splits
 
 

@@ -68,7 +68,9 @@ def cli_run(ray_session, small_eurosat_root, feature_cache, tiny_vit_config, tmp
     argv = [*_cli_argv(small_eurosat_root, feature_cache, tiny_vit_config, 2), "--storage-path",
             str(tmp / "ray_results"), "--tracking-uri", uri, "--max-failures", "1", "--json"]
     faults.picklable()
-    fail_once = faults.FailOnce(epoch=2, rank=1, flag_file=str(flag), kill=True)
+    # Ray Train's controller collects the workers' reports every 2 s; epochs here take milliseconds. Rank 1 waits 8 s
+    # before dying (rank 0 waits for it at the next all-reduce), so epoch 2's checkpoint is registered first.
+    fail_once = faults.FailOnce(epoch=2, rank=1, flag_file=str(flag), kill=True, delay_s=8.0)
     out = io.StringIO()
     t0 = time.perf_counter()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
@@ -270,7 +272,8 @@ def test_cli_offline_weights_fail_fast_with_one_line(tmp_path, small_eurosat_roo
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", hub.HF_HUB_OFFLINE)  # restored afterwards
     t0 = time.perf_counter()
     rc = main(["--dataset", "eurosat", "--data-root", str(small_eurosat_root), "--backbone", "RN50",
-               "--pretrained", "openai", "--cache-dir", str(tmp_path / "cache")])
+               "--pretrained", "openai", "--shots", "2", "--cache-dir", str(tmp_path / "cache"),
+               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage-path", str(tmp_path / "ray")])
     err = capsys.readouterr().err
     assert rc == 2
     assert time.perf_counter() - t0 < 15  # not huggingface_hub's minute of retries

@@ -128,8 +128,8 @@ def test_resume_finishes_an_interrupted_sweep_without_rerunning_finished_trials(
     for tid, rows in rows_before.items():
         assert _result_rows(sweep_dir, states[tid]["logdir"]) == rows, f"finished trial {tid} was run again"
     for tid, s in states.items():  # an interrupted trial continued from its checkpoint: no epoch reported twice
-        epochs = _epochs_reported(sweep_dir, s["logdir"])
-        assert epochs == sorted(set(epochs)) and epochs[-1] <= EPOCHS, (tid, epochs)
+        epochs = _epochs_reported(sweep_dir, s["logdir"])  # (empty for a DDP trial whose run ended before the kill)
+        assert epochs == sorted(set(epochs)) and all(1 <= e <= EPOCHS for e in epochs), (tid, epochs)
 
     # The registry: one version for the sweep, the champion rule applied to it once.
     versions = client.search_model_versions("name = 'coop-eurosat'")

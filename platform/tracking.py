@@ -124,6 +124,59 @@ def probe_tracking_store(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
         _probe_writable(Path(parsed.path or uri), uri, fallback)
 
 
+SQLITE_BUSY_TIMEOUT_MS = 60_000  # how long a writer waits for another process's write lock (SQLite's default: 5 s)
+_busy_timeout_installed = False
+
+
+def open_store(uri: str) -> None:
+    """Make an SQLite tracking store safe to share between processes (two sweeps at once on one ``mlflow.db``).
+
+    Two things go wrong without this, and each is handled here:
+
+    - creating the store: MLflow builds the tables (and upgrades old stores) when a process first opens the file; two
+      processes doing it at once collide. Serialised: the first open happens under an exclusive lock on
+      ``<db>.lock`` (``fcntl.flock``), so the second process finds the tables made.
+    - writing: SQLite allows one writer at a time and makes the other wait 5 s before "database is locked". Retried:
+      every SQLite connection this process opens waits up to ``SQLITE_BUSY_TIMEOUT_MS`` (SQLite's busy handler
+      retries the lock) -- a CoOp driver's writes are a few milliseconds each, so a minute is never reached.
+
+    Other stores are left alone.
+    """
+    global _busy_timeout_installed
+    db = _sqlite_path(uri)
+    if db is None:
+        return
+    import fcntl
+
+    import sqlalchemy
+    from mlflow.tracking import MlflowClient
+
+    if not _busy_timeout_installed:
+        # A listener on the Engine class (public SQLAlchemy API) reaches the engines MLflow creates inside its stores.
+        sqlalchemy.event.listen(sqlalchemy.engine.Engine, "connect", _set_busy_timeout)
+        _busy_timeout_installed = True
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(uri, registry_uri=uri)
+            client.search_experiments(max_results=1)  # creates (or upgrades) the tracking tables ...
+            client.search_registered_models(max_results=1)  # ... and opens the registry on them
+        except Exception as err:  # MLflow's own errors for a store it cannot create, read or upgrade
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise TrackingUnavailableError(f"MLflow cannot open the tracking store {uri} ({first}); pass another "
+                                           "--tracking-uri") from None
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _set_busy_timeout(dbapi_connection: Any, connection_record: Any) -> None:
+    import sqlite3
+
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        dbapi_connection.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+
+
 def _probe_writable(folder: Path, uri: str, fallback: str) -> None:
     import tempfile
 

@@ -100,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_writable_dir(args.storage_path, "--storage-path")
         offline = hub_unreachable_use_cache(spec)
         check_inputs(spec)
+        tracking.open_store(tracking_uri)  # last: creating a new store takes seconds, a bad input should not wait
     except INPUT_ERRORS as err:
         return fail(str(err))
 

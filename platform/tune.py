@@ -450,12 +450,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.max_failures < 0:
                 raise ValueError(f"--max-failures must be >= 0, got {args.max_failures}")
             runner = resolve_trial_runner(args.trial_runner, spec)
-        tracking.probe_tracking_store(state["tracking_uri"] if state is not None
-                                      else tracking.resolve_tracking_uri(args.tracking_uri))
+        tracking_uri = state["tracking_uri"] if state is not None else tracking.resolve_tracking_uri(args.tracking_uri)
+        tracking.probe_tracking_store(tracking_uri)
         if "://" not in storage_path:
             check_writable_dir(storage_path, "--storage-path")
         offline = hub_unreachable_use_cache(spec)
         check_inputs(spec, prompt_candidates(spec, space, state["grid"] if state is not None else args.grid))
+        tracking.open_store(tracking_uri)  # last: creating a new store takes seconds, a bad input should not wait
     except INPUT_ERRORS as err:
         return fail(str(err))
 

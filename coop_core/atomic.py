@@ -1,4 +1,5 @@
-"""Atomic file writes, the one implementation every cache, manifest, prompt file and state file uses.
+"""Atomic file writes and the cross-process lock, the one implementation every cache, manifest, prompt file and state
+file uses.
 
 A file is written to a temporary sibling (``.<name>.<random>.tmp`` in the same folder, so the rename cannot cross
 filesystems), flushed to disk, then renamed over the target: a reader sees the old file or the whole new one, never a
@@ -9,6 +10,7 @@ only a SIGKILL mid-write can leave one behind, and no reader ever opens a ``.tmp
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
 from collections.abc import Iterator
@@ -54,3 +56,18 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if needed) for the block: one process at a time, on this
+    machine and on network filesystems that support ``flock``. Used so that concurrent trials, workers and sweeps
+    compute each cache entry once."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

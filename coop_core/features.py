@@ -13,12 +13,11 @@ its stored digest does not match) is detected and rebuilt.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -30,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from coop_core.atomic import CacheWriteError, atomic_path
+from coop_core.atomic import CacheWriteError, atomic_path, exclusive_lock
 
 logger = logging.getLogger(__name__)
 
@@ -200,17 +199,6 @@ def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 class FeatureCache:
     """Content-keyed tensor cache in an explicit directory (never inside the data root)."""
 
@@ -245,7 +233,7 @@ class FeatureCache:
         if found is not None:
             return found
         try:
-            with _locked(path.with_suffix(".lock")):
+            with exclusive_lock(path.with_suffix(".lock")):
                 found = self._read(path)  # another process may have finished it while we waited
                 if found is not None:
                     return found

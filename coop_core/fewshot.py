@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from coop_core.atomic import CacheWriteError, atomic_path
+from coop_core.atomic import CacheWriteError, atomic_path, exclusive_lock
 from coop_core.config import ALL_SHOTS, check_shots
 from coop_core.datasets.base import DatasetSplits, Item
 
@@ -223,9 +223,9 @@ def build_few_shot(splits: DatasetSplits, shots: int | str, seed: int, cache_dir
     ``sample_few_shot(splits.val, min(shots, 4), seed)`` (CoOp's few-shot validation set). A ``shots`` larger than
     the smallest training class is refused (:func:`check_shots_fit`); ``"all"`` takes every training image. With a
     cache directory the result is stored as a Parquet manifest there (see :func:`manifest_name`); an existing manifest
-    that is readable and matches the source split is reused, a damaged one is rebuilt. The write goes to a temporary
-    file in the same directory and is renamed into place, so concurrent builders never expose a partial file (they
-    all write the same content, the last rename wins).
+    that is readable and matches the source split is reused, a damaged one is rebuilt. Concurrent builders take turns
+    on a lock file beside it, so one writes and the others reuse its manifest; the write goes to a temporary file in
+    the same directory and is renamed into place, so no reader sees a partial file.
 
     Args:
         splits: The loaded dataset.
@@ -248,17 +248,35 @@ def build_few_shot(splits: DatasetSplits, shots: int | str, seed: int, cache_dir
     digest = source_hash(splits)
     metadata = _metadata(splits, shots, seed, digest)
     path = cache_dir / manifest_name(splits.name, shots, seed, digest)
-    if path.exists():
-        try:
-            train_items, val_items = _read_manifest(path, splits, shots, metadata)
-            logger.debug("reusing few-shot manifest %s", path)
-            return FewShotSplits(train=train_items, val=val_items, manifest_path=path)
-        except Exception as err:  # any damage (truncated file, wrong schema, stale content) means rebuild
-            logger.warning("few-shot manifest %s is unreadable or stale (%s); rebuilding it", path, err)
-
-    train = sample_few_shot(splits.train, shots, seed)
-    val = sample_few_shot(splits.val, val_shots(shots), seed)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    _write_manifest(path, train, val, metadata)
+    found = _reuse_manifest(path, splits, shots, metadata)
+    if found is not None:
+        return found
+    try:
+        with exclusive_lock(path.with_name(path.name + ".lock")):  # concurrent builders: one writes, the rest reuse
+            found = _reuse_manifest(path, splits, shots, metadata)
+            if found is not None:
+                return found
+            train = sample_few_shot(splits.train, shots, seed)
+            val = sample_few_shot(splits.val, val_shots(shots), seed)
+            _write_manifest(path, train, val, metadata)
+    except CacheWriteError:
+        raise
+    except OSError as err:  # the lock file itself: an unwritable cache folder
+        raise CacheWriteError(f"cannot write the few-shot manifest under {cache_dir} ({err.strerror or err}); pass a "
+                              "writable --cache-dir") from None
     logger.info("wrote few-shot manifest %s (%d train, %d val)", path, len(train), len(val))
     return FewShotSplits(train=tuple(train), val=tuple(val), manifest_path=path)
+
+
+def _reuse_manifest(path: Path, splits: DatasetSplits, shots: int | str, metadata: dict[bytes, bytes]
+                    ) -> FewShotSplits | None:
+    """The few-shot split of an existing, valid manifest; None when there is none (a damaged one is rebuilt)."""
+    if not path.exists():
+        return None
+    try:
+        train_items, val_items = _read_manifest(path, splits, shots, metadata)
+    except Exception as err:  # any damage (truncated file, wrong schema, stale content) means rebuild
+        logger.warning("few-shot manifest %s is unreadable or stale (%s); rebuilding it", path, err)
+        return None
+    logger.debug("reusing few-shot manifest %s", path)
+    return FewShotSplits(train=train_items, val=val_items, manifest_path=path)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from platform.artifacts import PROMPTS_FILE, SELECTION_METRIC
+from platform.tracking import store_lock
 from typing import Any
 
 import mlflow
@@ -178,12 +179,21 @@ def register_prompt(
         tracking_uri: tracking and registry store.
         extra_tags: more version tags (e.g. the sweep's parent run id).
     """
+    with store_lock(tracking_uri):  # two sweeps registering at once take turns: each applies the rule to the other's
+        return _register(checkpoint_dir, spec, metrics, run_id=run_id, tracking_uri=tracking_uri,
+                         extra_tags=extra_tags)
+
+
+def _register(checkpoint_dir: str | Path, spec: Mapping[str, Any], metrics: Mapping[str, float], *, run_id: str,
+              tracking_uri: str, extra_tags: Mapping[str, str] | None) -> Registration:
     name = registered_model_name(str(spec["dataset"]))
     _, meta = load_prompts(Path(checkpoint_dir) / PROMPTS_FILE)
     tags = version_tags(spec, list(meta.classnames), metrics, extra_tags)
     tags[PROMPTS_SHA256_KEY] = verified_digest(Path(checkpoint_dir) / PROMPTS_FILE)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    val_acc = float(metrics[SELECTION_METRIC])
+    # Compared at the precision the version tags keep (4 decimals): a champion whose tag reads 10.0000 is not beaten
+    # by a new 10.000000149.
+    val_acc = float(tags[SELECTION_METRIC])
     backbone, shots = tags["backbone"], tags["shots"]
     scoped = scoped_champion_alias(backbone, shots)
     registered = _registered_before(client, name, run_id, tags[PROMPTS_SHA256_KEY])

@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from platform import artifacts
 from typing import Any
@@ -143,11 +143,8 @@ def open_store(uri: str) -> None:
     Other stores are left alone.
     """
     global _busy_timeout_installed
-    db = _sqlite_path(uri)
-    if db is None:
+    if _sqlite_path(uri) is None:
         return
-    import fcntl
-
     import sqlalchemy
     from mlflow.tracking import MlflowClient
 
@@ -155,9 +152,7 @@ def open_store(uri: str) -> None:
         # A listener on the Engine class (public SQLAlchemy API) reaches the engines MLflow creates inside its stores.
         sqlalchemy.event.listen(sqlalchemy.engine.Engine, "connect", _set_busy_timeout)
         _busy_timeout_installed = True
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with store_lock(uri):
         try:
             client = MlflowClient(uri, registry_uri=uri)
             client.search_experiments(max_results=1)  # creates (or upgrades) the tracking tables ...
@@ -166,8 +161,20 @@ def open_store(uri: str) -> None:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
             raise TrackingUnavailableError(f"MLflow cannot open the tracking store {uri} ({first}); pass another "
                                            "--tracking-uri") from None
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """One process at a time for a read-modify-write on an SQLite store (creating it, moving the champion alias);
+    a no-op for other stores, whose server serialises its own writes."""
+    db = _sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    from coop_core.atomic import exclusive_lock
+
+    with exclusive_lock(db.with_name(db.name + ".lock")):
+        yield
 
 
 def _set_busy_timeout(dbapi_connection: Any, connection_record: Any) -> None:

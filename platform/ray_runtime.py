@@ -47,6 +47,8 @@ def init_ray(address: str | None = None, *, working_dir: bool = True, **ray_init
                                **extra_env.pop("env_vars", {})}
     runtime_env.update(extra_env)
     ray_init_kwargs.setdefault("logging_level", logging.WARNING)
+    if address is None:
+        ray_init_kwargs.setdefault("dashboard_host", "127.0.0.1")  # a local dashboard is never on a public interface
     # Ray warns on every start that .git/.venv are no longer uploaded -- which is what we want; keep the console clean.
     logging.getLogger("ray._private.worker").addFilter(
         lambda record: "is now ignored by default" not in record.getMessage())

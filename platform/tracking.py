@@ -5,8 +5,8 @@ finished run from the final checkpoint (which carries the whole per-epoch histor
 default store -- a SQLite file -- safe, and a restarted worker cannot log an epoch twice.
 
 Default store: ``sqlite:///<cwd>/mlflow.db`` (MLflow's own default, made absolute), so
-``mlflow ui --backend-store-uri sqlite:///mlflow.db`` run in the same directory shows the runs. Artifacts of a
-SQLite store go to ``mlruns/`` beside the database file.
+``mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///mlflow.db`` run in the same directory shows the runs.
+Artifacts of a SQLite store go to ``mlruns/`` beside the database file.
 
 Every function takes an explicit run id and tracking URI and uses an ``MlflowClient``: nothing here touches MLflow's
 global "active run", so sweeps can log many runs from one process.
@@ -220,11 +220,11 @@ def ui_command(tracking_uri: str) -> str:
     db = _sqlite_path(tracking_uri)
     if db is not None:
         if db.is_absolute() and db.parent == Path.cwd():
-            return f"mlflow ui --backend-store-uri sqlite:///{db.name}"
-        return f"mlflow ui --backend-store-uri {tracking_uri}"
+            return f"mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///{db.name}"
+        return f"mlflow ui --host 127.0.0.1 --backend-store-uri {tracking_uri}"
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri} in a browser"
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
+    return f"mlflow ui --host 127.0.0.1 --backend-store-uri {tracking_uri}"
 
 
 def default_experiment(dataset: str) -> str:

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "run in MLflow and save the learned prompts.",
         epilog="Example (offline smoke run): python -m platform.train --dataset eurosat --data-root ../shared/data "
                "--backbone tests/fixtures/tiny-vit.json --pretrained none --shots 2 --epochs 3 --num-workers 2\n"
-               "Then: mlflow ui --backend-store-uri sqlite:///mlflow.db",
+               "Then: mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///mlflow.db",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_run_arguments(parser)

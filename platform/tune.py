@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                "--backbone tests/fixtures/tiny-vit.json --pretrained none --shots 2 --epochs 3 --num-samples 8\n"
                "Resume after an interruption: the same command with --resume (and --sweep-name NAME, default: the "
                "latest sweep of the dataset).\n"
-               "Then: mlflow ui --backend-store-uri sqlite:///mlflow.db",
+               "Then: mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///mlflow.db",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_run_arguments(parser)

@@ -208,7 +208,7 @@ def test_cli_json_and_mlflow_run(cli_run, small_eurosat_root, feature_cache, tin
     assert summary["val_acc"] == pytest.approx(cli_run["metrics"]["val_acc"])
     assert "test (zero-shot)" in "\n".join(cli_run["lines"][:-1])  # the human table comes before the JSON line
     assert summary["experiment"] == "coop-eurosat" and summary["num_workers"] == 2 and not summary["use_gpu"]
-    assert summary["ui_command"] == f"mlflow ui --backend-store-uri {cli_run['uri']}"
+    assert summary["ui_command"] == f"mlflow ui --host 127.0.0.1 --backend-store-uri {cli_run['uri']}"
     # The flags resolved to exactly the spec the other tests train.
     expected = _spec(small_eurosat_root, feature_cache, tiny_vit_config, 2).resolved_config()
     config = cli_run["config"]

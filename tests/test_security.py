@@ -17,8 +17,9 @@ PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib
 
 
 def unsafe_loads(source: str) -> list[str]:
-    """The unsafe deserialisation calls in ``source``: ``torch.load`` without ``weights_only=True``, any pickle-family
-    load, ``np.load(allow_pickle=True)``, ``yaml.load`` without a safe loader, ``pd.read_pickle``, ``torch.jit.load``."""
+    """The unsafe deserialisation calls in ``source``: ``torch.load`` without ``weights_only=True``, any
+    pickle-family load, ``np.load(allow_pickle=True)``, ``yaml.load`` without a safe loader, ``pd.read_pickle``,
+    ``torch.jit.load``."""
     found = []
     for node in ast.walk(ast.parse(source)):
         if not isinstance(node, ast.Call):

@@ -76,6 +76,6 @@ def test_64_trials_two_at_a_time_are_all_tracked_and_the_driver_does_not_grow(sm
     assert sorted(at) == list(range(1, TRIALS + 1)), "".join(stderr)[-5000:]
     peak8, peak64 = at[8]["VmHWM"], at[TRIALS]["VmHWM"]
     print(f"\ndriver peak RSS: {peak8 / 2**20:.0f} MiB at trial 8, {peak64 / 2**20:.0f} MiB at trial {TRIALS} "
-          f"(RSS {at[8]['VmRSS'] / 2**20:.0f} -> {at[TRIALS]['VmRSS'] / 2**20:.0f} MiB); sweep {summary['wall_s']:.0f} s, "
-          f"{summary['timing']['trials_per_hour']:.0f} trials/hour")
+          f"(RSS {at[8]['VmRSS'] / 2**20:.0f} -> {at[TRIALS]['VmRSS'] / 2**20:.0f} MiB); sweep "
+          f"{summary['wall_s']:.0f} s, {summary['timing']['trials_per_hour']:.0f} trials/hour")
     assert peak64 - peak8 < MAX_GROWTH_BYTES, (peak8, peak64)

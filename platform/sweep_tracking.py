@@ -236,9 +236,9 @@ class MlflowSweepCallback(Callback):
             self._down_until = time.monotonic() + RETRY_AFTER_S
             self.unlogged.add(trial_id)
             if first:
-                logger.warning("MLflow tracking at %s failed while logging %s of trial %s (%s): the sweep goes on and "
-                               "every trial's results stay in its checkpoint under the sweep folder; they are logged "
-                               "when the server is back, or later with: %s", self.tracking_uri, what, trial_id,
+                logger.warning("could not log %s of trial %s to MLflow at %s (%s): the sweep goes on and every "
+                               "trial's results stay in its checkpoint under the sweep folder; they are logged when "
+                               "the store works again, or later with: %s", what, trial_id, self.tracking_uri,
                                self.outage, self.log_command())
             else:
                 logger.warning("MLflow still unavailable: %s of trial %s not logged yet", what, trial_id)

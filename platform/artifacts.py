@@ -28,12 +28,13 @@ METRICS_FILE = "metrics.json"  # final checkpoint only: the last epoch's metrics
 PROMPTS_FILE = "prompts.safetensors"  # final checkpoint only: coop_core.prompts_io.save_prompts
 PROMPTS_META_FILE = PROMPTS_FILE + ".json"  # its human-readable metadata (written by save_prompts)
 NEAREST_WORDS_FILE = "nearest_words.txt"  # final checkpoint only: the context's nearest vocabulary words
+FAILURE_FILE = "failure.json"  # a diverged run's last checkpoint: the reason (no state: nothing to resume from)
 MANIFEST_FILE = "manifest.json"  # written last: the sha256 of every other file, checked whenever a checkpoint is read
 
 # -- how the files are logged to MLflow ---------------------------------------------------------------------------
 PROMPTS_ARTIFACT_DIR = "prompts"  # PROMPTS_FILE and PROMPTS_META_FILE go under this artifact folder
 PROMPT_ARTIFACT_FILES = (PROMPTS_FILE, PROMPTS_META_FILE)
-ROOT_ARTIFACT_FILES = (CONFIG_FILE, NEAREST_WORDS_FILE, HISTORY_FILE, METRICS_FILE)
+ROOT_ARTIFACT_FILES = (CONFIG_FILE, NEAREST_WORDS_FILE, HISTORY_FILE, METRICS_FILE, FAILURE_FILE)
 
 # -- metric keys ----------------------------------------------------------------------------------------------------
 SELECTION_METRIC = "val_acc"  # what chooses: ASHA, the best trial, the registry's champion rule (never test accuracy)
@@ -81,6 +82,14 @@ def write_checkpoint(d: Path, state: TrainState, history: Sequence[Mapping[str, 
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError from its writer
         raise CheckpointError(f"cannot write the checkpoint in {d} ({_reason(err)}); free space there (the "
                               "temporary folder, $TMPDIR) and resume the run") from None
+
+
+def write_failure(d: Path, reason: str, history: Sequence[Mapping[str, Any]], resolved: Mapping[str, Any]) -> None:
+    """The checkpoint a diverged run reports last: its reason, the epochs it completed and its config (then
+    :func:`seal` it). Ray Train keeps a run's result with its checkpoint, so the failure travels as one."""
+    (d / FAILURE_FILE).write_text(json.dumps({FAILURE_KEY: reason}, indent=2))
+    (d / HISTORY_FILE).write_text(json.dumps(list(history), indent=1))
+    (d / CONFIG_FILE).write_text(json.dumps(resolved, indent=2, sort_keys=True))
 
 
 def _reason(err: BaseException) -> str:

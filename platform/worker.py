@@ -234,10 +234,16 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
     try:
         train(model, feats.train, cfg, val=feats.val, dist=dist, on_epoch_end=on_epoch_end, resume=resume)
     except NonFiniteLossError as err:  # every rank raises at the same step; each reports, so none is left waiting
-        if rank == 0:
-            logger.error("%s", err)
         last = int(history[-1]["epoch"]) if history else 0
-        session.report({artifacts.FAILURE_KEY: str(err), "epoch": last}, None)
+        report = {artifacts.FAILURE_KEY: str(err), "epoch": last}
+        if rank != 0:
+            session.report(report, None)
+            return
+        logger.error("%s", err)
+        with tempfile.TemporaryDirectory() as tmp:
+            artifacts.write_failure(Path(tmp), str(err), history, resolved)
+            artifacts.seal(Path(tmp))
+            session.report(report, Path(tmp))
 
 
 def _write_final_artifacts(d: Path, spec: RunSpec, clip: Any, splits: DatasetSplits, model: Any,

@@ -306,3 +306,21 @@ def test_nan_loss_fails_its_trial_with_the_reason_and_the_sweep_goes_on(ray_sess
                                                             "epoch 1, step ")
     assert "lower the learning rate (--lr)" in by_lr[1e20].data.tags["coop.failure"]
     assert client.get_metric_history(by_lr[1e20].info.run_id, "val_acc") == []  # it never finished an epoch
+
+
+@pytest.mark.ray
+def test_nan_loss_ends_a_train_run_failed_with_one_line(ray_session, base, feature_cache, tmp_path, capsys):
+    """``platform.train`` (a Ray Train run) that diverges: exit 2, one error line with the reason, run FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    argv = [*with_flag(with_flag(base, "--cache-dir", str(feature_cache)), "--lr", "1e20"), "--batch-size", "8",
+            "--n-views", "1", "--max-test-items", "20", "--warmup-epochs", "0", "--max-failures", "2"]
+    rc = train.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    line = next(line for line in err.splitlines() if line.startswith("error: "))
+    assert line.startswith("error: training diverged: the loss gradient became nan at epoch 1, step ")
+    run_id = line.rsplit("MLflow run ", 1)[1].split()[0]
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["coop.failure"].startswith("training diverged")
+    assert err.count("training diverged") <= 3  # reported once, not retried max-failures times

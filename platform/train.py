@@ -142,13 +142,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         tracking.set_tag(run_id, tracking.FAILURE_TAG, failure, tracking_uri=tracking_uri)
         tracking.end_run(run_id, "FAILED", tracking_uri=tracking_uri)
         return fail(f"{failure} (MLflow run {run_id} marked FAILED)")
-    with result.checkpoint.as_directory() as ckpt_dir:
-        final = tracking.log_checkpoint(run_id, ckpt_dir, tracking_uri=tracking_uri)
-    wall_s = time.perf_counter() - t0
-    timing = {k: final[k] for k in artifacts.WORKER_TIMING_KEYS if k in final}
-    tracking.log_final_metrics(run_id, {"wall_s": wall_s, **timing}, step=spec.train.resolved_epochs,
-                               tracking_uri=tracking_uri)
-    tracking.end_run(run_id, "FINISHED", tracking_uri=tracking_uri)
+    try:
+        with result.checkpoint.as_directory() as ckpt_dir:
+            final = tracking.log_checkpoint(run_id, ckpt_dir, tracking_uri=tracking_uri)
+        wall_s = time.perf_counter() - t0
+        timing = {k: final[k] for k in artifacts.WORKER_TIMING_KEYS if k in final}
+        tracking.log_final_metrics(run_id, {"wall_s": wall_s, **timing}, step=spec.train.resolved_epochs,
+                                   tracking_uri=tracking_uri)
+        tracking.end_run(run_id, "FINISHED", tracking_uri=tracking_uri)
+    except Exception as err:  # the tracking store went away while the run trained: the results are safe on disk
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
+        sys.stderr.write(f"error: the run finished, but logging it to MLflow at {tracking_uri} failed ({reason}); "
+                         f"its checkpoint, metrics and prompts are in {result.checkpoint.path}\n")
+        return 1
     if started_ray:
         import ray
 

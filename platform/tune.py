@@ -570,8 +570,8 @@ class SweepInterrupt:
     def _handle(self, signum: int, frame: Any) -> None:
         import signal
 
-        if self.requested:
-            raise KeyboardInterrupt
+        if self.requested or signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            raise KeyboardInterrupt  # a second Ctrl-C, or Tune's handler is not (yet, or any more) installed
         self.requested = True
         self.callback.stopping = True
         logger.warning("interrupted: stopping the trials and saving the sweep's state (Ctrl-C again to quit at once)")

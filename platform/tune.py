@@ -841,4 +841,8 @@ if __name__ == "__main__":
     # Run the importable module's main, not this __main__ copy, so log records carry the "platform.tune" logger name.
     from platform.tune import main as _main
 
-    sys.exit(_main())
+    try:
+        sys.exit(_main())
+    except KeyboardInterrupt:  # Ctrl-C outside the training itself (which handles its own): no traceback
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +33,13 @@ RANDOM_WEIGHTS_SEED = 0
 
 class WeightsUnavailableError(RuntimeError):
     """Pretrained weights could not be obtained (no network and nothing cached). The message is one actionable line."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A local checkpoint is not a state dict of the requested architecture (or not a checkpoint at all).
+
+    The message is one line: which weights are missing, unexpected or of another shape, and what to pass instead.
+    """
 
 
 @dataclass
@@ -157,6 +165,48 @@ def _asked_for_random_weights(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("No pretrained weights loaded for model")
 
 
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors, read safely: safetensors, or ``torch.load(weights_only=True)`` (no pickled code)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"holds a {type(checkpoint).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+
+
+def describe_checkpoint_mismatch(model_name: str, path: str, err: BaseException) -> str:
+    """One line saying why the checkpoint at ``path`` does not load into ``model_name`` (after open_clip failed)."""
+    try:
+        found = _read_state_dict(path)
+    except Exception as read_err:  # not a checkpoint, or one holding pickled objects weights_only refuses
+        reason = str(read_err).strip().splitlines()[0] if str(read_err).strip() else type(read_err).__name__
+        return (f"cannot read checkpoint {path}: not a safetensors or PyTorch state-dict file, or it holds pickled "
+                f"objects besides tensors, which are refused ({reason[:200]}); pass a state-dict checkpoint of "
+                f"{model_name}")
+    with torch.random.fork_rng(devices=[]):
+        expected = {k: v.shape for k, v in open_clip.create_model(model_name).state_dict().items()}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    reshaped = sorted(k for k in set(found) & set(expected) if tuple(found[k].shape) != tuple(expected[k]))
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} weights missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if reshaped:
+        k = reshaped[0]
+        parts.append(f"{len(reshaped)} of another shape (e.g. {k}: {tuple(found[k].shape)} in the file, "
+                     f"{tuple(expected[k])} in {model_name})")
+    detail = "; ".join(parts) or (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    return (f"checkpoint {path} does not fit the architecture {model_name}: {detail}; pass the --backbone it was "
+            "trained with, or the checkpoint of this backbone")
+
+
 def load_clip(
     backbone: str,
     pretrained: str = "openai",
@@ -176,6 +226,10 @@ def load_clip(
 
     Returns:
         The frozen model, its tokenizer and test transform.
+
+    Raises:
+        WeightsUnavailableError: the weights cannot be found or downloaded.
+        CheckpointMismatchError: a checkpoint file that is not a state dict of ``backbone``.
     """
     model_name = resolve_model_name(backbone)
     weights = None if pretrained.lower() in NO_WEIGHTS else _ensure_weights(
@@ -189,9 +243,15 @@ def load_clip(
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_WEIGHTS_SEED)  # "none" gives the same random weights in every process
-            model, _, preprocess_val = open_clip.create_model_and_transforms(
-                model_name, pretrained=weights, device=device, cache_dir=cache_dir
-            )
+            try:
+                # open_clip reads the file with torch.load(weights_only=True) or safetensors: no pickled code runs.
+                model, _, preprocess_val = open_clip.create_model_and_transforms(
+                    model_name, pretrained=weights, device=device, cache_dir=cache_dir
+                )
+            except (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as err:
+                if weights is None:
+                    raise
+                raise CheckpointMismatchError(describe_checkpoint_mismatch(model_name, weights, err)) from None
     finally:
         root.removeFilter(_asked_for_random_weights)
     model.eval()

@@ -19,12 +19,24 @@ TEXT_SHARDINGS = ("auto", "data", "class")
 
 # CoOp's schedule: epochs by number of shots (Zhou et al., Sec. 4.1 / configs/trainers/CoOp/*.yaml).
 EPOCHS_BY_SHOTS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
+# ``shots="all"``: every training image of every class (asked for explicitly; a number larger than a class is an error).
+ALL_SHOTS = "all"
 
 
-def default_epochs(shots: int) -> int:
-    """CoOp's epoch count for ``shots`` (1 -> 50, 2/4 -> 100, 8/16 -> 200; other values use the next larger key)."""
-    if shots < 1:
-        raise ValueError(f"shots must be >= 1, got {shots}")
+def check_shots(shots: int | str) -> None:
+    """Raise ``ValueError`` unless ``shots`` is a positive integer or ``"all"``."""
+    if shots == ALL_SHOTS:
+        return
+    if not isinstance(shots, int) or isinstance(shots, bool) or shots < 1:
+        raise ValueError(f"shots must be a positive integer or {ALL_SHOTS!r} (every training image), got {shots!r}")
+
+
+def default_epochs(shots: int | str) -> int:
+    """CoOp's epoch count for ``shots`` (1 -> 50, 2/4 -> 100, 8/16 -> 200; other values use the next larger key;
+    ``"all"`` as 16)."""
+    check_shots(shots)
+    if shots == ALL_SHOTS:
+        return EPOCHS_BY_SHOTS[16]
     for k in sorted(EPOCHS_BY_SHOTS):
         if shots <= k:
             return EPOCHS_BY_SHOTS[k]
@@ -65,6 +77,7 @@ class PromptConfig:
 class TrainConfig:
     """CoOp's training recipe; defaults are the paper's.
 
+    shots: training images per class (K), or ``"all"`` for every training image.
     lr/momentum/weight_decay: SGD hyper-parameters. epochs: None means CoOp's schedule by shots.
     warmup_epochs/warmup_lr: constant-lr warm-up; when it ends the cosine (over all epochs) starts at ``lr``, as
     Dassl's recounting warm-up does (see ``engine.lr_at``). batch_size: the *global* batch.
@@ -79,7 +92,7 @@ class TrainConfig:
     one-process optimisation steps; only memory and time differ.
     """
 
-    shots: int = 16
+    shots: int | str = 16
     seed: int = 1
     epochs: int | None = None
     batch_size: int = 32
@@ -96,8 +109,7 @@ class TrainConfig:
     text_sharding: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.shots < 1:
-            raise ValueError(f"shots must be >= 1, got {self.shots}")
+        check_shots(self.shots)
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"epochs must be >= 1 or None (CoOp's schedule by shots), got {self.epochs}")
         if self.batch_size < 1:

@@ -30,6 +30,22 @@ from coop_core.model import CoOpModel
 logger = logging.getLogger(__name__)
 
 
+class NonFiniteLossError(FloatingPointError):
+    """Training diverged: the loss (or the context gradient) became NaN or infinite. The message is one line.
+
+    Raised before the optimiser step that would write the non-finite values into the context, and at the same step on
+    every worker of a data-parallel run (it is decided on the all-reduced gradient), so no worker is left waiting.
+    """
+
+
+def _diverged(what: str, value: torch.Tensor, epoch: int, step: int | None, lr: float,
+              precision: str) -> NonFiniteLossError:
+    kind = "nan" if torch.isnan(value).any() else "inf"
+    where = f"epoch {epoch + 1}" + (f", step {step + 1}" if step is not None else "")
+    fix = "lower the learning rate (--lr)" + (", or train in fp32 (--precision fp32)" if precision != "fp32" else "")
+    return NonFiniteLossError(f"training diverged: the {what} became {kind} at {where} (lr {lr:.3g}); {fix}")
+
+
 def lr_at(epoch: int, cfg: TrainConfig) -> float:
     """CoOp's learning rate for 0-based ``epoch``, as Dassl's scheduler sets it when stepped once per epoch.
 
@@ -161,6 +177,9 @@ def train(
 
     Returns:
         The per-epoch metrics.
+
+    Raises:
+        NonFiniteLossError: the loss or the context gradient became NaN or infinite (the run diverged).
     """
     dist = dist or SingleProcess()
     device = model.prompt_learner.ctx.device
@@ -191,7 +210,7 @@ def train(
         correct = torch.zeros((), dtype=torch.float64)
         seen = 0
         lr = opt.param_groups[0]["lr"]
-        for batch in global_batches(n, cfg.batch_size, cfg.seed, epoch):
+        for step, batch in enumerate(global_batches(n, cfg.batch_size, cfg.seed, epoch)):
             shard = batch[dist.rank :: dist.world_size]
             opt.zero_grad(set_to_none=False)
             feats = data.batch(shard, epoch).to(device) if len(shard) else None  # (b_shard, d)
@@ -210,6 +229,11 @@ def train(
             grad = model.prompt_learner.ctx.grad  # set by every backward: the text features depend on the context
             if dist.world_size > 1:
                 dist.all_reduce_sum_(grad)
+            # With loss scaling an infinite gradient is the scaler's business (it skips the step and lowers the
+            # scale); otherwise a non-finite gradient would poison the context. The summed gradient is the same on
+            # every worker, so all of them stop here together.
+            if scaler is None and not bool(torch.isfinite(grad).all()):
+                raise _diverged("loss gradient", grad, epoch, step, lr, cfg.precision)
             if scaler is not None:
                 scaler.step(opt)
                 scaler.update()
@@ -220,6 +244,8 @@ def train(
         stats = torch.stack([loss_sum, correct]).to(device)
         if dist.world_size > 1:
             dist.all_reduce_sum_(stats)
+        if not bool(torch.isfinite(stats[0])):
+            raise _diverged("training loss", stats[0], epoch, None, lr, cfg.precision)
         metrics = {
             "epoch": epoch + 1,
             "train_loss": float(stats[0]) / max(seen, 1),

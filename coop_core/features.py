@@ -13,22 +13,23 @@ its stored digest does not match) is detected and rebuilt.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from coop_core.atomic import CacheWriteError, atomic_path, exclusive_lock
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,53 @@ class ExactImages:
         return self.encode(images)
 
 
+def collate_readable(batch: list[tuple]) -> list | None:
+    """``default_collate`` of the samples whose image decoded (an unreadable one comes as ``(None, label, index)``)."""
+    readable = [sample for sample in batch if sample[0] is not None]
+    return default_collate(readable) if readable else None
+
+
+@torch.no_grad()
+def extract_readable(
+    image_encoder: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the frozen image encoder over ``dataset``, leaving out samples whose image is ``None`` (unreadable).
+
+    The dataset yields ``(image, label, index)`` (``ImageListDataset(..., skip_unreadable=True)``).
+    ``on_batch(n)`` is called after each batch with its number of readable images (for a progress display).
+
+    Returns:
+        L2-normalised fp32 features ``(n_kept, d)``, their labels ``(n_kept,)`` and dataset indices ``(n_kept,)``.
+    """
+    device = torch.device(device)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_readable)
+    feats, labels, kept = [], [], []
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    image_encoder.eval()
+    for batch in loader:
+        if batch is None:
+            continue
+        images, y, index = batch[0], batch[1], batch[2]
+        with autocast:
+            out = image_encoder(images.to(device, non_blocking=True))
+        feats.append(F.normalize(out.float(), dim=-1).cpu())
+        labels.append(torch.as_tensor(y))
+        kept.append(torch.as_tensor(index))
+        if on_batch is not None:
+            on_batch(len(index))
+    if not feats:
+        raise ValueError(f"cannot extract features: none of the {len(dataset)} images could be read")
+    return torch.cat(feats), torch.cat(labels).long(), torch.cat(kept).long()
+
+
 @torch.no_grad()
 def extract_features(
     image_encoder: nn.Module,
@@ -161,17 +209,6 @@ def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 class FeatureCache:
     """Content-keyed tensor cache in an explicit directory (never inside the data root)."""
 
@@ -205,20 +242,19 @@ class FeatureCache:
         found = self._read(path)
         if found is not None:
             return found
-        with _locked(path.with_suffix(".lock")):
-            found = self._read(path)  # another process may have finished it while we waited
-            if found is not None:
-                return found
-            tensors = {k: v.contiguous().cpu() for k, v in compute().items()}
-            meta = {"sha256": _tensor_digest(tensors), "key": json.dumps(parts, sort_keys=True, default=str)}
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            os.close(fd)
-            try:
-                save_file(tensors, tmp, metadata=meta)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-            shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in tensors.items())
-            logger.info("cached features %s (%s)", path.name, shapes)
-            return tensors
+        try:
+            with exclusive_lock(path.with_suffix(".lock")):
+                found = self._read(path)  # another process may have finished it while we waited
+                if found is not None:
+                    return found
+                tensors = {k: v.contiguous().cpu() for k, v in compute().items()}
+                meta = {"sha256": _tensor_digest(tensors), "key": json.dumps(parts, sort_keys=True, default=str)}
+                with atomic_path(path) as tmp:  # a full disk mid-write leaves no partial entry behind
+                    save_file(tensors, str(tmp), metadata=meta)
+        except (OSError, SafetensorError) as err:  # safetensors reports a failed write as its own error
+            reason = getattr(err, "strerror", None) or str(err).strip()[:200]
+            raise CacheWriteError(f"cannot write the feature cache under {self.root} ({reason}); free space there or "
+                                  "pass another --cache-dir (nothing partial was kept)") from None
+        shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in tensors.items())
+        logger.info("cached features %s (%s)", path.name, shapes)
+        return tensors

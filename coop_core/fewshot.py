@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import random
 import re
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +21,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from coop_core.atomic import CacheWriteError, atomic_path, exclusive_lock
+from coop_core.config import ALL_SHOTS, check_shots
 from coop_core.datasets.base import DatasetSplits, Item
 
 logger = logging.getLogger(__name__)
@@ -40,21 +40,44 @@ MANIFEST_SCHEMA = pa.schema(
 _MANIFEST_SPLITS = ("train", "val")
 
 
-def _check_shots(shots: int) -> None:
-    if not isinstance(shots, int) or isinstance(shots, bool) or shots < 1:
-        raise ValueError(f"shots must be a positive integer, got {shots!r}")
+def _check_shots(shots: int | str) -> None:
+    check_shots(shots)
 
 
-def sample_few_shot(items: Sequence[Item], shots: int, seed: int) -> list[Item]:
+def val_shots(shots: int | str) -> int:
+    """Validation images per class for ``shots``: CoOp's min(K, 4) (4 for ``"all"``)."""
+    return VAL_SHOTS_CAP if shots == ALL_SHOTS else min(shots, VAL_SHOTS_CAP)
+
+
+def check_shots_fit(splits: DatasetSplits, shots: int | str) -> None:
+    """Refuse a ``shots`` larger than the smallest class of the train split (almost always a typo).
+
+    Raises:
+        ValueError: naming the smallest class, its size, and the two ways out (a smaller K, or ``"all"``).
+    """
+    _check_shots(shots)
+    if shots == ALL_SHOTS:
+        return
+    counts = _class_counts(splits.train)
+    label = min(range(len(splits.classnames)), key=lambda c: (counts.get(c, 0), c))
+    if counts.get(label, 0) < shots:
+        raise ValueError(
+            f"shots {shots} is more than the smallest class has: {splits.classnames[label]!r} has "
+            f"{counts.get(label, 0)} training images in {splits.name}; use shots <= {counts.get(label, 0)}, "
+            f"or shots 'all' (--shots all) to train on every training image"
+        )
+
+
+def sample_few_shot(items: Sequence[Item], shots: int | str, seed: int) -> list[Item]:
     """Sample ``shots`` items per class.
 
     Classes are visited in label order with one ``random.Random(seed)``; each class is sorted by path before
     ``rng.sample``, so the result does not depend on the input order. A class with fewer than ``shots`` items
-    contributes all of them (with a warning).
+    contributes all of them (with a warning); ``shots="all"`` takes every item of every class (path order).
 
     Args:
         items: The pool, e.g. a dataset's train split.
-        shots: Items per class (K), >= 1.
+        shots: Items per class (K), >= 1, or ``"all"``.
         seed: Seed of the local RNG; the global ``random`` state is neither used nor changed.
 
     Returns:
@@ -68,7 +91,9 @@ def sample_few_shot(items: Sequence[Item], shots: int, seed: int) -> list[Item]:
     sampled: list[Item] = []
     for label in sorted(by_label):
         pool = sorted(by_label[label], key=lambda it: (it.path, it.classname))
-        if len(pool) < shots:
+        if shots == ALL_SHOTS:
+            sampled += pool
+        elif len(pool) < shots:
             logger.warning(
                 "class %d (%s) has only %d items, fewer than %d shots: taking all of them",
                 label,
@@ -115,7 +140,7 @@ def source_hash(splits: DatasetSplits) -> str:
     return digest.hexdigest()
 
 
-def manifest_name(dataset: str, shots: int, seed: int, digest: str) -> str:
+def manifest_name(dataset: str, shots: int | str, seed: int, digest: str) -> str:
     """File name of a manifest: ``fewshot_<dataset>_<K>shot_seed<seed>_<hash16>.parquet``."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset) or "dataset"
     return f"fewshot_{safe}_{shots}shot_seed{seed}_{digest[:16]}.parquet"
@@ -135,7 +160,7 @@ def _class_counts(items: Sequence[Item]) -> dict[int, int]:
     return dict(counts)
 
 
-def _metadata(splits: DatasetSplits, shots: int, seed: int, digest: str) -> dict[bytes, bytes]:
+def _metadata(splits: DatasetSplits, shots: int | str, seed: int, digest: str) -> dict[bytes, bytes]:
     meta = {"version": MANIFEST_VERSION, "dataset": splits.name, "shots": str(shots), "seed": str(seed)}
     meta["source_sha256"] = digest
     return {f"coop_fewshot.{k}".encode(): v.encode() for k, v in meta.items()}
@@ -152,21 +177,16 @@ def _write_manifest(path: Path, train: Sequence[Item], val: Sequence[Item], meta
         },
         schema=MANIFEST_SCHEMA.with_metadata(metadata),
     )
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:  # readable by every user of a shared cache; never a partial file
+            pq.write_table(table, str(tmp))
+    except OSError as err:
+        raise CacheWriteError(f"cannot write the few-shot manifest under {path.parent} ({err.strerror or err}); free "
+                              "space there or pass another --cache-dir (nothing partial was kept)") from None
 
 
 def _read_manifest(
-    path: Path, splits: DatasetSplits, shots: int, metadata: dict[bytes, bytes]
+    path: Path, splits: DatasetSplits, shots: int | str, metadata: dict[bytes, bytes]
 ) -> tuple[tuple[Item, ...], tuple[Item, ...]]:
     """Items of a manifest; raises ValueError (or an Arrow/OS error) if it is unreadable or does not fit ``splits``."""
     table = pq.read_table(path)
@@ -183,10 +203,11 @@ def _read_manifest(
         if split not in result:
             raise ValueError(f"unknown split {split!r} in manifest")
         result[split].append(Item(rel, label, classname))
-    for split, k in (("train", shots), ("val", min(shots, VAL_SHOTS_CAP))):
+    for split, k in (("train", shots), ("val", val_shots(shots))):
         source = splits.split(split)
         items = result[split]
-        if _class_counts(items) != {label: min(n, k) for label, n in _class_counts(source).items()}:
+        if _class_counts(items) != {label: n if k == ALL_SHOTS else min(n, k)
+                                    for label, n in _class_counts(source).items()}:
             raise ValueError(f"manifest {split} does not hold {k} items per class")
         members = set(source)
         if len(set(items)) != len(items) or any(it not in members for it in items):
@@ -194,30 +215,32 @@ def _read_manifest(
     return tuple(result["train"]), tuple(result["val"])
 
 
-def build_few_shot(splits: DatasetSplits, shots: int, seed: int, cache_dir: str | Path | None) -> FewShotSplits:
+def build_few_shot(splits: DatasetSplits, shots: int | str, seed: int, cache_dir: str | Path | None
+                   ) -> FewShotSplits:
     """Few-shot train/val items for (dataset, K, seed), reusing a cached manifest when one exists.
 
     ``train`` is ``sample_few_shot(splits.train, shots, seed)`` and ``val`` is
-    ``sample_few_shot(splits.val, min(shots, 4), seed)`` (CoOp's few-shot validation set). With a cache directory the
-    result is stored as a Parquet manifest there (see :func:`manifest_name`); an existing manifest that is readable
-    and matches the source split is reused, a damaged one is rebuilt. The write goes to a temporary file in the same
-    directory and is renamed into place, so concurrent builders never expose a partial file (they all write the same
-    content, the last rename wins).
+    ``sample_few_shot(splits.val, min(shots, 4), seed)`` (CoOp's few-shot validation set). A ``shots`` larger than
+    the smallest training class is refused (:func:`check_shots_fit`); ``"all"`` takes every training image. With a
+    cache directory the result is stored as a Parquet manifest there (see :func:`manifest_name`); an existing manifest
+    that is readable and matches the source split is reused, a damaged one is rebuilt. Concurrent builders take turns
+    on a lock file beside it, so one writes and the others reuse its manifest; the write goes to a temporary file in
+    the same directory and is renamed into place, so no reader sees a partial file.
 
     Args:
         splits: The loaded dataset.
-        shots: Training images per class (K), >= 1.
+        shots: Training images per class (K), >= 1 and at most the smallest class, or ``"all"``.
         seed: Sampling seed.
         cache_dir: Folder for manifests (created if needed), or None to write nothing. Keep it outside the data root;
             a folder inside the image folder is refused.
 
     Raises:
-        ValueError: Invalid ``shots``, or ``cache_dir`` inside the image folder.
+        ValueError: Invalid ``shots``, more shots than the smallest class, or ``cache_dir`` inside the image folder.
     """
-    _check_shots(shots)
+    check_shots_fit(splits, shots)
     if cache_dir is None:
         train = sample_few_shot(splits.train, shots, seed)
-        val = sample_few_shot(splits.val, min(shots, VAL_SHOTS_CAP), seed)
+        val = sample_few_shot(splits.val, val_shots(shots), seed)
         return FewShotSplits(train=tuple(train), val=tuple(val), manifest_path=None)
 
     cache_dir = Path(cache_dir)
@@ -225,17 +248,35 @@ def build_few_shot(splits: DatasetSplits, shots: int, seed: int, cache_dir: str 
     digest = source_hash(splits)
     metadata = _metadata(splits, shots, seed, digest)
     path = cache_dir / manifest_name(splits.name, shots, seed, digest)
-    if path.exists():
-        try:
-            train_items, val_items = _read_manifest(path, splits, shots, metadata)
-            logger.debug("reusing few-shot manifest %s", path)
-            return FewShotSplits(train=train_items, val=val_items, manifest_path=path)
-        except Exception as err:  # any damage (truncated file, wrong schema, stale content) means rebuild
-            logger.warning("few-shot manifest %s is unreadable or stale (%s); rebuilding it", path, err)
-
-    train = sample_few_shot(splits.train, shots, seed)
-    val = sample_few_shot(splits.val, min(shots, VAL_SHOTS_CAP), seed)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    _write_manifest(path, train, val, metadata)
+    found = _reuse_manifest(path, splits, shots, metadata)
+    if found is not None:
+        return found
+    try:
+        with exclusive_lock(path.with_name(path.name + ".lock")):  # concurrent builders: one writes, the rest reuse
+            found = _reuse_manifest(path, splits, shots, metadata)
+            if found is not None:
+                return found
+            train = sample_few_shot(splits.train, shots, seed)
+            val = sample_few_shot(splits.val, val_shots(shots), seed)
+            _write_manifest(path, train, val, metadata)
+    except CacheWriteError:
+        raise
+    except OSError as err:  # the lock file itself: an unwritable cache folder
+        raise CacheWriteError(f"cannot write the few-shot manifest under {cache_dir} ({err.strerror or err}); pass a "
+                              "writable --cache-dir") from None
     logger.info("wrote few-shot manifest %s (%d train, %d val)", path, len(train), len(val))
     return FewShotSplits(train=tuple(train), val=tuple(val), manifest_path=path)
+
+
+def _reuse_manifest(path: Path, splits: DatasetSplits, shots: int | str, metadata: dict[bytes, bytes]
+                    ) -> FewShotSplits | None:
+    """The few-shot split of an existing, valid manifest; None when there is none (a damaged one is rebuilt)."""
+    if not path.exists():
+        return None
+    try:
+        train_items, val_items = _read_manifest(path, splits, shots, metadata)
+    except Exception as err:  # any damage (truncated file, wrong schema, stale content) means rebuild
+        logger.warning("few-shot manifest %s is unreadable or stale (%s); rebuilding it", path, err)
+        return None
+    logger.debug("reusing few-shot manifest %s", path)
+    return FewShotSplits(train=train_items, val=val_items, manifest_path=path)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,13 +16,14 @@ import torch
 from coop_core.backbone import LoadedClip
 from coop_core.config import PromptConfig, TrainConfig
 from coop_core.datasets import DatasetSplits, ImageListDataset, Item
+from coop_core.datasets.base import unreadable_images
 from coop_core.engine import Distributed, TrainState, evaluate, train
 from coop_core.features import (
     CachedViews,
     ExactImages,
     FeatureCache,
     FeatureSet,
-    extract_features,
+    extract_readable,
     items_digest,
     weights_identity,
 )
@@ -36,11 +37,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RunFeatures:
-    """What training and evaluation read."""
+    """What training and evaluation read.
+
+    skipped: how many images of each split (``train``, ``val``, ``test``) were left out because they could not be
+    decoded (corrupt or truncated files; greyscale, palette and RGBA images are converted, not skipped).
+    """
 
     train: CachedViews | ExactImages
     val: FeatureSet
     test: FeatureSet | None
+    skipped: dict[str, int] = field(default_factory=dict)
 
 
 # A progress callback: ``progress(task, done, total)``; ``prepare_features`` reports task "features" in images.
@@ -61,21 +67,34 @@ class _ImageCounter:
 
 def _feature_set(clip: LoadedClip, items: tuple[Item, ...], image_dir: Path, transform, *, cache: FeatureCache | None,
                  key: dict, device: torch.device, batch_size: int, loader_workers: int, counter: _ImageCounter,
-                 seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features, labels and the indices into ``items`` of the images that could be read (cached together)."""
     start = counter.done
 
     def compute() -> dict[str, torch.Tensor]:
-        ds = ImageListDataset(image_dir, items, transform)
+        ds = ImageListDataset(image_dir, items, transform, skip_unreadable=True)
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)  # augmented views are reproducible for a given key
-            feats, labels = extract_features(clip.model.visual, ds, batch_size=batch_size, num_workers=loader_workers,
-                                             device=device, on_batch=counter.add)
-        return {"features": feats, "labels": labels}
+            feats, labels, kept = extract_readable(clip.model.visual, ds, batch_size=batch_size,
+                                                   num_workers=loader_workers, device=device, on_batch=counter.add)
+        return {"features": feats, "labels": labels, "kept": kept}
 
     out = cache.get_or_compute(key, compute) if cache is not None else compute()
-    counter.add(start + len(items) - counter.done)  # a cache hit counts its images at once
-    return out["features"], out["labels"]
+    counter.add(start + len(items) - counter.done)  # a cache hit (or skipped images) counts its images at once
+    kept = out.get("kept", torch.arange(len(items)))  # entries written before unreadable images were skipped
+    return out["features"], out["labels"], kept
+
+
+def _report_skipped(split: str, items: tuple[Item, ...], kept: torch.Tensor, image_dir: Path) -> int:
+    n_skipped = len(items) - len(kept)
+    if n_skipped:
+        readable = set(kept.tolist())
+        first = next(it for i, it in enumerate(items) if i not in readable)
+        logger.warning("skipped %d of %d %s images that cannot be decoded (corrupt or truncated; first: %s); "
+                       "replace or remove them from the split to use them", n_skipped, len(items), split,
+                       image_dir / first.path)
+    return n_skipped
 
 
 def prepare_features(
@@ -94,7 +113,12 @@ def prepare_features(
 
     Keys hold the backbone, weights identity, dataset, item list digest, transform and view seed, so every trial of a
     sweep and every DDP worker with the same data reuses the same entries. ``progress("features", done, total)``
-    is called as images are encoded (or found in the cache), if given.
+    is called as images are encoded (or found in the cache), if given. Images that cannot be decoded are left out
+    of their split and counted (a warning names the first); a class whose every training image is unreadable is an
+    error.
+
+    Raises:
+        ValueError: no image of a split, or of one class's training images, can be decoded.
     """
     device = torch.device(device)
     cache = FeatureCache(cache_dir) if cache_dir is not None else None
@@ -106,17 +130,25 @@ def prepare_features(
     counter = _ImageCounter(progress, len(fewshot.val) + (len(splits.test) if with_test else 0) + n_train_views)
     common = {"cache": cache, "device": device, "batch_size": batch_size, "loader_workers": cfg.loader_workers,
               "counter": counter}
+    skipped: dict[str, int] = {}
 
-    def eval_set(items: tuple[Item, ...]) -> FeatureSet:
+    def eval_set(split: str, items: tuple[Item, ...]) -> FeatureSet:
         key = base | {"items": items_digest(items), "transform": describe(test_tf)}
-        feats, labels = _feature_set(clip, items, splits.image_dir, test_tf, key=key, **common)
+        feats, labels, kept = _feature_set(clip, items, splits.image_dir, test_tf, key=key, **common)
+        skipped[split] = _report_skipped(split, items, kept, splits.image_dir)
         return FeatureSet(feats, labels)
 
-    val = eval_set(fewshot.val)
-    test = eval_set(splits.test) if with_test else None
-    train_labels = torch.tensor([it.label for it in fewshot.train], dtype=torch.long)
+    val = eval_set("val", fewshot.val)
+    test = eval_set("test", splits.test) if with_test else None
     if cfg.feature_mode == "exact":
-        ds = ImageListDataset(splits.image_dir, fewshot.train, train_tf)
+        bad = set(unreadable_images(splits.image_dir, fewshot.train))
+        readable = tuple(it for it in fewshot.train if it not in bad)
+        kept = torch.tensor([i for i, it in enumerate(fewshot.train) if it not in bad], dtype=torch.long)
+        skipped["train"] = _report_skipped("train", fewshot.train, kept, splits.image_dir)
+        if not readable:
+            raise ValueError(f"none of the {len(fewshot.train)} training images can be decoded")
+        train_labels = torch.tensor([it.label for it in readable], dtype=torch.long)
+        ds = ImageListDataset(splits.image_dir, readable, train_tf)
         model_visual = clip.model.visual.to(device)
 
         def encode(images: torch.Tensor) -> torch.Tensor:
@@ -125,15 +157,24 @@ def prepare_features(
 
         source: CachedViews | ExactImages = ExactImages(ds, train_labels, encode, device)
     else:
-        views = []
+        views, kept, train_labels = [], None, None
         for v in range(cfg.n_views):
             key = base | {"items": items_digest(fewshot.train), "transform": describe(train_tf), "view": v,
                           "view_seed": cfg.seed}
-            feats, _ = _feature_set(clip, fewshot.train, splits.image_dir, train_tf, key=key,
-                                    seed=cfg.seed * 100_003 + v, **common)
+            feats, labels, kept_v = _feature_set(clip, fewshot.train, splits.image_dir, train_tf, key=key,
+                                                 seed=cfg.seed * 100_003 + v, **common)
+            if kept is not None and not torch.equal(kept_v, kept):
+                raise ValueError(f"training view {v} could read other images than view 0 (is the data changing?); "
+                                 "clear the feature cache and run again")
             views.append(feats)
+            kept, train_labels = kept_v, labels
+        skipped["train"] = _report_skipped("train", fewshot.train, kept, splits.image_dir)
         source = CachedViews(torch.stack(views), train_labels, seed=cfg.seed)  # (n_views, n, d)
-    return RunFeatures(source, val, test)
+    lost = sorted({it.label for it in fewshot.train} - set(train_labels.tolist()))
+    if lost:
+        raise ValueError(f"every training image of class {splits.classnames[lost[0]]!r} is unreadable (corrupt or "
+                         "truncated files): CoOp cannot learn it; replace the images")
+    return RunFeatures(source, val, test, skipped)
 
 
 def build_model(clip: LoadedClip, classnames: tuple[str, ...] | list[str], prompt: PromptConfig, seed: int,

@@ -26,10 +26,65 @@ def clean_classname(name: str) -> str:
     return name.replace("_", " ").strip()
 
 
+UNTRUNCATED_LENGTH = 1024  # tokenize this far when counting, so open_clip's truncation at 77 cannot hide a long text
+
+
 def _n_word_tokens(tokenizer: Callable, text: str) -> int:
-    """Number of BPE tokens ``text`` becomes, without the start/end tokens."""
-    ids = tokenizer([text])[0]
+    """Number of BPE tokens ``text`` becomes, without the start/end tokens (not truncated at the context length)."""
+    try:
+        ids = tokenizer([text], context_length=UNTRUNCATED_LENGTH)[0]
+    except TypeError:  # a tokenizer without the argument: its own context length is the limit
+        ids = tokenizer([text])[0]
     return int(ids.argmax()) - 1  # the end-of-text token has the largest id; position 0 is start-of-text
+
+
+def normalise_ctx_init(ctx_init: str) -> str:
+    """``ctx_init`` as the prompt learner uses it: underscores as spaces, single spaces."""
+    return " ".join(ctx_init.replace("_", " ").split())
+
+
+def _quoted(text: str, limit: int = 40) -> str:
+    """``repr`` of ``text``, cut to about ``limit`` characters for one-line messages."""
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def check_prompt_fits(tokenizer: Callable, classnames: Sequence[str], n_ctx: int, ctx_init: str = "") -> int:
+    """Check that every class's prompt fits the text context; return the effective context length.
+
+    A prompt is start + context + class-name tokens + "." + end. ``ctx_init`` (when given) sets the context length to
+    its token count. Cheap (tokenizer only), so the platform calls it before any worker starts.
+
+    Raises:
+        ValueError: ``ctx_init`` or a class name tokenizes to nothing, or the longest prompt overflows the context;
+            the message names the class, the token counts and what to change.
+    """
+    seq_len = int(tokenizer(["x"]).shape[1])
+    ctx_init = normalise_ctx_init(ctx_init)
+    if ctx_init:
+        n_ctx = _n_word_tokens(tokenizer, ctx_init)
+        if n_ctx < 1:
+            raise ValueError(f"ctx_init {_quoted(ctx_init)} tokenizes to no tokens; give words (e.g. 'a photo of "
+                             "a') or '' for a random context")
+    if n_ctx < 1:
+        raise ValueError(f"n_ctx must be a positive integer, got {n_ctx}")
+    names = [clean_classname(c) for c in classnames]
+    lens = [_n_word_tokens(tokenizer, name) for name in names]
+    for name, k in zip(names, lens):
+        if k < 1:
+            raise ValueError(f"class name {_quoted(name)} tokenizes to no tokens, so its prompt could not name the "
+                             "class; give the class a readable name in the split file")
+    longest = max(range(len(names)), key=lambda c: lens[c])
+    room = seq_len - 3 - lens[longest]  # context tokens that still fit beside the longest class name
+    if room < 1:
+        raise ValueError(f"class name {_quoted(names[longest])} is {lens[longest]} tokens, too long for the text "
+                         f"context of {seq_len} tokens with any context; shorten it to at most {seq_len - 4} tokens")
+    if n_ctx > room:
+        what = f"ctx_init {_quoted(ctx_init)} is {n_ctx} tokens" if ctx_init else f"n_ctx is {n_ctx}"
+        flag = "a shorter --ctx-init" if ctx_init else "--n-ctx"
+        raise ValueError(f"the prompt does not fit CLIP's {seq_len}-token text context: {what}, and class "
+                         f"{_quoted(names[longest])} takes {lens[longest]} more + 3 (start, '.', end); use a "
+                         f"context of at most {room} tokens ({flag})")
+    return n_ctx
 
 
 def position_index(name_lens: Sequence[int], n_ctx: int, seq_len: int, position: str) -> torch.Tensor:
@@ -98,10 +153,10 @@ class PromptLearner(nn.Module):
         width = token_embedding.weight.shape[1]
         device = token_embedding.weight.device
 
-        ctx_init = " ".join(ctx_init.replace("_", " ").split())
+        ctx_init = normalise_ctx_init(ctx_init)
+        n_ctx = check_prompt_fits(tokenizer, self.classnames, n_ctx, ctx_init)
         if ctx_init:
             init_ids = tokenizer([ctx_init]).to(device)
-            n_ctx = _n_word_tokens(tokenizer, ctx_init)
             with torch.no_grad():
                 ctx_vectors = token_embedding(init_ids)[0, 1 : 1 + n_ctx].float().clone()  # (n_ctx, width)
             if csc:
@@ -116,14 +171,7 @@ class PromptLearner(nn.Module):
         placeholder = " ".join(["X"] * n_ctx)
         tokens = tokenizer([f"{placeholder} {name}." for name in self.classnames]).to(device)  # (n_cls, seq)
         seq_len = tokens.shape[1]
-        name_lens = [_n_word_tokens(tokenizer, name) for name in self.classnames]
-        longest = max(range(n_cls), key=lambda c: name_lens[c])
-        if n_ctx + name_lens[longest] + 3 > seq_len:  # SOS + context + name + "." + EOS
-            raise ValueError(
-                f"prompt for class {self.classnames[longest]!r} needs {n_ctx + name_lens[longest] + 3} tokens, "
-                "more than "
-                f"the text context length {seq_len}; use fewer context tokens"
-            )
+        name_lens = [_n_word_tokens(tokenizer, name) for name in self.classnames]  # all fit (checked above)
         eot_idx = tokens.argmax(dim=-1)  # (n_cls,)
         with torch.no_grad():
             embedding = token_embedding(tokens)  # (n_cls, seq, width)

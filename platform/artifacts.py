@@ -1,13 +1,16 @@
 """The run's artifact format: one owner for the files in a checkpoint and the metric keys a run reports.
 
 Every checkpoint of a run (Ray Train's or a Tune trial's) is a folder with the resumable state and the metric
-history; the final one also holds the learned prompts, the nearest-words table and the final metrics. The writer
+history; the final one also holds the learned prompts, the nearest-words table and the final metrics. Its manifest,
+written last, holds the sha256 of every file, and every reader verifies it first (:func:`verify`): a checkpoint cut
+short by a full disk or a killed process is refused, never half-used. The writer
 (``platform/worker.py``) and every reader (tracking, the sweep's MLflow callback, the registry, the tune CLI, the
 dashboards) import the names from here, so a renamed file or key changes in one place.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,11 +28,13 @@ METRICS_FILE = "metrics.json"  # final checkpoint only: the last epoch's metrics
 PROMPTS_FILE = "prompts.safetensors"  # final checkpoint only: coop_core.prompts_io.save_prompts
 PROMPTS_META_FILE = PROMPTS_FILE + ".json"  # its human-readable metadata (written by save_prompts)
 NEAREST_WORDS_FILE = "nearest_words.txt"  # final checkpoint only: the context's nearest vocabulary words
+FAILURE_FILE = "failure.json"  # a diverged run's last checkpoint: the reason (no state: nothing to resume from)
+MANIFEST_FILE = "manifest.json"  # written last: the sha256 of every other file, checked whenever a checkpoint is read
 
 # -- how the files are logged to MLflow ---------------------------------------------------------------------------
 PROMPTS_ARTIFACT_DIR = "prompts"  # PROMPTS_FILE and PROMPTS_META_FILE go under this artifact folder
 PROMPT_ARTIFACT_FILES = (PROMPTS_FILE, PROMPTS_META_FILE)
-ROOT_ARTIFACT_FILES = (CONFIG_FILE, NEAREST_WORDS_FILE, HISTORY_FILE, METRICS_FILE)
+ROOT_ARTIFACT_FILES = (CONFIG_FILE, NEAREST_WORDS_FILE, HISTORY_FILE, METRICS_FILE, FAILURE_FILE)
 DASHBOARDS_ARTIFACT_DIR = "dashboards"  # a sweep's pictures (dashboards/), logged to its parent run
 
 # -- metric keys ----------------------------------------------------------------------------------------------------
@@ -61,15 +66,78 @@ RESOLVED_PARAMS = {N_CTX_EFFECTIVE_KEY: f"prompt.{N_CTX_EFFECTIVE_KEY}",
 ENTERED_AT_KEY = "entered_at"  # wall-clock time the worker's code started (time.time())
 PROCESS_CREATED_AT_KEY = "process_created_at"  # wall-clock start of a fresh worker process; absent when reused
 WARM_HITS_KEY = "warm_cache_hits"  # how many of (model, data, features) came from the process's warm cache
-NOT_LOGGED_KEYS = (ENTERED_AT_KEY, PROCESS_CREATED_AT_KEY)
+# A run that diverged (coop_core.engine.NonFiniteLossError) reports once more, with this key holding the reason and
+# "epoch" the last epoch it completed, and ends: the run is FAILED (a retry from its checkpoint would diverge again).
+FAILURE_KEY = "failure"
+NOT_LOGGED_KEYS = (ENTERED_AT_KEY, PROCESS_CREATED_AT_KEY, FAILURE_KEY)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written (a full disk) or fails its manifest when read. The message is one line."""
 
 
 def write_checkpoint(d: Path, state: TrainState, history: Sequence[Mapping[str, Any]],
                      resolved: Mapping[str, Any]) -> None:
-    """Write the resumable part of a checkpoint into the (empty) folder ``d``."""
-    torch.save(state.to_dict(), d / STATE_FILE)
+    """Write the resumable part of a checkpoint into the (empty) folder ``d`` (then :func:`seal` it).
+
+    Raises:
+        CheckpointError: the files could not be written (a full disk, an unwritable temporary folder).
+    """
+    try:
+        torch.save(state.to_dict(), d / STATE_FILE)
+        (d / HISTORY_FILE).write_text(json.dumps(list(history), indent=1))
+        (d / CONFIG_FILE).write_text(json.dumps(resolved, indent=2, sort_keys=True))
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError from its writer
+        raise CheckpointError(f"cannot write the checkpoint in {d} ({_reason(err)}); free space there (the "
+                              "temporary folder, $TMPDIR) and resume the run") from None
+
+
+def write_failure(d: Path, reason: str, history: Sequence[Mapping[str, Any]], resolved: Mapping[str, Any]) -> None:
+    """The checkpoint a diverged run reports last: its reason, the epochs it completed and its config (then
+    :func:`seal` it). Ray Train keeps a run's result with its checkpoint, so the failure travels as one."""
+    (d / FAILURE_FILE).write_text(json.dumps({FAILURE_KEY: reason}, indent=2))
     (d / HISTORY_FILE).write_text(json.dumps(list(history), indent=1))
     (d / CONFIG_FILE).write_text(json.dumps(resolved, indent=2, sort_keys=True))
+
+
+def _reason(err: BaseException) -> str:
+    return getattr(err, "strerror", None) or (str(err).strip().splitlines() or [type(err).__name__])[-1][:200]
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def seal(d: Path) -> None:
+    """Write the manifest (sha256 of every file of the checkpoint): the last file, so its presence means complete."""
+    files = {p.name: _digest(p) for p in sorted(Path(d).iterdir()) if p.is_file() and p.name != MANIFEST_FILE}
+    try:
+        (Path(d) / MANIFEST_FILE).write_text(json.dumps(files, indent=1, sort_keys=True))
+    except OSError as err:
+        raise CheckpointError(f"cannot write the checkpoint in {d} ({_reason(err)}); free space there and resume "
+                              "the run") from None
+
+
+def verify(d: str | Path) -> None:
+    """Check a checkpoint against its manifest before anything in it is used.
+
+    Raises:
+        CheckpointError: no manifest (an incomplete write), or a missing or changed file.
+    """
+    d = Path(d)
+    try:
+        files = json.loads((d / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        raise CheckpointError(f"checkpoint {d} is incomplete (no readable {MANIFEST_FILE}: its write was cut short); "
+                              "resume from an earlier checkpoint or start the run again") from None
+    for name, digest in files.items():
+        if not (d / name).is_file() or _digest(d / name) != digest:
+            raise CheckpointError(f"checkpoint {d} is damaged: {name} is missing or does not match its sha256; resume "
+                                  "from an earlier checkpoint or start the run again")
 
 
 def read_state(d: str | Path) -> TrainState:

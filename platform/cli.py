@@ -4,15 +4,22 @@ the one-line failure."""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from platform.ray_runtime import resolve_use_gpu
 from platform.run_spec import PLACEMENT_STRATEGIES, RunSpec, default_cache_dir, default_data_root, load_splits
+from typing import NoReturn
 
-from coop_core.backbone import NO_WEIGHTS, load_clip, resolve_model_name
+import open_clip
+
+from coop_core.backbone import NO_WEIGHTS, WeightsUnavailableError, load_clip, resolve_model_name
 from coop_core.config import (
+    ALL_SHOTS,
     CLASS_TOKEN_POSITIONS,
     FEATURE_MODES,
     PRECISIONS,
@@ -22,8 +29,31 @@ from coop_core.config import (
     TrainConfig,
 )
 from coop_core.datasets import DatasetSplits, list_datasets
+from coop_core.datasets.base import check_every_class_has_training_images, check_images_exist
+from coop_core.fewshot import build_few_shot, check_shots_fit
+from coop_core.prompt_learner import check_prompt_fits
 
 logger = logging.getLogger(__name__)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one ``error:`` line (exit 2), like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:  # noqa: D102
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def parse_shots(value: str) -> int | str:
+    """``--shots``: a positive integer, or ``all`` for every training image."""
+    if value.strip().lower() == ALL_SHOTS:
+        return ALL_SHOTS
+    try:
+        shots = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of images per class (or 'all')") from None
+    if shots < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: shots must be >= 1 (or 'all')")
+    return shots
 
 
 def _abspath_if_exists(value: str) -> str:
@@ -40,7 +70,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                       help="folder holding <dataset>/ as in CoOp's DATASETS.md, e.g. <root>/eurosat/2750 "
                            "(default: $COOP_DATA_ROOT or ./data); must exist at this path on every Ray node")
     data.add_argument("--download", action="store_true", help="download the dataset into --data-root if missing")
-    data.add_argument("--shots", type=int, default=16, help="training images per class (default: 16)")
+    data.add_argument("--shots", type=parse_shots, default=16,
+                      help="training images per class (default: 16); more than the smallest class has is an error, "
+                           "'all' trains on every training image")
     data.add_argument("--seed", type=int, default=1, help="few-shot sampling and initialisation seed (default: 1)")
     data.add_argument("--max-test-items", type=int, default=None,
                       help="evaluate on a class-balanced subset of this many test items (quick runs; default: all)")
@@ -152,18 +184,53 @@ def hub_unreachable_use_cache(spec: RunSpec, timeout_s: float = 5.0) -> bool:
         return True
 
 
-def check_inputs(spec: RunSpec) -> DatasetSplits:
-    """Fail fast on the driver, before Ray starts: the backbone, the data and the weights (a short download).
+# What the checks before Ray starts raise for a bad input; the CLIs turn each into one `error:` line and exit 2.
+INPUT_ERRORS = (ValueError, OSError, WeightsUnavailableError)
+
+
+def check_writable_dir(path: str | Path, flag: str) -> None:
+    """Prove that ``path`` can be written (or created), with a throw-away file in it or in its nearest existing
+    parent; nothing is left behind.
 
     Raises:
-        ValueError / FileNotFoundError: bad backbone name or config path.
-        coop_core.datasets.DatasetNotFoundError: the dataset is not under the data root.
-        coop_core.backbone.WeightsUnavailableError: weights cannot be obtained (offline and not cached).
+        OSError: one line naming the folder, the flag and the reason (unwritable, read-only, not a folder).
     """
-    resolve_model_name(spec.model.backbone)
+    path = Path(path).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".coop-write-check-"):
+            pass
+    except OSError as err:
+        raise OSError(f"cannot write to {flag} {path} ({err.strerror or err}); pass a writable folder with {flag}"
+                      ) from None
+
+
+def check_inputs(spec: RunSpec, prompts: Sequence[tuple[int, str]] | None = None) -> DatasetSplits:
+    """Fail fast on the driver, before Ray starts, on everything a worker would otherwise fail on minutes later.
+
+    In order: the backbone name; the cache folder is writable; the dataset (layout, split file, a training image for
+    every class); the shot count against the smallest class; every prompt the run may build (``prompts``:
+    ``(n_ctx, ctx_init)`` pairs, default the spec's) against the text context, with the tokenizer only; the weights
+    (a short download, or reading the checkpoint file); the few-shot split (built and cached here, so workers reuse
+    it); and that the images the run reads exist.
+
+    Raises:
+        One of :data:`INPUT_ERRORS`, whose message is the line to show.
+    """
+    model_name = resolve_model_name(spec.model.backbone)
+    check_writable_dir(spec.cache_dir, "--cache-dir")
     splits = load_splits(spec, download=spec.download)
+    check_every_class_has_training_images(splits)
+    check_shots_fit(splits, spec.train.shots)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    for n_ctx, ctx_init in prompts or [(spec.prompt.n_ctx, spec.prompt.ctx_init)]:
+        check_prompt_fits(tokenizer, splits.classnames, n_ctx, ctx_init)
     if spec.model.pretrained.lower() not in NO_WEIGHTS:
         load_clip(spec.model.backbone, spec.model.pretrained)  # downloads into the open_clip cache, or fails fast
+    fewshot = build_few_shot(splits, spec.train.shots, spec.train.seed, spec.cache_dir)
+    check_images_exist(splits, (*fewshot.train, *fewshot.val, *splits.test))
     return splits
 
 

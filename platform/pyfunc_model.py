@@ -10,7 +10,9 @@ Artifacts:
     backbone_config: the open_clip model-config JSON, when the backbone is a JSON path (so the model is
         self-contained); absent for named architectures such as ``ViT-B-16``.
 
-Model config (``mlflow.pyfunc.load_model(uri, model_config={...})``): ``pretrained`` overrides the weights named in
+Model config (``mlflow.pyfunc.load_model(uri, model_config={...})``): ``prompts_sha256`` (set when the model is
+logged) is the digest of the prompts it was logged with, and a prompts artifact with another digest is refused;
+``pretrained`` overrides the weights named in
 the prompt file (e.g. a local checkpoint path on the serving machine), ``device`` picks the device (default: CUDA when
 available), ``batch_size`` the images per forward pass.
 
@@ -39,6 +41,7 @@ from mlflow.pyfunc import PythonModel
 from PIL import Image, UnidentifiedImageError
 
 PROMPTS_ARTIFACT = "prompts"
+PROMPTS_SHA256_KEY = "prompts_sha256"  # model_config: the digest of the prompts it was logged with (registry.py)
 BACKBONE_ARTIFACT = "backbone_config"
 IMAGE_COLUMN = "image"
 PROB_PREFIX = "prob_"
@@ -94,22 +97,22 @@ class CoOpClassifier(PythonModel):
     def load_context(self, context) -> None:
         from coop_core.backbone import load_clip
         from coop_core.model import CoOpModel
-        from coop_core.prompts_io import load_prompts
+        from coop_core.prompts_io import PromptFileError, check_prompts_fit, load_prompts, prompt_digest
         from coop_core.transforms import test_transform
 
         config = dict(context.model_config or {})
-        ctx, meta = load_prompts(context.artifacts[PROMPTS_ARTIFACT])
+        ctx, meta = load_prompts(context.artifacts[PROMPTS_ARTIFACT])  # verifies the file's own sha256
+        expected = config.get(PROMPTS_SHA256_KEY)
+        if expected and prompt_digest(ctx, meta.to_header()) != expected:
+            raise PromptFileError(f"the prompts artifact is not the one this model was logged with (sha256 "
+                                  f"{expected[:12]}...); refusing it, re-register the model")
         backbone = context.artifacts.get(BACKBONE_ARTIFACT) or meta.backbone
         pretrained = config.get("pretrained") or meta.pretrained
         self.device = torch.device(config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = int(config.get("batch_size", DEFAULT_BATCH_SIZE))
         clip = load_clip(backbone, pretrained, device=self.device)
         model = CoOpModel(clip.model, clip.tokenizer, meta.classnames, meta.prompt).to(self.device)
-        if tuple(model.prompt_learner.ctx.shape) != tuple(ctx.shape):
-            raise ValueError(
-                f"saved context {tuple(ctx.shape)} does not fit the prompt built from its metadata "
-                f"{tuple(model.prompt_learner.ctx.shape)}"
-            )
+        check_prompts_fit(ctx, meta, model.classnames, model.prompt_learner.ctx.shape)
         with torch.no_grad():
             model.prompt_learner.ctx.copy_(ctx.to(self.device))
             self.text_features = model.text_features().float()  # (n_cls, d), fixed: computed once

@@ -79,6 +79,8 @@ def init_ray(address: str | None = None, *, working_dir: bool = True, quiet: boo
     # whatever Ray another program started on this machine (Ray picks "the latest cluster" it finds), and a sweep
     # would die with it. $RAY_ADDRESS still chooses a cluster explicitly.
     address = address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        ray_init_kwargs.setdefault("dashboard_host", "127.0.0.1")  # a local dashboard is never on a public interface
     ray.init(address=address, runtime_env=runtime_env, **ray_init_kwargs)
     return True
 

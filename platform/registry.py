@@ -34,6 +34,7 @@ from platform.artifacts import (
     TEST_METRIC,
     ZEROSHOT_TEST_METRIC,
 )
+from platform.tracking import store_lock
 from typing import Any
 
 import mlflow
@@ -41,7 +42,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import coop_core
-from coop_core.prompts_io import load_prompts
+from coop_core.prompts_io import load_prompts, verified_digest
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ CHAMPION = "champion"
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 COOP_CORE_DIR = Path(coop_core.__file__).resolve().parent
 MODEL_ARTIFACT_NAME = "model"
+PROMPTS_SHA256_KEY = "prompts_sha256"  # model_config key (and version tag) holding the prompt file's digest
+RULE_APPLIED_TAG = "champion_rule_applied"  # version tag: the champion rule ran for it (exactly once)
 # What the pyfunc needs at load time (pinned to what logged it).
 SERVING_PACKAGES = ("mlflow", "torch", "torchvision", "open_clip_torch", "safetensors", "pillow", "numpy", "pandas")
 
@@ -64,7 +67,7 @@ def backbone_slug(backbone: str) -> str:
     return re.sub(r"[^a-z0-9_-]+", "-", name.lower()).strip("-") or "backbone"
 
 
-def scoped_champion_alias(backbone: str, shots: int) -> str:
+def scoped_champion_alias(backbone: str, shots: int | str) -> str:
     """The per-family champion alias, ``champion-<backbone>-<K>shot``."""
     return f"{CHAMPION}-{backbone_slug(backbone)}-{shots}shot"
 
@@ -206,6 +209,8 @@ def log_prompt_model(checkpoint_dir: str | Path, spec: Mapping[str, Any], *, run
             code_paths=[str(COOP_CORE_DIR)],
             pip_requirements=_pip_requirements(),
             signature=model_signature(list(meta.classnames)),
+            # The served model refuses a prompts artifact other than the one it was logged with (pyfunc_model.py).
+            model_config={PROMPTS_SHA256_KEY: verified_digest(prompts)},
         )
         MlflowClient(tracking_uri).log_artifacts(run_id, str(local), artifact_path=MODEL_ARTIFACT_NAME)
     return f"runs:/{run_id}/{MODEL_ARTIFACT_NAME}"
@@ -222,6 +227,9 @@ def register_prompt(
 ) -> Registration:
     """Register a trial's final prompts as a new version of ``coop-<dataset>`` and apply the champion rule.
 
+    Idempotent: registering the same prompts from the same run again (a resumed sweep, a retry after the tracking
+    server came back) returns the existing version, and the champion rule runs once per version.
+
     Args:
         checkpoint_dir: the trial's final checkpoint (``prompts.safetensors`` inside).
         spec: the trial's resolved run config (``RunSpec.to_dict()``: dataset, model, prompt, train ...).
@@ -230,28 +238,48 @@ def register_prompt(
         tracking_uri: tracking and registry store.
         extra_tags: more version tags (e.g. the sweep's parent run id).
     """
+    with store_lock(tracking_uri):  # two sweeps registering at once take turns: each applies the rule to the other's
+        return _register(checkpoint_dir, spec, metrics, run_id=run_id, tracking_uri=tracking_uri,
+                         extra_tags=extra_tags)
+
+
+def _register(checkpoint_dir: str | Path, spec: Mapping[str, Any], metrics: Mapping[str, float], *, run_id: str,
+              tracking_uri: str, extra_tags: Mapping[str, str] | None) -> Registration:
     name = registered_model_name(str(spec["dataset"]))
     _, meta = load_prompts(Path(checkpoint_dir) / PROMPTS_FILE)
     tags = version_tags(spec, list(meta.classnames), metrics, extra_tags)
-    model_uri = log_prompt_model(checkpoint_dir, spec, run_id=run_id, tracking_uri=tracking_uri)
+    tags[PROMPTS_SHA256_KEY] = verified_digest(Path(checkpoint_dir) / PROMPTS_FILE)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    try:
-        client.create_registered_model(name, description=(
-            f"CoOp prompts for CLIP on {spec['dataset']}: each version is one learned context with its backbone, "
-            "classes and accuracy (see its description and tags). `@champion` is the best by validation accuracy "
-            "among versions of the same backbone and shot count; `@champion-<backbone>-<K>shot` the best of each "
-            "family. Serve the champion with `" + serve_command(name) + "`."))
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    description = version_description(spec, list(meta.classnames), metrics, extra_tags)
-    registered = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags,
-                                             description=description)
-    version = int(registered.version)
-    val_acc = float(metrics[SELECTION_METRIC])
+    # Compared at the precision the version tags keep (4 decimals): a champion whose tag reads 10.0000 is not beaten
+    # by a new 10.000000149.
+    val_acc = float(tags[SELECTION_METRIC])
     backbone, shots = tags["backbone"], tags["shots"]
+    scoped = scoped_champion_alias(backbone, shots)
+    registered = _registered_before(client, name, run_id, tags[PROMPTS_SHA256_KEY])
+    if registered is not None and registered.tags.get(RULE_APPLIED_TAG) == "true":
+        # A resumed sweep (or a retried registration) registering the same prompts again: one version, one rule.
+        version = int(registered.version)
+        champion = _version_by_alias(client, name, CHAMPION)
+        champion_version = int(champion.version) if champion is not None else version
+        logger.info("%s v%d already holds these prompts; @%s -> v%d", name, version, CHAMPION, champion_version)
+        return Registration(name, version, champion_version, champion_version == version,
+                            f"registered before as v{version}; the champion rule was applied then", scoped)
+    if registered is None:
+        model_uri = log_prompt_model(checkpoint_dir, spec, run_id=run_id, tracking_uri=tracking_uri)
+        try:
+            client.create_registered_model(name, description=(
+                f"CoOp prompts for CLIP on {spec['dataset']}: each version is one learned context with its backbone, "
+                "classes and accuracy (see its description and tags). `@champion` is the best by validation "
+                "accuracy among versions of the same backbone and shot count; `@champion-<backbone>-<K>shot` the best "
+                "of each family. Serve the champion with `" + serve_command(name) + "`."))
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        description = version_description(spec, list(meta.classnames), metrics, extra_tags)
+        registered = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags,
+                                                 description=description)
+    version = int(registered.version)
 
-    scoped = scoped_champion_alias(backbone, int(shots))
     current_scoped = _version_by_alias(client, name, scoped)
     if current_scoped is None or val_acc > _float_tag(current_scoped, SELECTION_METRIC):
         client.set_registered_model_alias(name, scoped, str(version))
@@ -272,9 +300,16 @@ def register_prompt(
         reason = f"val_acc {val_acc:.2f} {verb} champion v{current.version}'s {best:.2f}"
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, str(version))
+    client.set_model_version_tag(name, str(version), RULE_APPLIED_TAG, "true")
     champion_version = version if promoted else int(current.version)
     logger.info("registered %s v%d (%s); @%s -> v%d", name, version, reason, CHAMPION, champion_version)
     return Registration(name, version, champion_version, promoted, reason, scoped)
+
+
+def _registered_before(client: MlflowClient, name: str, run_id: str, digest: str) -> Any:
+    """The version of ``name`` that already holds these prompts from this run, if any (None for a new model)."""
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return next((v for v in found if v.tags.get(PROMPTS_SHA256_KEY) == digest), None)
 
 
 def set_champion(dataset: str, version: int, *, tracking_uri: str) -> None:
@@ -291,12 +326,11 @@ def set_champion(dataset: str, version: int, *, tracking_uri: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m platform.registry set-champion --dataset D --version V``: promote a version by hand."""
-    import argparse
-    import sys
     from platform import tracking
+    from platform.cli import Parser, fail
 
-    parser = argparse.ArgumentParser(prog="python -m platform.registry",
-                                     description="Manage the registered CoOp prompts (coop-<dataset>).")
+    parser = Parser(prog="python -m platform.registry",
+                    description="Manage the registered CoOp prompts (coop-<dataset>).")
     sub = parser.add_subparsers(dest="command", required=True)
     promote = sub.add_parser("set-champion", help="point coop-<dataset>@champion at a version, whatever its family")
     promote.add_argument("--dataset", required=True, help="dataset name (the model is coop-<dataset>)")
@@ -308,8 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         set_champion(args.dataset, args.version, tracking_uri=uri)
     except MlflowException as err:
-        sys.stderr.write(f"error: {str(err).splitlines()[0]}\n")
-        return 2
+        return fail(str(err).splitlines()[0])
     print(f"{registered_model_name(args.dataset)}@{CHAMPION} -> v{args.version}")
     return 0
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from platform import artifacts
@@ -30,6 +30,7 @@ from ray.tune import Callback
 
 logger = logging.getLogger(__name__)
 
+RETRY_AFTER_S = 30.0  # after a tracking failure, MLflow is tried again this much later
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # what ray.tune.integration.ray_train.TuneReportCallback reports
 
 
@@ -56,7 +57,8 @@ def trial_checkpoint_path(trial_or_result: Any, metrics: Mapping[str, Any]) -> s
 
 @contextmanager
 def checkpoint_dir(path: str, storage_path: str) -> Iterator[Path]:
-    """A local directory with the checkpoint at ``path`` (a path on ``storage_path``'s filesystem)."""
+    """A local directory with the checkpoint at ``path`` (a path on ``storage_path``'s filesystem), verified against
+    its manifest (``artifacts.verify``)."""
     from ray.train import Checkpoint
 
     if "://" in storage_path:
@@ -67,6 +69,7 @@ def checkpoint_dir(path: str, storage_path: str) -> Iterator[Path]:
     else:
         checkpoint = Checkpoint(path=path)
     with checkpoint.as_directory() as d:
+        artifacts.verify(d)
         yield Path(d)
 
 
@@ -90,6 +93,14 @@ def trial_description(trial_id: str, config: Mapping[str, Any], *, sweep_name: s
     if checkpoint:
         lines.append(f"- Ray checkpoint: `{checkpoint}`")
     return "\n".join(lines)
+
+
+def error_line(error: BaseException | str | None) -> str:
+    """The last non-empty line of an error (a Ray error's message ends with the worker's exception), for one line."""
+    if error is None:
+        return "error (see the trial's Ray logs)"
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:500]
 
 
 def trial_timing(last_result: Mapping[str, Any], *, created_at: float | None, ended_at: float,
@@ -138,9 +149,13 @@ class MlflowSweepCallback(Callback):
         self.storage_path = storage_path
         self.epochs = epochs
         self.sweep_name = sweep_name
+        self.stopping = False  # set when the user interrupts the sweep (Ctrl-C): trials stopped now did not end
         self._reset_caches()
 
     def _reset_caches(self) -> None:
+        self.unlogged: set[str] = set()  # trials with an event MLflow did not take (logged again when it is back)
+        self.outage: str | None = None  # the last tracking error this driver met, one line
+        self._down_until = 0.0  # time.monotonic() before which MLflow is not tried again
         self._runs: dict[str, str] = {}
         self._params_done: set[str] = set()
         self._created: dict[str, float] = {}  # wall-clock time the driver first saw each trial
@@ -155,7 +170,7 @@ class MlflowSweepCallback(Callback):
     def __getstate__(self) -> dict[str, Any]:  # pickled into the Tuner's state: no run caches
         state = self.__dict__.copy()
         for key in ("_runs", "_params_done", "_created", "_tracking_s", "_logged", "timings", "windows",
-                    "_experiment_id"):
+                    "_experiment_id", "unlogged", "outage", "_down_until"):
             state.pop(key, None)
         return state
 
@@ -229,14 +244,52 @@ class MlflowSweepCallback(Callback):
         self._client().log_batch(run_id, params=params)
         self._params_done.add(trial_id)
 
+    # -- when MLflow goes away --------------------------------------------------------------------------------------
+
+    def log_command(self) -> str:
+        """The command that logs this sweep's unlogged results once the tracking server is back (``--resume`` of a
+        finished sweep runs nothing again: it only logs what is missing and registers the best trial once)."""
+        return (f"python -m platform.tune --dataset {self.base_spec['dataset']} --resume --sweep-name "
+                f"{self.sweep_name} --storage-path {self.storage_path}")
+
+    def _safely(self, trial_id: str, what: str, log: Callable[[], Any]) -> Any:
+        """Run ``log`` (MLflow calls for ``trial_id``); if the store fails, note the trial and go on.
+
+        A sweep must not stop, or lose a trial, because its tracking server went away: every trial's metrics, history
+        and artifacts are in its checkpoint under the sweep folder, and :meth:`finish_from_result` logs them from
+        there later (idempotently). After a failure MLflow is left alone for ``RETRY_AFTER_S``, so a dead server
+        costs one timeout, not one per event.
+        """
+        if time.monotonic() < self._down_until:
+            self.unlogged.add(trial_id)
+            return None
+        try:
+            return log()
+        except Exception as err:  # whatever the store raises (connection, HTTP, database errors): never the sweep's
+            first = self.outage is None
+            self.outage = error_line(err)
+            self._down_until = time.monotonic() + RETRY_AFTER_S
+            self.unlogged.add(trial_id)
+            if first:
+                logger.warning("could not log %s of trial %s to MLflow at %s (%s): the sweep goes on and every "
+                               "trial's results stay in its checkpoint under the sweep folder; they are logged when "
+                               "the store works again, or later with: %s", what, trial_id, self.tracking_uri,
+                               self.outage, self.log_command())
+            else:
+                logger.warning("MLflow still unavailable: %s of trial %s not logged yet", what, trial_id)
+            return None
+
     # -- Tune hooks ---------------------------------------------------------------------------------------------------
 
     def setup(self, **info: Any) -> None:
         """Pick up the child runs of a resumed sweep, with the epochs they already logged."""
-        client = self._client()
-        for tid, run in self.child_runs().items():
-            self._runs[tid] = run.info.run_id
-            self._logged[tid] = {int(m.step) for m in client.get_metric_history(run.info.run_id, "train_loss")}
+        def pick_up() -> None:
+            client = self._client()
+            for tid, run in self.child_runs().items():
+                self._runs[tid] = run.info.run_id
+                self._logged[tid] = {int(m.step) for m in client.get_metric_history(run.info.run_id, "train_loss")}
+
+        self._safely("-", "the existing runs", pick_up)
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         now = time.time()
@@ -245,48 +298,70 @@ class MlflowSweepCallback(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._created.setdefault(trial.trial_id, time.time())
-        with self._tracking(trial.trial_id):
-            run_id = self.run_for(trial.trial_id, trial.config)
-            if self._client().get_run(run_id).info.status != "RUNNING":  # a resumed trial
-                self._client().update_run(run_id, status="RUNNING")
+
+        def start() -> None:
+            with self._tracking(trial.trial_id):
+                run_id = self.run_for(trial.trial_id, trial.config)
+                if self._client().get_run(run_id).info.status != "RUNNING":  # a resumed trial
+                    self._client().update_run(run_id, status="RUNNING")
+
+        self._safely(trial.trial_id, "the start", start)
         logger.info("trial %s started: %s", trial.trial_id, describe_config(trial.config))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        if "epoch" not in result:
-            return
+        if "epoch" not in result or artifacts.FAILURE_KEY in result:
+            return  # a diverged trial's last report: closed by on_trial_complete
         from platform import tracking
 
         epoch = int(result["epoch"])
         logged = self._logged.setdefault(trial.trial_id, set())
         if epoch in logged:
             return  # a retried trial that resumed from an earlier checkpoint repeats an epoch: logged once
-        with self._tracking(trial.trial_id):
-            run_id = self.run_for(trial.trial_id, trial.config)
-            row = {k: result[k] for k in artifacts.EPOCH_KEYS if k in result}
-            tracking.log_epoch_metrics(run_id, [row], tracking_uri=self.tracking_uri)
-            self._log_resolved_params(trial.trial_id, run_id, result)
-        logged.add(epoch)
+        def log_epoch() -> None:
+            with self._tracking(trial.trial_id):
+                run_id = self.run_for(trial.trial_id, trial.config)
+                row = {k: result[k] for k in artifacts.EPOCH_KEYS if k in result}
+                tracking.log_epoch_metrics(run_id, [row], tracking_uri=self.tracking_uri)
+                self._log_resolved_params(trial.trial_id, run_id, result)
+            logged.add(epoch)  # not reached when MLflow failed: finish_from_result logs it from the checkpoint
+
+        self._safely(trial.trial_id, f"epoch {epoch}", log_epoch)
         val = f" val_acc {result['val_acc']:.2f}" if "val_acc" in result else ""
         test = f" test_acc {result['test_acc']:.2f}" if "test_acc" in result else ""
         logger.info("trial %s epoch %d/%d: loss %.4f%s%s", trial.trial_id, int(result["epoch"]), self.epochs,
                     result.get("train_loss", math.nan), val, test)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if self.stopping:
+            return  # stopped by Ctrl-C, not ended: the CLI marks its run KILLED and --resume continues it
         last = trial.last_result or {}
-        self.finish_from_result(trial.trial_id, trial.config, last, trial_checkpoint_path(trial, last))
+        self._safely(trial.trial_id, "the results", lambda: self.finish_from_result(
+            trial.trial_id, trial.config, last, trial_checkpoint_path(trial, last)))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        reason = error_line(trial.get_error())
+        logger.warning("trial %s failed: %s (see its Ray logs)", trial.trial_id, reason)
+        run_id = self._safely(trial.trial_id, "the failure", lambda: self.mark_failed(trial.trial_id, trial.config,
+                                                                                     reason))
+        if run_id is not None:
+            logger.warning("MLflow run %s of trial %s marked FAILED", run_id, trial.trial_id)
+
+    def mark_failed(self, trial_id: str, config: Mapping[str, Any], reason: str) -> str:
+        """End a trial's run FAILED, with ``reason`` as its ``coop.failure`` tag; returns the run id."""
         from platform import tracking
 
-        run_id = self.run_for(trial.trial_id, trial.config)
+        run_id = self.run_for(trial_id, config)
+        tracking.set_tag(run_id, tracking.FAILURE_TAG, reason, tracking_uri=self.tracking_uri)
         tracking.end_run(run_id, "FAILED", tracking_uri=self.tracking_uri)
-        logger.warning("trial %s failed (see its Ray logs); MLflow run %s marked FAILED", trial.trial_id, run_id)
+        self.unlogged.discard(trial_id)
+        return run_id
 
     # -- closing a trial's run ----------------------------------------------------------------------------------------
 
     def finish_from_result(self, trial_id: str, config: Mapping[str, Any], last_result: Mapping[str, Any],
                            checkpoint_path: str | None) -> str:
-        """Close a trial's run from its last result: missing epochs, final metrics, timings, artifacts, FINISHED.
+        """Close a trial's run from its last result: missing epochs, final metrics, timings, artifacts, FINISHED
+        (FAILED with the reason as the ``coop.failure`` tag when the trial reported a failure).
 
         Idempotent: epochs already in MLflow are not logged again, so it also repairs the runs of trials that
         finished while the driver was down.
@@ -317,6 +392,13 @@ class MlflowSweepCallback(Callback):
         tracking.log_final_metrics(run_id, final, step=last_epoch, tracking_uri=self.tracking_uri)
         self.timings[trial_id] = {k: final[k] for k in (*artifacts.WORKER_TIMING_KEYS, *artifacts.TRIAL_TIMING_KEYS)
                                   if k in final}
+        failure = last_result.get(artifacts.FAILURE_KEY)
+        if failure:
+            self.mark_failed(trial_id, config, str(failure))
+            self.unlogged.discard(trial_id)
+            logger.warning("trial %s failed after epoch %d: %s (MLflow run %s marked FAILED)", trial_id, last_epoch,
+                           failure, run_id)
+            return run_id
         stopped_early = last_epoch < self.epochs
         client.set_tag(run_id, EARLY_STOPPED_TAG, str(stopped_early).lower())
         if checkpoint_path:
@@ -325,6 +407,7 @@ class MlflowSweepCallback(Callback):
         self._describe(trial_id, run_id, config, last_result=last_result, checkpoint=checkpoint_path,
                        outcome=(f"{how} of {self.epochs}" if stopped_early else f"ran all {self.epochs} epochs"))
         tracking.end_run(run_id, "FINISHED", tracking_uri=self.tracking_uri)
+        self.unlogged.discard(trial_id)
         val = last_result.get("val_acc")
         logger.info("trial %s %s: val_acc %s%s", trial_id, how, f"{val:.2f}" if val is not None else "-",
                     f", test_acc {final['test_acc']:.2f}" if "test_acc" in final else "")

@@ -5,8 +5,8 @@ finished run from the final checkpoint (which carries the whole per-epoch histor
 default store -- a SQLite file -- safe, and a restarted worker cannot log an epoch twice.
 
 Default store: ``sqlite:///<cwd>/mlflow.db`` (MLflow's own default, made absolute), so
-``mlflow ui --backend-store-uri sqlite:///mlflow.db`` run in the same directory shows the runs. Artifacts of a
-SQLite store go to ``mlruns/`` beside the database file.
+``mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///mlflow.db`` run in the same directory shows the runs.
+Artifacts of a SQLite store go to ``mlruns/`` beside the database file.
 
 Every function takes an explicit run id and tracking URI and uses an ``MlflowClient``: nothing here touches MLflow's
 global "active run", so sweeps can log many runs from one process.
@@ -30,12 +30,13 @@ What the MLflow UI shows a person (MLflow 3):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from platform import artifacts
 from typing import Any
@@ -62,6 +63,8 @@ MODEL_TRAINING_KIND = "custom_model_development"
 SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
 DEFAULT_UI_URL = "http://127.0.0.1:5000"  # where ``mlflow ui`` serves by default
 ML_WORKFLOW = "machine_learning"  # the UI's ``workflowType`` URL value of its "Model training" switch
+MAX_TAG_LENGTH = 5000  # what we keep of a long tag value (MLflow's limit is 8000)
+FAILURE_TAG = "coop.failure"  # why a run failed (a diverged loss, or the error that ended it)
 NOT_METRICS = frozenset({"epoch", "done", *artifacts.NOT_LOGGED_KEYS})
 
 
@@ -78,6 +81,169 @@ def resolve_tracking_uri(arg: str | None = None) -> str:
     return uri
 
 
+PROBE_TIMEOUT_S = 5.0  # the probe's whole budget per attempt: one clear line within seconds, never minutes
+# MLflow's HTTP client retries a failed request 7 times with exponential back-off (about 4.5 minutes against a server
+# that is not there). The CLIs lower that for their own process: a sweep whose server goes away keeps training and
+# keeps its results on disk (platform/sweep_tracking.py) instead of stalling for minutes on every call.
+HTTP_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+
+
+class TrackingUnavailableError(OSError):
+    """The MLflow tracking store cannot be reached or answers with errors; the message is one actionable line."""
+
+
+def limit_http_retries() -> None:
+    """Apply :data:`HTTP_RETRY_ENV` to this process (values the user set in the environment win)."""
+    for key, value in HTTP_RETRY_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def probe_tracking_store(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Check in a few seconds that the tracking store answers, before any training starts.
+
+    An ``http(s)://`` server gets one request to its REST API (no retries); a ``sqlite:///`` file is opened and read
+    (or, when it does not exist yet, its folder must be writable); a ``file:`` store's folder must be writable. Other
+    stores (databricks, SQL servers) are left to MLflow.
+
+    Raises:
+        TrackingUnavailableError: unreachable, timing out, refusing access, answering with errors, or not MLflow.
+    """
+    import sqlite3
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    fallback = "or pass another --tracking-uri (e.g. sqlite:///mlflow.db, a file in this folder)"
+    if parsed.scheme in ("http", "https"):
+        request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1",
+                                         headers=_auth_headers())
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                body = response.read(1 << 16)
+            json.loads(body or b"{}")
+        except urllib.error.HTTPError as err:
+            if err.code in (401, 403):
+                why = (f"refuses access (HTTP {err.code}); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                       "or MLFLOW_TRACKING_TOKEN")
+            elif err.code == 404:
+                why = "answers, but not as an MLflow tracking server (HTTP 404 for its REST API); check the URL"
+            else:
+                why = f"answers with errors (HTTP {err.code} {err.reason}); check the server's log"
+            raise TrackingUnavailableError(f"MLflow tracking server {uri} {why}, {fallback}") from None
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            text = (f"no answer within {timeout_s:.0f}s" if isinstance(reason, TimeoutError)
+                    else str(getattr(reason, "strerror", None) or reason).lower())
+            raise TrackingUnavailableError(
+                f"MLflow tracking server {uri} is unreachable ({text}); start it (e.g. mlflow server --host 127.0.0.1 "
+                f"--port 5000) {fallback}") from None
+        except ValueError:
+            raise TrackingUnavailableError(f"{uri} answers, but not as an MLflow tracking server (its REST API "
+                                           f"returned no JSON); check the URL, {fallback}") from None
+        return
+    db = _sqlite_path(uri)
+    if db is not None:
+        if db.exists():
+            try:
+                with contextlib.closing(sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=timeout_s)) as conn:
+                    conn.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+            except sqlite3.Error as err:
+                raise TrackingUnavailableError(f"tracking store {db} cannot be opened as an SQLite database ({err}); "
+                                               f"{fallback.removeprefix('or ')}") from None
+            return
+        _probe_writable(db.parent, uri, fallback)
+        return
+    if parsed.scheme in ("", "file"):
+        _probe_writable(Path(parsed.path or uri), uri, fallback)
+
+
+SQLITE_BUSY_TIMEOUT_MS = 60_000  # how long a writer waits for another process's write lock (SQLite's default: 5 s)
+_busy_timeout_installed = False
+
+
+def open_store(uri: str) -> None:
+    """Make an SQLite tracking store safe to share between processes (two sweeps at once on one ``mlflow.db``).
+
+    Two things go wrong without this, and each is handled here:
+
+    - creating the store: MLflow builds the tables (and upgrades old stores) when a process first opens the file; two
+      processes doing it at once collide. Serialised: the first open happens under an exclusive lock on
+      ``<db>.lock`` (``fcntl.flock``), so the second process finds the tables made.
+    - writing: SQLite allows one writer at a time and makes the other wait 5 s before "database is locked". Retried:
+      every SQLite connection this process opens waits up to ``SQLITE_BUSY_TIMEOUT_MS`` (SQLite's busy handler
+      retries the lock) -- a CoOp driver's writes are a few milliseconds each, so a minute is never reached.
+
+    Other stores are left alone.
+    """
+    global _busy_timeout_installed
+    if _sqlite_path(uri) is None:
+        return
+    import sqlalchemy
+    from mlflow.tracking import MlflowClient
+
+    if not _busy_timeout_installed:
+        # A listener on the Engine class (public SQLAlchemy API) reaches the engines MLflow creates inside its stores.
+        sqlalchemy.event.listen(sqlalchemy.engine.Engine, "connect", _set_busy_timeout)
+        _busy_timeout_installed = True
+    with store_lock(uri):
+        try:
+            client = MlflowClient(uri, registry_uri=uri)
+            client.search_experiments(max_results=1)  # creates (or upgrades) the tracking tables ...
+            client.search_registered_models(max_results=1)  # ... and opens the registry on them
+        except Exception as err:  # MLflow's own errors for a store it cannot create, read or upgrade
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise TrackingUnavailableError(f"MLflow cannot open the tracking store {uri} ({first}); pass another "
+                                           "--tracking-uri") from None
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """One process at a time for a read-modify-write on an SQLite store (creating it, moving the champion alias);
+    a no-op for other stores, whose server serialises its own writes."""
+    db = _sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    from coop_core.atomic import exclusive_lock
+
+    with exclusive_lock(db.with_name(db.name + ".lock")):
+        yield
+
+
+def _set_busy_timeout(dbapi_connection: Any, connection_record: Any) -> None:
+    import sqlite3
+
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        dbapi_connection.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+
+
+def _probe_writable(folder: Path, uri: str, fallback: str) -> None:
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".coop-write-check-"):
+            pass
+    except OSError as err:
+        raise TrackingUnavailableError(f"tracking store {uri}: cannot write to {folder} ({err.strerror or err}); "
+                                       f"{fallback.removeprefix('or ')}") from None
+
+
+def _auth_headers() -> dict[str, str]:
+    """The credentials MLflow's own client would send (``MLFLOW_TRACKING_TOKEN`` or user name and password)."""
+    import base64
+
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if token:
+        return {"Authorization": f"Bearer {token}"}
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    return {}
+
+
 def _sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
@@ -89,11 +255,11 @@ def ui_command(tracking_uri: str) -> str:
     db = _sqlite_path(tracking_uri)
     if db is not None:
         if db.is_absolute() and db.parent == Path.cwd():
-            return f"mlflow ui --backend-store-uri sqlite:///{db.name}"
-        return f"mlflow ui --backend-store-uri {tracking_uri}"
+            return f"mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///{db.name}"
+        return f"mlflow ui --host 127.0.0.1 --backend-store-uri {tracking_uri}"
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri} in a browser"
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
+    return f"mlflow ui --host 127.0.0.1 --backend-store-uri {tracking_uri}"
 
 
 def ui_url(tracking_uri: str) -> str:
@@ -221,11 +387,6 @@ def param_column(key: str) -> str:
     return f"params.`{key}`"
 
 
-def set_tag(run_id: str, key: str, value: str, *, tracking_uri: str | None = None) -> None:
-    """Set one tag on a run."""
-    _client(tracking_uri).set_tag(run_id, key, value)
-
-
 def set_description(run_id: str, markdown: str, *, tracking_uri: str | None = None) -> None:
     """Set the run's description (Markdown, shown at the top of its page in the UI)."""
     _client(tracking_uri).set_tag(run_id, NOTE_TAG, markdown)
@@ -248,6 +409,11 @@ def create_run(experiment: str, *, run_name: str | None = None, tags: Mapping[st
         all_tags[PARENT_RUN_TAG] = parent_run_id
     run = _client(tracking_uri).create_run(exp_id, run_name=run_name, tags=all_tags)
     return run.info.run_id
+
+
+def set_tag(run_id: str, key: str, value: str, *, tracking_uri: str | None = None) -> None:
+    """Set one tag (cut to ``MAX_TAG_LENGTH``)."""
+    _client(tracking_uri).set_tag(run_id, key, str(value)[:MAX_TAG_LENGTH])
 
 
 def end_run(run_id: str, status: str = "FINISHED", *, tracking_uri: str | None = None) -> None:
@@ -321,6 +487,7 @@ def log_checkpoint(run_id: str, checkpoint_dir: str | Path, *, tracking_uri: str
     """Log a finished run's final checkpoint: per-epoch metrics, final metrics and artifacts; returns the final metrics.
     """
     d = Path(checkpoint_dir)
+    artifacts.verify(d)
     log_epoch_metrics(run_id, artifacts.read_history(d), tracking_uri=tracking_uri)
     final = artifacts.read_final_metrics(d)
     log_run_artifacts(run_id, d, tracking_uri=tracking_uri)

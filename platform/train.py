@@ -25,9 +25,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from platform import artifacts
 from platform.cli import (
+    INPUT_ERRORS,
+    Parser,
     add_infra_arguments,
     add_run_arguments,
     check_inputs,
+    check_writable_dir,
     configure_logging,
     fail,
     hub_unreachable_use_cache,
@@ -39,22 +42,19 @@ from platform.ray_runtime import init_ray, resolve_use_gpu
 from platform.trainer import build_trainer
 from typing import Any
 
-from coop_core.backbone import WeightsUnavailableError
-from coop_core.datasets import DatasetNotFoundError
-
 logger = logging.getLogger(__name__)
 
 BAR_LABELS = {"features": "image features", "epochs": "epochs"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m platform.train",
         description="Train CoOp prompts for CLIP on one dataset with Ray Train (DDP across --num-workers), track the "
                     "run in MLflow and save the learned prompts.",
         epilog="Example (offline smoke run): python -m platform.train --dataset eurosat --data-root ../shared/data "
                "--backbone tests/fixtures/tiny-vit.json --pretrained none --shots 2 --epochs 3 --num-workers 2\n"
-               "Then: mlflow ui --backend-store-uri sqlite:///mlflow.db",
+               "Then: mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///mlflow.db",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_run_arguments(parser)
@@ -107,18 +107,24 @@ def run_description(spec: Any, final: Mapping[str, Any], experiment_id: str, run
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 training failed, 2 bad input / data / weights)."""
+    from platform import tracking
+
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
+    tracking.limit_http_retries()
     t0 = time.perf_counter()
+    tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
     try:
         # --use-gpu auto is resolved once Ray is up; until then assume GPUs may exist (so 'amp' is not refused yet).
         spec = spec_from_args(args, use_gpu=args.use_gpu != "no")
+        tracking.probe_tracking_store(tracking_uri)
+        if "://" not in args.storage_path:
+            check_writable_dir(args.storage_path, "--storage-path")
         offline = hub_unreachable_use_cache(spec)
         splits = check_inputs(spec)
-    except (DatasetNotFoundError, WeightsUnavailableError, ValueError, FileNotFoundError) as err:
+        tracking.open_store(tracking_uri)  # last: creating a new store takes seconds, a bad input should not wait
+    except INPUT_ERRORS as err:
         return fail(str(err))
-
-    from platform import tracking
 
     started_ray = init_ray(args.ray_address, quiet=not args.verbose,
                            runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}} if offline else None)
@@ -133,7 +139,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         return fail(str(err))
 
-    tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
     experiment = args.experiment or tracking.default_experiment(spec.dataset)
     name = f"coop-{spec.dataset}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     run_id = tracking.create_run(experiment, run_name=name, tracking_uri=tracking_uri,
@@ -157,20 +162,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"error: training failed ({type(err).__name__}): {str(err).strip().splitlines()[0]}\n"
                          f"(MLflow run {run_id} marked FAILED; worker logs are above)\n")
         return 1
-    with result.checkpoint.as_directory() as ckpt_dir:
-        final = tracking.log_checkpoint(run_id, ckpt_dir, tracking_uri=tracking_uri)
-        resolved = artifacts.read_config(ckpt_dir)
-    tracking.log_params(run_id, {param: resolved[key] for key, param in artifacts.RESOLVED_PARAMS.items()},
-                        tracking_uri=tracking_uri)
-    experiment_id = tracking.get_or_create_experiment(experiment, tracking_uri=tracking_uri)
-    tracking.set_tag(run_id, tracking.CHECKPOINT_TAG, result.checkpoint.path, tracking_uri=tracking_uri)
-    tracking.set_description(run_id, run_description(spec, final, experiment_id, run_id, result.checkpoint.path),
-                             tracking_uri=tracking_uri)
-    wall_s = time.perf_counter() - t0
-    timing = {k: final[k] for k in artifacts.WORKER_TIMING_KEYS if k in final}
-    tracking.log_final_metrics(run_id, {"wall_s": wall_s, **timing}, step=spec.train.resolved_epochs,
-                               tracking_uri=tracking_uri)
-    tracking.end_run(run_id, "FINISHED", tracking_uri=tracking_uri)
+    failure = (result.metrics or {}).get(artifacts.FAILURE_KEY)
+    if failure:  # the run diverged: log the epochs it completed, mark it FAILED with the reason
+        if result.checkpoint is not None:
+            with result.checkpoint.as_directory() as ckpt_dir:
+                tracking.log_checkpoint(run_id, ckpt_dir, tracking_uri=tracking_uri)
+        tracking.set_tag(run_id, tracking.FAILURE_TAG, failure, tracking_uri=tracking_uri)
+        tracking.end_run(run_id, "FAILED", tracking_uri=tracking_uri)
+        return fail(f"{failure} (MLflow run {run_id} marked FAILED)")
+    try:
+        with result.checkpoint.as_directory() as ckpt_dir:
+            final = tracking.log_checkpoint(run_id, ckpt_dir, tracking_uri=tracking_uri)
+            resolved = artifacts.read_config(ckpt_dir)
+        tracking.log_params(run_id, {param: resolved[key] for key, param in artifacts.RESOLVED_PARAMS.items()},
+                            tracking_uri=tracking_uri)
+        experiment_id = tracking.get_or_create_experiment(experiment, tracking_uri=tracking_uri)
+        tracking.set_tag(run_id, tracking.CHECKPOINT_TAG, result.checkpoint.path, tracking_uri=tracking_uri)
+        tracking.set_description(run_id, run_description(spec, final, experiment_id, run_id, result.checkpoint.path),
+                                 tracking_uri=tracking_uri)
+        wall_s = time.perf_counter() - t0
+        timing = {k: final[k] for k in artifacts.WORKER_TIMING_KEYS if k in final}
+        tracking.log_final_metrics(run_id, {"wall_s": wall_s, **timing}, step=spec.train.resolved_epochs,
+                                   tracking_uri=tracking_uri)
+        tracking.end_run(run_id, "FINISHED", tracking_uri=tracking_uri)
+    except Exception as err:  # the tracking store went away while the run trained: the results are safe on disk
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
+        sys.stderr.write(f"error: the run finished, but logging it to MLflow at {tracking_uri} failed ({reason}); "
+                         f"its checkpoint, metrics and prompts are in {result.checkpoint.path}\n")
+        return 1
     if started_ray:
         import ray
 
@@ -199,4 +218,8 @@ if __name__ == "__main__":
     # Run the importable module's main, not this __main__ copy, so log records carry the "platform.train" logger name.
     from platform.train import main as _main
 
-    sys.exit(_main())
+    try:
+        sys.exit(_main())
+    except KeyboardInterrupt:  # Ctrl-C outside the training itself (which handles its own): no traceback
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)

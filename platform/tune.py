@@ -41,11 +41,9 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from platform.artifacts import ACCURACY_KEYS, DASHBOARDS_ARTIFACT_DIR, SELECTION_METRIC
+from platform.artifacts import ACCURACY_KEYS, DASHBOARDS_ARTIFACT_DIR, FAILURE_KEY, SELECTION_METRIC
 from platform.progress import ConsoleProgress, TrialBar, bars_wanted
 from typing import Any
-
-from coop_core.datasets import DatasetNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +57,7 @@ JSON_KEYS = ("best_config", "val_acc", "test_acc", "zeroshot_test_acc", "parent_
              "registered_version", "champion_version", "trials", "trials_completed", "trials_finished",
              "trials_early_stopped", "trials_errored", "best_trial_id", "best_run_id", "n_ctx_effective", "sweep_name",
              "sweep_dir", "tracking_uri", "experiment", "resumed", "wall_s", "timing", "trial_runner", "runs_url",
-             "dashboards")
+             "dashboards", "tracking_complete", "tracking_error", "log_command")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,6 +122,24 @@ def parse_grid(items: Sequence[str], spec: Any) -> dict[str, list[Any]]:
             raise ValueError(f"--grid {field}: repeated values in {raw!r}")
         grid[field] = values
     return grid
+
+
+def prompt_candidates(spec: Any, space: Mapping[str, Any], grid: Mapping[str, Sequence[Any]] | None
+                      ) -> list[tuple[int, str]]:
+    """Every ``(n_ctx, ctx_init)`` a trial of the sweep may train: the grid's or the space's values, else the flag's.
+
+    The prompt's length depends on nothing else, so checking these before Ray starts proves every trial's prompt fits.
+    """
+    from tune_spaces import Choice
+
+    def values(field: str, default: Any) -> list[Any]:
+        if grid and field in grid:
+            return list(grid[field])
+        domain = space.get(field)
+        return list(domain.values) if isinstance(domain, Choice) else [default]
+
+    return [(n, init) for n in values("prompt.n_ctx", spec.prompt.n_ctx)
+            for init in values("prompt.ctx_init", spec.prompt.ctx_init)]
 
 
 def resolve_trial_runner(requested: str, spec: Any) -> str:
@@ -233,12 +249,12 @@ def latest_sweep(storage_path: str, dataset: str) -> str | None:
 
 def trial_rows(grid: Any, epochs: int) -> list[dict[str, Any]]:
     """One summary row per trial of a ResultGrid (status, epochs reached, metrics, config, checkpoint)."""
-    from platform.sweep_tracking import trial_checkpoint_path
+    from platform.sweep_tracking import error_line, trial_checkpoint_path
 
     rows = []
     for result in grid:
         m = result.metrics or {}
-        status = "ERROR" if result.error is not None else "TERMINATED"
+        status = "ERROR" if result.error is not None else "FAILED" if m.get(FAILURE_KEY) else "TERMINATED"
         rows.append({
             "trial_id": m.get("trial_id") or Path(result.path).name,
             "status": status,
@@ -249,6 +265,7 @@ def trial_rows(grid: Any, epochs: int) -> list[dict[str, Any]]:
             "test_acc": m.get("test_acc"),
             "zeroshot_test_acc": m.get("zeroshot_test_acc"),
             "checkpoint_path": trial_checkpoint_path(result, m),
+            "failure": m.get(FAILURE_KEY) or (error_line(result.error) if result.error is not None else None),
             "last_result": m,
         })
     return rows
@@ -290,6 +307,9 @@ def format_report(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]])
         mark = " *" if summary.get("best_trial_id") == r["trial_id"] else "  "
         lines.append(f"{mark}{r['trial_id']:<10} {r['status']:<11} {r['epochs']:>6}  {_pct(r['val_acc']):>9}  "
                      f"{_pct(r['test_acc']):>10}  {describe_config(r['config'])}")
+    failed = [r for r in rows if r["status"] in ("ERROR", "FAILED")]
+    for r in failed:
+        lines.append(f"  trial {r['trial_id']} failed: {r['failure'] or 'see its Ray logs'}")
     lines.append("")
     best = summary.get("best_config")
     if best is None:
@@ -303,8 +323,13 @@ def format_report(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]])
             f"    test  zero-shot    {_pct(summary['zeroshot_test_acc'])}",
             "",
             f"  registered         {summary['registered_model']} v{summary['registered_version']}; @champion -> "
-            f"v{summary['champion_version']} ({summary['champion_reason']})",
+            f"v{summary['champion_version']} ({summary['champion_reason']})" if summary.get("registered_version")
+            else f"  registered         not yet: {summary['registered_model']} is registered when MLflow is back",
         ]
+    if summary.get("tracking_error"):
+        lines += ["", f"  MLflow failed: {summary['tracking_error']}",
+                  f"  Every trial's results are kept under {summary['sweep_dir']}. Once the tracking server is back, "
+                  "log them (and register the best trial) with:", f"    {summary['log_command']}"]
     lines += format_timing(summary.get("timing") or {})
     lines += [
         f"  MLflow sweep run   {summary['parent_run_id']}  (experiment {summary['experiment']!r}; best trial run "
@@ -323,9 +348,9 @@ def format_report(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from platform.cli import add_infra_arguments, add_run_arguments
+    from platform.cli import Parser, add_infra_arguments, add_run_arguments
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m platform.tune",
         description="Sweep CoOp's prompt design (context length and initialisation, class-token position, "
                     "class-specific context, learning rate) with Ray Tune: Optuna TPE proposes, ASHA stops trials "
@@ -338,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
                "--backbone tests/fixtures/tiny-vit.json --pretrained none --shots 2 --epochs 3 --num-samples 8\n"
                "Resume after an interruption: the same command with --resume (and --sweep-name NAME, default: the "
                "latest sweep of the dataset).\n"
-               "Then: mlflow ui --backend-store-uri sqlite:///mlflow.db",
+               "Then: mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///mlflow.db",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_run_arguments(parser)
@@ -384,16 +409,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 no trial finished, 2 bad input / data / weights)."""
-    from platform.cli import check_inputs, configure_logging, fail, hub_unreachable_use_cache, spec_from_args
+    from platform import tracking
+    from platform.cli import (
+        INPUT_ERRORS,
+        check_inputs,
+        check_writable_dir,
+        configure_logging,
+        fail,
+        hub_unreachable_use_cache,
+        spec_from_args,
+    )
     from platform.cluster_check import check_shared_paths
     from platform.ray_runtime import init_ray, resolve_use_gpu
     from platform.run_spec import RunSpec
 
-    from coop_core.backbone import WeightsUnavailableError
     from tune_spaces import get_space
 
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
+    tracking.limit_http_retries()
     t0 = time.perf_counter()
     storage_path = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
 
@@ -430,12 +464,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.max_failures < 0:
                 raise ValueError(f"--max-failures must be >= 0, got {args.max_failures}")
             runner = resolve_trial_runner(args.trial_runner, spec)
+        tracking_uri = state["tracking_uri"] if state is not None else tracking.resolve_tracking_uri(args.tracking_uri)
+        tracking.probe_tracking_store(tracking_uri)
+        if "://" not in storage_path:
+            check_writable_dir(storage_path, "--storage-path")
         offline = hub_unreachable_use_cache(spec)
-        splits = check_inputs(spec)
-    except (DatasetNotFoundError, WeightsUnavailableError, ValueError, FileNotFoundError) as err:
+        splits = check_inputs(spec, prompt_candidates(spec, space, state["grid"] if state is not None else args.grid))
+        tracking.open_store(tracking_uri)  # last: creating a new store takes seconds, a bad input should not wait
+    except INPUT_ERRORS as err:
         return fail(str(err))
 
-    from platform.sweep_tracking import MlflowSweepCallback
+    from platform.sweep_tracking import MlflowSweepCallback, error_line
 
     import ray
 
@@ -458,12 +497,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(err))
     epochs = spec.train.resolved_epochs
 
-    if state is None:
-        state = open_sweep(args, spec, space, name, sweep_dir, max_concurrent, runner, gpus_per_trial)
-    else:
-        from mlflow.tracking import MlflowClient
+    try:
+        if state is None:
+            state = open_sweep(args, spec, space, name, sweep_dir, max_concurrent, runner, gpus_per_trial)
+        else:
+            from mlflow.tracking import MlflowClient
 
-        MlflowClient(state["tracking_uri"]).update_run(state["parent_run_id"], status="RUNNING")
+            MlflowClient(state["tracking_uri"]).update_run(state["parent_run_id"], status="RUNNING")
+    except Exception as err:  # the store passed the probe a moment ago and failed now: nothing has run yet
+        return fail(f"MLflow tracking failed before the sweep started ({error_line(err)}); nothing was trained, "
+                    "run the command again once the tracking store works")
     resumed = args.resume
     n_trials = state["num_samples"] * math.prod(len(v) for v in (state.get("grid") or {}).values())
     logger.info("sweep %s: %d trials of %s, %d at once (%s trials); MLflow run %s (%s)", name, n_trials, spec.dataset,
@@ -482,32 +525,126 @@ def main(argv: Sequence[str] | None = None) -> int:
             from platform.trial_stopping import CONTROLLERS_ACTOR_NAME, TrialControllersActor
 
             controllers = TrialControllersActor.options(name=CONTROLLERS_ACTOR_NAME, get_if_exists=True).remote()
-        grid = tuner.fit()
+        with SweepInterrupt(callback) as interrupt:
+            grid = tuner.fit()
     if controllers is not None:
         logger.info("trial controllers: %s", ray.get(controllers.stats.remote()))
         ray.kill(controllers)  # the sweep is over: nothing is left to stop or reap
 
     rows = trial_rows(grid, epochs)
-    callback.setup()
-    for row in rows:  # runs of trials that finished while no driver was watching
-        run = callback.child_runs().get(row["trial_id"])
-        if row["status"] == "TERMINATED" and (run is None or run.info.status != "FINISHED"):
-            callback.finish_from_result(row["trial_id"], row["config"], row["last_result"], row["checkpoint_path"])
     summary = summarise(rows, spec, state, name, sweep_dir, resumed)
+    if interrupt.requested:  # Ctrl-C: Tune stopped the trials and saved its state, fit() returned early
+        return interrupted(callback, summary, state, started_ray)
     best = pick_best(rows)
-    if best is not None:
-        summary.update(register_best(best, callback, state, name, storage_path))
+    # Everything below writes to MLflow. If the server went away, the trials' results stay in their checkpoints and
+    # the report says which command logs them (and registers the best trial, once) when it is back.
+    tracking_error = None
+    try:
+        callback.setup()
+        close_unclosed_runs(callback, rows)
+        if best is not None:
+            summary.update(register_best(best, callback, state, name, storage_path))
+    except Exception as err:  # whatever the store raises; the sweep's results are safe on disk
+        tracking_error = error_line(err)
     summary["wall_s"] = time.perf_counter() - t0
     summary["timing"] = timing(callback.timings, len(rows), summary["wall_s"], callback.windows)
-    close_sweep(summary, state)
-    summary["dashboards"] = draw_dashboards(state, sweep_dir)
+    if tracking_error is None:
+        try:
+            close_sweep(summary, state)
+            summary["dashboards"] = draw_dashboards(state, sweep_dir)
+        except Exception as err:
+            tracking_error = error_line(err)
+    summary.update(tracking_complete=tracking_error is None, tracking_error=tracking_error,
+                   log_command=None if tracking_error is None else callback.log_command())
     if started_ray:
         ray.shutdown()  # stops forwarding worker logs, so nothing can follow the report and the JSON line on stdout
 
     print(format_report(summary, rows))
     if args.json:
         print(json.dumps({k: summary.get(k) for k in JSON_KEYS}, sort_keys=True))
-    return 0 if best is not None else 1
+    return 0 if best is not None and tracking_error is None else 1
+
+
+class SweepInterrupt:
+    """Ctrl-C (SIGINT) during ``tuner.fit()``: tell the MLflow callback first, then stop Ray Tune gracefully.
+
+    Ray Tune's own SIGINT handler stops the sweep and saves its state, but then reports the stopped trials as ended
+    (``on_trial_complete``), so a callback cannot tell an interrupted trial from a finished one. So Tune's SIGINT
+    handler is turned off (``TUNE_DISABLE_SIGINT_HANDLER``, read when ``fit()`` starts) and this one marks the
+    callback as stopping, then sends SIGUSR1, on which Tune runs the same graceful stop. A second Ctrl-C quits at once.
+    """
+
+    def __init__(self, callback: Any) -> None:
+        self.callback = callback
+        self.requested = False
+
+    def __enter__(self) -> SweepInterrupt:
+        import signal
+        import threading
+
+        self._active = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+        if self._active:
+            self._env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+
+        if self.requested or signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            raise KeyboardInterrupt  # a second Ctrl-C, or Tune's handler is not (yet, or any more) installed
+        self.requested = True
+        self.callback.stopping = True
+        logger.warning("interrupted: stopping the trials and saving the sweep's state (Ctrl-C again to quit at once)")
+        os.kill(os.getpid(), signal.SIGUSR1)  # Ray Tune's graceful stop
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if not self._active:
+            return
+        signal.signal(signal.SIGINT, self._previous)
+        if self._env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self._env
+
+
+def interrupted(callback: Any, summary: Mapping[str, Any], state: Mapping[str, Any], started_ray: bool) -> int:
+    """End an interrupted sweep cleanly: the runs of the trials it stopped, and the sweep's run, end KILLED
+    (``--resume`` continues them and sets them running again); nothing is registered; exit status 130."""
+    from platform import tracking
+    from platform.sweep_tracking import error_line
+
+    import ray
+
+    try:
+        for run in callback.child_runs().values():
+            if run.info.status == "RUNNING":
+                tracking.end_run(run.info.run_id, "KILLED", tracking_uri=callback.tracking_uri)
+        tracking.end_run(state["parent_run_id"], "KILLED", tracking_uri=state["tracking_uri"])
+    except Exception as err:  # the store is gone too: --resume closes the runs later
+        logger.warning("could not mark the interrupted runs in MLflow (%s)", error_line(err))
+    if started_ray:
+        ray.shutdown()
+    sys.stderr.write(f"interrupted: the sweep's {summary['trials']} trials are kept with their checkpoints; their "
+                     f"MLflow runs are marked KILLED. Finish the sweep with: {callback.log_command()}\n")
+    return 130
+
+
+def close_unclosed_runs(callback: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Close the child runs of trials that ended while no driver was watching (a killed or interrupted driver), so
+    no run stays RUNNING: finished trials become FINISHED (with their metrics and artifacts from the checkpoint),
+    failed and errored ones FAILED with the reason."""
+    runs = callback.child_runs()
+    for row in rows:
+        run = runs.get(row["trial_id"])
+        status = run.info.status if run is not None else None
+        if row["status"] == "TERMINATED" and status != "FINISHED" or row["status"] == "FAILED" and status != "FAILED":
+            callback.finish_from_result(row["trial_id"], row["config"], row["last_result"], row["checkpoint_path"])
+        elif row["status"] == "ERROR" and status != "FAILED":
+            callback.mark_failed(row["trial_id"], row["config"], row["failure"] or "error (see the trial's Ray logs)")
 
 
 def open_sweep(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], name: str, sweep_dir: str,
@@ -600,9 +737,6 @@ def build_tuner(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], s
             max_failures=max_failures, log_level=log_level, epoch_hooks=list(epoch_hooks)),
             {"cpu": 0, "memory": TRIAL_MEMORY_BYTES})
         trial_failures = 0  # Ray Train restarts lost workers from the run's checkpoint
-    if restore and tune.Tuner.can_restore(sweep_dir):
-        logger.info("resuming sweep %s from %s", name, sweep_dir)
-        return tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     # Keeping 2 checkpoints per trial makes Tune snapshot its experiment state whenever a trial has checkpointed
     # twice (so --resume never points at a deleted checkpoint); with one checkpoint per CoOp epoch that is often, and
     # Tune warns about it each time. The snapshot is a small local write; the warning is noise here.
@@ -612,6 +746,13 @@ def build_tuner(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], s
     # lines, bars and report say the same things. --verbose keeps Tune's output.
     if not args.verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # A diverged trial ends with a report that has the reason (artifacts.FAILURE_KEY) and no val_acc; Tune's strict
+    # metric check would turn that report into an error the trial is retried for (diverging again). Without the
+    # check ASHA ignores the report and Optuna records the trial as pruned. Read by Tune at every result.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    if restore and tune.Tuner.can_restore(sweep_dir):
+        logger.info("resuming sweep %s from %s", name, sweep_dir)
+        return tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     epochs = spec.train.resolved_epochs
     asha = dict(time_attr="epoch", max_t=epochs, grace_period=min(args.grace_period, epochs),
                 reduction_factor=args.reduction_factor)
@@ -661,7 +802,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], spec: Any, state: Mapping[str, 
         "trials": len(rows), "trials_completed": sum(r["status"] == "TERMINATED" for r in rows),
         "trials_finished": sum(r["finished"] for r in rows),
         "trials_early_stopped": sum(r["status"] == "TERMINATED" and not r["finished"] for r in rows),
-        "trials_errored": sum(r["status"] == "ERROR" for r in rows),
+        "trials_errored": sum(r["status"] in ("ERROR", "FAILED") for r in rows),
         "parent_run_id": state["parent_run_id"], "experiment": state["experiment"],
         "tracking_uri": state["tracking_uri"], "ui_command": tracking.ui_command(state["tracking_uri"]),
         "runs_url": state.get("runs_url"),
@@ -796,4 +937,8 @@ if __name__ == "__main__":
     # Run the importable module's main, not this __main__ copy, so log records carry the "platform.tune" logger name.
     from platform.tune import main as _main
 
-    sys.exit(_main())
+    try:
+        sys.exit(_main())
+    except KeyboardInterrupt:  # Ctrl-C outside the training itself (which handles its own): no traceback
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)

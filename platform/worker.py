@@ -39,7 +39,7 @@ import torch
 from coop_core.backbone import load_clip
 from coop_core.datasets import DatasetSplits
 from coop_core.distributed import text_sharding_for
-from coop_core.engine import Distributed, SingleProcess, TrainState, evaluate, train
+from coop_core.engine import Distributed, NonFiniteLossError, SingleProcess, TrainState, evaluate, train
 from coop_core.fewshot import build_few_shot
 from coop_core.interpret import nearest_words, nearest_words_table
 from coop_core.pipeline import build_model, prepare_features
@@ -71,6 +71,7 @@ def _restore(checkpoint: Any) -> tuple[TrainState, list[dict[str, Any]]] | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as d:
+        artifacts.verify(d)
         return artifacts.read_state(d), artifacts.read_history(d)
 
 
@@ -124,6 +125,9 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
                  device: torch.device | str = "cpu", epoch_hooks: Sequence[EpochHook] = (),
                  log_epochs: bool = True, progress: ProgressFn | None = None) -> None:
     """Train ``spec`` to its last epoch, reporting every epoch to ``session`` (see the module docstring).
+
+    A run that diverges (NaN or infinite loss) ends with one more report carrying ``artifacts.FAILURE_KEY`` (the
+    reason) instead of raising: the caller marks it failed, and no retry repeats the divergence.
 
     Args:
         spec: the run.
@@ -186,6 +190,7 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
         "n_train": len(fewshot.train), "n_val": len(fewshot.val), "n_test": len(splits.test),
         artifacts.N_CTX_EFFECTIVE_KEY: n_ctx_effective, artifacts.TEXT_SHARDING_USED_KEY: text_sharding,
         "fewshot_manifest": str(fewshot.manifest_path) if fewshot.manifest_path else None,
+        "skipped_images": dict(feats.skipped),  # undecodable images left out, per split
         "resumed_from_epoch": resume.epoch if resume is not None else None,
     }
     timing = {"time_model_s": t_model - t_start, "time_features_s": t_setup - t_model,
@@ -219,6 +224,7 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
                 artifacts.write_checkpoint(d, state, history, resolved)
                 if final:
                     _write_final_artifacts(d, spec, clip, splits, model, report)
+                artifacts.seal(d)
                 session.report(report, d)
             if log_epochs:
                 logger.info("%s", _format_epoch(metrics, epochs))
@@ -228,7 +234,19 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
         for hook in epoch_hooks:
             hook(int(metrics["epoch"]), rank)
 
-    train(model, feats.train, cfg, val=feats.val, dist=dist, on_epoch_end=on_epoch_end, resume=resume)
+    try:
+        train(model, feats.train, cfg, val=feats.val, dist=dist, on_epoch_end=on_epoch_end, resume=resume)
+    except NonFiniteLossError as err:  # every rank raises at the same step; each reports, so none is left waiting
+        last = int(history[-1]["epoch"]) if history else 0
+        report = {artifacts.FAILURE_KEY: str(err), "epoch": last}
+        if rank != 0:
+            session.report(report, None)
+            return
+        logger.error("%s", err)
+        with tempfile.TemporaryDirectory() as tmp:
+            artifacts.write_failure(Path(tmp), str(err), history, resolved)
+            artifacts.seal(Path(tmp))
+            session.report(report, Path(tmp))
 
 
 def _write_final_artifacts(d: Path, spec: RunSpec, clip: Any, splits: DatasetSplits, model: Any,

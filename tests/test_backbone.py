@@ -96,3 +96,45 @@ def test_local_checkpoint_file_is_loaded_exactly(tiny_vit_config, tmp_path):
     assert _same_weights(loaded.model, trained)
     assert not _same_weights(loaded.model, load_clip(tiny_vit_config, "none").model)
     assert not any(p.requires_grad for p in loaded.model.parameters())
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_with_one_line(tiny_vit_config, tiny_rn_config, tmp_path):
+    from coop_core.backbone import CheckpointMismatchError
+
+    rn = tmp_path / "tiny-rn.pt"
+    torch.save(load_clip(tiny_rn_config, "none").model.state_dict(), rn)
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_clip(tiny_vit_config, str(rn))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"checkpoint {rn} does not fit the architecture tiny-vit: ")
+    assert "weights missing (e.g. visual." in message and "pass the --backbone it was trained with" in message
+    # Same architecture, another width: named with both shapes.
+    vit = load_clip(tiny_vit_config, "none").model.state_dict()
+    vit["visual.proj"] = torch.zeros(64, 16)
+    torch.save(vit, tmp_path / "narrow.pt")
+    with pytest.raises(CheckpointMismatchError, match=r"1 of another shape \(e.g. visual.proj: \(64, 16\) in the "
+                                                      r"file, \(64, 32\) in tiny-vit\)"):
+        load_clip(tiny_vit_config, str(tmp_path / "narrow.pt"))
+
+
+def test_a_file_that_is_not_a_safe_checkpoint_is_refused_without_unpickling(tiny_vit_config, tmp_path):
+    import pickle
+
+    from coop_core.backbone import CheckpointMismatchError
+
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointMismatchError, match=r"cannot read checkpoint .*garbage.pt: not a safetensors or "
+                                                      r"PyTorch state-dict file"):
+        load_clip(tiny_vit_config, str(tmp_path / "garbage.pt"))
+    flag = tmp_path / "code-ran"
+
+    class Evil:  # unpickling this would run code: weights_only=True must refuse it
+        def __reduce__(self):
+            return (open, (str(flag), "w"))
+
+    with open(tmp_path / "evil.pt", "wb") as fh:
+        pickle.dump({"visual.proj": Evil()}, fh)
+    with pytest.raises(CheckpointMismatchError, match="refused"):
+        load_clip(tiny_vit_config, str(tmp_path / "evil.pt"))
+    assert not flag.exists()

@@ -36,7 +36,8 @@ def test_prompt_config_rejects_bad_values_and_says_what_is_allowed(kwargs, messa
     [
         ({"precision": "fp16"}, r"precision must be one of \('fp32', 'bf16', 'amp'\), got 'fp16'"),
         ({"feature_mode": "disk"}, r"feature_mode must be one of \('cached', 'exact'\), got 'disk'"),
-        ({"shots": 0}, r"shots must be >= 1, got 0"),
+        ({"shots": 0}, r"shots must be a positive integer or 'all' \(every training image\), got 0"),
+        ({"shots": "every"}, r"shots must be a positive integer or 'all'"),
         ({"epochs": 0}, r"epochs must be >= 1 or None"),
         ({"batch_size": 0}, r"batch_size must be >= 1"),
         ({"lr": 0.0}, r"lr must be > 0"),
@@ -75,7 +76,8 @@ def test_default_epochs_follow_coop_schedule_by_shots():
     assert default_epochs(3) == 100  # between keys: the next larger key
     assert default_epochs(12) == 200
     assert default_epochs(64) == 200  # beyond the table: 16-shot schedule
-    with pytest.raises(ValueError, match="shots must be >= 1"):
+    assert default_epochs("all") == 200  # every image: the 16-shot schedule
+    with pytest.raises(ValueError, match="shots must be a positive integer"):
         default_epochs(0)
 
 

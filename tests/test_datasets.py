@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -241,7 +242,10 @@ def test_eurosat_uses_split_file_when_present(tmp_path):
 
 def test_fallback_split_refuses_classes_too_small_to_split(tmp_path):
     make_image_folder(tmp_path / "eurosat" / "2750", {"Forest": 2})
-    with pytest.raises(ValueError, match="'Forest' has 2 images"):
+    with pytest.raises(ValueError, match="2750/Forest has 2 images: too few .*; add images"):
+        load_dataset("eurosat", tmp_path)
+    (tmp_path / "eurosat" / "2750" / "Empty").mkdir()  # an empty class folder
+    with pytest.raises(ValueError, match="2750/Empty has 0 images"):
         load_dataset("eurosat", tmp_path)
 
 
@@ -279,6 +283,32 @@ def test_read_coop_split_rejects_malformed_files(tmp_path, payload, message):
     path.write_text(payload)
     with pytest.raises(ValueError, match=message):
         read_coop_split(path)
+
+
+def test_split_entries_outside_the_image_folder_are_refused(tmp_path):
+    path = tmp_path / "split.json"
+    for bad in ("../../etc/passwd", "/etc/passwd", "cat/../../x.jpg"):
+        path.write_text(json.dumps({"train": [["a.jpg", 0, "cat"], [bad, 0, "cat"]], "val": [], "test": []}))
+        with pytest.raises(ValueError, match=r"train\[1\] names .*, outside the image folder: split paths are "
+                                             r"relative to it, with no '..'"):
+            read_coop_split(path)
+
+
+def test_a_class_without_training_images_is_refused(tmp_path):
+    splits = base.DatasetSplits("toy", tmp_path, ("cat", "dog"), "a {}.", (Item("a.jpg", 0, "cat"),), (),
+                                (Item("b.jpg", 1, "dog"),))
+    with pytest.raises(ValueError, match=r"1 class\(es\) of toy have no training images \(first: 'dog'\)"):
+        base.check_every_class_has_training_images(splits)
+    base.check_every_class_has_training_images(dataclasses.replace(splits, train=(*splits.train, splits.test[0])))
+
+
+def test_split_entries_naming_missing_images_are_refused(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    items = (Item("a.jpg", 0, "cat"), Item("gone.jpg", 0, "cat"))
+    splits = base.DatasetSplits("toy", tmp_path, ("cat",), "a {}.", items, (), ())
+    with pytest.raises(ValueError, match=r"1 of 2 images the run needs are not under .* \(first: 'gone.jpg'\)"):
+        base.check_images_exist(splits, items)
+    base.check_images_exist(splits, items[:1])
 
 
 def test_classnames_from_items_rejects_inconsistent_labels():

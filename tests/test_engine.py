@@ -278,3 +278,36 @@ def test_single_process_all_reduce_is_identity():
     SingleProcess().all_reduce_sum_(t)
     assert t.tolist() == [1.0, 2.0]
     assert (SingleProcess().rank, SingleProcess().world_size) == (0, 1)
+
+
+def test_a_non_finite_loss_stops_training_before_the_context_is_touched(tiny_clip, data):
+    from coop_core.engine import NonFiniteLossError
+
+    views = data.views.clone()
+    views[:, 7] = float("nan")  # one training item's features: its batch gives a NaN loss and gradient
+    poisoned = CachedViews(views, data.labels, seed=0)
+    cfg = TrainConfig(epochs=2, batch_size=5, lr=0.05, warmup_epochs=0)
+    first_step = next(i for i, b in enumerate(global_batches(N, 5, cfg.seed, 0)) if 7 in b.tolist())
+    model = _model(tiny_clip)
+    with pytest.raises(NonFiniteLossError, match=rf"training diverged: the loss gradient became nan at epoch 1, step "
+                                                 rf"{first_step + 1} \(lr 0.05\); lower the learning rate \(--lr\)"):
+        train(model, poisoned, cfg)
+    assert torch.isfinite(model.prompt_learner.ctx).all()  # raised before the step that would have written NaN
+
+    # Two workers: only one holds the poisoned item in its shard, both stop at the same step (neither waits forever).
+    group = ThreadGroup(2)
+    errors: list[BaseException] = []
+
+    def work(rank: int) -> None:
+        try:
+            train(_model(tiny_clip), poisoned, cfg, dist=group.rank(rank))
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [type(e).__name__ for e in errors] == ["NonFiniteLossError"] * 2
+    assert len({str(e) for e in errors}) == 1

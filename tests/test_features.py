@@ -262,13 +262,13 @@ def image_folder(tmp_path_factory) -> DatasetSplits:
 
 def test_prepare_features_computes_each_entry_once_and_reuses_it(tiny_clip, image_folder, tmp_path, monkeypatch):
     calls = []
-    real = pipeline.extract_features
+    real = pipeline.extract_readable
 
     def counting(*args, **kwargs):
         calls.append(len(args[1]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "extract_features", counting)
+    monkeypatch.setattr(pipeline, "extract_readable", counting)
     fewshot = build_few_shot(image_folder, 2, 1, None)
     cfg = TrainConfig(shots=2, n_views=3)
     first = pipeline.prepare_features(tiny_clip, image_folder, fewshot, cfg, cache_dir=tmp_path / "cache")
@@ -315,3 +315,37 @@ def test_prepare_features_reports_progress_in_images_computed_or_cached(tiny_cli
         assert {task for task, _, _ in seen} == {"features"} and {t for _, _, t in seen} == {30}  # 6 val+6 test+3x6
         done = [d for _, d, _ in seen]
         assert done == sorted(done) and done[-1] == 30 and done[0] < 30
+
+
+def test_unreadable_images_are_skipped_and_counted_non_rgb_ones_converted(tiny_clip, image_folder, tmp_path, caplog):
+    """A corrupt and a truncated image are left out (counted, also when read back from the cache); a greyscale and a
+    palette image are converted to RGB and used."""
+    import dataclasses
+    import logging
+    import shutil
+
+    root = tmp_path / "images"
+    shutil.copytree(image_folder.image_dir, root)
+    (root / "red_square" / "0.png").write_bytes(b"not an image")  # corrupt: a train image
+    whole = (root / "blue_circle" / "4.png").read_bytes()
+    (root / "blue_circle" / "4.png").write_bytes(whole[: len(whole) // 2])  # truncated: a test image
+    Image.open(root / "green_line" / "0.png").convert("L").save(root / "green_line" / "0.png")  # greyscale train
+    Image.open(root / "green_line" / "2.png").convert("P").save(root / "green_line" / "2.png")  # palette val
+    splits = dataclasses.replace(image_folder, image_dir=root)
+    fewshot = build_few_shot(splits, 2, 1, None)
+    cfg = TrainConfig(shots=2, n_views=2)
+    for _ in range(2):  # computed, then read back from the cache: the count is the same
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="coop_core.pipeline"):
+            feats = pipeline.prepare_features(tiny_clip, splits, fewshot, cfg, cache_dir=tmp_path / "cache")
+        assert feats.skipped == {"train": 1, "val": 0, "test": 1}
+        assert feats.train.views.shape[:2] == (2, 5) and feats.train.labels.tolist() == [0, 1, 1, 2, 2]
+        assert feats.test.features.shape[0] == 5 and feats.val.features.shape[0] == 6
+        assert "skipped 1 of 6 train images that cannot be decoded" in caplog.text and "red_square/0.png" in caplog.text
+        assert "skipped 1 of 6 test images" in caplog.text and "blue_circle/4.png" in caplog.text
+    exact = pipeline.prepare_features(tiny_clip, splits, fewshot, TrainConfig(shots=2, feature_mode="exact"),
+                                      cache_dir=None, with_test=False)
+    assert exact.skipped["train"] == 1 and exact.train.batch(torch.arange(5), epoch=0).shape == (5, 32)
+    (root / "red_square" / "1.png").write_bytes(b"")  # now both training images of the class are unreadable
+    with pytest.raises(ValueError, match="every training image of class 'red square' is unreadable"):
+        pipeline.prepare_features(tiny_clip, splits, fewshot, cfg, cache_dir=None, with_test=False)

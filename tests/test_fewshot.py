@@ -16,6 +16,7 @@ from coop_core.datasets import DatasetSplits, Item
 from coop_core.fewshot import FewShotSplits, build_few_shot, sample_few_shot
 
 N_PER_CLASS = {0: 30, 1: 25, 2: 20, 3: 3}  # class 3 is smaller than most K
+TRAIN_PER_CLASS = {0: 30, 1: 25, 2: 20, 3: 8}  # the toy dataset's train split: K up to 8 fits every class
 
 
 def make_items(prefix: str, n_per_class: dict[int, int] = N_PER_CLASS) -> list[Item]:
@@ -33,7 +34,7 @@ def splits(tmp_path) -> DatasetSplits:
         image_dir=tmp_path / "data" / "toy" / "images",
         classnames=tuple(f"class {label}" for label in N_PER_CLASS),
         template="a photo of a {}.",
-        train=tuple(make_items("train")),
+        train=tuple(make_items("train", TRAIN_PER_CLASS)),
         val=tuple(make_items("val", {0: 10, 1: 10, 2: 10, 3: 2})),
         test=tuple(make_items("test", {0: 5, 1: 5, 2: 5, 3: 5})),
     )
@@ -92,14 +93,31 @@ def test_sample_rejects_invalid_shots(shots):
         sample_few_shot(make_items("train"), shots, seed=1)
 
 
+def test_all_shots_takes_every_item_in_path_order():
+    items = make_items("train")
+    sampled = sample_few_shot(list(reversed(items)), "all", seed=1)
+    assert sampled == sorted(items, key=lambda it: (it.label, it.path))
+
+
 # --- build_few_shot -----------------------------------------------------------------------------------------------
+
+
+def test_more_shots_than_the_smallest_class_is_refused_unless_all(splits, tmp_path):
+    with pytest.raises(ValueError, match=r"shots 9 is more than the smallest class has: 'class 3' has 8 training "
+                                         r"images in toy; use shots <= 8, or shots 'all'"):
+        build_few_shot(splits, 9, seed=1, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()  # refused before anything was written
+    every = build_few_shot(splits, "all", seed=1, cache_dir=tmp_path / "cache")
+    assert per_class(every.train) == TRAIN_PER_CLASS and per_class(every.val) == {0: 4, 1: 4, 2: 4, 3: 2}
+    assert every.manifest_path.name.startswith("fewshot_toy_allshot_seed1_")
+    assert build_few_shot(splits, "all", seed=1, cache_dir=tmp_path / "cache") == every  # the manifest is reused
 
 
 def test_build_without_cache_dir_writes_nothing(splits, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = build_few_shot(splits, 16, seed=1, cache_dir=None)
+    result = build_few_shot(splits, 8, seed=1, cache_dir=None)
     assert result.manifest_path is None
-    assert result.train == tuple(sample_few_shot(splits.train, 16, 1))
+    assert result.train == tuple(sample_few_shot(splits.train, 8, 1))
     assert result.val == tuple(sample_few_shot(splits.val, 4, 1))
     assert list(tmp_path.iterdir()) == []
 
@@ -115,7 +133,8 @@ def test_build_writes_manifest_with_train_and_capped_val(splits, tmp_path, shots
     rows = table.to_pylist()
     expected = [("train", it) for it in result.train] + [("val", it) for it in result.val]
     assert rows == [{"split": s, "path": it.path, "label": it.label, "classname": it.classname} for s, it in expected]
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [result.manifest_path.name]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.suffix != ".lock") == [
+        result.manifest_path.name]
 
 
 def test_manifest_is_reused(splits, tmp_path, monkeypatch):
@@ -194,7 +213,8 @@ def test_concurrent_builders_leave_one_valid_manifest(splits, tmp_path):
     expected = build_few_shot(splits, 8, seed=7, cache_dir=None)
     assert all(result == results[0] for result in results)
     assert results[0][1] == [it.path for it in expected.train]
-    assert sorted(p.name for p in cache.iterdir()) == [results[0][0].name]  # no temp files left behind
+    # no temp files left behind (the builders' lock file stays)
+    assert sorted(p.name for p in cache.iterdir() if p.suffix != ".lock") == [results[0][0].name]
     reread = fewshot._read_manifest(
         results[0][0], splits, 8, fewshot._metadata(splits, 8, 7, fewshot.source_hash(splits))
     )

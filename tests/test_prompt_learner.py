@@ -178,7 +178,8 @@ def test_too_long_prompt_raises_with_the_token_budget(tiny_clip):
     assert name_tokens == 1
     fits = 77 - 3 - name_tokens  # SOS + context + name + "." + EOS == 77
     assert _learner(tiny_clip, ["forest"], n_ctx=fits)().shape[1] == 77
-    with pytest.raises(ValueError, match=r"'forest' needs 78 tokens, more than the text context length 77"):
+    with pytest.raises(ValueError, match=r"77-token text context: n_ctx is 74, and class 'forest' takes 1 more \+ 3 "
+                                         r"\(start, '.', end\); use a context of at most 73 tokens"):
         _learner(tiny_clip, ["forest"], n_ctx=fits + 1)
 
 
@@ -192,3 +193,22 @@ def test_invalid_arguments(tiny_clip):
 def test_classnames_are_cleaned(tiny_clip):
     assert _learner(tiny_clip, n_ctx=2).classnames == ["forest", "sea lake", "annual crop land", "highway"]
     assert clean_classname(" sea_lake ") == "sea lake"
+
+
+def test_prompts_that_cannot_fit_the_text_context_are_refused_with_the_numbers(tiny_clip):
+    from coop_core.prompt_learner import check_prompt_fits
+
+    seq = tiny_clip.tokenizer(["x"]).shape[1]
+    # "annual crop land" is 3 tokens: start + context + 3 + "." + end must fit, so the context may take seq - 6.
+    assert check_prompt_fits(tiny_clip.tokenizer, CLASSNAMES, seq - 6) == seq - 6
+    with pytest.raises(ValueError, match=rf"n_ctx is {seq - 5}, and class 'annual crop land' takes 3 more \+ 3 "
+                                         rf"\(start, '.', end\); use a context of at most {seq - 6} tokens "
+                                         r"\(--n-ctx\)"):
+        _learner(tiny_clip, n_ctx=seq - 5)
+    long_init = " ".join(["photo"] * 100)  # 100 tokens: open_clip would silently cut it at the context length
+    with pytest.raises(ValueError, match=r"ctx_init 'photo photo .*' is 100 tokens.*\(a shorter --ctx-init\)"):
+        _learner(tiny_clip, ctx_init=long_init)
+    with pytest.raises(ValueError, match=r"class name 'land land .*' is 80 tokens, too long for the text context"):
+        check_prompt_fits(tiny_clip.tokenizer, ["forest", " ".join(["land"] * 80)], 4)
+    with pytest.raises(ValueError, match=r"class name '' tokenizes to no tokens"):
+        check_prompt_fits(tiny_clip.tokenizer, ["forest", "__"], 4)

@@ -82,3 +82,42 @@ def test_overwriting_replaces_the_file_atomically(tmp_path):
     save_prompts(path, torch.ones(4, 8), _meta())
     assert torch.equal(load_prompts(path)[0], torch.ones(4, 8))
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_changed_file_fails_its_sha256_and_is_refused_with_one_line(tmp_path):
+    from coop_core.prompts_io import PromptFileError
+
+    path = save_prompts(tmp_path / "p.safetensors", torch.randn(4, 8), _meta())
+    original = path.read_bytes()
+    data = bytearray(original)
+    data[-5] ^= 0x40  # one bit of one context value
+    path.write_bytes(bytes(data))
+    with pytest.raises(PromptFileError, match=r"fails its sha256 check: its context or metadata changed") as info:
+        load_prompts(path)
+    assert "\n" not in str(info.value)
+    # A rewritten header (other class names) with the old digest is refused too.
+    path.write_bytes(original)
+    with safe_open(str(path), framework="pt") as f:
+        header, ctx = f.metadata(), f.get_tensor("ctx")
+    save_file({"ctx": ctx}, str(path), metadata=header | {"classnames": json.dumps(["a", "b", "c"])})
+    with pytest.raises(PromptFileError, match="fails its sha256 check"):
+        load_prompts(path)
+    save_file({"ctx": ctx}, str(path), metadata={k: v for k, v in header.items() if k != "sha256"})
+    with pytest.raises(PromptFileError, match="fails its sha256 check"):  # no digest at all
+        load_prompts(path)
+    path.write_bytes(b"\x00" * 64)
+    with pytest.raises(PromptFileError, match="not a valid safetensors file"):
+        load_prompts(path)
+
+
+def test_prompts_are_refused_by_a_model_of_other_classes_or_shape(tmp_path):
+    from coop_core.prompts_io import PromptFileError, check_prompts_fit
+
+    ctx, meta = load_prompts(save_prompts(tmp_path / "p.safetensors", torch.randn(4, 8), _meta()))
+    check_prompts_fit(ctx, meta, ["Annual_Crop_Land", "Forest", "Sea or Lake"], (4, 8))  # names as the model cleans
+    with pytest.raises(PromptFileError, match=r"same classes in another order \(labels would be swapped\)"):
+        check_prompts_fit(ctx, meta, ["Forest", "Annual Crop Land", "Sea or Lake"], (4, 8))
+    with pytest.raises(PromptFileError, match=r"3 classes vs the model's 2; only in the file: \['Sea or Lake'\]"):
+        check_prompts_fit(ctx, meta, ["Annual Crop Land", "Forest"], (4, 8))
+    with pytest.raises(PromptFileError, match=r"context \(4, 8\) does not fit the model's \(4, 16\)"):
+        check_prompts_fit(ctx, meta, CLASSNAMES, (4, 16))

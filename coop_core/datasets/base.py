@@ -266,25 +266,32 @@ def read_coop_split(path: Path) -> tuple[list[Item], list[Item], list[Item]]:
         ValueError: If the file is not valid JSON of that shape.
     """
     path = Path(path)
+    fix = f"replace it with CoOp's split file ({COOP_DATASETS_URL})"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); {fix}") from None
     if not isinstance(data, Mapping) or any(split not in data for split in SPLIT_NAMES):
-        raise ValueError(f"{path} must be a JSON object with keys {SPLIT_NAMES}")
+        raise ValueError(f"{path} must be a JSON object with keys {SPLIT_NAMES}; {fix}")
     splits: list[list[Item]] = []
     for split in SPLIT_NAMES:
         items = []
+        if not isinstance(data[split], list):
+            raise ValueError(f"{path}: {split!r} must be a list of [relpath, label, classname]; {fix}")
         for i, entry in enumerate(data[split]):
             if not isinstance(entry, Sequence) or isinstance(entry, str) or len(entry) != 3:
-                raise ValueError(f"{path}: {split}[{i}] must be [relpath, label, classname], got {entry!r}")
+                raise ValueError(f"{path}: {split}[{i}] must be [relpath, label, classname], got {entry!r}; {fix}")
             relpath, label, classname = entry
             if not isinstance(relpath, str) or not isinstance(classname, str):
-                raise ValueError(f"{path}: {split}[{i}] must be [relpath, label, classname], got {entry!r}")
+                raise ValueError(f"{path}: {split}[{i}] must be [relpath, label, classname], got {entry!r}; {fix}")
+            posix = PurePosixPath(_normalise_path(relpath))
+            if posix.is_absolute() or ".." in posix.parts:
+                raise ValueError(f"{path}: {split}[{i}] names {relpath!r}, outside the image folder: split paths are "
+                                 f"relative to it, with no '..' and no leading '/'; fix the entry or {fix}")
             try:
                 items.append(Item(_normalise_path(relpath), label, readable_classname(classname)))
             except ValueError as err:
-                raise ValueError(f"{path}: {split}[{i}]: {err}") from err
+                raise ValueError(f"{path}: {split}[{i}]: {err}; {fix}") from None
         splits.append(items)
     train, val, test = splits
     return train, val, test
@@ -311,6 +318,41 @@ def classnames_from_items(*splits: Sequence[Item]) -> tuple[str, ...]:
     if len(set(table)) != len(table):
         raise ValueError("two labels share a class name")
     return table
+
+
+def check_every_class_has_training_images(splits: DatasetSplits) -> None:
+    """Refuse a dataset with a class that has no training images (CoOp could never learn to name it).
+
+    Raises:
+        ValueError: naming the class and the fix.
+    """
+    present = {item.label for item in splits.train}
+    empty = [name for label, name in enumerate(splits.classnames) if label not in present]
+    if empty:
+        raise ValueError(
+            f"{len(empty)} class(es) of {splits.name} have no training images (first: {empty[0]!r}): every class "
+            f"needs at least one; add its images to the train split (or remove the class from the split file)"
+        )
+
+
+def missing_images(image_dir: Path, items: Sequence[Item]) -> list[Item]:
+    """The items whose image file does not exist under ``image_dir`` (one ``stat`` each, no decoding)."""
+    return [item for item in items if not (image_dir / item.path).is_file()]
+
+
+def check_images_exist(splits: DatasetSplits, items: Sequence[Item]) -> None:
+    """Refuse a run whose split names image files that are not there (a split file for another copy of the data).
+
+    Raises:
+        ValueError: how many are missing, the first one, and the fix.
+    """
+    missing = missing_images(splits.image_dir, items)
+    if missing:
+        raise ValueError(
+            f"{len(missing)} of {len(items)} images the run needs are not under {splits.image_dir} (first: "
+            f"{missing[0].path!r}): the split file does not match the images there; check --data-root, or use the "
+            f"split file that came with these images"
+        )
 
 
 def list_images(directory: Path) -> list[str]:
@@ -362,7 +404,8 @@ def split_image_folder(
         n_train = round(len(images) * p_train)
         n_val = round(len(images) * p_val)
         if n_train < 1 or n_val < 1 or len(images) - n_train - n_val < 1:
-            raise ValueError(f"class folder {folder!r} has {len(images)} images: too few to split into train/val/test")
+            raise ValueError(f"class folder {image_dir / folder} has {len(images)} images: too few to split into "
+                             "train/val/test; add images (3 or more) or remove the folder")
         name = new_classnames[folder] if new_classnames and folder in new_classnames else readable_classname(folder)
         train += [Item(p, label, name) for p in images[:n_train]]
         val += [Item(p, label, name) for p in images[n_train : n_train + n_val]]
@@ -391,11 +434,46 @@ def make_splits(
     )
 
 
+# What PIL raises for a file that is not a decodable image: unknown format (UnidentifiedImageError is an OSError),
+# truncated data ("image file is truncated"), broken headers (SyntaxError, ValueError), decompression bombs.
+UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class UnreadableImageError(ValueError):
+    """An image file that cannot be decoded (corrupt, truncated or not an image)."""
+
+
+def read_rgb(path: Path) -> Image.Image:
+    """The image at ``path``, fully decoded and converted to RGB (greyscale, palette, RGBA, CMYK, 16-bit all convert).
+
+    Raises:
+        UnreadableImageError: the file is corrupt, truncated or not an image.
+    """
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # decodes every pixel: a truncated file fails here, not later
+    except UNREADABLE_IMAGE_ERRORS as err:
+        raise UnreadableImageError(f"cannot decode image {path}: {err}") from None
+
+
+def unreadable_images(image_dir: Path, items: Sequence[Item]) -> list[Item]:
+    """The items whose image cannot be decoded (each image is decoded once)."""
+    bad = []
+    for item in items:
+        try:
+            read_rgb(Path(image_dir) / item.path)
+        except UnreadableImageError:
+            bad.append(item)
+    return bad
+
+
 class ImageListDataset(torch.utils.data.Dataset):
-    """Images of a list of :class:`Item`, read from ``image_dir``.
+    """Images of a list of :class:`Item`, read from ``image_dir`` and converted to RGB.
 
     ``dataset[i]`` is ``(transform(RGB PIL image), label, i)``; the index lets feature caches map outputs back to
-    items. Without a transform the PIL image itself is returned.
+    items. Without a transform the PIL image itself is returned. An image that cannot be decoded raises
+    :class:`UnreadableImageError`, or, with ``skip_unreadable``, gives ``(None, label, i)`` (feature extraction
+    leaves it out and counts it).
     """
 
     def __init__(
@@ -403,16 +481,22 @@ class ImageListDataset(torch.utils.data.Dataset):
         image_dir: str | Path,
         items: Sequence[Item],
         transform: Callable[[Image.Image], Any] | None = None,
+        skip_unreadable: bool = False,
     ) -> None:
         self.image_dir = Path(image_dir)
         self.items = tuple(items)
         self.transform = transform
+        self.skip_unreadable = skip_unreadable
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[Any, int, int]:
         item = self.items[index]
-        with Image.open(self.image_dir / item.path) as image:
-            rgb = image.convert("RGB")
+        try:
+            rgb = read_rgb(self.image_dir / item.path)
+        except UnreadableImageError:
+            if not self.skip_unreadable:
+                raise
+            return None, item.label, index
         return (self.transform(rgb) if self.transform is not None else rgb), item.label, index

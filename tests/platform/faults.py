@@ -29,6 +29,7 @@ class FailOnce:
     rank: int
     flag_file: str
     kill: bool = False  # SIGKILL the process instead of raising
+    delay_s: float = 0.0  # wait this long first, e.g. until Ray Train's controller has taken the epoch's report
 
     def __call__(self, epoch: int, rank: int) -> None:
         if epoch != self.epoch or rank != self.rank:
@@ -40,6 +41,10 @@ class FailOnce:
             return
         with os.fdopen(fd, "w") as fh:
             fh.write(f"failed at epoch {epoch} on rank {rank} (pid {os.getpid()})\n")
+        if self.delay_s:
+            import time
+
+            time.sleep(self.delay_s)
         if self.kill:
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected failure at epoch {epoch} on rank {rank} (test fault injection)")
@@ -55,6 +60,27 @@ class Pause:
         import time
 
         time.sleep(self.seconds)
+
+
+@dataclass(frozen=True)
+class KillGroupAfter:
+    """SIGKILL the process group ``pgid`` (e.g. a tracking server) at the ``calls``-th epoch end of the whole sweep.
+
+    Epoch ends are counted in ``counter_file`` (one line each, across trials and processes), so "during the second
+    trial" is ``calls = epochs + 1`` when trials run one at a time.
+    """
+
+    calls: int
+    pgid: int
+    counter_file: str
+
+    def __call__(self, epoch: int, rank: int) -> None:
+        with open(self.counter_file, "a+") as fh:
+            fh.write(f"{epoch}\n")
+            fh.seek(0)
+            n = len(fh.read().splitlines())
+        if n == self.calls:
+            os.killpg(self.pgid, signal.SIGKILL)
 
 
 def tune_main_with_hooks() -> None:

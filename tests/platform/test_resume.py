@@ -1,7 +1,10 @@
-"""``--resume``: a sweep whose driver is SIGKILLed after its first finished trial completes without re-running it.
+"""``--resume``: a sweep whose driver is SIGKILLed, or interrupted with Ctrl-C (SIGINT), after its first finished
+trial completes without re-running any trial, leaves no MLflow run RUNNING and registers exactly one version.
 
-The CLI runs in a subprocess with its own local Ray (the kill takes the whole process group: driver, Ray and its
-workers). Finished trials are read from Tune's experiment state, the file ``--resume`` restores from.
+The CLI runs in a subprocess with its own local Ray. SIGKILL takes the whole process group (driver, Ray and its
+workers: no clean shutdown at all); SIGINT goes to the group as a terminal's Ctrl-C does, and the driver ends the sweep
+itself (exit 130, unfinished runs KILLED). Finished trials are read from Tune's experiment state, the file
+``--resume`` restores from.
 """
 
 from __future__ import annotations
@@ -43,9 +46,17 @@ def _result_rows(sweep_dir: Path, logdir: str) -> str:
     return (sweep_dir / logdir / "result.json").read_text()
 
 
-@pytest.mark.parametrize("runner", ["in-process", "ray-train"])
+def _epochs_reported(sweep_dir: Path, logdir: str) -> list[int]:
+    rows = [json.loads(line) for line in _result_rows(sweep_dir, logdir).splitlines() if line.strip()]
+    return [int(row["epoch"]) for row in rows if "epoch" in row]
+
+
+@pytest.mark.parametrize(("runner", "sig"), [("in-process", signal.SIGKILL), ("ray-train", signal.SIGKILL),
+                                             ("in-process", signal.SIGINT)], ids=["in-process-SIGKILL",
+                                                                                  "ray-train-SIGKILL",
+                                                                                  "in-process-SIGINT"])
 def test_resume_finishes_an_interrupted_sweep_without_rerunning_finished_trials(
-    runner, small_eurosat_root, feature_cache, tiny_vit_config, tmp_path
+    runner, sig, small_eurosat_root, feature_cache, tiny_vit_config, tmp_path
 ):
     from mlflow.tracking import MlflowClient
 
@@ -77,15 +88,31 @@ def test_resume_finishes_an_interrupted_sweep_without_rerunning_finished_trials(
             time.sleep(0.2)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray cluster and every worker: no clean shutdown
-        proc.wait(timeout=60)
+            # SIGKILL: the driver, its Ray cluster and every worker, no clean shutdown. SIGINT: Ctrl-C.
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
         log.close()
     first_log = (tmp_path / "first.log").read_text()
     assert finished, f"no trial finished before the deadline (rc {proc.returncode}):\n{first_log[-3000:]}"
-    assert proc.returncode == -signal.SIGKILL, "the sweep ended by itself: nothing was interrupted"
+    expected_rc = -signal.SIGKILL if sig == signal.SIGKILL else 130
+    assert proc.returncode == expected_rc, f"rc {proc.returncode}, not interrupted as sent:\n{first_log[-3000:]}"
     assert len(finished) < NUM_SAMPLES
     rows_before = {tid: _result_rows(sweep_dir, s["logdir"]) for tid, s in finished.items()}
     parent_run_id = json.loads((sweep_dir / "coop_sweep.json").read_text())["parent_run_id"]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if sig == signal.SIGINT:  # the interrupted driver closed every run itself: KILLED, or FINISHED for done trials
+        assert "Finish the sweep with: python -m platform.tune --dataset eurosat --resume" in first_log
+        parent = client.get_run(parent_run_id)
+        assert parent.info.status == "KILLED"
+        runs = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+        assert runs and "RUNNING" not in {r.info.status for r in runs}
+        assert {r.data.tags["coop.trial_id"] for r in runs if r.info.status == "FINISHED"} >= set(finished)
+        assert client.search_model_versions("name = 'coop-eurosat'") == []  # nothing registered mid-sweep
 
     resumed = subprocess.run([sys.executable, "-m", "platform.tune", *args, "--resume"], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=600)
@@ -100,15 +127,23 @@ def test_resume_finishes_an_interrupted_sweep_without_rerunning_finished_trials(
     assert len(states) == NUM_SAMPLES and {s["status"] for s in states.values()} == {"TERMINATED"}
     for tid, rows in rows_before.items():
         assert _result_rows(sweep_dir, states[tid]["logdir"]) == rows, f"finished trial {tid} was run again"
+    for tid, s in states.items():  # an interrupted trial continued from its checkpoint: no epoch reported twice
+        epochs = _epochs_reported(sweep_dir, s["logdir"])  # (empty for a DDP trial whose run ended before the kill)
+        assert epochs == sorted(set(epochs)) and all(1 <= e <= EPOCHS for e in epochs), (tid, epochs)
 
-    client = MlflowClient(tracking_uri=uri)
+    # The registry: one version for the sweep, the champion rule applied to it once.
+    versions = client.search_model_versions("name = 'coop-eurosat'")
+    assert [int(v.version) for v in versions] == [1] and versions[0].tags["champion_rule_applied"] == "true"
+    assert versions[0].tags["sweep_run_id"] == parent_run_id
+    assert int(client.get_model_version_by_alias("coop-eurosat", "champion").version) == 1
+
     parent = client.get_run(parent_run_id)
     assert parent.info.status == "FINISHED"
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
     assert sorted(c.data.tags["coop.trial_id"] for c in children) == sorted(states)  # one run per trial, no extras
     for child in children:
-        assert child.info.status == "FINISHED"
+        assert child.info.status == "FINISHED"  # none left RUNNING or KILLED
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
         assert sorted(steps) == list(range(1, len(steps) + 1)) and steps  # every epoch once
         if child.data.tags["coop.trial_id"] in finished:

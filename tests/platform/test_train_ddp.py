@@ -1,8 +1,9 @@
 """Ray Train DDP: two workers take the one-process steps, a lost worker resumes from the last checkpoint, and the CLI
 tracks the whole run in MLflow. Real EuroSAT images (a small slice), the tiny ViT backbone, cached features, gloo.
 
-One CLI run (2 workers, rank 1 killed once after epoch 2) is compared with the same run done by ``coop_core`` in this
-process without Ray; Ray Train worker start-up (~30 s per worker group on 2 cores) makes more runs too slow."""
+One CLI run (2 workers, rank 1's process SIGKILLed once after epoch 2) is compared with the same run done by
+``coop_core`` in this process without Ray; Ray Train worker start-up (~30 s per worker group on 2 cores) makes more runs
+too slow."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import dataclasses
 import functools
 import io
 import json
+import os
 import time
 from pathlib import Path
 from platform import tracking
@@ -54,7 +56,8 @@ def _cli_argv(root: Path, cache: Path, backbone: str, num_workers: int) -> list[
 
 @pytest.fixture(scope="module")
 def cli_run(ray_session, small_eurosat_root, feature_cache, tiny_vit_config, tmp_path_factory) -> dict:
-    """``python -m platform.train ... --num-workers 2 --json``, in-process, where rank 1 dies once after epoch 2.
+    """``python -m platform.train ... --num-workers 2 --json``, in-process, where rank 1's worker process is SIGKILLed
+    once after epoch 2 (a lost machine, an OOM kill: no Python exception, no clean shutdown).
 
     Ray Train worker start-up costs ~30 s per group on 2 cores, so this one run serves every Ray test: DDP
     equivalence, fault recovery and MLflow tracking of a run that survived a lost worker.
@@ -65,7 +68,9 @@ def cli_run(ray_session, small_eurosat_root, feature_cache, tiny_vit_config, tmp
     argv = [*_cli_argv(small_eurosat_root, feature_cache, tiny_vit_config, 2), "--storage-path",
             str(tmp / "ray_results"), "--tracking-uri", uri, "--max-failures", "1", "--json"]
     faults.picklable()
-    fail_once = faults.FailOnce(epoch=2, rank=1, flag_file=str(flag))
+    # Ray Train's controller collects the workers' reports every 2 s; epochs here take milliseconds. Rank 1 waits 8 s
+    # before dying (rank 0 waits for it at the next all-reduce), so epoch 2's checkpoint is registered first.
+    fail_once = faults.FailOnce(epoch=2, rank=1, flag_file=str(flag), kill=True, delay_s=8.0)
     out = io.StringIO()
     t0 = time.perf_counter()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
@@ -186,7 +191,11 @@ def test_two_workers_take_the_one_process_steps(cli_run, reference):
 def test_lost_worker_resumes_from_the_last_checkpoint(cli_run, reference):
     from mlflow.tracking import MlflowClient
 
-    assert cli_run["flag"].read_text().startswith("failed at epoch 2 on rank 1")  # the failure really happened
+    note = cli_run["flag"].read_text()
+    assert note.startswith("failed at epoch 2 on rank 1")  # the failure really happened ...
+    pid = int(note.rsplit("pid ", 1)[1].rstrip(")\n"))
+    with pytest.raises(ProcessLookupError):  # ... to a worker process that is gone (SIGKILL)
+        os.kill(pid, 0)
     assert cli_run["config"]["resumed_from_epoch"] == 2  # the new worker group started from epoch 2's checkpoint
     assert [row["epoch"] for row in cli_run["history"]] == [1, 2, 3]  # no epoch lost or repeated
     torch.testing.assert_close(cli_run["ctx"], reference["ctx"], atol=ATOL, rtol=0)  # as if nothing had failed
@@ -205,7 +214,7 @@ def test_cli_json_and_mlflow_run(cli_run, small_eurosat_root, feature_cache, tin
     assert summary["val_acc"] == pytest.approx(cli_run["metrics"]["val_acc"])
     assert "test (zero-shot)" in "\n".join(cli_run["lines"][:-1])  # the human table comes before the JSON line
     assert summary["experiment"] == "coop-eurosat" and summary["num_workers"] == 2 and not summary["use_gpu"]
-    assert summary["ui_command"] == f"mlflow ui --backend-store-uri {cli_run['uri']}"
+    assert summary["ui_command"] == f"mlflow ui --host 127.0.0.1 --backend-store-uri {cli_run['uri']}"
     # The flags resolved to exactly the spec the other tests train.
     expected = _spec(small_eurosat_root, feature_cache, tiny_vit_config, 2).resolved_config()
     config = cli_run["config"]
@@ -272,7 +281,8 @@ def test_cli_offline_weights_fail_fast_with_one_line(tmp_path, small_eurosat_roo
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", hub.HF_HUB_OFFLINE)  # restored afterwards
     t0 = time.perf_counter()
     rc = main(["--dataset", "eurosat", "--data-root", str(small_eurosat_root), "--backbone", "RN50",
-               "--pretrained", "openai", "--cache-dir", str(tmp_path / "cache")])
+               "--pretrained", "openai", "--shots", "2", "--cache-dir", str(tmp_path / "cache"),
+               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage-path", str(tmp_path / "ray")])
     err = capsys.readouterr().err
     assert rc == 2
     assert time.perf_counter() - t0 < 15  # not huggingface_hub's minute of retries

@@ -1,0 +1,326 @@
+"""Every bad input of the README's "Bad input" table: exit status 2, one ``error:`` line that names the problem and
+the fix, no traceback, refused in seconds and before Ray starts (the few that are not errors -- a missing split file,
+``--shots all`` -- are shown to pass the same checks).
+
+The CLIs run in this process (``main(argv)``); ``refused`` times each refusal. Inputs are a small real-EuroSAT root
+(images symlinked, split files written per test) and the tiny ViT with random weights.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from platform import train, tune
+
+import pytest
+import torch
+
+REFUSE_WITHIN_S = 15.0  # the issue's bound for the slowest refusal (an unreachable tracking server)
+
+
+@pytest.fixture
+def base(tmp_path, small_eurosat_root, tiny_vit_config) -> list[str]:
+    """A valid ``platform.train`` command line: every test changes one thing."""
+    return ["--dataset", "eurosat", "--data-root", str(small_eurosat_root), "--backbone", tiny_vit_config,
+            "--pretrained", "none", "--shots", "2", "--epochs", "1", "--cache-dir", str(tmp_path / "cache"),
+            "--storage-path", str(tmp_path / "ray"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+
+
+def with_flag(argv: list[str], flag: str, value: str | None = None) -> list[str]:
+    """``argv`` with ``flag`` set to ``value`` (replaced when present, added otherwise)."""
+    out = list(argv)
+    if flag in out:
+        i = out.index(flag)
+        del out[i : i + 2]
+    return [*out, flag] if value is None else [*out, flag, value]
+
+
+def refused(capsys, argv: list[str], cli=train) -> tuple[str, float]:
+    """Run the CLI on ``argv``; assert it refused the input as the table promises; return the line and the time."""
+    import ray
+
+    was_running = ray.is_initialized()
+    t0 = time.perf_counter()
+    try:
+        rc = cli.main(argv)
+    except SystemExit as exited:  # argparse's usage errors
+        rc = exited.code
+    seconds = time.perf_counter() - t0
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err
+    assert seconds < REFUSE_WITHIN_S, seconds
+    assert ray.is_initialized() == was_running  # refused before Ray was started
+    return errors[0], seconds
+
+
+def data_root(tmp_path: Path, shared_data: Path, split: dict | str | None) -> Path:
+    """A data root with the real EuroSAT images and ``split`` as its split file (a dict, raw text, or none)."""
+    root = tmp_path / "data"
+    (root / "eurosat").mkdir(parents=True)
+    os.symlink(shared_data / "eurosat" / "2750", root / "eurosat" / "2750")
+    if split is not None:
+        text = split if isinstance(split, str) else json.dumps(split)
+        (root / "eurosat" / "split_zhou_EuroSAT.json").write_text(text)
+    return root
+
+
+@pytest.fixture
+def small_split(small_eurosat_root) -> dict:
+    return json.loads((small_eurosat_root / "eurosat" / "split_zhou_EuroSAT.json").read_text())
+
+
+# -- data --------------------------------------------------------------------------------------------------------------
+
+
+def test_unknown_dataset(capsys, base):
+    line, _ = refused(capsys, with_flag(base, "--dataset", "mnist"))
+    assert "invalid choice: 'mnist' (choose from 'caltech101'" in line and "--help" in line
+
+
+def test_data_root_missing(capsys, base, tmp_path):
+    line, _ = refused(capsys, with_flag(base, "--data-root", str(tmp_path / "nowhere")))
+    assert line.startswith(f"error: dataset 'eurosat' not found: {tmp_path / 'nowhere' / 'eurosat' / '2750'} does "
+                           "not exist")
+
+
+def test_split_file_missing_falls_back_with_a_warning(tmp_path, shared_data, base, caplog):
+    from platform.cli import check_inputs, spec_from_args
+
+    root = data_root(tmp_path, shared_data, None)
+    args = train.build_parser().parse_args(with_flag(base, "--data-root", str(root)))
+    with caplog.at_level(logging.WARNING, logger="coop_core.datasets.eurosat"):
+        splits = check_inputs(spec_from_args(args, use_gpu=False))
+    assert "split_zhou_EuroSAT.json not found: using a deterministic 50/20/30 per-class split" in caplog.text
+    assert len(splits.train) == 13_500 and len(splits.test) == 27_000 - 13_500 - 5_400
+
+
+def test_split_file_malformed(capsys, tmp_path, shared_data, base):
+    root = data_root(tmp_path, shared_data, '{"train": [["AnnualCrop/AnnualCrop_1.jpg", 0, "Annual')
+    line, _ = refused(capsys, with_flag(base, "--data-root", str(root)))
+    assert "split_zhou_EuroSAT.json is not valid JSON" in line and "replace it with CoOp's split file" in line
+
+
+def test_split_entry_outside_the_data_root(capsys, tmp_path, shared_data, base, small_split):
+    small_split["train"][3][0] = "../../../etc/passwd"
+    line, _ = refused(capsys, with_flag(base, "--data-root", str(data_root(tmp_path, shared_data, small_split))))
+    assert "train[3] names '../../../etc/passwd', outside the image folder" in line and "no '..'" in line
+
+
+def test_split_entry_naming_a_missing_image(capsys, tmp_path, shared_data, base, small_split):
+    small_split["test"][0][0] = "AnnualCrop/AnnualCrop_999999.jpg"
+    line, _ = refused(capsys, with_flag(base, "--data-root", str(data_root(tmp_path, shared_data, small_split))))
+    assert "1 of 100 images the run needs are not under" in line and "'AnnualCrop/AnnualCrop_999999.jpg'" in line
+
+
+def test_empty_class(capsys, tmp_path, shared_data, base, small_split):
+    small_split["train"] = [entry for entry in small_split["train"] if entry[1] != 4]  # Industrial: val/test only
+    line, _ = refused(capsys, with_flag(base, "--data-root", str(data_root(tmp_path, shared_data, small_split))))
+    assert "1 class(es) of eurosat have no training images (first: 'Industrial Buildings')" in line
+
+
+def test_class_name_that_tokenizes_to_nothing(capsys, tmp_path, shared_data, base, small_split):
+    for split in ("train", "val", "test"):
+        for entry in small_split[split]:
+            if entry[1] == 1:
+                entry[2] = "___"  # becomes "" once underscores are spaces
+    line, _ = refused(capsys, with_flag(base, "--data-root", str(data_root(tmp_path, shared_data, small_split))))
+    assert "Item.classname must be a non-empty string" in line and "train[" in line
+
+
+def test_class_name_that_overflows_the_context(capsys, tmp_path, shared_data, base, small_split):
+    long_name = " ".join(["forest"] * 80)
+    for split in ("train", "val", "test"):
+        for entry in small_split[split]:
+            if entry[1] == 1:
+                entry[2] = long_name
+    line, _ = refused(capsys, with_flag(base, "--data-root", str(data_root(tmp_path, shared_data, small_split))))
+    assert "is 80 tokens, too long for the text context of 77 tokens with any context; shorten it" in line
+
+
+def test_shots_larger_than_the_smallest_class(capsys, shared_data, base):
+    line, _ = refused(capsys, with_flag(with_flag(base, "--data-root", str(shared_data)), "--shots", "100000"))
+    assert "shots 100000 is more than the smallest class has: 'Pasture Land' has 1000 training images" in line
+    assert "--shots all" in line
+
+
+def test_shots_all_is_accepted_explicitly(base, tmp_path):
+    from platform.cli import check_inputs, spec_from_args
+
+    args = train.build_parser().parse_args(with_flag(base, "--shots", "all"))
+    splits = check_inputs(spec_from_args(args, use_gpu=False))
+    manifests = list((tmp_path / "cache").glob("fewshot_eurosat_allshot_*.parquet"))
+    assert len(manifests) == 1 and len(splits.train) == 80  # the few-shot split is every training image
+
+
+# -- prompt ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_ctx", ["0", "-3"])
+def test_n_ctx_not_positive(capsys, base, n_ctx):
+    line, _ = refused(capsys, with_flag(base, "--n-ctx", n_ctx))
+    assert f"n_ctx must be a positive integer, got {n_ctx}" in line
+
+
+def test_n_ctx_too_long_for_the_context(capsys, base):
+    line, _ = refused(capsys, with_flag(base, "--n-ctx", "75"))
+    assert "n_ctx must be <= 64 (the prompt must fit CLIP's 77-token context), got 75" in line
+
+
+def test_ctx_init_longer_than_the_context(capsys, base):
+    line, _ = refused(capsys, with_flag(base, "--ctx-init", " ".join(["satellite"] * 80)))
+    assert "ctx_init 'satellite satellite" in line and "is 80 tokens" in line and "a shorter --ctx-init" in line
+
+
+def test_unknown_class_token_position(capsys, base):
+    line, _ = refused(capsys, with_flag(base, "--class-token-position", "left"))
+    assert "invalid choice: 'left' (choose from 'end', 'middle', 'front')" in line
+
+
+def test_search_space_value_that_cannot_fit(capsys, base, tmp_path):
+    """A sweep checks every prompt its trials may build: here one grid value of ctx_init is too long."""
+    long_init = " ".join(["photo"] * 74)
+    argv = [*with_flag(base, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"), "--grid",
+            f"prompt.ctx_init=a photo of a,{long_init}"]
+    line, _ = refused(capsys, argv, cli=tune)
+    assert "ctx_init 'photo photo" in line and "is 74 tokens" in line
+
+
+# -- backbone and weights ----------------------------------------------------------------------------------------------
+
+
+def test_unknown_backbone(capsys, base):
+    line, _ = refused(capsys, with_flag(base, "--backbone", "ViT-X-99"))
+    assert "unknown open_clip architecture 'ViT-X-99'; use one of open_clip.list_models()" in line
+
+
+def test_missing_checkpoint_file(capsys, base, tmp_path):
+    line, _ = refused(capsys, with_flag(base, "--pretrained", str(tmp_path / "missing.pt")))
+    assert line == f"error: checkpoint file not found: {tmp_path / 'missing.pt'}"
+
+
+def test_checkpoint_of_the_wrong_architecture(capsys, base, tmp_path, tiny_rn_config):
+    from coop_core.backbone import load_clip
+
+    torch.save(load_clip(tiny_rn_config, "none").model.state_dict(), tmp_path / "rn.pt")
+    line, _ = refused(capsys, with_flag(base, "--pretrained", str(tmp_path / "rn.pt")))
+    assert "does not fit the architecture tiny-vit" in line and "pass the --backbone it was trained with" in line
+
+
+# -- sweep-only inputs -------------------------------------------------------------------------------------------------
+
+
+def test_search_space_override_naming_an_unknown_field(capsys, base):
+    line, _ = refused(capsys, [*base, "--fixed", "prompt.depth"], cli=tune)
+    assert "--fixed prompt.depth: not searched for eurosat; searched fields: prompt.n_ctx" in line
+    line, _ = refused(capsys, [*base, "--grid", "prompt.depth=2,4"], cli=tune)
+    assert "--grid 'prompt.depth=2,4': prompt has no field 'depth'" in line
+
+
+# -- tracking, folders -------------------------------------------------------------------------------------------------
+
+
+def test_tracking_server_unreachable(capsys, base):
+    line, seconds = refused(capsys, with_flag(base, "--tracking-uri", "http://127.0.0.1:9"))
+    assert line.startswith("error: MLflow tracking server http://127.0.0.1:9 is unreachable (")
+    assert "mlflow server --host 127.0.0.1" in line and seconds < 15
+
+
+class _Failing(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        self.send_response(503)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_tracking_server_answering_with_errors(capsys, base):
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Failing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_port}"
+        line, _ = refused(capsys, with_flag(base, "--tracking-uri", uri))
+    finally:
+        server.shutdown()
+    assert f"MLflow tracking server {uri} answers with errors (HTTP 503" in line
+
+
+def test_tracking_store_that_is_not_a_database(capsys, base, tmp_path):
+    (tmp_path / "notes.db").write_text("not sqlite")
+    line, _ = refused(capsys, with_flag(base, "--tracking-uri", f"sqlite:///{tmp_path / 'notes.db'}"))
+    assert "cannot be opened as an SQLite database (file is not a database)" in line
+
+
+@pytest.mark.parametrize("flag", ["--cache-dir", "--storage-path"])
+def test_unwritable_folder(capsys, base, tmp_path, flag):
+    (tmp_path / "a-file").write_text("")
+    line, _ = refused(capsys, with_flag(base, flag, str(tmp_path / "a-file" / "sub")))
+    assert f"cannot write to {flag} {tmp_path / 'a-file' / 'sub'} (Not a directory); pass a writable folder" in line
+    if os.geteuid() != 0:  # root writes anywhere: only a non-root run can test permissions
+        (tmp_path / "locked").mkdir(mode=0o500)
+        line, _ = refused(capsys, with_flag(base, flag, str(tmp_path / "locked")))
+        assert "(Permission denied)" in line
+
+
+# -- during training ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_nan_loss_fails_its_trial_with_the_reason_and_the_sweep_goes_on(ray_session, base, feature_cache, tmp_path,
+                                                                       capsys):
+    """lr 1e20 makes the context explode within the first epoch: that trial ends FAILED with the reason (no retry
+    repeats the divergence), the other trial finishes and is registered."""
+    import io
+    from contextlib import redirect_stdout
+
+    from mlflow.tracking import MlflowClient
+
+    argv = [*with_flag(with_flag(base, "--cache-dir", str(feature_cache)), "--epochs", "2"), "--batch-size", "8",
+            "--n-views", "1", "--max-test-items", "20", "--grid", "train.lr=0.002,1e20", "--warmup-epochs", "0",
+            "--sweep-name", "nan", "--json"]
+    out = io.StringIO()
+    with redirect_stdout(out):
+        rc = tune.main(argv)
+    lines = out.getvalue().strip().splitlines()
+    assert rc == 0, "\n".join(lines[-20:])
+    summary = json.loads(lines[-1])
+    assert summary["trials"] == 2 and summary["trials_errored"] == 1 and summary["trials_finished"] == 1
+    assert summary["best_config"]["train.lr"] == 0.002 and summary["registered_version"] == 1
+    assert "failed: training diverged: the loss gradient became nan at epoch 1" in out.getvalue()  # the report
+    client = MlflowClient(summary["tracking_uri"])
+    parent = client.get_run(summary["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
+    by_lr = {float(c.data.params["train.lr"]): c for c in children}
+    assert by_lr[1e20].info.status == "FAILED" and by_lr[0.002].info.status == "FINISHED"
+    assert by_lr[1e20].data.tags["coop.failure"].startswith("training diverged: the loss gradient became nan at "
+                                                            "epoch 1, step ")
+    assert "lower the learning rate (--lr)" in by_lr[1e20].data.tags["coop.failure"]
+    assert client.get_metric_history(by_lr[1e20].info.run_id, "val_acc") == []  # it never finished an epoch
+
+
+@pytest.mark.ray
+def test_nan_loss_ends_a_train_run_failed_with_one_line(ray_session, base, feature_cache, tmp_path, capsys):
+    """``platform.train`` (a Ray Train run) that diverges: exit 2, one error line with the reason, run FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    argv = [*with_flag(with_flag(base, "--cache-dir", str(feature_cache)), "--lr", "1e20"), "--batch-size", "8",
+            "--n-views", "1", "--max-test-items", "20", "--warmup-epochs", "0", "--max-failures", "2"]
+    rc = train.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    line = next(line for line in err.splitlines() if line.startswith("error: "))
+    assert line.startswith("error: training diverged: the loss gradient became nan at epoch 1, step ")
+    run_id = line.rsplit("MLflow run ", 1)[1].split()[0]
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["coop.failure"].startswith("training diverged")
+    assert err.count("training diverged") <= 3  # reported once, not retried max-failures times

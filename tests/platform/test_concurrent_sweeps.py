@@ -35,7 +35,8 @@ def test_two_sweeps_at_once_share_the_cache_and_the_store(small_eurosat_root, ti
                 "--backbone", tiny_vit_config, "--pretrained", "none", "--shots", "1", "--epochs", "1",
                 "--n-views", "2", "--batch-size", "8", "--max-test-items", "20", "--num-samples", "2",
                 "--max-concurrent", "1", "--search-seed", seed, "--cache-dir", str(cache),
-                "--storage-path", str(tmp_path / "ray"), "--tracking-uri", uri, "--sweep-name", name, "--json"]
+                "--storage-path", str(tmp_path / "ray"), "--tracking-uri", uri, "--sweep-name", name, "--json",
+                "--verbose"]  # the workers' "cached features ..." lines, counted below, are INFO
 
     procs = [subprocess.Popen(sweep(name, seed), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for name, seed in (("first", "1"), ("second", "2"))]

@@ -18,10 +18,10 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from servers import wait_until_up
 
 pytestmark = [pytest.mark.ray, pytest.mark.browser]
 
@@ -53,17 +53,7 @@ def tracking_server(tmp_path_factory):
         proc = subprocess.Popen(argv, cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(1)
+        wait_until_up(f"{url}/health", proc, log, what="mlflow server", timeout_s=120)
         yield url
     finally:
         os.killpg(proc.pid, 15)

@@ -25,6 +25,7 @@ from platform.tune import main
 import pytest
 import torch
 import torch.nn.functional as F
+from servers import wait_until_up
 
 pytestmark = pytest.mark.ray
 
@@ -320,8 +321,6 @@ def _post(url: str, payload: dict) -> tuple[int, dict]:
 def served_champion(sweeps, tmp_path_factory):
     """``mlflow models serve -m models:/coop-eurosat@champion`` on 127.0.0.1, started as the README says (the venv's
     bin/ on PATH, where ``uvicorn`` lives); stopped after the tests."""
-    import time
-    import urllib.request
     from platform.registry import serve_command
 
     port = _free_port()
@@ -334,18 +333,8 @@ def served_champion(sweeps, tmp_path_factory):
         proc = subprocess.Popen([os.path.join(bin_dir, argv[0]), *argv[1:]], cwd=log.parent, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
     try:
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, f"mlflow models serve exited: {log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"mlflow models serve did not answer: {log.read_text()[-3000:]}"
-            time.sleep(1)
+        wait_until_up(f"{url}/ping", proc, log, what="mlflow models serve", timeout_s=240)
         yield url
     finally:
         os.killpg(proc.pid, 15)

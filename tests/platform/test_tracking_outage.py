@@ -20,12 +20,12 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from platform import tune
 
 import faults
 import pytest
+from servers import wait_until_up
 
 pytestmark = pytest.mark.ray
 
@@ -46,17 +46,13 @@ def _start_server(store: Path, port: int) -> subprocess.Popen:
            str(store / "artifacts"), "--workers", "1"]
     log = open(store / f"server-{time.time():.0f}.log", "w")  # noqa: SIM115 (closed with the process)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, (store / log.name).read_text()[-2000:]
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                if response.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.5)
-    _stop(proc)
-    raise AssertionError("mlflow server did not start within 180 s")
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", proc, Path(log.name), what="mlflow server", timeout_s=180,
+                      interval_s=0.5)
+    except AssertionError:
+        _stop(proc)
+        raise
+    return proc
 
 
 def _stop(proc: subprocess.Popen) -> None:

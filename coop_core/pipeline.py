@@ -6,8 +6,9 @@ is what a single-process user or test calls.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from coop_core.features import (
 )
 from coop_core.fewshot import FewShotSplits
 from coop_core.model import CoOpModel
+from coop_core.transfer import transfer_context
 from coop_core.transforms import describe, test_transform, train_transform
 from coop_core.zeroshot import zeroshot_evaluate
 
@@ -97,6 +99,51 @@ def _report_skipped(split: str, items: tuple[Item, ...], kept: torch.Tensor, ima
     return n_skipped
 
 
+def _base_key(clip: LoadedClip, splits: DatasetSplits) -> dict:
+    return {"backbone": clip.model_name, "weights": weights_identity(clip.pretrained), "dataset": splits.name,
+            "image_dir": str(splits.image_dir)}
+
+
+def _evaluation_set(clip: LoadedClip, splits: DatasetSplits, split: str, items: tuple[Item, ...], *,
+                    cache: FeatureCache | None, device: torch.device, batch_size: int, loader_workers: int,
+                    counter: _ImageCounter) -> tuple[FeatureSet, int]:
+    """Test-transform features of ``items`` through the cache, and how many of them could not be decoded."""
+    test_tf = test_transform(clip.image_size, clip.mean, clip.std)
+    key = _base_key(clip, splits) | {"items": items_digest(items), "transform": describe(test_tf)}
+    feats, labels, kept = _feature_set(clip, items, splits.image_dir, test_tf, key=key, cache=cache, device=device,
+                                       batch_size=batch_size, loader_workers=loader_workers, counter=counter)
+    return FeatureSet(feats, labels), _report_skipped(split, items, kept, splits.image_dir)
+
+
+def evaluation_features(
+    clip: LoadedClip,
+    splits: DatasetSplits,
+    split: str = "test",
+    *,
+    cache_dir: str | Path | None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 128,
+    loader_workers: int = 0,
+    progress: Progress | None = None,
+) -> tuple[FeatureSet, int]:
+    """Features of one split of ``splits`` for evaluation (the test transform), through the same feature cache
+    entries as :func:`prepare_features`: what evaluating learned prompts on another dataset or split reads.
+
+    Returns:
+        The features and how many images were left out because they could not be decoded.
+
+    Raises:
+        ValueError: no image of the split can be decoded, or the split is empty.
+    """
+    items = splits.split(split)
+    if not items:
+        raise ValueError(f"the {split} split of {splits.name} is empty: nothing to evaluate on")
+    cache = FeatureCache(cache_dir) if cache_dir is not None else None
+    counter = _ImageCounter(progress, len(items))
+    return _evaluation_set(clip, splits, split, items, cache=cache, device=torch.device(device),
+                           batch_size=batch_size, loader_workers=loader_workers, counter=counter)
+
+
 def prepare_features(
     clip: LoadedClip,
     splits: DatasetSplits,
@@ -122,9 +169,7 @@ def prepare_features(
     """
     device = torch.device(device)
     cache = FeatureCache(cache_dir) if cache_dir is not None else None
-    base = {"backbone": clip.model_name, "weights": weights_identity(clip.pretrained), "dataset": splits.name,
-            "image_dir": str(splits.image_dir)}
-    test_tf = test_transform(clip.image_size, clip.mean, clip.std)
+    base = _base_key(clip, splits)
     train_tf = train_transform(clip.image_size, clip.mean, clip.std)
     n_train_views = 0 if cfg.feature_mode == "exact" else cfg.n_views * len(fewshot.train)
     counter = _ImageCounter(progress, len(fewshot.val) + (len(splits.test) if with_test else 0) + n_train_views)
@@ -133,10 +178,8 @@ def prepare_features(
     skipped: dict[str, int] = {}
 
     def eval_set(split: str, items: tuple[Item, ...]) -> FeatureSet:
-        key = base | {"items": items_digest(items), "transform": describe(test_tf)}
-        feats, labels, kept = _feature_set(clip, items, splits.image_dir, test_tf, key=key, **common)
-        skipped[split] = _report_skipped(split, items, kept, splits.image_dir)
-        return FeatureSet(feats, labels)
+        features, skipped[split] = _evaluation_set(clip, splits, split, items, **common)
+        return features
 
     val = eval_set("val", fewshot.val)
     test = eval_set("test", splits.test) if with_test else None
@@ -183,6 +226,24 @@ def build_model(clip: LoadedClip, classnames: tuple[str, ...] | list[str], promp
     g = torch.Generator().manual_seed(seed)
     return CoOpModel(clip.model, clip.tokenizer, classnames, prompt, truncate_text=truncate_text,
                      generator=g).to(device)
+
+
+def prompt_model(clip: LoadedClip, ctx: torch.Tensor, prompt: PromptConfig, source_classnames: Sequence[str],
+                 classnames: Sequence[str], device: str | torch.device = "cpu") -> CoOpModel:
+    """A CoOp model for ``classnames`` carrying a learned context (trained for ``source_classnames``).
+
+    A unified context serves any class list; a class-specific one is mapped to the target classes by name
+    (:func:`coop_core.transfer.transfer_context`, which refuses classes it has no vector for).
+
+    Raises:
+        PromptTransferError: a class-specific context and a class it was not trained on.
+    """
+    ctx = transfer_context(ctx, source_classnames, prompt.csc, classnames)
+    prompt = dataclasses.replace(prompt, n_ctx=ctx.shape[-2], ctx_init="")  # the learned vectors replace any init
+    model = build_model(clip, tuple(classnames), prompt, seed=0, device=device)
+    with torch.no_grad():
+        model.prompt_learner.ctx.copy_(ctx.to(model.prompt_learner.ctx.device))
+    return model
 
 
 @dataclass

@@ -47,6 +47,11 @@ ACCURACY_KEYS = (SELECTION_METRIC, TEST_METRIC, ZEROSHOT_TEST_METRIC)
 EPOCH_KEYS = ("epoch", "train_loss", "train_acc", "lr", "val_acc", "val_macro_f1", "epoch_time_s", "val_time_s")
 # Added to the last epoch's report (the test split is only measured, never used to choose).
 FINAL_KEYS = ("test_acc", "test_macro_f1", "zeroshot_test_acc", "zeroshot_test_macro_f1")
+# Added to the last epoch's report for each of the run's evaluation targets (RunSpec.eval_targets: another dataset, or
+# the other half of the classes): the learned prompts' and zero-shot CLIP's accuracy on the target's test split, under
+# target_key(label, key), e.g. "target/imagenet_sketch/test_acc", "target/eurosat.new/zeroshot_test_acc".
+TARGET_PREFIX = "target/"
+TARGET_KEYS = ("test_acc", "test_macro_f1", "zeroshot_test_acc", "zeroshot_test_macro_f1", "n_test")
 # Where a run's time went, measured inside the worker and reported (cumulative) with every epoch, in seconds:
 # loading CLIP, preparing the few-shot split and image features, the training steps, validation + test + zero-shot
 # evaluation, writing and reporting checkpoints, and the worker's whole time in the run.
@@ -69,7 +74,29 @@ WARM_HITS_KEY = "warm_cache_hits"  # how many of (model, data, features) came fr
 # A run that diverged (coop_core.engine.NonFiniteLossError) reports once more, with this key holding the reason and
 # "epoch" the last epoch it completed, and ends: the run is FAILED (a retry from its checkpoint would diverge again).
 FAILURE_KEY = "failure"
+EPOCHS_TOTAL_KEY = "epochs_total"  # the run's own number of epochs (a study's trials differ: CoOp's epochs by shots)
 NOT_LOGGED_KEYS = (ENTERED_AT_KEY, PROCESS_CREATED_AT_KEY, FAILURE_KEY)
+
+
+def target_key(label: str, key: str) -> str:
+    """The report key of ``key`` (one of :data:`TARGET_KEYS`) measured on the evaluation target ``label``."""
+    return f"{TARGET_PREFIX}{label}/{key}"
+
+
+def target_results(metrics: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """The evaluation targets' results in a report or MLflow metrics: ``{label: {key: value}}``."""
+    out: dict[str, dict[str, float]] = {}
+    for k, v in metrics.items():
+        if k.startswith(TARGET_PREFIX):
+            label, _, key = k[len(TARGET_PREFIX):].rpartition("/")
+            if label and key in TARGET_KEYS:
+                out.setdefault(label, {})[key] = v
+    return out
+
+
+def final_keys(metrics: Mapping[str, Any]) -> list[str]:
+    """The keys of a last-epoch report that are the run's final results: :data:`FINAL_KEYS` and the targets'."""
+    return [k for k in metrics if k in FINAL_KEYS or k.startswith(TARGET_PREFIX)]
 
 
 class CheckpointError(ValueError):

@@ -12,7 +12,15 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from platform.ray_runtime import resolve_use_gpu
-from platform.run_spec import PLACEMENT_STRATEGIES, RunSpec, default_cache_dir, default_data_root, load_splits
+from platform.run_spec import (
+    PLACEMENT_STRATEGIES,
+    DatasetRef,
+    RunSpec,
+    default_cache_dir,
+    default_data_root,
+    load_splits,
+    load_target_splits,
+)
 from typing import NoReturn
 
 import open_clip
@@ -28,7 +36,7 @@ from coop_core.config import (
     PromptConfig,
     TrainConfig,
 )
-from coop_core.datasets import DatasetSplits, list_datasets
+from coop_core.datasets import CLASS_SUBSETS, DEFAULT_TEMPLATE, DatasetSplits, folder_source, list_datasets
 from coop_core.datasets.base import check_every_class_has_training_images, check_images_exist
 from coop_core.fewshot import build_few_shot, check_shots_fit
 from coop_core.prompt_learner import check_prompt_fits
@@ -61,19 +69,48 @@ def _abspath_if_exists(value: str) -> str:
     return str(p.resolve()) if p.exists() else value
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The data, backbone, prompt, recipe and worker flags shared by ``platform.train`` and ``platform.tune``."""
+def add_run_arguments(parser: argparse.ArgumentParser, *, study: bool = False) -> None:
+    """The data, backbone, prompt, recipe and worker flags shared by ``platform.train``, ``platform.tune`` and
+    ``platform.study`` (``study=True``: ``--shots`` and ``--seeds`` take several values, the study's grid)."""
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", required=True, choices=list_datasets(), metavar="NAME",
-                      help=f"dataset registry key: {', '.join(list_datasets())}")
+    data.add_argument("--dataset", required=True, metavar="NAME|PATH",
+                      help=f"a dataset registry key ({', '.join(list_datasets())}) under --data-root, or a path to "
+                           "your own data: a folder with one sub-folder of images per class, or a CSV/Parquet "
+                           "manifest (columns path, class and/or label, optional split)")
     data.add_argument("--data-root", default=default_data_root(),
                       help="folder holding <dataset>/ as in CoOp's DATASETS.md, e.g. <root>/eurosat/2750 "
                            "(default: $COOP_DATA_ROOT or ./data); must exist at this path on every Ray node")
     data.add_argument("--download", action="store_true", help="download the dataset into --data-root if missing")
-    data.add_argument("--shots", type=parse_shots, default=16,
-                      help="training images per class (default: 16); more than the smallest class has is an error, "
-                           "'all' trains on every training image")
-    data.add_argument("--seed", type=int, default=1, help="few-shot sampling and initialisation seed (default: 1)")
+    if not study:  # a study's --protocol base2new chooses the classes itself
+        data.add_argument("--classes", default="all", choices=CLASS_SUBSETS,
+                          help="train and test on all classes, or on CoCoOp's base (the first half of the sorted "
+                               "labels) or new half (default: all)")
+    own = parser.add_argument_group("your own data (--dataset PATH)")
+    own.add_argument("--dataset-name", default=None,
+                     help="the dataset's name (default: the folder's or manifest's name, lowercased); the MLflow "
+                          "experiment and registered model are coop-<name>")
+    own.add_argument("--template", default=None,
+                     help=f"zero-shot prompt template with one {{}} for the class name (default: {DEFAULT_TEMPLATE!r})")
+    own.add_argument("--classnames-file", default=None,
+                     help="readable class names: a JSON object {folder: name} or '<folder> <name>' lines "
+                          "(default: the folder names, underscores as spaces)")
+    own.add_argument("--split-file", default=None,
+                     help="a CoOp-format split JSON ({train|val|test: [[relpath, label, classname], ...]}, paths "
+                          "relative to the folder); default: the manifest's split column, else a deterministic "
+                          "stratified 50/20/30 split written once under --cache-dir")
+    own.add_argument("--split-seed", type=int, default=1, help="seed of that split (default: 1)")
+    if study:
+        data.add_argument("--shots", type=parse_shots, nargs="+", default=[1, 2, 4, 8, 16],
+                          help="the shot counts to train (default: 1 2 4 8 16, CoOp's curve)")
+        data.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
+                          help="the seeds of every shot count: few-shot sampling and context initialisation "
+                               "(default: 1 2 3, as the paper averages)")
+    else:
+        data.add_argument("--shots", type=parse_shots, default=16,
+                          help="training images per class (default: 16); more than the smallest class has is an "
+                               "error, 'all' trains on every training image")
+        data.add_argument("--seed", type=int, default=1,
+                          help="few-shot sampling and initialisation seed (default: 1)")
     data.add_argument("--max-test-items", type=int, default=None,
                       help="evaluate on a class-balanced subset of this many test items (quick runs; default: all)")
     data.add_argument("--cache-dir", default=default_cache_dir(),
@@ -122,6 +159,39 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                               "SPREAD on different nodes where possible; STRICT_* fail rather than fall back")
 
 
+def dataset_ref(value: str, *, classes: str = "all", name: str | None = None, template: str | None = None,
+                classnames_file: str | None = None, split_file: str | None = None, split_seed: int = 1
+                ) -> DatasetRef:
+    """``--dataset`` as a :class:`DatasetRef`: a registry key, else a path to the user's folder or manifest.
+
+    Raises:
+        ValueError: neither a registry key nor an existing path, or an option that only a path takes.
+    """
+    own = {"--dataset-name": name, "--template": template, "--classnames-file": classnames_file,
+           "--split-file": split_file}
+    if value in list_datasets():
+        given = [flag for flag, v in own.items() if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to your own data (--dataset PATH), not to the built-in "
+                             f"dataset {value!r}")
+        return DatasetRef(value, classes=classes)
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise ValueError(f"dataset {value!r} is neither a built-in dataset ({', '.join(list_datasets())}) nor an "
+                         "existing folder or manifest file; pass a registry key, or the path to your images (a folder "
+                         "with one sub-folder per class, or a CSV/Parquet manifest)")
+    source = folder_source(path, name=name, template=template, classnames_file=classnames_file,
+                           split_file=split_file, split_seed=split_seed)
+    return DatasetRef(source.name, source, classes)
+
+
+def dataset_ref_from_args(args: argparse.Namespace, value: str | None = None) -> DatasetRef:
+    """:func:`dataset_ref` of ``value`` (default ``args.dataset``) with the data flags of ``args``."""
+    return dataset_ref(args.dataset if value is None else value, classes=getattr(args, "classes", "all"),
+                       name=args.dataset_name, template=args.template, classnames_file=args.classnames_file,
+                       split_file=args.split_file, split_seed=args.split_seed)
+
+
 def spec_from_args(args: argparse.Namespace, *, use_gpu: bool | None = None) -> RunSpec:
     """Build a :class:`RunSpec` from :func:`add_run_arguments` flags; paths are made absolute for the workers.
 
@@ -135,8 +205,11 @@ def spec_from_args(args: argparse.Namespace, *, use_gpu: bool | None = None) -> 
     """
     if use_gpu is None:
         use_gpu = resolve_use_gpu(args.use_gpu)
+    ref = dataset_ref_from_args(args)
     return RunSpec(
-        dataset=args.dataset,
+        dataset=ref.name,
+        source=ref.source,
+        classes=ref.classes,
         data_root=str(Path(args.data_root).expanduser().resolve()),
         model=ModelConfig(backbone=_abspath_if_exists(args.backbone), pretrained=_abspath_if_exists(args.pretrained)),
         prompt=PromptConfig(n_ctx=args.n_ctx, ctx_init=args.ctx_init, csc=args.csc,
@@ -231,7 +304,32 @@ def check_inputs(spec: RunSpec, prompts: Sequence[tuple[int, str]] | None = None
         load_clip(spec.model.backbone, spec.model.pretrained)  # downloads into the open_clip cache, or fails fast
     fewshot = build_few_shot(splits, spec.train.shots, spec.train.seed, spec.cache_dir)
     check_images_exist(splits, (*fewshot.train, *fewshot.val, *splits.test))
+    for target in spec.eval_targets:
+        check_target(spec, splits, target)
     return splits
+
+
+def check_target(spec: RunSpec, splits: DatasetSplits, target: DatasetRef) -> None:
+    """An evaluation target must load, have test images that exist, and (for a class-specific context) only
+    classes the context will have vectors for.
+
+    Raises:
+        ValueError: naming the target and the fix.
+    """
+    from coop_core.prompt_learner import clean_classname
+
+    tsplits = load_target_splits(spec, target)
+    if not tsplits.test:
+        raise ValueError(f"evaluation target {target.label} has no test images")
+    check_images_exist(tsplits, tsplits.test)
+    if spec.prompt.csc:
+        known = {clean_classname(c).lower() for c in splits.classnames}
+        missing = [c for c in tsplits.classnames if clean_classname(c).lower() not in known]
+        if missing:
+            raise ValueError(f"a class-specific context (--csc) cannot be evaluated on {target.label}: "
+                             f"{len(missing)} of its {len(tsplits.classnames)} classes are not among the training "
+                             f"classes (first: {missing[0]!r}); use a unified context (no --csc) to transfer to new "
+                             "classes")
 
 
 def add_infra_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from platform.artifacts import EPOCHS_TOTAL_KEY
 from typing import Any
 
 import ray
@@ -208,8 +209,9 @@ class TrialBar(Callback):
         self._refresh()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        last = int((trial.last_result or {}).get("epoch", 0))
-        self._end(trial.trial_id, "finished" if last >= self.epochs else "stopped")
+        result = trial.last_result or {}
+        epochs = int(result.get(EPOCHS_TOTAL_KEY, self.epochs))  # the trial's own (a study's differ by shots)
+        self._end(trial.trial_id, "finished" if int(result.get("epoch", 0)) >= epochs else "stopped")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial.trial_id, "errored")

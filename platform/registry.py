@@ -57,8 +57,13 @@ SERVING_PACKAGES = ("mlflow", "torch", "torchvision", "open_clip_torch", "safete
 
 
 def registered_model_name(dataset: str) -> str:
-    """``coop-<dataset>``."""
+    """``coop-<dataset>`` (``dataset`` may name a class subset: ``eurosat-base``, see ``RunSpec.model_key``)."""
     return f"coop-{dataset}"
+
+
+def _model_key(spec: Mapping[str, Any]) -> str:
+    """The registered model's key of a resolved run config (its dataset, or dataset and class subset)."""
+    return str(spec.get("model_key") or spec["dataset"])
 
 
 def backbone_slug(backbone: str) -> str:
@@ -150,7 +155,7 @@ def serve_command(name: str, alias: str = CHAMPION, port: int = 5001) -> str:
 def version_description(spec: Mapping[str, Any], classnames: list[str], metrics: Mapping[str, float],
                         extra: Mapping[str, str] | None = None) -> str:
     """The model version's description in the UI: what it is, trained on what, how well, how to load and serve it."""
-    name = registered_model_name(str(spec["dataset"]))
+    name = registered_model_name(_model_key(spec))
     prompt, train = spec["prompt"], spec["train"]
     n_ctx = spec.get(N_CTX_EFFECTIVE_KEY) or prompt["n_ctx"]
     context = "one context per class (CSC)" if prompt["csc"] else "one context shared by all classes"
@@ -245,7 +250,7 @@ def register_prompt(
 
 def _register(checkpoint_dir: str | Path, spec: Mapping[str, Any], metrics: Mapping[str, float], *, run_id: str,
               tracking_uri: str, extra_tags: Mapping[str, str] | None) -> Registration:
-    name = registered_model_name(str(spec["dataset"]))
+    name = registered_model_name(_model_key(spec))
     _, meta = load_prompts(Path(checkpoint_dir) / PROMPTS_FILE)
     tags = version_tags(spec, list(meta.classnames), metrics, extra_tags)
     tags[PROMPTS_SHA256_KEY] = verified_digest(Path(checkpoint_dir) / PROMPTS_FILE)

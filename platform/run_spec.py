@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from coop_core.config import ModelConfig, PromptConfig, TrainConfig
-from coop_core.datasets import DatasetSplits, Item, list_datasets, load_dataset
+from coop_core.datasets import (
+    CLASS_SUBSETS,
+    DatasetSplits,
+    FolderSource,
+    Item,
+    list_datasets,
+    load_dataset,
+    load_folder_dataset,
+    select_classes,
+)
 
 _SECTIONS = {"model": ModelConfig, "prompt": PromptConfig, "train": TrainConfig}
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement-group strategies
@@ -38,6 +47,56 @@ def default_data_root() -> str:
 
 
 @dataclass(frozen=True)
+class DatasetRef:
+    """A dataset a run reads, and which of its classes: a registry entry (under the run's data root) or a user's
+    image folder / manifest.
+
+    name: the registry key, or the user dataset's name (``source.name``). source: the user's folder or manifest
+    (None: the registry entry ``name``). classes: ``all``, or CoCoOp's ``base`` (the first half of the sorted labels)
+    or ``new`` (the rest).
+    """
+
+    name: str
+    source: FolderSource | None = None
+    classes: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.source is None and self.name not in list_datasets():
+            raise ValueError(f"unknown dataset {self.name!r}; available: {', '.join(list_datasets())}, or a path "
+                             "to an image folder or a CSV/Parquet manifest")
+        if self.source is not None and (not isinstance(self.source, FolderSource) or self.source.name != self.name):
+            raise ValueError(f"DatasetRef {self.name!r}: source must be a FolderSource named {self.name!r}")
+        if self.classes not in CLASS_SUBSETS:
+            raise ValueError(f"classes must be one of {', '.join(CLASS_SUBSETS)}, got {self.classes!r}")
+
+    @property
+    def label(self) -> str:
+        """How results on this dataset are named: ``eurosat``, ``eurosat.new`` (a class subset)."""
+        return self.name if self.classes == "all" else f"{self.name}.{self.classes}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DatasetRef:
+        source = d.get("source")
+        return cls(name=d["name"], source=FolderSource(**source) if isinstance(source, Mapping) else source,
+                   classes=d.get("classes", "all"))
+
+    def load(self, data_root: str, cache_dir: str | None, *, download: bool = False,
+             max_test_items: int | None = None) -> DatasetSplits:
+        """The dataset's splits: its class subset, and its test split cut to ``max_test_items``."""
+        if self.source is not None:
+            splits = load_folder_dataset(self.source, cache_dir)
+        else:
+            splits = load_dataset(self.name, data_root, download=download)
+        splits = select_classes(splits, self.classes)
+        if max_test_items is not None:
+            splits = dataclasses.replace(splits, test=subset_test_items(splits.test, max_test_items))
+        return splits
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """Everything that defines one CoOp training run on the platform.
 
@@ -49,7 +108,11 @@ class RunSpec:
     cpus_per_worker: CPUs reserved per worker (torch uses that many threads). placement_strategy: how Ray places a
     multi-worker run's workers (``PACK``: on as few nodes as fit, the fastest all-reduce; ``SPREAD``: on different
     nodes where possible; ``STRICT_`` variants fail instead of falling back). download: fetch the dataset on the
-    driver first if missing (workers never download).
+    driver first if missing (workers never download). source: the user's image folder or manifest when ``dataset``
+    is not a registry key (then ``dataset`` is its name). classes: train (and test) on ``all`` classes, or on
+    CoCoOp's ``base`` / ``new`` half. eval_targets: more datasets (or class subsets) the final prompts are tested on
+    after training, each reported as ``target/<label>/...`` metrics (base-to-new, domain generalisation and
+    cross-dataset protocols).
     """
 
     dataset: str
@@ -64,10 +127,19 @@ class RunSpec:
     cpus_per_worker: float = 1.0
     placement_strategy: str = "PACK"
     download: bool = False
+    source: FolderSource | None = None
+    classes: str = "all"
+    eval_targets: tuple[DatasetRef, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.dataset not in list_datasets():
-            raise ValueError(f"unknown dataset {self.dataset!r}; available: {', '.join(list_datasets())}")
+        DatasetRef(self.dataset, self.source, self.classes)  # validates the three together
+        if isinstance(self.eval_targets, (str, bytes)) or not isinstance(self.eval_targets, Sequence) or not all(
+                isinstance(t, DatasetRef) for t in self.eval_targets):
+            raise ValueError("eval_targets must be a sequence of DatasetRef")
+        object.__setattr__(self, "eval_targets", tuple(self.eval_targets))
+        labels = [t.label for t in self.eval_targets]
+        if len(set(labels)) != len(labels) or self.data_ref.label in labels:
+            raise ValueError(f"eval_targets must be distinct datasets other than the training data, got {labels}")
         for name, cls in _SECTIONS.items():
             if not isinstance(getattr(self, name), cls):
                 raise ValueError(f"RunSpec.{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
@@ -88,9 +160,22 @@ class RunSpec:
         if not self.cache_dir:
             raise ValueError("cache_dir must be a directory path")
 
+    @property
+    def data_ref(self) -> DatasetRef:
+        """The training data as a :class:`DatasetRef`."""
+        return DatasetRef(self.dataset, self.source, self.classes)
+
+    @property
+    def model_key(self) -> str:
+        """What the registered model is named after: the dataset, and its class subset if not all
+        (``coop-eurosat``, ``coop-eurosat-base``)."""
+        return self.dataset if self.classes == "all" else f"{self.dataset}-{self.classes}"
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (nested ``model``/``prompt``/``train``); inverse of :meth:`from_dict`."""
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["eval_targets"] = [t.to_dict() for t in self.eval_targets]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RunSpec:
@@ -107,6 +192,11 @@ class RunSpec:
         for name, section_cls in _SECTIONS.items():
             if name in kwargs and isinstance(kwargs[name], Mapping):
                 kwargs[name] = _build_section(section_cls, kwargs[name], name)
+        if isinstance(kwargs.get("source"), Mapping):
+            kwargs["source"] = FolderSource(**kwargs["source"])
+        if "eval_targets" in kwargs:
+            kwargs["eval_targets"] = tuple(t if isinstance(t, DatasetRef) else DatasetRef.from_dict(t)
+                                           for t in kwargs["eval_targets"])
         return cls(**kwargs)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> RunSpec:
@@ -152,6 +242,7 @@ class RunSpec:
         d["shots"] = self.train.shots
         d["seed"] = self.train.seed
         d["train"]["epochs"] = self.train.resolved_epochs
+        d["model_key"] = self.model_key
         return d
 
 
@@ -175,8 +266,11 @@ def subset_test_items(items: Sequence[Item], cap: int | None) -> tuple[Item, ...
 
 
 def load_splits(spec: RunSpec, *, download: bool = False) -> DatasetSplits:
-    """The spec's dataset splits (its test split cut to ``max_test_items``); workers never download."""
-    splits = load_dataset(spec.dataset, spec.data_root, download=download)
-    if spec.max_test_items is not None:
-        splits = dataclasses.replace(splits, test=subset_test_items(splits.test, spec.max_test_items))
-    return splits
+    """The spec's training dataset (its class subset, its test split cut to ``max_test_items``); workers never
+    download."""
+    return spec.data_ref.load(spec.data_root, spec.cache_dir, download=download, max_test_items=spec.max_test_items)
+
+
+def load_target_splits(spec: RunSpec, target: DatasetRef) -> DatasetSplits:
+    """One of the spec's evaluation targets (its test split cut to ``max_test_items`` like the training data's)."""
+    return target.load(spec.data_root, spec.cache_dir, max_test_items=spec.max_test_items)

@@ -136,7 +136,8 @@ class MlflowSweepCallback(Callback):
         tracking_uri: the tracking store (a SQLite URI by default).
         base_spec: ``RunSpec.to_dict()`` of the sweep; a trial's spec is this with the trial's searched values.
         storage_path: where the trials' checkpoints live (to read their files).
-        epochs: epochs per trial (for progress lines and the early-stopped tag).
+        epochs: epochs per trial (for progress lines and the early-stopped tag) when a trial's report does not say
+            its own (``artifacts.EPOCHS_TOTAL_KEY``).
         sweep_name: tagged on every child run.
     """
 
@@ -328,7 +329,8 @@ class MlflowSweepCallback(Callback):
         self._safely(trial.trial_id, f"epoch {epoch}", log_epoch)
         val = f" val_acc {result['val_acc']:.2f}" if "val_acc" in result else ""
         test = f" test_acc {result['test_acc']:.2f}" if "test_acc" in result else ""
-        logger.info("trial %s epoch %d/%d: loss %.4f%s%s", trial.trial_id, int(result["epoch"]), self.epochs,
+        logger.info("trial %s epoch %d/%d: loss %.4f%s%s", trial.trial_id, int(result["epoch"]),
+                    int(result.get(artifacts.EPOCHS_TOTAL_KEY, self.epochs)),
                     result.get("train_loss", math.nan), val, test)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -381,7 +383,7 @@ class MlflowSweepCallback(Callback):
                     tracking.log_epoch_metrics(run_id, missing, tracking_uri=self.tracking_uri)
                 tracking.log_run_artifacts(run_id, d, tracking_uri=self.tracking_uri)
         self._log_resolved_params(trial_id, run_id, last_result)
-        final = {k: last_result[k] for k in (*artifacts.FINAL_KEYS, *artifacts.WORKER_TIMING_KEYS)
+        final = {k: last_result[k] for k in (*artifacts.final_keys(last_result), *artifacts.WORKER_TIMING_KEYS)
                  if k in last_result}
         tracking_s = self._tracking_s.pop(trial_id, 0.0) + time.perf_counter() - t0
         created_at = self._created.pop(trial_id, None)
@@ -399,13 +401,14 @@ class MlflowSweepCallback(Callback):
             logger.warning("trial %s failed after epoch %d: %s (MLflow run %s marked FAILED)", trial_id, last_epoch,
                            failure, run_id)
             return run_id
-        stopped_early = last_epoch < self.epochs
+        epochs = int(last_result.get(artifacts.EPOCHS_TOTAL_KEY, self.epochs))  # a study's trials differ by shots
+        stopped_early = last_epoch < epochs
         client.set_tag(run_id, EARLY_STOPPED_TAG, str(stopped_early).lower())
         if checkpoint_path:
             client.set_tag(run_id, tracking.CHECKPOINT_TAG, checkpoint_path)
         how = f"stopped early by ASHA after epoch {last_epoch}" if stopped_early else "finished"
         self._describe(trial_id, run_id, config, last_result=last_result, checkpoint=checkpoint_path,
-                       outcome=(f"{how} of {self.epochs}" if stopped_early else f"ran all {self.epochs} epochs"))
+                       outcome=(f"{how} of {epochs}" if stopped_early else f"ran all {epochs} epochs"))
         tracking.end_run(run_id, "FINISHED", tracking_uri=self.tracking_uri)
         self.unlogged.discard(trial_id)
         val = last_result.get("val_acc")

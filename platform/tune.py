@@ -41,7 +41,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from platform.artifacts import ACCURACY_KEYS, DASHBOARDS_ARTIFACT_DIR, FAILURE_KEY, SELECTION_METRIC
+from platform.artifacts import ACCURACY_KEYS, DASHBOARDS_ARTIFACT_DIR, EPOCHS_TOTAL_KEY, FAILURE_KEY, SELECTION_METRIC
 from platform.progress import ConsoleProgress, TrialBar, bars_wanted
 from typing import Any
 
@@ -228,8 +228,9 @@ def read_state(sweep_dir: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def latest_sweep(storage_path: str, dataset: str) -> str | None:
-    """The name of the most recently started sweep of ``dataset`` under ``storage_path``."""
+def latest_sweep(storage_path: str, dataset: str, kind: str = "sweep") -> str | None:
+    """The name of the most recently started sweep of ``dataset`` under ``storage_path`` (of ``kind``: a
+    ``platform.tune`` sweep or a study)."""
     root = Path(storage_path)
     found = []
     for state_file in root.glob(f"*/{STATE_FILE}"):
@@ -237,7 +238,7 @@ def latest_sweep(storage_path: str, dataset: str) -> str | None:
             state = json.loads(state_file.read_text())
         except ValueError:
             continue
-        if state.get("dataset") == dataset:
+        if state.get("dataset") == dataset and state.get("kind", "sweep") == kind:
             found.append((state.get("started_at", 0.0), state_file.parent.name))
     return max(found)[1] if found else None
 
@@ -259,7 +260,8 @@ def trial_rows(grid: Any, epochs: int) -> list[dict[str, Any]]:
             "trial_id": m.get("trial_id") or Path(result.path).name,
             "status": status,
             "epochs": int(m.get("epoch", 0)),
-            "finished": status == "TERMINATED" and int(m.get("epoch", 0)) >= epochs and "test_acc" in m,
+            "finished": status == "TERMINATED" and int(m.get("epoch", 0)) >= int(m.get(EPOCHS_TOTAL_KEY, epochs))
+            and "test_acc" in m,
             "config": dict(result.config or {}),
             "val_acc": m.get("val_acc"),
             "test_acc": m.get("test_acc"),
@@ -324,6 +326,8 @@ def format_report(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]])
             "",
             f"  registered         {summary['registered_model']} v{summary['registered_version']}; @champion -> "
             f"v{summary['champion_version']} ({summary['champion_reason']})" if summary.get("registered_version")
+            else "  registered         nothing: a study measures, platform.tune registers"
+            if not summary.get("register", True)
             else f"  registered         not yet: {summary['registered_model']} is registered when MLflow is back",
         ]
     if summary.get("tracking_error"):
@@ -407,14 +411,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@dataclasses.dataclass(frozen=True)
+class SweepPlan:
+    """What kind of sweep :func:`run_sweep` runs: ``platform.tune``'s own, or a study's (``platform/study.py``).
+
+    kind: the sweep folder's and parent run's name prefix (``sweep``, ``study``). entry_point: the CLI, tagged on
+    the parent run. search: sample the dataset's search space (False: only ``--grid`` and the flags' values).
+    early_stopping: ASHA on validation accuracy (False: every trial runs all its epochs). register: register the best
+    trial by validation accuracy. describe: ``describe(spec, state) -> str``, the parent run's description (default:
+    the sweep's). finish: ``finish(summary, rows, state) -> dict``, called once the trials have ended and before the
+    parent run is closed, to log the plan's own results to it; what it returns joins the summary. report:
+    ``report(summary) -> str``, printed after the sweep's report. json_keys: summary keys ``--json`` prints too.
+    """
+
+    kind: str = "sweep"
+    entry_point: str = "platform.tune"
+    search: bool = True
+    early_stopping: bool = True
+    register: bool = True
+    describe: Any = None
+    finish: Any = None
+    report: Any = None
+    json_keys: tuple[str, ...] = ()
+
+
+def grid_epochs(spec: Any, grid: Mapping[str, Sequence[Any]] | None) -> int:
+    """The most epochs any trial of the sweep trains (a grid over ``train.shots`` follows CoOp's epochs by shots)."""
+    if not grid or "train.shots" not in grid:
+        return spec.train.resolved_epochs
+    return max(spec.with_overrides({"train.shots": k}).train.resolved_epochs for k in grid["train.shots"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 no trial finished, 2 bad input / data / weights)."""
+    return run_sweep(build_parser().parse_args(argv))
+
+
+def run_sweep(args: argparse.Namespace, plan: SweepPlan = SweepPlan()) -> int:
+    """Run the sweep that ``args`` (:func:`build_parser`'s flags) and ``plan`` describe; returns the exit status."""
     from platform import tracking
     from platform.cli import (
         INPUT_ERRORS,
         check_inputs,
         check_writable_dir,
         configure_logging,
+        dataset_ref_from_args,
         fail,
         hub_unreachable_use_cache,
         spec_from_args,
@@ -423,30 +464,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     from platform.ray_runtime import init_ray, resolve_use_gpu
     from platform.run_spec import RunSpec
 
-    from tune_spaces import get_space
+    from coop_core.datasets import get_dataset_spec
+    from tune_spaces import space_for
 
-    args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
     tracking.limit_http_retries()
     t0 = time.perf_counter()
     storage_path = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
+    try:
+        ref = dataset_ref_from_args(args)
+    except INPUT_ERRORS as err:
+        return fail(str(err))
 
     state = None
     if args.resume:
-        name = args.sweep_name or latest_sweep(storage_path, args.dataset)
+        name = args.sweep_name or latest_sweep(storage_path, ref.name, plan.kind)
         if name is None:
-            return fail(f"--resume: no sweep of {args.dataset!r} under {storage_path} (pass --sweep-name)")
+            return fail(f"--resume: no sweep of {ref.name!r} under {storage_path} (pass --sweep-name)")
         state = read_state(_sweep_dir(storage_path, name))
         if state is None:
             return fail(f"--resume: {_sweep_dir(storage_path, name)}/{STATE_FILE} not found; is this a sweep folder?")
         args.sweep_name = name
-    name = args.sweep_name or f"sweep-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = args.sweep_name or f"{plan.kind}-{ref.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_dir = _sweep_dir(storage_path, name)
     try:
-        space = get_space(args.dataset)
+        template = ref.source.template if ref.source is not None else get_dataset_spec(ref.name).template
+        space = space_for(ref.name, template) if plan.search else {}
         unknown = sorted(set(args.fixed) - set(space))
         if unknown:
-            raise ValueError(f"--fixed {' '.join(unknown)}: not searched for {args.dataset}; "
+            raise ValueError(f"--fixed {' '.join(unknown)}: not searched for {ref.name}; "
                              f"searched fields: {', '.join(space)}")
         space = {k: v for k, v in space.items() if k not in args.fixed}
         if state is not None:
@@ -454,6 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             runner = state["trial_runner"]
         else:
             spec = spec_from_args(args, use_gpu=args.use_gpu != "no")
+            spec = dataclasses.replace(spec, eval_targets=tuple(getattr(args, "eval_targets", ())))
             args.grid = parse_grid(args.grid, spec)
             if args.grid:
                 space = {}  # a grid sweep searches nothing else
@@ -495,11 +542,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.warning("%s", warning)
     except ValueError as err:
         return fail(str(err))
-    epochs = spec.train.resolved_epochs
+    epochs = grid_epochs(spec, state["grid"] if state is not None else args.grid)
 
     try:
         if state is None:
-            state = open_sweep(args, spec, space, name, sweep_dir, max_concurrent, runner, gpus_per_trial)
+            state = open_sweep(args, spec, space, name, sweep_dir, max_concurrent, runner, gpus_per_trial, plan)
         else:
             from mlflow.tracking import MlflowClient
 
@@ -542,14 +589,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         callback.setup()
         close_unclosed_runs(callback, rows)
-        if best is not None:
+        if best is not None and state.get("register", True):
             summary.update(register_best(best, callback, state, name, storage_path))
+        elif best is not None:
+            summary.update(best_trial(best, callback))
     except Exception as err:  # whatever the store raises; the sweep's results are safe on disk
         tracking_error = error_line(err)
     summary["wall_s"] = time.perf_counter() - t0
     summary["timing"] = timing(callback.timings, len(rows), summary["wall_s"], callback.windows)
     if tracking_error is None:
         try:
+            if plan.finish is not None:
+                summary.update(plan.finish(summary, rows, state))
             close_sweep(summary, state)
             summary["dashboards"] = draw_dashboards(state, sweep_dir)
         except Exception as err:
@@ -560,8 +611,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ray.shutdown()  # stops forwarding worker logs, so nothing can follow the report and the JSON line on stdout
 
     print(format_report(summary, rows))
+    if plan.report is not None and tracking_error is None:
+        print(plan.report(summary))
     if args.json:
-        print(json.dumps({k: summary.get(k) for k in JSON_KEYS}, sort_keys=True))
+        print(json.dumps({k: summary.get(k) for k in (*JSON_KEYS, *plan.json_keys)}, sort_keys=True))
     return 0 if best is not None and tracking_error is None else 1
 
 
@@ -648,22 +701,24 @@ def close_unclosed_runs(callback: Any, rows: Sequence[Mapping[str, Any]]) -> Non
 
 
 def open_sweep(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], name: str, sweep_dir: str,
-               max_concurrent: int, runner: str, gpus_per_trial: float) -> dict[str, Any]:
+               max_concurrent: int, runner: str, gpus_per_trial: float, plan: SweepPlan = SweepPlan()
+               ) -> dict[str, Any]:
     """Start the sweep's MLflow parent run (base config and sweep settings as params) and write its state file."""
     from platform import tracking
 
     tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
     experiment = args.experiment or tracking.default_experiment(spec.dataset)
-    epochs = spec.train.resolved_epochs
+    epochs = grid_epochs(spec, args.grid)
     parent_run_id = tracking.create_run(experiment, run_name=name, tracking_uri=tracking_uri,
-                                        tags={"coop.entry_point": "platform.tune", "coop.sweep": name,
+                                        tags={"coop.entry_point": plan.entry_point, "coop.sweep": name,
                                               "coop.sweep_dir": sweep_dir})
     search_seed = spec.train.seed if args.search_seed is None else args.search_seed
     sweep_params = {"sweep.num_samples": args.num_samples, "sweep.max_concurrent": max_concurrent,
                     "sweep.search_seed": search_seed, "sweep.searcher": "grid" if args.grid else "optuna-tpe",
                     "sweep.grid": json.dumps(args.grid) if args.grid else "-",
                     "sweep.scheduler": f"asha(metric={METRIC}, grace={args.grace_period}, "
-                                       f"rf={args.reduction_factor}, max_t={epochs})",
+                                       f"rf={args.reduction_factor}, max_t={epochs})" if plan.early_stopping
+                                       else "none (every trial runs all its epochs)",
                     "sweep.space": json.dumps({k: repr(v) for k, v in space.items()}),
                     "sweep.fixed": " ".join(args.fixed) or "-", "sweep.trial_runner": runner,
                     "sweep.gpus_per_trial": gpus_per_trial, "sweep.max_failures": args.max_failures}
@@ -674,19 +729,22 @@ def open_sweep(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], na
     runs_url = tracking.runs_view_url(tracking_uri, experiment_id, view_key)
     what = (f"grid over {', '.join(f'`{k}`' for k in searched)}" if args.grid
             else f"Optuna TPE over {', '.join(f'`{k}`' for k in searched) or 'nothing (all fixed)'}")
-    tracking.set_description(parent_run_id, (
+    description = plan.describe(spec, {"name": name, "sweep_dir": sweep_dir, "experiment_id": experiment_id,
+                                       "view_key": view_key, "parent_run_id": parent_run_id}) if plan.describe else (
         f"**Sweep `{name}`** of CoOp on {spec.dataset} ({spec.train.shots}-shot, `{spec.model.backbone}`, "
         f"{epochs} epochs per trial): {what}, ASHA on `{METRIC}`. Each trial is a child run below.\n\n"
         f"- [trials table]({tracking.runs_view_link(experiment_id, view_key)}) (accuracies and searched parameters as "
         "columns)\n"
         f"- dashboards: the `{DASHBOARDS_ARTIFACT_DIR}/` artifacts of this run, drawn when the sweep ends "
         f"(again: `python -m dashboards --parent-run-id {parent_run_id}`)\n"
-        f"- sweep folder (Ray Tune state, checkpoints): `{sweep_dir}`"), tracking_uri=tracking_uri)
+        f"- sweep folder (Ray Tune state, checkpoints): `{sweep_dir}`")
+    tracking.set_description(parent_run_id, description, tracking_uri=tracking_uri)
     state = {"dataset": spec.dataset, "base_spec": spec.to_dict(), "parent_run_id": parent_run_id,
              "tracking_uri": tracking_uri, "experiment": experiment, "experiment_id": experiment_id,
              "started_at": time.time(), "runs_url": runs_url,
              "num_samples": args.num_samples, "search_seed": search_seed, "epochs": epochs, "trial_runner": runner,
-             "gpus_per_trial": gpus_per_trial, "max_failures": args.max_failures, "grid": args.grid}
+             "gpus_per_trial": gpus_per_trial, "max_failures": args.max_failures, "grid": args.grid,
+             "kind": plan.kind, "early_stopping": plan.early_stopping, "register": plan.register}
     if "://" not in sweep_dir:
         write_state(sweep_dir, state)
     return state
@@ -753,10 +811,14 @@ def build_tuner(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], s
     if restore and tune.Tuner.can_restore(sweep_dir):
         logger.info("resuming sweep %s from %s", name, sweep_dir)
         return tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    epochs = spec.train.resolved_epochs
+    epochs = grid_epochs(spec, state.get("grid"))
     asha = dict(time_attr="epoch", max_t=epochs, grace_period=min(args.grace_period, epochs),
                 reduction_factor=args.reduction_factor)
-    if state["trial_runner"] == "ray-train":
+    if not state.get("early_stopping", True):
+        from ray.tune.schedulers import FIFOScheduler
+
+        scheduler = FIFOScheduler()  # a study: every trial runs all its epochs
+    elif state["trial_runner"] == "ray-train":
         from platform.trial_stopping import GracefulASHA
 
         scheduler = GracefulASHA(**asha)
@@ -808,9 +870,20 @@ def summarise(rows: Sequence[Mapping[str, Any]], spec: Any, state: Mapping[str, 
         "runs_url": state.get("runs_url"),
         "resumed": resumed, "trial_runner": state["trial_runner"], "best_config": None, "best_trial_id": None,
         "best_run_id": None, "val_acc": None,
-        "test_acc": None, "zeroshot_test_acc": None, "registered_model": registered_model_name(spec.dataset),
+        "test_acc": None, "zeroshot_test_acc": None, "registered_model": registered_model_name(spec.model_key),
         "registered_version": None, "champion_version": None, "champion_reason": None,
+        "register": state.get("register", True),
     }
+
+
+def best_trial(best: Mapping[str, Any], callback: Any) -> dict[str, Any]:
+    """The summary fields of the best trial when nothing is registered (a study)."""
+    from platform.trials import searched_overrides
+
+    return {"best_config": searched_overrides(best["config"]), "best_trial_id": best["trial_id"],
+            "best_run_id": callback.run_for(best["trial_id"], best["config"]), "val_acc": best["val_acc"],
+            "test_acc": best["test_acc"], "zeroshot_test_acc": best["zeroshot_test_acc"],
+            "n_ctx_effective": best["last_result"].get("n_ctx_effective")}
 
 
 def register_best(best: Mapping[str, Any], callback: Any, state: Mapping[str, Any], name: str,
@@ -929,7 +1002,8 @@ def close_sweep(summary: Mapping[str, Any], state: Mapping[str, Any]) -> None:
     client = MlflowClient(uri)
     if summary["best_trial_id"] is not None:
         client.set_tag(parent, tracking.BEST_TRIAL_TAG, summary["best_trial_id"])
-        client.set_tag(parent, "coop.registered_version", str(summary["registered_version"]))
+        if summary["registered_version"] is not None:
+            client.set_tag(parent, "coop.registered_version", str(summary["registered_version"]))
     tracking.end_run(parent, "FINISHED" if summary["best_trial_id"] is not None else "FAILED", tracking_uri=uri)
 
 

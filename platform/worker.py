@@ -20,6 +20,7 @@ trials loads CLIP and the features once; whatever a trial changes is built fresh
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -31,7 +32,7 @@ from platform import artifacts
 from platform.distributed import TorchDistributed
 from platform.process_cache import model_key, process_cache
 from platform.progress import ProgressFn, board_reporter
-from platform.run_spec import RunSpec, load_splits
+from platform.run_spec import DatasetRef, RunSpec, load_splits, load_target_splits
 from typing import Any, Protocol
 
 import torch
@@ -42,7 +43,7 @@ from coop_core.distributed import text_sharding_for
 from coop_core.engine import Distributed, NonFiniteLossError, SingleProcess, TrainState, evaluate, train
 from coop_core.fewshot import build_few_shot
 from coop_core.interpret import nearest_words, nearest_words_table
-from coop_core.pipeline import build_model, prepare_features
+from coop_core.pipeline import build_model, evaluation_features, prepare_features, prompt_model
 from coop_core.prompts_io import PromptMeta, save_prompts
 from coop_core.text_encoder import text_tower
 from coop_core.zeroshot import zeroshot_evaluate
@@ -155,7 +156,7 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
     mkey = model_key(spec.model.backbone, spec.model.pretrained, device)
     clip, hit_model = cache.model(mkey, lambda: load_clip(spec.model.backbone, spec.model.pretrained, device=device))
     t_model = time.perf_counter()
-    data_key = (spec.dataset, spec.data_root, spec.max_test_items)
+    data_key = (json.dumps(spec.data_ref.to_dict(), sort_keys=True), spec.data_root, spec.max_test_items)
     splits, hit_splits = cache.small(("splits", *data_key), lambda: load_splits(spec))
     fewshot, _ = cache.small(("fewshot", *data_key, cfg.shots, cfg.seed),
                              lambda: build_few_shot(splits, cfg.shots, cfg.seed, spec.cache_dir))
@@ -197,7 +198,7 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
               "time_train_loop_s": sum(row.get("epoch_time_s", 0.0) for row in history),
               "time_eval_s": sum(row.get("val_time_s", 0.0) for row in history), "time_report_s": 0.0}
     fixed = {artifacts.N_CTX_EFFECTIVE_KEY: n_ctx_effective, artifacts.TEXT_SHARDING_USED_KEY: text_sharding,
-             artifacts.ENTERED_AT_KEY: entered_at,
+             artifacts.ENTERED_AT_KEY: entered_at, artifacts.EPOCHS_TOTAL_KEY: epochs,
              artifacts.WARM_HITS_KEY: int(hit_model) + int(hit_splits) + int(hit_feats)}
     if process_created_at is not None:
         fixed[artifacts.PROCESS_CREATED_AT_KEY] = process_created_at
@@ -212,6 +213,8 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
             zs = zeroshot_evaluate(clip.model, clip.tokenizer, splits.classnames, splits.template, feats.test)
             metrics.update(test_acc=test["acc"], test_macro_f1=test["macro_f1"], zeroshot_test_acc=zs["acc"],
                            zeroshot_test_macro_f1=zs["macro_f1"])
+            for target in spec.eval_targets:
+                metrics.update(_evaluate_target(spec, target, clip, mkey, model, splits.classnames, device))
             timing["time_eval_s"] += time.perf_counter() - t_eval
         history.append(dict(metrics))
         t_report = time.perf_counter()
@@ -247,6 +250,26 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
             artifacts.write_failure(Path(tmp), str(err), history, resolved)
             artifacts.seal(Path(tmp))
             session.report(report, Path(tmp))
+
+
+def _evaluate_target(spec: RunSpec, target: DatasetRef, clip: Any, mkey: Any, model: Any,
+                     classnames: Sequence[str], device: torch.device) -> dict[str, float]:
+    """The learned prompts and zero-shot CLIP on an evaluation target's test split, as ``target/<label>/...``."""
+    cache = process_cache()
+    key = (json.dumps(target.to_dict(), sort_keys=True), spec.data_root, spec.max_test_items)
+    tsplits, _ = cache.small(("splits", *key), lambda: load_target_splits(spec, target))
+    (feats, _), _ = cache.small(("target-features", mkey, *key), lambda: evaluation_features(
+        clip, tsplits, "test", cache_dir=spec.cache_dir, device=device, loader_workers=spec.train.loader_workers))
+    ctx = model.prompt_learner.ctx.detach()
+    prompt = dataclasses.replace(spec.prompt, n_ctx=ctx.shape[-2])
+    target_model = prompt_model(clip, ctx, prompt, classnames, tsplits.classnames, device)
+    coop = evaluate(target_model, feats, spec.train.precision)
+    zs = zeroshot_evaluate(clip.model, clip.tokenizer, tsplits.classnames, tsplits.template, feats)
+    values = {"test_acc": coop["acc"], "test_macro_f1": coop["macro_f1"], "zeroshot_test_acc": zs["acc"],
+              "zeroshot_test_macro_f1": zs["macro_f1"], "n_test": float(len(feats.labels))}
+    logger.info("%s: CoOp %.2f %%, zero-shot %.2f %% on %d test images", target.label, coop["acc"], zs["acc"],
+                len(feats.labels))
+    return {artifacts.target_key(target.label, k): v for k, v in values.items()}
 
 
 def _write_final_artifacts(d: Path, spec: RunSpec, clip: Any, splits: DatasetSplits, model: Any,

@@ -57,6 +57,14 @@ def get_space(dataset: str) -> Space:
     return check_space(factory())
 
 
+def space_for(dataset: str, template: str) -> Space:
+    """The registered space of ``dataset``, or for a dataset without one (a user's own image folder) the generic
+    space built from its zero-shot ``template``."""
+    if dataset in _REGISTRY:
+        return get_space(dataset)
+    return check_space(coop_space(template))
+
+
 register_space("eurosat", eurosat.space)
 for _name in list_datasets():
     if _name not in _REGISTRY:
@@ -64,5 +72,5 @@ for _name in list_datasets():
 
 __all__ = [
     "Choice", "Domain", "LogUniform", "Space", "check_space", "coop_space", "get_space", "list_spaces",
-    "register_space", "sample_space", "split_sample", "template_words",
+    "register_space", "sample_space", "space_for", "split_sample", "template_words",
 ]

@@ -1,0 +1,375 @@
+"""CoOp's protocols as one command: ``python -m platform.study --dataset eurosat --shots 1 2 4 8 16 --seeds 1 2 3``.
+
+A study trains one fixed prompt configuration (the flags, a ``--preset``, or ``--from-champion``) at every shot count
+and seed, as a Ray Tune grid over ``train.shots`` x ``train.seed`` (``platform.tune``'s sweep machinery: warm trial
+processes, retries, ``--resume``, one MLflow parent run with a child run per trial), with no early stopping and
+nothing registered: a study measures. Each trial trains CoOp's epochs for its shot count (1 shot 50, 2-4 shots 100,
+8-16 shots 200) unless ``--epochs`` says otherwise. Protocols (``--protocol``):
+
+- ``fewshot`` (default): test accuracy against shots beside zero-shot CLIP, mean ± std over the seeds (the paper's
+  few-shot curves);
+- ``dg``: domain generalisation, train on ``--dataset`` (ImageNet) and test the same prompts on ``--targets``
+  (default: whichever of ImageNet-V2, -Sketch, -A and -R are under ``--data-root``);
+- ``base2new``: CoCoOp's base-to-new generalisation, train on the base half of the classes, test on base and on the
+  new half, with their harmonic mean;
+- ``cross``: cross-dataset transfer, train on ``--dataset`` and test on ``--targets`` (default: every other
+  registered dataset under ``--data-root``), with the average over the targets.
+
+Trials test the final prompts on every target right after training (``RunSpec.eval_targets``, reported as
+``target/<label>/...`` metrics). When the trials have ended, the study's table (per shot count and dataset: mean ±
+std over seeds, the per-seed values, zero-shot CLIP) and its figure are logged to the parent run (``study/``
+artifacts, ``study/<dataset>/test_acc_mean`` metrics with step = shots, and the table in the run's description).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from platform import artifacts
+from platform.run_spec import DatasetRef
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+PROTOCOLS = ("fewshot", "dg", "base2new", "cross")
+DG_TARGETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+STUDY_ARTIFACT_DIR = "study"
+HARMONIC = "harmonic mean"
+AVERAGE = "average over targets"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from platform.cli import Parser, add_infra_arguments, add_run_arguments
+    from platform.tune import TRIAL_RUNNERS
+
+    parser = Parser(
+        prog="python -m platform.study",
+        description="Run one of CoOp's evaluation protocols: a fixed prompt configuration trained at every shot count "
+                    "and seed (a Ray Tune grid, every trial an MLflow child run of the study's run), then the table of "
+                    "mean ± std test accuracy over the seeds beside zero-shot CLIP, and the figure, logged to the "
+                    "study's MLflow run.",
+        epilog="Examples (see README, Reproducing the paper):\n"
+               "  python -m platform.study --dataset eurosat --data-root DATA --shots 1 2 4 8 16 --seeds 1 2 3\n"
+               "  python -m platform.study --protocol dg --dataset imagenet --data-root DATA --shots 16 --epochs 50\n"
+               "  python -m platform.study --protocol base2new --dataset eurosat --data-root DATA --shots 16\n"
+               "  python -m platform.study --protocol cross --dataset imagenet --targets caltech101 oxford_pets ...\n"
+               "Resume an interrupted study: the same command with --resume (and --study-name NAME).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_run_arguments(parser, study=True)
+    study = parser.add_argument_group("study")
+    study.add_argument("--protocol", default="fewshot", choices=PROTOCOLS,
+                       help="fewshot: accuracy vs shots (default); dg: domain generalisation to --targets; base2new: "
+                            "train on base classes, test on base and new; cross: transfer to other datasets")
+    study.add_argument("--targets", nargs="+", default=None, metavar="NAME|PATH",
+                       help="datasets the prompts are tested on after training (dg: default the ImageNet variants "
+                            "present under --data-root; cross: default every other dataset present there)")
+    study.add_argument("--from-champion", action="store_true",
+                       help="take the prompt configuration (context length and initialisation, class position, CSC, "
+                            "learning rate) from the registered champion coop-<dataset>@champion instead of the flags")
+    study.add_argument("--max-concurrent", type=int, default=None,
+                       help="trials at once (default and cap: as many as the cluster's CPUs/GPUs fit)")
+    study.add_argument("--workers-per-trial", type=int, dest="num_workers", default=argparse.SUPPRESS,
+                       help="workers per trial (above 1 each trial is a Ray Train DDP run)")
+    study.add_argument("--gpus-per-trial", type=float, default=1.0,
+                       help="the share of one GPU a one-worker trial reserves (default: 1)")
+    study.add_argument("--trial-runner", default="auto", choices=TRIAL_RUNNERS, help=argparse.SUPPRESS)
+    study.add_argument("--max-failures", type=int, default=2,
+                       help="failures per trial to recover from at its last checkpoint (default: 2)")
+    study.add_argument("--study-name", dest="sweep_name", default=None,
+                       help="folder of the study under --storage-path (default: study-<dataset>-<time>)")
+    study.add_argument("--resume", action="store_true",
+                       help="finish the interrupted study --study-name (default: the latest of --dataset)")
+    add_infra_arguments(parser)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Targets and configuration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def present_datasets(data_root: str, names: Sequence[str]) -> list[str]:
+    """Those of the registry datasets ``names`` whose image folder exists under ``data_root``."""
+    from coop_core.datasets import get_dataset_spec
+
+    return [n for n in names if get_dataset_spec(n).image_path(Path(data_root).expanduser().resolve()).is_dir()]
+
+
+def resolve_targets(args: argparse.Namespace, source: DatasetRef) -> tuple[DatasetRef, ...]:
+    """The evaluation targets of the study's protocol (see the module docstring).
+
+    Raises:
+        ValueError: a target given for a protocol that takes none, or none found where some are needed.
+    """
+    from platform.cli import dataset_ref
+
+    from coop_core.datasets import get_dataset_spec, list_datasets
+
+    if args.protocol in ("fewshot", "base2new"):
+        if args.targets:
+            raise ValueError(f"--targets: the {args.protocol} protocol tests on the training dataset itself; use "
+                             "--protocol dg or cross to test on other datasets")
+        return (DatasetRef(source.name, source.source, "new"),) if args.protocol == "base2new" else ()
+    if args.targets:
+        return tuple(dataset_ref(t) for t in args.targets)
+    if args.protocol == "dg":
+        names = present_datasets(args.data_root, DG_TARGETS)
+        if not names:
+            layouts = "; ".join(f"{n}: {get_dataset_spec(n).layout.splitlines()[0].split('#')[0].strip()}"
+                                for n in DG_TARGETS)
+            raise ValueError(f"--protocol dg: none of {', '.join(DG_TARGETS)} is under {args.data_root} ({layouts}); "
+                             "prepare them as in CoOp's DATASETS.md, or name the targets with --targets")
+    else:
+        candidates = [n for n in list_datasets() if n != source.name and not get_dataset_spec(n).evaluation_only]
+        names = present_datasets(args.data_root, candidates)
+        if not names:
+            raise ValueError(f"--protocol cross: no other dataset is under {args.data_root}; prepare some (CoOp's "
+                             "DATASETS.md) or name the targets with --targets")
+    return tuple(DatasetRef(n) for n in names)
+
+
+def champion_overrides(dataset: str, tracking_uri: str) -> dict[str, Any]:
+    """The prompt configuration and learning rate of ``coop-<dataset>@champion`` (``--from-champion``).
+
+    Raises:
+        ValueError: no champion, or a version without its config tag.
+    """
+    from platform.registry import CHAMPION, registered_model_name
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    name = registered_model_name(dataset)
+    try:
+        version = MlflowClient(tracking_uri).get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        raise ValueError(f"--from-champion: {name} has no @{CHAMPION} in {tracking_uri}; run a sweep first "
+                         f"(python -m platform.tune --dataset {dataset}) or give the configuration as flags") from None
+    try:
+        config = json.loads(version.tags["config"])
+    except (KeyError, ValueError):
+        raise ValueError(f"--from-champion: {name} v{version.version} has no readable config tag") from None
+    prompt, train = config["prompt"], config["train"]
+    logger.info("prompt configuration of %s@%s (v%s): %s", name, CHAMPION, version.version,
+                {**prompt, "lr": train["lr"]})
+    return {"n_ctx": int(prompt["n_ctx"]), "ctx_init": prompt["ctx_init"], "csc": bool(prompt["csc"]),
+            "class_token_position": prompt["class_token_position"], "lr": float(train["lr"]),
+            "backbone": config["model"]["backbone"], "pretrained": config["model"]["pretrained"]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _harmonic(a: float, b: float) -> float:
+    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+
+
+def study_results(rows: Sequence[Mapping[str, Any]], protocol: str, source: str, targets: Sequence[str]
+                  ) -> dict[str, Any]:
+    """The study's table from its trials: per shot count and dataset, CoOp's and zero-shot CLIP's test accuracy per
+    seed and their mean ± std over the seeds.
+
+    Only trials that ran every epoch count. ``source`` is the training data's label, ``targets`` the evaluation
+    targets' (``artifacts.target_key``); base-to-new adds the harmonic mean of base and new per seed, dg and cross
+    the average over the targets per seed.
+    """
+    per: dict[tuple[Any, str], dict[str, dict[int, float]]] = {}
+    shots_seen, seeds_seen = set(), set()
+    for row in rows:
+        if not row.get("finished"):
+            continue
+        m, config = row["last_result"], row["config"]
+        shots, seed = config.get("train.shots"), int(config.get("train.seed", 0))
+        shots_seen.add(shots)
+        seeds_seen.add(seed)
+        values = {source: (m.get(artifacts.TEST_METRIC), m.get(artifacts.ZEROSHOT_TEST_METRIC))}
+        found = artifacts.target_results(m)
+        for label in targets:
+            t = found.get(label, {})
+            values[label] = (t.get("test_acc"), t.get("zeroshot_test_acc"))
+        if protocol == "base2new":
+            (b, zb), (n, zn) = values[source], values[targets[0]]
+            if None not in (b, n, zb, zn):
+                values[HARMONIC] = (_harmonic(b, n), _harmonic(zb, zn))
+        elif targets:
+            accs = [values[t] for t in targets]
+            if all(None not in v for v in accs):
+                values[AVERAGE] = (statistics.fmean(a for a, _ in accs), statistics.fmean(z for _, z in accs))
+        for label, (coop, zs) in values.items():
+            if coop is None:
+                continue
+            cell = per.setdefault((shots, label), {"coop": {}, "zeroshot": {}})
+            cell["coop"][seed] = float(coop)
+            if zs is not None:
+                cell["zeroshot"][seed] = float(zs)
+    labels = [source, *targets] + ([HARMONIC] if protocol == "base2new" else [AVERAGE] if targets else [])
+    order = sorted(shots_seen, key=lambda k: (isinstance(k, str), k))
+    cells = []
+    for shots in order:
+        for label in labels:
+            cell = per.get((shots, label))
+            if cell is None:
+                continue
+            mean, std = _mean_std(list(cell["coop"].values()))
+            zmean, _ = _mean_std(list(cell["zeroshot"].values()))
+            cells.append({"shots": shots, "dataset": label, "coop_mean": mean, "coop_std": std,
+                          "coop_per_seed": {str(k): v for k, v in sorted(cell["coop"].items())},
+                          "zeroshot_mean": zmean, "n_seeds": len(cell["coop"]),
+                          "gain": None if zmean is None else mean - zmean})
+    return {"protocol": protocol, "source": source, "targets": list(targets), "datasets": labels,
+            "shots": order, "seeds": sorted(seeds_seen), "cells": cells,
+            "trials_counted": sum(bool(r.get("finished")) for r in rows), "trials": len(rows)}
+
+
+def format_table(results: Mapping[str, Any], markdown: bool = False) -> str:
+    """The study's table: one row per shot count and dataset (Markdown for the MLflow run's description)."""
+    header = ("shots", "dataset", "CoOp test acc % (mean ± std)", "per seed", "zero-shot CLIP %", "CoOp - zero-shot")
+    body = []
+    for c in results["cells"]:
+        seeds = ", ".join(f"{k}: {v:.2f}" for k, v in c["coop_per_seed"].items())
+        zs = "-" if c["zeroshot_mean"] is None else f"{c['zeroshot_mean']:.2f}"
+        gain = "-" if c["gain"] is None else f"{c['gain']:+.2f}"
+        body.append((str(c["shots"]), c["dataset"], f"{c['coop_mean']:.2f} ± {c['coop_std']:.2f} (n={c['n_seeds']})",
+                     seeds, zs, gain))
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join("  " + fmt.format(*r) for r in [header, *body])
+
+
+def describe(protocol: str, targets: Sequence[DatasetRef]):
+    """The study run's description (a ``SweepPlan.describe``)."""
+
+    def text(spec: Any, info: Mapping[str, Any]) -> str:
+        from platform import tracking
+
+        what = {"fewshot": "test accuracy against shots", "dg": "domain generalisation",
+                "base2new": "base-to-new generalisation (train on the base classes, test on base and new)",
+                "cross": "cross-dataset transfer"}[protocol]
+        on = f" to {', '.join(t.label for t in targets)}" if protocol in ("dg", "cross") else ""
+        return (f"**Study `{info['name']}`**: {what}{on}, CoOp on {spec.data_ref.label} with `{spec.model.backbone}`, "
+                f"a {spec.prompt.n_ctx}-token {'class-specific' if spec.prompt.csc else 'unified'} context "
+                f"(class at the {spec.prompt.class_token_position}), at every shot count and seed; each trial is a "
+                "child run below. The table and figure appear here and under the `study/` artifacts when the trials "
+                f"have ended.\n\n- [trials table]({tracking.runs_view_link(info['experiment_id'], info['view_key'])})"
+                f"\n- study folder: `{info['sweep_dir']}`")
+
+    return text
+
+
+def finish(protocol: str, targets: Sequence[DatasetRef]):
+    """Log the study's table, results and figure to its parent run (a ``SweepPlan.finish``)."""
+
+    def log(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], state: Mapping[str, Any]) -> dict:
+        from platform import tracking
+        from platform.run_spec import RunSpec
+
+        from mlflow.tracking import MlflowClient
+
+        from dashboards.study import plot_study
+
+        spec = RunSpec.from_dict(state["base_spec"])
+        results = study_results(rows, protocol, spec.data_ref.label, [t.label for t in targets])
+        uri, parent = state["tracking_uri"], state["parent_run_id"]
+        client = MlflowClient(uri)
+        folder = Path(summary["sweep_dir"]) / STUDY_ARTIFACT_DIR if "://" not in summary["sweep_dir"] else None
+        with tempfile.TemporaryDirectory() as tmp:
+            out = folder or Path(tmp)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "results.json").write_text(json.dumps(results, indent=2))
+            (out / "table.md").write_text(format_table(results, markdown=True) + "\n")
+            drawn = plot_study(results, out / "acc_vs_shots.png")
+            for f in sorted(out.iterdir()):
+                client.log_artifact(parent, str(f), artifact_path=STUDY_ARTIFACT_DIR)
+        metrics = []
+        for c in results["cells"]:
+            if isinstance(c["shots"], int):
+                key = f"{STUDY_ARTIFACT_DIR}/{c['dataset']}"
+                metrics += [(f"{key}/test_acc_mean", c["coop_mean"], c["shots"]),
+                            (f"{key}/test_acc_std", c["coop_std"], c["shots"])]
+                if c["zeroshot_mean"] is not None:
+                    metrics.append((f"{key}/zeroshot_test_acc", c["zeroshot_mean"], c["shots"]))
+        for key, value, step in metrics:
+            client.log_metric(parent, key.replace(" ", "_"), value, step=step)
+        current = client.get_run(parent).data.tags.get(tracking.NOTE_TAG, "")
+        tracking.set_description(parent, current.split("\n\n## Results")[0] + "\n\n## Results\n\n"
+                                 + format_table(results, markdown=True)
+                                 + f"\n\nFigure: `{STUDY_ARTIFACT_DIR}/acc_vs_shots.png`.", tracking_uri=uri)
+        return {"study": results | {"figure": str(folder / "acc_vs_shots.png") if folder else
+                                    f"{STUDY_ARTIFACT_DIR}/acc_vs_shots.png", "figure_data": drawn}}
+
+    return log
+
+
+def report(summary: Mapping[str, Any]) -> str:
+    """The study's table after the sweep's report (a ``SweepPlan.report``)."""
+    results = summary.get("study")
+    if not results or not results["cells"]:
+        return "\n  study: no trial ran every epoch, no table"
+    n_seeds = len(results["seeds"])
+    lines = ["", f"Study ({results['protocol']}): test accuracy over {n_seeds} seed(s) "
+                 f"{', '.join(map(str, results['seeds']))}; {results['trials_counted']} of {results['trials']} "
+                 "trials counted", "", format_table(results), "",
+             f"  figure             {results['figure']} (also under the study run's {STUDY_ARTIFACT_DIR}/ artifacts)"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (0 ok, 1 no trial finished, 2 bad input)."""
+    from platform import tracking
+    from platform.cli import INPUT_ERRORS, configure_logging, dataset_ref_from_args, fail
+    from platform.tune import SweepPlan, run_sweep
+
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    args.classes = "base" if args.protocol == "base2new" else "all"
+    try:
+        if args.from_champion:
+            overrides = champion_overrides(dataset_ref_from_args(args).name,
+                                           tracking.resolve_tracking_uri(args.tracking_uri))
+            for key, value in overrides.items():
+                setattr(args, key, value)
+        source = dataset_ref_from_args(args)
+        targets = resolve_targets(args, source)
+        if len(set(args.shots)) != len(args.shots) or len(set(args.seeds)) != len(args.seeds):
+            raise ValueError("--shots and --seeds must not repeat a value")
+    except INPUT_ERRORS as err:
+        return fail(str(err))
+    args.shot_counts, args.seed_list = list(args.shots), list(args.seeds)
+    args.shots, args.seed = args.shot_counts[0], args.seed_list[0]
+    args.grid = [f"train.shots={','.join(map(str, args.shot_counts))}",
+                 f"train.seed={','.join(map(str, args.seed_list))}"]
+    args.eval_targets = targets
+    # What platform.tune's flags would give; a study searches nothing and stops no trial early.
+    args.num_samples, args.fixed, args.search_seed, args.grace_period, args.reduction_factor = 1, [], None, 1, 2.0
+    plan = SweepPlan(kind="study", entry_point="platform.study", search=False, early_stopping=False, register=False,
+                     describe=describe(args.protocol, targets), finish=finish(args.protocol, targets), report=report,
+                     json_keys=("study",))
+    return run_sweep(args, plan)
+
+
+if __name__ == "__main__":
+    from platform.study import main as _main
+
+    try:
+        sys.exit(_main())
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)

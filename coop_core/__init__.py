@@ -14,6 +14,7 @@ from coop_core.fewshot import FewShotSplits, build_few_shot, sample_few_shot
 from coop_core.interpret import nearest_words, nearest_words_table
 from coop_core.model import CoOpModel
 from coop_core.pipeline import build_model, prepare_features, run_coop
+from coop_core.presets import Preset, PublishedResult, get_preset, list_presets, published_results, register_preset
 from coop_core.prompt_learner import PromptLearner
 from coop_core.prompts_io import PromptMeta, load_prompts, save_prompts
 from coop_core.text_encoder import TextEncoder
@@ -26,4 +27,5 @@ __all__ = [
     "build_model", "choose_text_sharding", "datasets", "default_epochs", "evaluate", "list_datasets", "load_clip",
     "load_dataset", "load_prompts", "nearest_words", "nearest_words_table", "prepare_features", "run_coop",
     "sample_few_shot", "save_prompts", "text_sharding_for", "train", "zeroshot_evaluate", "zeroshot_text_features",
+    "Preset", "PublishedResult", "get_preset", "list_presets", "published_results", "register_preset",
 ]

@@ -1,0 +1,304 @@
+"""The papers' configurations as named presets, and the published numbers they should reproduce.
+
+A :class:`Preset` is a CoOp configuration from the IJCV paper (Zhou et al., arXiv 2109.01134) or the CoOp baseline of
+the CoCoOp paper (Zhou et al., CVPR'22, arXiv 2203.05557): the backbone, the prompt, and the training fields that
+differ from :class:`~coop_core.config.TrainConfig`'s defaults. Shots and seeds are not part of a preset: a study
+sweeps them. Every value is checked against the reference repository (github.com/KaiyangZhou/CoOp, which holds both
+papers' configs and scripts); ``source`` names the file it comes from.
+
+:class:`PublishedResult` records hold numbers the papers report, each with the table it comes from. Only numbers that
+could be read in a retrievable source are listed; docs/paper_results.md says what is missing and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from coop_core.config import ModelConfig, PromptConfig, TrainConfig
+from coop_core.datasets import list_datasets
+
+_KEY_RE = re.compile(r"[a-z0-9_]+")
+
+
+class _ReadOnlyDict(dict):
+    """A dict that refuses changes: a frozen preset's ``train`` must not change under it, yet stay a dict so that
+    ``dataclasses.asdict`` and ``json`` serialise it (a ``MappingProxyType`` cannot be deep-copied)."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("a preset's train mapping is read-only; use dataclasses.replace(preset, train={...})")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse  # type: ignore[assignment]
+
+# Swept by a study (``--shots``, ``--seeds``), so a preset may not fix them.
+_STUDY_FIELDS = ("shots", "seed")
+_TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+PROTOCOLS = ("fewshot", "dg", "base2new", "cross")
+METHODS = ("coop", "zeroshot_clip")
+METRICS = ("test_acc", "base_acc", "new_acc", "harmonic_mean")
+# ``dataset`` of a result averaged over CoOp's 11 datasets (ImageNet, Caltech101, OxfordPets, StanfordCars,
+# Flowers102, Food101, FGVCAircraft, SUN397, DTD, EuroSAT, UCF101).
+AVERAGE_11 = "average_11"
+# ``target`` of a cross-dataset result averaged over the 10 target datasets (the 11 above less ImageNet).
+AVERAGE_10_TARGETS = "average_10"
+# The ImageNet variants of the domain-generalisation protocol, spelled as CoOp's configs/datasets/*.yaml.
+DG_TARGETS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One named configuration of the papers.
+
+    name: lowercase registry key == the CLI's ``--preset`` value.
+    description: one line saying what the configuration is.
+    model: backbone and pretrained tag, spelled as open_clip spells them.
+    prompt: the prompt; with ``ctx_init`` set, ``n_ctx`` must equal its word count (the reference derives it so).
+    train: only the :class:`TrainConfig` fields that differ from its defaults (never ``shots`` or ``seed``).
+    source: the reference config file and script arguments (or paper section) the preset reproduces.
+    """
+
+    name: str
+    description: str
+    model: ModelConfig
+    prompt: PromptConfig
+    train: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _KEY_RE.fullmatch(self.name):
+            raise ValueError(f"preset name must be lowercase [a-z0-9_]+, got {self.name!r}")
+        if not isinstance(self.description, str) or not self.description.strip() or "\n" in self.description:
+            raise ValueError(f"preset {self.name!r}: description must be one non-empty line")
+        if not isinstance(self.model, ModelConfig):
+            raise ValueError(f"preset {self.name!r}: model must be a ModelConfig, got {type(self.model).__name__}")
+        if not isinstance(self.prompt, PromptConfig):
+            raise ValueError(f"preset {self.name!r}: prompt must be a PromptConfig, got {type(self.prompt).__name__}")
+        if self.prompt.ctx_init and self.prompt.n_ctx != len(self.prompt.ctx_init.split()):
+            raise ValueError(
+                f"preset {self.name!r}: n_ctx ({self.prompt.n_ctx}) must equal the word count of ctx_init "
+                f"{self.prompt.ctx_init!r} ({len(self.prompt.ctx_init.split())}), as the prompt learner uses"
+            )
+        if not isinstance(self.train, Mapping):
+            raise ValueError(f"preset {self.name!r}: train must be a mapping of TrainConfig fields")
+        unknown = sorted(set(self.train) - set(_TRAIN_FIELDS))
+        if unknown:
+            raise ValueError(f"preset {self.name!r}: unknown TrainConfig fields {unknown}; allowed: {_TRAIN_FIELDS}")
+        fixed = sorted(set(self.train) & set(_STUDY_FIELDS))
+        if fixed:
+            raise ValueError(f"preset {self.name!r}: {fixed} are chosen per run (--shots/--seeds), not by a preset")
+        TrainConfig(**self.train)  # a bad value raises TrainConfig's own ValueError
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise ValueError(f"preset {self.name!r}: source must name the config or paper section it reproduces")
+        object.__setattr__(self, "train", _ReadOnlyDict(self.train))
+
+    def train_config(self, shots: int | str = 16, seed: int = 1, **overrides: Any) -> TrainConfig:
+        """The :class:`TrainConfig` for one run of this preset: its fields, then ``overrides`` on top."""
+        return TrainConfig(**{**self.train, **overrides, "shots": shots, "seed": seed})
+
+
+@dataclass(frozen=True)
+class PublishedResult:
+    """One number a paper reports for a preset's configuration.
+
+    protocol: fewshot, dg (train on ImageNet, test on its variants), base2new or cross (train on ImageNet, test on
+    other datasets). method: "coop", or "zeroshot_clip" for the hand-crafted-prompt baseline on the preset's
+    backbone. preset: the registered preset whose configuration produced (or, for zero-shot, whose backbone gave) it.
+    dataset: the training dataset, or ``AVERAGE_11`` for an average over the 11 datasets. target: the evaluated
+    dataset for dg/cross (``None`` otherwise). shots: training images per class. metric: test_acc, base_acc, new_acc
+    or harmonic_mean. value: percent. source: paper, table and where it was read.
+    """
+
+    protocol: str
+    method: str
+    preset: str
+    dataset: str
+    shots: int
+    metric: str
+    value: float
+    source: str
+    target: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        get_preset(self.preset)  # unknown -> ValueError listing the presets
+        if self.dataset != AVERAGE_11 and self.dataset not in list_datasets():
+            raise ValueError(f"dataset must be a registered dataset or {AVERAGE_11!r}, got {self.dataset!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if not isinstance(self.shots, int) or isinstance(self.shots, bool) or self.shots < 1:
+            raise ValueError(f"shots must be a positive integer, got {self.shots!r}")
+        if not 0.0 <= self.value <= 100.0:
+            raise ValueError(f"value is a percentage in [0, 100], got {self.value!r}")
+        if not self.source.strip():
+            raise ValueError("source must name the paper and table the number comes from")
+        needs_target = self.protocol in ("dg", "cross")
+        if needs_target and not self.target:
+            raise ValueError(f"a {self.protocol} result needs the target dataset it was evaluated on")
+        if not needs_target and self.target is not None:
+            raise ValueError(f"a {self.protocol} result has no target, got {self.target!r}")
+        if self.protocol == "dg" and self.target not in ("imagenet", *DG_TARGETS):
+            raise ValueError(f"a dg target must be imagenet or one of {DG_TARGETS}, got {self.target!r}")
+        if self.protocol == "cross" and self.target not in (AVERAGE_10_TARGETS, *list_datasets()):
+            raise ValueError(f"a cross target must be a registered dataset or {AVERAGE_10_TARGETS!r}")
+
+
+# The registry: explicit, filled below.
+_PRESETS: dict[str, Preset] = {}
+
+
+def register_preset(preset: Preset) -> Preset:
+    """Add ``preset`` to the registry under ``preset.name``.
+
+    Raises:
+        ValueError: If it is not a :class:`Preset` or its key is already registered.
+    """
+    if not isinstance(preset, Preset):
+        raise ValueError(f"register_preset expects a Preset, got {type(preset).__name__}")
+    if preset.name in _PRESETS:
+        raise ValueError(f"preset {preset.name!r} is already registered")
+    _PRESETS[preset.name] = preset
+    return preset
+
+
+def list_presets() -> list[str]:
+    """Registered preset keys, sorted."""
+    return sorted(_PRESETS)
+
+
+def get_preset(name: str) -> Preset:
+    """The registered preset ``name``.
+
+    Raises:
+        ValueError: If ``name`` is not registered; the message lists the registered presets.
+    """
+    try:
+        return _PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(list_presets())}") from None
+
+
+_RN50 = ModelConfig(backbone="RN50", pretrained="openai")
+_VIT_B16 = ModelConfig(backbone="ViT-B-16", pretrained="openai")
+_MAIN = "CoOp COOP.md + scripts/coop/main.sh"
+_EPOCHS_BY_SHOTS = "epochs by shots as TrainConfig's default (1: *_ep50.yaml, 2/4: *_ep100.yaml, 8/16: 200 epochs)"
+
+# CoOp IJCV, few-shot learning (Sec. 4.1, Fig. 3): the four RN50 variants COOP.md lists (M=16; end/mid; unified/CSC).
+for _ctp, _short in (("end", "end"), ("middle", "mid")):
+    for _csc in (False, True):
+        register_preset(Preset(
+            name=f"coop_rn50_{_ctp}{'_csc' if _csc else ''}",
+            description=(
+                f"CoOp few-shot, RN50, 16 {'class-specific' if _csc else 'unified'} context tokens, class token "
+                f"at the {_ctp}, random init"
+            ),
+            model=_RN50,
+            prompt=PromptConfig(n_ctx=16, ctx_init="", csc=_csc, class_token_position=_ctp),
+            source=(
+                f"{_MAIN} `<dataset> rn50 {_ctp} 16 <shots> {_csc}` (CLIP + CoOp (M=16, {_short}"
+                f"{', CSC' if _csc else ''})); configs/trainers/CoOp/rn50.yaml; {_EPOCHS_BY_SHOTS}"
+            ),
+        ))
+
+register_preset(Preset(
+    name="coop_vit_b16_end",
+    description="CoOp few-shot, ViT-B/16, 16 unified context tokens, class token at the end, random init",
+    model=_VIT_B16,
+    prompt=PromptConfig(n_ctx=16, ctx_init="", csc=False, class_token_position="end"),
+    source=f"{_MAIN} `<dataset> vit_b16 end 16 <shots> False`; configs/trainers/CoOp/vit_b16.yaml; {_EPOCHS_BY_SHOTS}",
+))
+
+# CoOp IJCV, domain generalisation: train on ImageNet (16 shots, M=16, unified, end), evaluate on its variants.
+# COOP.md: "for ImageNet, we use CoOp/configs/trainers/CoOp/*_ep50.yaml for all settings"; scripts/coop/eval.sh loads
+# SHOTS=16 NCTX=16 CSC=False CTP=end models with --load-epoch 50.
+for _name, _model, _cfg, _arch in (
+    ("coop_rn50_imagenet", _RN50, "rn50", "RN50"),
+    ("coop_vit_b16_imagenet", _VIT_B16, "vit_b16", "ViT-B/16"),
+):
+    register_preset(Preset(
+        name=_name,
+        description=f"CoOp on ImageNet for domain generalisation, {_arch}, 16 unified context tokens, end, 50 epochs",
+        model=_model,
+        prompt=PromptConfig(n_ctx=16, ctx_init="", csc=False, class_token_position="end"),
+        train={"epochs": 50},
+        source=(
+            f"{_MAIN} `imagenet {_cfg}_ep50 end 16 16 False`; configs/trainers/CoOp/{_cfg}_ep50.yaml (MAX_EPOCH 50); "
+            f"COOP.md 'for ImageNet ... *_ep50.yaml for all settings'; evaluated by scripts/coop/eval.sh "
+            f"(--load-epoch 50) on imagenetv2, imagenet_sketch, imagenet_a, imagenet_r"
+        ),
+    ))
+
+# CoCoOp CVPR'22, the CoOp baseline of base-to-new (Table 1) and cross-dataset (Table 2): ViT-B/16, context
+# initialised from "a photo of a" (so 4 tokens), 16 shots. scripts/cocoop/base2new_train.sh and xd_train.sh:
+# "CFG=vit_b16_ctxv1  # uncomment this when TRAINER=CoOp" and "CFG=vit_b16_ep50_ctxv1  # ... TRAINER=CoOp and
+# DATASET=imagenet"; both configs fix MAX_EPOCH (200 and 50) whatever the shot count, hence the explicit epochs.
+register_preset(Preset(
+    name="coop_vit_b16_ctxv1",
+    description="CoCoOp's CoOp baseline (base-to-new), ViT-B/16, context from 'a photo of a' (4 tokens), 200 epochs",
+    model=_VIT_B16,
+    prompt=PromptConfig(n_ctx=4, ctx_init="a photo of a", csc=False, class_token_position="end"),
+    train={"epochs": 200},
+    source=(
+        "CoCoOp COCOOP.md + scripts/cocoop/base2new_train.sh with TRAINER=CoOp, CFG=vit_b16_ctxv1, SHOTS=16, "
+        "DATASET.SUBSAMPLE_CLASSES base; configs/trainers/CoOp/vit_b16_ctxv1.yaml (MAX_EPOCH 200, CTX_INIT "
+        "'a photo of a'; N_CTX/CSC/CLASS_TOKEN_POSITION at train.py's defaults, ctx_init's 4 words win)"
+    ),
+))
+register_preset(Preset(
+    name="coop_vit_b16_ctxv1_imagenet",
+    description="CoCoOp's CoOp baseline on ImageNet (base-to-new, cross-dataset), ViT-B/16, 'a photo of a', 50 epochs",
+    model=_VIT_B16,
+    prompt=PromptConfig(n_ctx=4, ctx_init="a photo of a", csc=False, class_token_position="end"),
+    train={"epochs": 50},
+    source=(
+        "CoCoOp COCOOP.md + scripts/cocoop/base2new_train.sh and xd_train.sh with TRAINER=CoOp, "
+        "CFG=vit_b16_ep50_ctxv1 (DATASET=imagenet), SHOTS=16; configs/trainers/CoOp/vit_b16_ep50_ctxv1.yaml "
+        "(MAX_EPOCH 50, CTX_INIT 'a photo of a')"
+    ),
+))
+
+# Read in third-party READMEs that quote the tables; the papers themselves could not be retrieved here.
+_B2N_SOURCE = (
+    "CoCoOp CVPR'22 Table 1(a) (average over 11 datasets, ViT-B/16), as quoted in the READMEs of "
+    "muhammad-bilal-01/FusePrompt, zhengli97/ATPrompt and HiCroPL (ICCV'25)"
+)
+_CROSS_SOURCE = "CoCoOp CVPR'22 Table 2 (ViT-B/16, ImageNet -> 10 datasets), as quoted in muhammad-bilal-01/FusePrompt"
+
+_PUBLISHED: tuple[PublishedResult, ...] = (
+    PublishedResult("base2new", "zeroshot_clip", "coop_vit_b16_ctxv1", AVERAGE_11, 16, "base_acc", 69.34, _B2N_SOURCE),
+    PublishedResult("base2new", "zeroshot_clip", "coop_vit_b16_ctxv1", AVERAGE_11, 16, "new_acc", 74.22, _B2N_SOURCE),
+    PublishedResult(
+        "base2new", "zeroshot_clip", "coop_vit_b16_ctxv1", AVERAGE_11, 16, "harmonic_mean", 71.70, _B2N_SOURCE
+    ),
+    PublishedResult("base2new", "coop", "coop_vit_b16_ctxv1", AVERAGE_11, 16, "base_acc", 82.69, _B2N_SOURCE),
+    PublishedResult("base2new", "coop", "coop_vit_b16_ctxv1", AVERAGE_11, 16, "new_acc", 63.22, _B2N_SOURCE),
+    PublishedResult("base2new", "coop", "coop_vit_b16_ctxv1", AVERAGE_11, 16, "harmonic_mean", 71.66, _B2N_SOURCE),
+    PublishedResult(
+        "cross", "coop", "coop_vit_b16_ctxv1_imagenet", "imagenet", 16, "test_acc", 71.51, _CROSS_SOURCE,
+        target="imagenet",
+    ),
+    PublishedResult(
+        "cross", "coop", "coop_vit_b16_ctxv1_imagenet", "imagenet", 16, "test_acc", 63.88, _CROSS_SOURCE,
+        target=AVERAGE_10_TARGETS,
+    ),
+)
+
+
+def published_results(protocol: str | None = None, dataset: str | None = None) -> list[PublishedResult]:
+    """The published numbers, optionally only those of one ``protocol`` and/or training ``dataset``.
+
+    Raises:
+        ValueError: If ``protocol`` is given and is not one of :data:`PROTOCOLS`.
+    """
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    return [
+        r for r in _PUBLISHED
+        if (protocol is None or r.protocol == protocol) and (dataset is None or r.dataset == dataset)
+    ]

@@ -1,0 +1,210 @@
+"""Presets build valid configs, pin the reference's values, and the published numbers point at real presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+import coop_core
+from coop_core.config import ModelConfig, PromptConfig, TrainConfig
+from coop_core.presets import (
+    AVERAGE_11,
+    PROTOCOLS,
+    Preset,
+    PublishedResult,
+    get_preset,
+    list_presets,
+    published_results,
+    register_preset,
+)
+
+
+def _preset(**overrides):
+    kwargs = {
+        "name": "test_preset",
+        "description": "a test preset",
+        "model": ModelConfig("RN50", "openai"),
+        "prompt": PromptConfig(),
+        "source": "tests",
+    }
+    return Preset(**{**kwargs, **overrides})
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_every_preset_builds_valid_configs_and_serialises(name):
+    preset = get_preset(name)
+    assert preset.name == name
+    # Each config rebuilds from its fields, so every value passes the configs' own validation.
+    ModelConfig(**dataclasses.asdict(preset.model))
+    PromptConfig(**dataclasses.asdict(preset.prompt))
+    for shots in (1, 16):
+        cfg = preset.train_config(shots=shots, seed=3)
+        assert (cfg.shots, cfg.seed) == (shots, 3)
+        assert TrainConfig(**dataclasses.asdict(cfg)) == cfg
+    assert json.loads(json.dumps(dataclasses.asdict(preset)))["name"] == name
+
+
+def test_the_registry_holds_the_papers_settings():
+    assert list_presets() == [
+        "coop_rn50_end", "coop_rn50_end_csc", "coop_rn50_imagenet", "coop_rn50_middle", "coop_rn50_middle_csc",
+        "coop_vit_b16_ctxv1", "coop_vit_b16_ctxv1_imagenet", "coop_vit_b16_end", "coop_vit_b16_imagenet",
+    ]
+    assert coop_core.get_preset is get_preset and coop_core.list_presets is list_presets
+
+
+@pytest.mark.parametrize(
+    ("name", "csc", "position"),
+    [
+        ("coop_rn50_end", False, "end"),
+        ("coop_rn50_end_csc", True, "end"),
+        ("coop_rn50_middle", False, "middle"),
+        ("coop_rn50_middle_csc", True, "middle"),
+    ],
+)
+def test_few_shot_presets_are_coop_md_main_sh_arguments(name, csc, position):
+    # COOP.md: `main.sh <dataset> rn50 <end|middle> 16 <shots> <False|True>`; configs/trainers/CoOp/rn50.yaml.
+    preset = get_preset(name)
+    assert preset.model == ModelConfig("RN50", "openai")
+    assert preset.prompt == PromptConfig(n_ctx=16, ctx_init="", csc=csc, class_token_position=position)
+    assert dict(preset.train) == {}
+    # No fixed epochs: the schedule by shots (rn50_ep50 at 1 shot, rn50_ep100 at 2/4, rn50 = 200 at 8/16).
+    assert [preset.train_config(shots=k).resolved_epochs for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+    assert f"rn50 {position} 16 <shots> {csc}" in preset.source
+
+
+@pytest.mark.parametrize(("name", "backbone"), [("coop_rn50_imagenet", "RN50"), ("coop_vit_b16_imagenet", "ViT-B-16")])
+def test_domain_generalisation_presets_train_50_epochs_at_every_shot_count(name, backbone):
+    # COOP.md: ImageNet uses *_ep50.yaml for all settings; eval.sh loads NCTX=16 CSC=False CTP=end at epoch 50.
+    preset = get_preset(name)
+    assert preset.model == ModelConfig(backbone, "openai")
+    assert preset.prompt == PromptConfig(n_ctx=16, ctx_init="", csc=False, class_token_position="end")
+    assert [preset.train_config(shots=k).resolved_epochs for k in (1, 4, 16)] == [50, 50, 50]
+    assert "_ep50.yaml" in preset.source
+
+
+@pytest.mark.parametrize(("name", "epochs", "config"), [
+    ("coop_vit_b16_ctxv1", 200, "vit_b16_ctxv1"),
+    ("coop_vit_b16_ctxv1_imagenet", 50, "vit_b16_ep50_ctxv1"),
+])
+def test_cocoop_baseline_presets_are_vit_b16_with_a_photo_of_a(name, epochs, config):
+    # scripts/cocoop/base2new_train.sh / xd_train.sh with TRAINER=CoOp: CFG=vit_b16_ctxv1 (vit_b16_ep50_ctxv1 on
+    # ImageNet); both YAMLs set CTX_INIT "a photo of a", so the prompt learner uses its 4 words as the context.
+    preset = get_preset(name)
+    assert preset.model == ModelConfig("ViT-B-16", "openai")
+    assert preset.prompt == PromptConfig(n_ctx=4, ctx_init="a photo of a", csc=False, class_token_position="end")
+    assert preset.train_config(shots=16).resolved_epochs == epochs
+    assert f"CFG={config}" in preset.source
+
+
+def test_unknown_preset_lists_the_registered_ones():
+    with pytest.raises(ValueError, match=r"unknown preset 'coop'; available: coop_rn50_end, coop_rn50_end_csc, "):
+        get_preset("coop")
+
+
+def test_duplicate_key_is_an_error():
+    with pytest.raises(ValueError, match=r"preset 'coop_rn50_end' is already registered"):
+        register_preset(_preset(name="coop_rn50_end"))
+    with pytest.raises(ValueError, match=r"register_preset expects a Preset, got dict"):
+        register_preset({"name": "x"})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"name": "CoOp-RN50"}, r"preset name must be lowercase \[a-z0-9_\]\+, got 'CoOp-RN50'"),
+        ({"description": ""}, r"description must be one non-empty line"),
+        ({"description": "two\nlines"}, r"description must be one non-empty line"),
+        ({"model": "RN50"}, r"model must be a ModelConfig, got str"),
+        ({"prompt": {"n_ctx": 16}}, r"prompt must be a PromptConfig, got dict"),
+        ({"prompt": PromptConfig(n_ctx=16, ctx_init="a photo of a")}, r"n_ctx \(16\) must equal the word count"),
+        ({"train": {"epoch": 50}}, r"unknown TrainConfig fields \['epoch'\]"),
+        ({"train": {"shots": 16}}, r"\['shots'\] are chosen per run"),
+        ({"train": {"seed": 2}}, r"\['seed'\] are chosen per run"),
+        ({"train": {"lr": -1.0}}, r"lr must be > 0, got -1.0"),
+        ({"source": " "}, r"source must name the config"),
+    ],
+)
+def test_preset_rejects_bad_values_and_says_why(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _preset(**overrides)
+
+
+def test_preset_is_frozen_and_its_train_mapping_read_only():
+    preset = get_preset("coop_rn50_imagenet")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        preset.name = "other"  # type: ignore[misc]
+    with pytest.raises(TypeError, match=r"read-only"):
+        preset.train["epochs"] = 10  # type: ignore[index]
+    assert preset.train_config().epochs == 50
+    changed = dataclasses.replace(preset, train={"epochs": 10})
+    assert changed.train_config().epochs == 10 and preset.train_config().epochs == 50
+
+
+def test_train_config_overrides_apply_on_top_of_the_preset():
+    cfg = get_preset("coop_vit_b16_ctxv1").train_config(shots=16, seed=2, precision="bf16", epochs=5)
+    assert (cfg.epochs, cfg.precision, cfg.seed, cfg.lr) == (5, "bf16", 2, 0.002)
+
+
+@pytest.mark.parametrize("result", published_results(), ids=lambda r: f"{r.protocol}-{r.method}-{r.metric}-{r.target}")
+def test_published_results_reference_presets_and_are_sane(result):
+    preset = get_preset(result.preset)
+    assert result.protocol in PROTOCOLS
+    assert 10.0 < result.value < 100.0
+    assert result.shots == 16
+    assert "Table" in result.source
+    if result.protocol in ("dg", "cross"):
+        assert result.dataset == "imagenet" and preset.train_config().resolved_epochs == 50
+
+
+def test_published_numbers_pin_their_sources():
+    b2n = {(r.method, r.metric): r.value for r in published_results(protocol="base2new")}
+    # CoCoOp CVPR'22 Table 1(a), average over 11 datasets.
+    assert b2n == {
+        ("zeroshot_clip", "base_acc"): 69.34, ("zeroshot_clip", "new_acc"): 74.22,
+        ("zeroshot_clip", "harmonic_mean"): 71.70,
+        ("coop", "base_acc"): 82.69, ("coop", "new_acc"): 63.22, ("coop", "harmonic_mean"): 71.66,
+    }
+    # The harmonic means are the harmonic means of their base and new accuracies (to the table's rounding).
+    for method in ("zeroshot_clip", "coop"):
+        base, new = b2n[(method, "base_acc")], b2n[(method, "new_acc")]
+        assert 2 * base * new / (base + new) == pytest.approx(b2n[(method, "harmonic_mean")], abs=0.01)
+    cross = {r.target: r.value for r in published_results(protocol="cross", dataset="imagenet")}
+    assert cross == {"imagenet": 71.51, "average_10": 63.88}  # CoCoOp CVPR'22 Table 2, CoOp row
+
+
+def test_published_results_filter():
+    assert all(r.dataset == AVERAGE_11 for r in published_results(dataset=AVERAGE_11))
+    assert len(published_results(dataset=AVERAGE_11)) == 6
+    assert published_results(protocol="base2new", dataset="imagenet") == []
+    assert len(published_results()) == sum(len(published_results(protocol=p)) for p in PROTOCOLS)
+    with pytest.raises(ValueError, match=r"protocol must be one of \('fewshot', 'dg', 'base2new', 'cross'\)"):
+        published_results(protocol="b2n")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"protocol": "fewshots"}, r"protocol must be one of"),
+        ({"method": "cocoop"}, r"method must be one of \('coop', 'zeroshot_clip'\)"),
+        ({"preset": "nope"}, r"unknown preset 'nope'; available:"),
+        ({"dataset": "cifar10"}, r"dataset must be a registered dataset or 'average_11'"),
+        ({"metric": "acc"}, r"metric must be one of"),
+        ({"shots": 0}, r"shots must be a positive integer"),
+        ({"value": 101.0}, r"value is a percentage in \[0, 100\]"),
+        ({"source": ""}, r"source must name the paper"),
+        ({"protocol": "dg", "dataset": "imagenet"}, r"a dg result needs the target dataset"),
+        ({"protocol": "dg", "dataset": "imagenet", "target": "imagenet_c"}, r"a dg target must be imagenet or one of"),
+        ({"target": "eurosat"}, r"a fewshot result has no target, got 'eurosat'"),
+        ({"protocol": "cross", "dataset": "imagenet", "target": "cifar10"}, r"a cross target must be"),
+    ],
+)
+def test_published_result_rejects_bad_values(overrides, message):
+    kwargs = {
+        "protocol": "fewshot", "method": "coop", "preset": "coop_rn50_end", "dataset": "eurosat", "shots": 16,
+        "metric": "test_acc", "value": 80.0, "source": "CoOp IJCV Table X",
+    }
+    assert PublishedResult(**kwargs).value == 80.0  # the base record is valid; each override breaks one field
+    with pytest.raises(ValueError, match=message):
+        PublishedResult(**{**kwargs, **overrides})

@@ -21,7 +21,7 @@ from platform.run_spec import (
     load_splits,
     load_target_splits,
 )
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import open_clip
 
@@ -39,6 +39,7 @@ from coop_core.config import (
 from coop_core.datasets import CLASS_SUBSETS, DEFAULT_TEMPLATE, DatasetSplits, folder_source, list_datasets
 from coop_core.datasets.base import check_every_class_has_training_images, check_images_exist
 from coop_core.fewshot import build_few_shot, check_shots_fit
+from coop_core.presets import get_preset, list_presets
 from coop_core.prompt_learner import check_prompt_fits
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, study: bool = False) -
     data.add_argument("--cache-dir", default=default_cache_dir(),
                       help="feature/few-shot cache shared by all workers and trials (default: $COOP_CACHE_DIR, "
                            "~/.cache/coop, or ./.cache/coop)")
+    data.add_argument("--preset", default=None, metavar="NAME",
+                      help="start from one of the papers' configurations (backbone, prompt, recipe; see README, "
+                           f"Reproducing the paper): {', '.join(list_presets())}; flags given explicitly win")
     model = parser.add_argument_group("backbone")
     model.add_argument("--backbone", default="ViT-B-16",
                        help="open_clip architecture (ViT-B-16, RN50, ...) or a path to an open_clip model-config JSON")
@@ -157,6 +161,32 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, study: bool = False) -
     workers.add_argument("--placement-strategy", default="PACK", choices=PLACEMENT_STRATEGIES,
                          help="where a run's workers go: PACK on as few nodes as fit (fastest all-reduce; default), "
                               "SPREAD on different nodes where possible; STRICT_* fail rather than fall back")
+
+
+def preset_defaults(name: str) -> dict[str, Any]:
+    """The flag defaults a ``--preset`` sets (argparse destinations: ``backbone``, ``n_ctx``, ``lr``, ...).
+
+    Raises:
+        ValueError: an unknown preset (the message lists them).
+    """
+    preset = get_preset(name)
+    return {"backbone": preset.model.backbone, "pretrained": preset.model.pretrained,
+            "n_ctx": preset.prompt.n_ctx, "ctx_init": preset.prompt.ctx_init, "csc": preset.prompt.csc,
+            "class_token_position": preset.prompt.class_token_position, **dict(preset.train)}
+
+
+def parse_run_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse a CLI's flags with ``--preset`` applied first: the preset's values become the defaults, so every flag
+    given explicitly still wins. An unknown preset is a usage error (exit 2, one line)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.preset is not None:
+        try:
+            parser.set_defaults(**preset_defaults(known.preset))
+        except ValueError as err:
+            parser.error(f"argument --preset: {err}")
+    return parser.parse_args(argv)
 
 
 def dataset_ref(value: str, *, classes: str = "all", name: str | None = None, template: str | None = None,

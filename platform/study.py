@@ -334,10 +334,10 @@ def report(summary: Mapping[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 no trial finished, 2 bad input)."""
     from platform import tracking
-    from platform.cli import INPUT_ERRORS, configure_logging, dataset_ref_from_args, fail
+    from platform.cli import INPUT_ERRORS, configure_logging, dataset_ref_from_args, fail, parse_run_args
     from platform.tune import SweepPlan, run_sweep
 
-    args = build_parser().parse_args(argv)
+    args = parse_run_args(build_parser(), argv)
     configure_logging(args.verbose)
     args.classes = "base" if args.protocol == "base2new" else "all"
     try:

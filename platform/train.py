@@ -34,6 +34,7 @@ from platform.cli import (
     configure_logging,
     fail,
     hub_unreachable_use_cache,
+    parse_run_args,
     spec_from_args,
 )
 from platform.cluster_check import check_shared_paths
@@ -109,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 training failed, 2 bad input / data / weights)."""
     from platform import tracking
 
-    args = build_parser().parse_args(argv)
+    args = parse_run_args(build_parser(), argv)
     configure_logging(args.verbose)
     tracking.limit_http_retries()
     t0 = time.perf_counter()

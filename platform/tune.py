@@ -444,7 +444,9 @@ def grid_epochs(spec: Any, grid: Mapping[str, Sequence[Any]] | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 no trial finished, 2 bad input / data / weights)."""
-    return run_sweep(build_parser().parse_args(argv))
+    from platform.cli import parse_run_args
+
+    return run_sweep(parse_run_args(build_parser(), argv))
 
 
 def run_sweep(args: argparse.Namespace, plan: SweepPlan = SweepPlan()) -> int:

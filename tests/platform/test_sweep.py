@@ -14,7 +14,6 @@ import contextlib
 import io
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -23,52 +22,13 @@ from platform.sweep_tracking import EARLY_STOPPED_TAG, TRIAL_TAG
 from platform.tune import main
 
 import pytest
-import torch
-import torch.nn.functional as F
+from aligned import aligned_tiny_checkpoint
 from servers import wait_until_up
 
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[2]
-RIDGE_IMAGES_PER_CLASS = 30
 SEARCHED = ("prompt.n_ctx", "prompt.ctx_init", "prompt.class_token_position", "prompt.csc", "train.lr")
-
-
-def aligned_tiny_checkpoint(config_json: str, data_root: Path, out: Path) -> Path:
-    """Tiny ViT weights whose image projection maps EuroSAT train images onto their class's zero-shot text feature.
-
-    Random weights, except ``visual.proj``: the ridge-regression solution from pooled image features (before the
-    projection) of 30 train images per class to the normalised text features of "a centered satellite photo of
-    <class>.". That gives the frozen CLIP a zero-shot accuracy well above chance in a few seconds of CPU.
-    """
-    from PIL import Image
-
-    from coop_core.backbone import load_clip
-    from coop_core.datasets import load_dataset
-    from coop_core.transforms import test_transform
-
-    clip = load_clip(config_json, "none")
-    model = clip.model
-    splits = load_dataset("eurosat", data_root)
-    by_label: dict[int, list] = {}
-    for item in splits.train:
-        by_label.setdefault(item.label, []).append(item)
-    rng = random.Random(0)
-    items = [it for label in sorted(by_label) for it in rng.sample(sorted(by_label[label], key=lambda i: i.path),
-                                                                   RIDGE_IMAGES_PER_CLASS)]
-    transform = test_transform(clip.image_size, clip.mean, clip.std)
-    images = torch.stack([transform(Image.open(splits.image_dir / it.path).convert("RGB")) for it in items])
-    labels = torch.tensor([it.label for it in items])
-    with torch.no_grad():
-        proj, model.visual.proj = model.visual.proj, None
-        pooled = model.visual(images)  # (n, width), before the projection
-        model.visual.proj = proj
-        prompts = clip.tokenizer([splits.template.format(c) for c in splits.classnames])
-        text = F.normalize(model.encode_text(prompts), dim=-1)  # (n_cls, embed_dim)
-        gram = pooled.T @ pooled + 0.01 * torch.eye(pooled.shape[1])
-        model.visual.proj.copy_(torch.linalg.solve(gram, pooled.T @ text[labels]))  # (width, embed_dim)
-    torch.save(model.state_dict(), out)
-    return out
 
 
 def _sweep(argv: list[str]) -> dict:

@@ -1,0 +1,158 @@
+"""``platform.study`` end to end on real EuroSAT with the ridge-aligned tiny ViT (zero-shot well above chance), and
+``platform.evaluate`` on the prompts it learned.
+
+One few-shot study (2 shot counts x 2 seeds, 3 epochs) and one base-to-new study (1 shot count, 1 seed) run on the
+shared local Ray in this module; the tests check the table against the trials' own MLflow runs, the figure against
+the table, and that a study registers nothing and stops no trial early.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import statistics
+from pathlib import Path
+from platform import evaluate, study
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.ray
+
+
+def _run(cli, argv: list[str]) -> dict:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli.main(argv)
+    lines = out.getvalue().strip().splitlines()
+    assert rc == 0, "\n".join(lines[-40:])
+    return {"summary": json.loads(lines[-1]), "report": "\n".join(lines[:-1])}
+
+
+@pytest.fixture(scope="module")
+def studies(ray_session, small_eurosat_root, feature_cache, tiny_vit_config, aligned_vit_checkpoint,
+            tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("study")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    common = ["--dataset", "eurosat", "--data-root", str(small_eurosat_root), "--backbone", tiny_vit_config,
+              "--pretrained", aligned_vit_checkpoint, "--batch-size", "8", "--n-views", "1",
+              "--cache-dir", str(feature_cache), "--storage-path", str(tmp / "ray"), "--tracking-uri", uri,
+              "--max-concurrent", "2", "--json"]
+    fewshot = _run(study, [*common, "--shots", "1", "2", "--seeds", "1", "2", "--epochs", "3", "--study-name", "curve"])
+    b2n = _run(study, [*common, "--protocol", "base2new", "--shots", "2", "--seeds", "1", "--epochs", "2",
+                       "--study-name", "b2n"])
+    return {"uri": uri, "tmp": tmp, "fewshot": fewshot, "b2n": b2n, "common": common}
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _children(client, parent_run_id: str) -> list:
+    parent = client.get_run(parent_run_id)
+    return client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+def test_study_trains_every_shot_count_and_seed_to_the_end(studies):
+    s = studies["fewshot"]["summary"]
+    assert s["trials"] == 4 and s["trials_finished"] == 4 and s["trials_early_stopped"] == 0
+    runs = _children(_client(studies["uri"]), s["parent_run_id"])
+    grid = sorted((r.data.params["train.shots"], r.data.params["train.seed"]) for r in runs)
+    assert grid == [("1", "1"), ("1", "2"), ("2", "1"), ("2", "2")]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert all(r.data.params["train.epochs"] == "3" for r in runs)
+
+
+def test_study_table_is_the_mean_and_std_of_the_trials_runs(studies):
+    s = studies["fewshot"]["summary"]
+    results = s["study"]
+    assert results["protocol"] == "fewshot" and results["shots"] == [1, 2] and results["seeds"] == [1, 2]
+    runs = _children(_client(studies["uri"]), s["parent_run_id"])
+    by = {(int(r.data.params["train.shots"]), r.data.params["train.seed"]): r.data.metrics for r in runs}
+    assert [c["dataset"] for c in results["cells"]] == ["eurosat", "eurosat"]
+    for cell in results["cells"]:
+        k = cell["shots"]
+        accs = [by[(k, seed)]["test_acc"] for seed in ("1", "2")]
+        assert cell["coop_per_seed"] == pytest.approx({"1": accs[0], "2": accs[1]})
+        assert cell["coop_mean"] == pytest.approx(statistics.fmean(accs))
+        assert cell["coop_std"] == pytest.approx(statistics.stdev(accs))
+        zs = [by[(k, seed)]["zeroshot_test_acc"] for seed in ("1", "2")]
+        assert cell["zeroshot_mean"] == pytest.approx(statistics.fmean(zs))
+        assert cell["zeroshot_mean"] > 20.0  # the aligned backbone: 10 classes, chance is 10 %
+        assert cell["gain"] == pytest.approx(cell["coop_mean"] - cell["zeroshot_mean"])
+    report = studies["fewshot"]["report"]
+    assert "Study (fewshot): test accuracy over 2 seed(s) 1, 2; 4 of 4 trials counted" in report
+    first = results["cells"][0]
+    assert f"{first['coop_mean']:.2f} ± {first['coop_std']:.2f} (n=2)" in report
+
+
+def test_study_logs_its_table_metrics_and_figure_to_its_run(studies):
+    s = studies["fewshot"]["summary"]
+    results = s["study"]
+    client = _client(studies["uri"])
+    parent = client.get_run(s["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["coop.entry_point"] == "platform.study"
+    names = {f.path for f in client.list_artifacts(parent.info.run_id, "study")}
+    assert names == {"study/acc_vs_shots.png", "study/results.json", "study/table.md"}
+    history = client.get_metric_history(parent.info.run_id, "study/eurosat/test_acc_mean")
+    assert {m.step: m.value for m in history} == pytest.approx({c["shots"]: c["coop_mean"] for c in results["cells"]})
+    description = parent.data.tags["mlflow.note.content"]
+    assert "## Results" in description and "| shots | dataset | CoOp test acc % (mean ± std)" in description
+    local = Path(results["figure"])
+    pixels = np.asarray(Image.open(local).convert("L"), dtype=float)
+    assert pixels.std() > 10  # a drawn figure, not a blank canvas
+    drawn = results["figure_data"]["eurosat"]
+    assert drawn["shots"] == [1, 2] and drawn["coop_mean"] == pytest.approx([c["coop_mean"] for c in results["cells"]])
+    assert drawn["seeds"]["1"] == pytest.approx(list(results["cells"][0]["coop_per_seed"].values()))
+    assert not client.search_registered_models()  # a study measures, it registers nothing
+
+
+def test_base_to_new_study_tests_base_and_new_classes_and_their_harmonic_mean(studies):
+    s = studies["b2n"]["summary"]
+    results = s["study"]
+    assert [c["dataset"] for c in results["cells"]] == ["eurosat.base", "eurosat.new", "harmonic mean"]
+    base, new, h = results["cells"]
+    assert h["coop_mean"] == pytest.approx(2 * base["coop_mean"] * new["coop_mean"]
+                                           / (base["coop_mean"] + new["coop_mean"]))
+    assert h["zeroshot_mean"] == pytest.approx(2 * base["zeroshot_mean"] * new["zeroshot_mean"]
+                                               / (base["zeroshot_mean"] + new["zeroshot_mean"]))
+    (run,) = _children(_client(studies["uri"]), s["parent_run_id"])
+    assert run.data.params["classes"] == "base"
+    assert run.data.metrics["target/eurosat.new/n_test"] == 30  # 5 new classes x 6 test images
+    assert run.data.metrics["target/eurosat.new/test_acc"] == pytest.approx(new["coop_mean"])
+    config = json.loads(Path(_client(studies["uri"]).download_artifacts(run.info.run_id, "config.json",
+                                                                          str(studies["tmp"]))).read_text())
+    assert config["classnames"] == ["Annual Crop Land", "Forest", "Herbaceous Vegetation Land", "Highway or Road",
+                                    "Industrial Buildings"]
+
+
+def test_evaluate_a_trials_prompts_on_the_new_classes_equals_the_trials_own_number(studies, small_eurosat_root,
+                                                                                    feature_cache, capsys):
+    s = studies["b2n"]["summary"]
+    client = _client(studies["uri"])
+    (run,) = _children(client, s["parent_run_id"])
+    out = _run(evaluate, ["--model", run.info.run_id, "--dataset", "eurosat", "--data-root", str(small_eurosat_root),
+                          "--classes", "new", "--cache-dir", str(feature_cache), "--tracking-uri", studies["uri"],
+                          "--json"])["summary"]
+    assert out["dataset"] == "eurosat.new" and out["n_images"] == 30 and out["n_classes"] == 5
+    assert out["acc"] == pytest.approx(run.data.metrics["target/eurosat.new/test_acc"])
+    assert out["zeroshot_acc"] == pytest.approx(run.data.metrics["target/eurosat.new/zeroshot_test_acc"])
+    logged = client.get_run(out["run_id"])
+    assert logged.data.tags["coop.source_run_id"] == run.info.run_id
+    assert logged.data.metrics["test_acc"] == pytest.approx(out["acc"])
+    assert run.info.run_id in logged.data.tags["mlflow.note.content"]
+
+
+def test_a_class_specific_base_study_cannot_test_on_new_classes(studies, capsys):
+    rc = study.main([*[a for a in studies["common"] if a != "--json"], "--protocol", "base2new", "--csc",
+                     "--shots", "1", "--seeds", "1", "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert "a class-specific context (--csc) cannot be evaluated on eurosat.new: 5 of its 5 classes" in line
+    assert "use a unified context" in line

@@ -500,7 +500,7 @@ def _subset_labels(n_cls: int, which: str) -> range:
     n_base = math.ceil(n_cls / 2)
     if which == "new" and n_base == n_cls:
         raise ValueError(f"a dataset of {n_cls} class has no new classes: the base-to-new protocol needs 2 or more "
-                         "classes; use --class-subset all")
+                         "classes; use --classes all")
     return {"all": range(n_cls), "base": range(n_base), "new": range(n_base, n_cls)}[which]
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import numbers
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -66,6 +67,9 @@ class DatasetSplits:
 
     name: registry key of the dataset. image_dir: absolute folder that item paths are relative to.
     classnames: readable names, index == label. template: hand-crafted zero-shot prompt with one ``{}``.
+    split_source: where the split came from (a split file's name or path), for logs and run records; None when the
+    loader does not say. It is left out of equality: the same items from another copy of a split are the same
+    dataset, and no cache key (``fewshot.source_hash``, ``features.items_digest``) reads it.
     """
 
     name: str
@@ -75,19 +79,23 @@ class DatasetSplits:
     train: tuple[Item, ...]
     val: tuple[Item, ...]
     test: tuple[Item, ...]
+    split_source: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.image_dir, (str, Path)) or not Path(self.image_dir).is_absolute():
             raise ValueError(f"DatasetSplits.image_dir must be an absolute path, got {self.image_dir!r}")
         object.__setattr__(self, "image_dir", Path(self.image_dir))
-        for field in ("classnames", *SPLIT_NAMES):  # accept any sequence, store tuples (hashable, immutable)
-            value = getattr(self, field)
+        for attr in ("classnames", *SPLIT_NAMES):  # accept any sequence, store tuples (hashable, immutable)
+            value = getattr(self, attr)
             if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-                raise ValueError(f"DatasetSplits.{field} must be a sequence, got {type(value).__name__}")
-            object.__setattr__(self, field, tuple(value))
+                raise ValueError(f"DatasetSplits.{attr} must be a sequence, got {type(value).__name__}")
+            object.__setattr__(self, attr, tuple(value))
         if not self.classnames:
             raise ValueError(f"dataset {self.name!r} has no classes")
         _check_template(self.template)
+        if self.split_source is not None and (not isinstance(self.split_source, str) or not self.split_source):
+            raise ValueError(f"DatasetSplits.split_source must be a non-empty string or None, got "
+                             f"{self.split_source!r}")
         n_cls = len(self.classnames)
         for split in SPLIT_NAMES:
             for item in getattr(self, split):
@@ -118,7 +126,8 @@ class DatasetSpec:
     ``dataset_dir`` ("" when split paths are relative to ``dataset_dir`` itself). split_file: CoOp split JSON under
     ``dataset_dir`` or None. template: CoOp's hand-crafted prompt. loader: ``loader(root, spec)`` reads the data root.
     layout: the expected directory layout, shown in errors. download: optional ``download(root, spec)`` fetching the
-    images into place (opt-in only).
+    images into place (opt-in only). evaluation_only: the dataset has no training split (an ImageNet variant, used as
+    a test set only); train_dataset: for such a dataset, the registry key to train on instead (named in the refusal).
     """
 
     name: str
@@ -129,6 +138,8 @@ class DatasetSpec:
     loader: Callable[[Path, DatasetSpec], DatasetSplits]
     layout: str
     download: Callable[[Path, DatasetSpec], Any] | None = None
+    evaluation_only: bool = False
+    train_dataset: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _KEY_RE.fullmatch(self.name):
@@ -144,6 +155,13 @@ class DatasetSpec:
             raise ValueError(f"download of dataset {self.name!r} must be callable or None")
         if not self.layout.strip():
             raise ValueError(f"dataset {self.name!r} needs a layout description for its error messages")
+        if not isinstance(self.evaluation_only, bool):
+            raise ValueError(f"evaluation_only of dataset {self.name!r} must be True or False")
+        if self.evaluation_only != (self.train_dataset is not None):
+            raise ValueError(f"dataset {self.name!r}: an evaluation-only dataset names the train_dataset to train on "
+                             "instead, and only such a dataset does; set both or neither")
+        if self.train_dataset is not None and not _KEY_RE.fullmatch(self.train_dataset):
+            raise ValueError(f"train_dataset of {self.name!r} must be a registry key, got {self.train_dataset!r}")
 
     def dataset_path(self, root: Path) -> Path:
         """``<root>/<dataset_dir>``."""
@@ -323,9 +341,18 @@ def classnames_from_items(*splits: Sequence[Item]) -> tuple[str, ...]:
 def check_every_class_has_training_images(splits: DatasetSplits) -> None:
     """Refuse a dataset with a class that has no training images (CoOp could never learn to name it).
 
+    An evaluation-only dataset (an ImageNet variant) has no training split at all; it is refused with its own line,
+    since the fix is another dataset rather than more images.
+
     Raises:
         ValueError: naming the class and the fix.
     """
+    spec = _REGISTRY.get(splits.name)
+    if spec is not None and spec.evaluation_only:
+        raise ValueError(
+            f"{splits.name} is an evaluation-only dataset (no training split): train on {spec.train_dataset} and "
+            f"evaluate on it (python -m platform.evaluate ... / a study's --protocol dg)"
+        )
     present = {item.label for item in splits.train}
     empty = [name for label, name in enumerate(splits.classnames) if label not in present]
     if empty:
@@ -364,6 +391,49 @@ def list_images(directory: Path) -> list[str]:
     )
 
 
+def split_per_class(
+    classes: Sequence[tuple[str, str, Sequence[str]]],
+    *,
+    p_train: float = 0.5,
+    p_val: float = 0.2,
+    seed: int = 1,
+) -> tuple[list[Item], list[Item], list[Item]]:
+    """Deterministic stratified train/val/test split, class by class: the one splitter every loader uses.
+
+    Mirrors CoOp's ``read_and_split_data``: each class's images are shuffled and cut into ``round(n * p_train)``
+    train, ``round(n * p_val)`` val and the rest test. Unlike CoOp, each class's paths are sorted first and one local
+    ``random.Random(seed)`` is drawn from in label order, so the split depends only on the images, labels and seed,
+    never on the order a filesystem or a manifest lists them in.
+
+    Args:
+        classes: ``(readable name, what to call the class in errors, image paths)`` per class, index == label.
+        p_train: Fraction of each class for training.
+        p_val: Fraction of each class for validation; the rest is test.
+        seed: Seed of the local RNG.
+
+    Raises:
+        ValueError: If the fractions are invalid or a class is too small to give every split at least one image.
+    """
+    if not (0 < p_train < 1 and 0 < p_val < 1 and p_train + p_val < 1):
+        raise ValueError(f"need 0 < p_train, p_val and p_train + p_val < 1, got {p_train}, {p_val}")
+    rng = random.Random(seed)
+    train: list[Item] = []
+    val: list[Item] = []
+    test: list[Item] = []
+    for label, (name, where, paths) in enumerate(classes):
+        images = sorted(paths)
+        rng.shuffle(images)
+        n_train = round(len(images) * p_train)
+        n_val = round(len(images) * p_val)
+        if n_train < 1 or n_val < 1 or len(images) - n_train - n_val < 1:
+            raise ValueError(f"{where} has {len(images)} images: too few to split into train/val/test; add images "
+                             "(3 or more) or remove the class")
+        train += [Item(p, label, name) for p in images[:n_train]]
+        val += [Item(p, label, name) for p in images[n_train : n_train + n_val]]
+        test += [Item(p, label, name) for p in images[n_train + n_val :]]
+    return train, val, test
+
+
 def split_image_folder(
     image_dir: Path,
     *,
@@ -372,11 +442,9 @@ def split_image_folder(
     seed: int = 1,
     new_classnames: Mapping[str, str] | None = None,
 ) -> tuple[list[Item], list[Item], list[Item]]:
-    """Deterministic per-class train/val/test split of a ``<image_dir>/<class>/<image>`` tree.
+    """Deterministic per-class train/val/test split of a ``<image_dir>/<class>/<image>`` tree (:func:`split_per_class`).
 
-    Mirrors CoOp's ``read_and_split_data``: classes are the sorted folder names (label = index), each class's images
-    are shuffled and cut into ``round(n * p_train)`` train, ``round(n * p_val)`` val and the rest test. Unlike CoOp it
-    sorts file names first and uses a local ``random.Random(seed)``, so the split depends only on the files and seed.
+    Classes are the sorted folder names (label = index); images are the files directly in each class folder.
 
     Args:
         image_dir: Folder with one sub-folder per class.
@@ -389,28 +457,16 @@ def split_image_folder(
         ValueError: If the fractions are invalid, there are no class folders, or a class is too small to give every
             split at least one image.
     """
-    if not (0 < p_train < 1 and 0 < p_val < 1 and p_train + p_val < 1):
-        raise ValueError(f"need 0 < p_train, p_val and p_train + p_val < 1, got {p_train}, {p_val}")
     folders = sorted(p.name for p in image_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise ValueError(f"no class folders in {image_dir}")
-    rng = random.Random(seed)
-    train: list[Item] = []
-    val: list[Item] = []
-    test: list[Item] = []
-    for label, folder in enumerate(folders):
-        images = [f"{folder}/{name}" for name in list_images(image_dir / folder)]
-        rng.shuffle(images)
-        n_train = round(len(images) * p_train)
-        n_val = round(len(images) * p_val)
-        if n_train < 1 or n_val < 1 or len(images) - n_train - n_val < 1:
-            raise ValueError(f"class folder {image_dir / folder} has {len(images)} images: too few to split into "
-                             "train/val/test; add images (3 or more) or remove the folder")
-        name = new_classnames[folder] if new_classnames and folder in new_classnames else readable_classname(folder)
-        train += [Item(p, label, name) for p in images[:n_train]]
-        val += [Item(p, label, name) for p in images[n_train : n_train + n_val]]
-        test += [Item(p, label, name) for p in images[n_train + n_val :]]
-    return train, val, test
+    names = new_classnames or {}
+    classes = [
+        (names.get(folder, readable_classname(folder)), f"class folder {image_dir / folder}",
+         [f"{folder}/{name}" for name in list_images(image_dir / folder)])
+        for folder in folders
+    ]
+    return split_per_class(classes, p_train=p_train, p_val=p_val, seed=seed)
 
 
 def make_splits(
@@ -431,6 +487,53 @@ def make_splits(
         train=tuple(train),
         val=tuple(val),
         test=tuple(test),
+    )
+
+
+# CoCoOp's base-to-new protocol: train on the first half of the classes, evaluate on both halves.
+CLASS_SUBSETS = ("all", "base", "new")
+
+
+def _subset_labels(n_cls: int, which: str) -> range:
+    if which not in CLASS_SUBSETS:
+        raise ValueError(f"unknown class subset {which!r}; expected one of {', '.join(CLASS_SUBSETS)}")
+    n_base = math.ceil(n_cls / 2)
+    if which == "new" and n_base == n_cls:
+        raise ValueError(f"a dataset of {n_cls} class has no new classes: the base-to-new protocol needs 2 or more "
+                         "classes; use --classes all")
+    return {"all": range(n_cls), "base": range(n_base), "new": range(n_base, n_cls)}[which]
+
+
+def class_subset_names(classnames: Sequence[str], which: str) -> tuple[str, ...]:
+    """The class names of subset ``which`` (``"all"``, ``"base"``: the first ceil(n/2) labels, ``"new"``: the rest).
+
+    Raises:
+        ValueError: For an unknown subset, or ``"new"`` of a one-class dataset.
+    """
+    return tuple(classnames[label] for label in _subset_labels(len(classnames), which))
+
+
+def select_classes(splits: DatasetSplits, which: str) -> DatasetSplits:
+    """The dataset restricted to the classes of subset ``which``, relabelled ``0..m-1`` in label order.
+
+    This is CoCoOp's ``subsample_classes``: base classes are the first ``ceil(n/2)`` labels, new classes the rest, so
+    a context learned on base is evaluated on classes it never saw. Every split keeps only the chosen classes' items;
+    ``"all"`` returns ``splits`` itself.
+
+    Raises:
+        ValueError: For an unknown subset, or ``"new"`` of a one-class dataset.
+    """
+    labels = _subset_labels(len(splits.classnames), which)
+    if which == "all":
+        return splits
+    relabel = {old: new for new, old in enumerate(labels)}
+    names = tuple(splits.classnames[old] for old in labels)
+
+    def keep(items: Sequence[Item]) -> tuple[Item, ...]:
+        return tuple(Item(it.path, relabel[it.label], it.classname) for it in items if it.label in relabel)
+
+    return replace(
+        splits, classnames=names, train=keep(splits.train), val=keep(splits.val), test=keep(splits.test)
     )
 
 

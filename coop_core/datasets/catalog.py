@@ -2,7 +2,8 @@
 
 Each is laid out as CoOp's DATASETS.md describes (https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md) and read
 from its fixed split: a ``split_zhou_*.json`` file for most, the official split lists for FGVC-Aircraft, and the
-official train/val folders for ImageNet (CoOp evaluates ImageNet on its val set, so ``val`` is ``test`` there).
+official train/val folders for ImageNet (CoOp evaluates ImageNet on its val set, so ``val`` is ``test`` there;
+its ``classnames.txt`` is optional, the package ships the same names).
 Templates are CoOp's hand-crafted zero-shot prompts. None of these datasets downloads automatically. Loaders check
 that the image folder and split files exist but never open the images.
 """
@@ -24,6 +25,7 @@ from coop_core.datasets.base import (
     require_dir,
     require_file,
 )
+from coop_core.datasets.data import imagenet_classnames
 
 logger = logging.getLogger(__name__)
 
@@ -76,22 +78,36 @@ def load_fgvc_aircraft(root: Path, spec: DatasetSpec) -> DatasetSplits:
     return make_splits(spec, image_dir, train, val, test, classnames=classnames)
 
 
-def load_imagenet(root: Path, spec: DatasetSpec) -> DatasetSplits:
-    """Read ImageNet from ``images/train/<wnid>/`` and ``images/val/<wnid>/`` with names from ``classnames.txt``.
+def imagenet_names(names_path: Path) -> tuple[dict[str, str], str]:
+    """ImageNet's wnid -> readable name, and where the names came from (logged).
 
-    ``classnames.txt`` lines are ``"<wnid> <readable name>"``; labels follow the sorted wnids (as CoOp's sorted
-    folders). As in CoOp, the official val set is the test set, and ``val`` is that same set.
-
-    Raises:
-        DatasetNotFoundError: If ``images/train``, ``images/val`` or ``classnames.txt`` is missing.
-        ValueError: If an image folder's wnid is not in ``classnames.txt``.
+    From ``names_path`` (CoOp's ``classnames.txt``, ``"<wnid> <readable name>"`` lines) when it exists, as in CoOp;
+    else the packaged list (:func:`coop_core.datasets.data.imagenet_classnames`, the same names).
     """
-    image_dir = require_dir(spec, root, spec.image_path(root))
-    names_path = require_file(spec, root, spec.dataset_path(root) / "classnames.txt")
+    if not names_path.is_file():
+        logger.info("%s not found: using the packaged ImageNet class names (CLIP's, as in CoOp's classnames.txt)",
+                    names_path)
+        return imagenet_classnames(), "the packaged ImageNet class list"
+    logger.info("ImageNet class names from %s", names_path)
     readable = {}
     for line in _read_lines(names_path):
         wnid, _, name = line.partition(" ")
         readable[wnid] = readable_classname(name or wnid)
+    return readable, str(names_path)
+
+
+def load_imagenet(root: Path, spec: DatasetSpec) -> DatasetSplits:
+    """Read ImageNet from ``images/train/<wnid>/`` and ``images/val/<wnid>/`` with names from :func:`imagenet_names`.
+
+    Labels follow the sorted wnids (as CoOp's sorted folders). As in CoOp, the official val set is the test set, and
+    ``val`` is that same set.
+
+    Raises:
+        DatasetNotFoundError: If ``images/train`` or ``images/val`` is missing.
+        ValueError: If an image folder's wnid is not one of the class names' wnids.
+    """
+    image_dir = require_dir(spec, root, spec.image_path(root))
+    readable, names_from = imagenet_names(spec.dataset_path(root) / "classnames.txt")
     wnids = sorted(readable)
     label_of = {wnid: label for label, wnid in enumerate(wnids)}
     classnames = tuple(readable[wnid] for wnid in wnids)
@@ -101,7 +117,8 @@ def load_imagenet(root: Path, spec: DatasetSpec) -> DatasetSplits:
         items = []
         for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
             if class_dir.name not in label_of:
-                raise ValueError(f"{class_dir} is not a class listed in {names_path}")
+                raise ValueError(f"{class_dir} is not a class listed in {names_from}; remove the folder or add its "
+                                 "wnid to classnames.txt")
             label = label_of[class_dir.name]
             items += [
                 Item(f"{folder}/{class_dir.name}/{name}", label, classnames[label]) for name in list_images(class_dir)
@@ -271,6 +288,6 @@ IMAGENET = register_dataset(
 <root>/imagenet/                 # {_DATASETS_MD}
     images/train/<wnid>/*.JPEG   # 1,000 folders like n01440764
     images/val/<wnid>/*.JPEG     # the official val set, sorted into class folders (used as test)
-    classnames.txt               # "<wnid> <readable name>" per line""",
+    classnames.txt               # optional: "<wnid> <readable name>" per line (else the packaged names)""",
     )
 )

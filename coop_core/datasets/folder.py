@@ -342,10 +342,13 @@ def _manifest_classes(manifest: Path, classes: list[str | None], labels: list[in
     class_of: dict[int, str] = {}
     label_of_class: dict[str, int] = {}
     for row, (cls, label) in enumerate(zip(classes, labels), start=1):
-        if class_of.setdefault(label, cls) != cls or label_of_class.setdefault(cls, label) != label:
-            raise ValueError(f"{manifest}: row {row} gives class {cls!r} label {label}, but other rows pair "
-                             f"{class_of[label]!r} with {label} or {cls!r} with {label_of_class[cls]}; one name per "
-                             "label: fix the rows")
+        known_class, known_label = class_of.setdefault(label, cls), label_of_class.setdefault(cls, label)
+        if known_class != cls:
+            raise ValueError(f"{manifest}: row {row} gives label {label} class {cls!r}, but other rows give it "
+                             f"{known_class!r}; one class name per label: fix the rows")
+        if known_label != label:
+            raise ValueError(f"{manifest}: row {row} gives class {cls!r} label {label}, but other rows give it "
+                             f"{known_label}; one label per class name: fix the rows")
     missing = [label for label in range(n_cls) if label not in class_of]
     if missing:
         raise ValueError(f"labels of {where} must be 0..{n_cls - 1}, but {missing[:5]} have no rows; renumber them")

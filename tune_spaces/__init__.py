@@ -67,7 +67,7 @@ def space_for(dataset: str, template: str) -> Space:
 
 register_space("eurosat", eurosat.space)
 for _name in list_datasets():
-    if _name not in _REGISTRY:
+    if _name not in _REGISTRY and not get_dataset_spec(_name).evaluation_only:  # nothing to train on
         register_space(_name, partial(coop_space, get_dataset_spec(_name).template))
 
 __all__ = [

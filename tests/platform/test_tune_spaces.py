@@ -11,14 +11,33 @@ import tune_spaces
 from coop_core.config import PromptConfig, TrainConfig
 from coop_core.datasets import get_dataset_spec, list_datasets
 from coop_core.model import CoOpModel
-from tune_spaces import Choice, LogUniform, get_space, list_spaces, sample_space, split_sample, template_words
+from tune_spaces import (
+    Choice,
+    LogUniform,
+    get_space,
+    list_spaces,
+    sample_space,
+    space_for,
+    split_sample,
+    template_words,
+)
 
 
-def test_every_dataset_has_a_space():
-    assert list_spaces() == list_datasets()
+TRAINABLE = [name for name in list_datasets() if not get_dataset_spec(name).evaluation_only]
 
 
-@pytest.mark.parametrize("dataset", list_datasets())
+def test_every_dataset_one_can_train_on_has_a_space():
+    assert list_spaces() == TRAINABLE
+    assert "imagenet_sketch" not in list_spaces() and "imagenet" in list_spaces()
+
+
+def test_a_users_own_dataset_gets_the_generic_space_of_its_template():
+    space = space_for("my_photos", "a photo of my {}.")
+    assert space["prompt.ctx_init"].values == ("", "a photo of a", "a photo of my")
+    assert space_for("eurosat", "ignored {}") == get_space("eurosat")
+
+
+@pytest.mark.parametrize("dataset", TRAINABLE)
 def test_samples_build_valid_configs(dataset):
     space = get_space(dataset)
     rng = random.Random(0)

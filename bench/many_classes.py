@@ -217,7 +217,8 @@ def report(args: argparse.Namespace, arch: str, tmp: Path) -> int:
     one = runs[0]
     one_ctx = torch.load(one["ctx_file"], weights_only=True)
     for r in runs:
-        r["max_ctx_diff_vs_one_worker"] = float((torch.load(r.pop("ctx_file"), weights_only=True) - one_ctx).abs().max())
+        ctx = torch.load(r.pop("ctx_file"), weights_only=True)
+        r["max_ctx_diff_vs_one_worker"] = float((ctx - one_ctx).abs().max())
 
     arch_name = Path(arch).stem if arch.endswith(".json") else arch
     print(f"CoOp training with {args.n_cls} ImageNet classes, {arch_name} (random weights), {args.context} context, "

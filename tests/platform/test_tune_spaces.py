@@ -22,7 +22,6 @@ from tune_spaces import (
     template_words,
 )
 
-
 TRAINABLE = [name for name in list_datasets() if not get_dataset_spec(name).evaluation_only]
 
 

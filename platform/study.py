@@ -35,10 +35,11 @@ from platform import artifacts
 from platform.run_spec import DatasetRef
 from typing import Any
 
+from coop_core.datasets.imagenet_variants import DG_TARGETS
+
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("fewshot", "dg", "base2new", "cross")
-DG_TARGETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 STUDY_ARTIFACT_DIR = "study"
 HARMONIC = "harmonic mean"
 AVERAGE = "average over targets"

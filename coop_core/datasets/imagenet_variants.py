@@ -181,3 +181,6 @@ IMAGENET_R = register_dataset(
         train_dataset="imagenet",
     )
 )
+
+# CoOp's domain-generalisation targets of a model trained on ImageNet, in the paper's order.
+DG_TARGETS = (IMAGENET_V2.name, IMAGENET_SKETCH.name, IMAGENET_A.name, IMAGENET_R.name)

@@ -82,7 +82,22 @@ def small_split(small_eurosat_root) -> dict:
 
 def test_unknown_dataset(capsys, base):
     line, _ = refused(capsys, with_flag(base, "--dataset", "mnist"))
-    assert "invalid choice: 'mnist' (choose from 'caltech101'" in line and "--help" in line
+    assert line.startswith("error: dataset 'mnist' is neither a built-in dataset (caltech101, dtd, eurosat, ")
+    assert "nor an existing folder or manifest file; pass a registry key, or the path to your images" in line
+
+
+def test_unknown_preset(capsys, base):
+    line, _ = refused(capsys, with_flag(base, "--preset", "coop_vit_h14"))
+    assert "argument --preset: unknown preset 'coop_vit_h14'" in line and "coop_rn50_end" in line
+
+
+def test_training_on_an_evaluation_only_dataset(capsys, tmp_path, base):
+    sketch = tmp_path / "root" / "imagenet-sketch" / "images" / "n01440764"
+    sketch.mkdir(parents=True)
+    (sketch / "a.JPEG").write_bytes(b"")
+    line, _ = refused(capsys, with_flag(with_flag(base, "--dataset", "imagenet_sketch"), "--data-root",
+                                        str(tmp_path / "root")))
+    assert "imagenet_sketch is an evaluation-only dataset" in line and "train on imagenet" in line
 
 
 def test_data_root_missing(capsys, base, tmp_path):

@@ -1,0 +1,52 @@
+"""The CLIs' shared flags: ``--preset`` gives defaults that explicit flags override, and ``--dataset`` is a registry
+key or a path to the user's own images."""
+
+from __future__ import annotations
+
+import os
+from platform import study, train, tune
+from platform.cli import dataset_ref, parse_run_args, spec_from_args
+
+import pytest
+
+
+@pytest.mark.parametrize("cli", [train, tune, study])
+def test_a_preset_sets_the_defaults(cli):
+    args = parse_run_args(cli.build_parser(), ["--dataset", "eurosat", "--preset", "coop_vit_b16_ctxv1"])
+    assert (args.backbone, args.pretrained) == ("ViT-B-16", "openai")
+    assert (args.n_ctx, args.ctx_init, args.csc, args.class_token_position) == (4, "a photo of a", False, "end")
+    assert args.epochs == 200
+
+
+def test_flags_given_explicitly_win_over_the_preset():
+    args = parse_run_args(train.build_parser(), ["--dataset", "eurosat", "--epochs", "3", "--preset",
+                                                 "coop_rn50_imagenet", "--n-ctx", "8", "--csc"])
+    assert args.backbone == "RN50" and args.epochs == 3 and args.n_ctx == 8 and args.csc is True
+    spec = spec_from_args(args, use_gpu=False)
+    assert spec.prompt.n_ctx == 8 and spec.train.resolved_epochs == 3
+
+
+def test_without_a_preset_the_defaults_are_coops():
+    args = parse_run_args(train.build_parser(), ["--dataset", "eurosat"])
+    assert args.preset is None and args.n_ctx == 16 and args.epochs is None and args.backbone == "ViT-B-16"
+
+
+def test_a_study_takes_several_shot_counts_and_seeds():
+    args = parse_run_args(study.build_parser(), ["--dataset", "eurosat", "--shots", "1", "4", "all"])
+    assert args.shots == [1, 4, "all"] and args.seeds == [1, 2, 3] and args.protocol == "fewshot"
+
+
+def test_dataset_is_a_registry_key_or_a_path(tmp_path, shared_data):
+    ref = dataset_ref("eurosat", classes="new")
+    assert ref.source is None and ref.label == "eurosat.new"
+    folder = tmp_path / "My Land-Cover"
+    for name in ("forest", "river"):
+        (folder / name).mkdir(parents=True)
+        for i in range(1, 4):
+            os.symlink(shared_data / "eurosat" / "2750" / name.capitalize() / f"{name.capitalize()}_{i}.jpg",
+                       folder / name / f"{i}.jpg")
+    ref = dataset_ref(str(folder), template="a satellite photo of {}.")
+    assert ref.name == "my_land_cover" and ref.source.path == str(folder.resolve())
+    assert ref.source.template == "a satellite photo of {}."
+    with pytest.raises(ValueError, match="--dataset-name, --template apply to your own data"):
+        dataset_ref("eurosat", name="mine", template="a {}.")

@@ -74,10 +74,11 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, study: bool = False) -
     """The data, backbone, prompt, recipe and worker flags shared by ``platform.train``, ``platform.tune`` and
     ``platform.study`` (``study=True``: ``--shots`` and ``--seeds`` take several values, the study's grid)."""
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", required=True, metavar="NAME|PATH",
+    data.add_argument("--dataset", required=True, metavar="NAME|PATH", nargs="+" if study else None,
                       help=f"a dataset registry key ({', '.join(list_datasets())}) under --data-root, or a path to "
                            "your own data: a folder with one sub-folder of images per class, or a CSV/Parquet "
-                           "manifest (columns path, class and/or label, optional split)")
+                           "manifest (columns path, class and/or label, optional split)"
+                           + ("; several run one study each, then their average" if study else ""))
     data.add_argument("--data-root", default=default_data_root(),
                       help="folder holding <dataset>/ as in CoOp's DATASETS.md, e.g. <root>/eurosat/2750 "
                            "(default: $COOP_DATA_ROOT or ./data); must exist at this path on every Ray node")

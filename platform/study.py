@@ -332,8 +332,88 @@ def report(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def combine(studies: Sequence[Mapping[str, Any]], protocol: str) -> dict[str, Any]:
+    """Several datasets' study results as one table, with their average per shot count (each dataset's mean over
+    seeds, averaged over the datasets; base-to-new's average harmonic mean is that of the average base and new
+    accuracies, as CoCoOp's tables report it)."""
+    cells, by_shots = [], {}
+    for results in studies:
+        for c in results["cells"]:
+            if protocol == "base2new":
+                role = {results["source"]: "base", HARMONIC: HARMONIC}.get(c["dataset"], "new")
+            else:
+                role = "source" if c["dataset"] == results["source"] else None
+            label = c["dataset"] if c["dataset"] != HARMONIC else f"{results['source'].split('.')[0]} {HARMONIC}"
+            cells.append({**c, "dataset": label})
+            if role is not None:
+                by_shots.setdefault(c["shots"], {}).setdefault(role, []).append(c)
+    shots_order = []
+    for results in studies:
+        shots_order += [k for k in results["shots"] if k not in shots_order]
+    average = []
+    for shots in shots_order:
+        roles = by_shots.get(shots, {})
+        for role in (("base", "new") if protocol == "base2new" else ("source",)):
+            group = roles.get(role, [])
+            if len(group) != len(studies):
+                continue  # a dataset without this cell: no honest average
+            zs = [c["zeroshot_mean"] for c in group]
+            average.append({"shots": shots, "dataset": f"average.{role}" if protocol == "base2new" else "average",
+                            "coop_mean": statistics.fmean(c["coop_mean"] for c in group),
+                            "coop_std": statistics.fmean(c["coop_std"] for c in group), "coop_per_seed": {},
+                            "zeroshot_mean": None if None in zs else statistics.fmean(zs),
+                            "n_seeds": min(c["n_seeds"] for c in group)})
+        if protocol == "base2new" and sum(c["shots"] == shots for c in average) == 2:
+            base, new = [c for c in average if c["shots"] == shots][-2:]
+            zs = None if None in (base["zeroshot_mean"], new["zeroshot_mean"]) else _harmonic(
+                base["zeroshot_mean"], new["zeroshot_mean"])
+            average.append({"shots": shots, "dataset": f"average {HARMONIC}",
+                            "coop_mean": _harmonic(base["coop_mean"], new["coop_mean"]), "coop_std": 0.0,
+                            "coop_per_seed": {}, "zeroshot_mean": zs, "n_seeds": base["n_seeds"]})
+    for c in average:
+        c["gain"] = None if c["zeroshot_mean"] is None else c["coop_mean"] - c["zeroshot_mean"]
+    seeds = sorted({s for r in studies for s in r["seeds"]})
+    return {"protocol": protocol, "source": ", ".join(r["source"] for r in studies), "targets": [],
+            "datasets": [c["dataset"] for c in cells + average], "shots": shots_order, "seeds": seeds,
+            "cells": cells + average, "trials_counted": sum(r["trials_counted"] for r in studies),
+            "trials": sum(r["trials"] for r in studies)}
+
+
+def log_combined(results: Mapping[str, Any], parents: Mapping[str, str], tracking_uri: str, name: str) -> dict:
+    """The several-dataset study as one MLflow run (experiment ``coop-studies``) linking each dataset's study run."""
+    from platform import tracking
+
+    from mlflow.tracking import MlflowClient
+
+    from dashboards.study import plot_study
+
+    run_id = tracking.create_run("coop-studies", run_name=name, tracking_uri=tracking_uri,
+                                 tags={"coop.entry_point": "platform.study", "coop.protocol": results["protocol"],
+                                       "coop.study_runs": json.dumps(dict(parents))})
+    client = MlflowClient(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        (out / "table.md").write_text(format_table(results, markdown=True) + "\n")
+        plot_study(results, out / "acc_vs_shots.png")
+        for f in sorted(out.iterdir()):
+            client.log_artifact(run_id, str(f), artifact_path=STUDY_ARTIFACT_DIR)
+    for c in results["cells"]:
+        if c["dataset"].startswith("average") and isinstance(c["shots"], int):
+            client.log_metric(run_id, f"{c['dataset'].replace(' ', '_')}/test_acc_mean", c["coop_mean"],
+                              step=c["shots"])
+    links = "\n".join(f"- {ds}: study run `{rid}`" for ds, rid in parents.items())
+    tracking.set_description(run_id, f"**Study `{name}`** ({results['protocol']}) over {len(parents)} datasets; "
+                             f"each dataset's own study run:\n{links}\n\n## Results\n\n"
+                             + format_table(results, markdown=True), tracking_uri=tracking_uri)
+    tracking.end_run(run_id, "FINISHED", tracking_uri=tracking_uri)
+    return {"run_id": run_id}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 no trial finished, 2 bad input)."""
+    import copy
+    import time
     from platform import tracking
     from platform.cli import INPUT_ERRORS, configure_logging, dataset_ref_from_args, fail, parse_run_args
     from platform.tune import SweepPlan, run_sweep
@@ -341,29 +421,67 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_run_args(build_parser(), argv)
     configure_logging(args.verbose)
     args.classes = "base" if args.protocol == "base2new" else "all"
+    datasets = list(args.dataset)
+    runs = []
     try:
-        if args.from_champion:
-            overrides = champion_overrides(dataset_ref_from_args(args).name,
-                                           tracking.resolve_tracking_uri(args.tracking_uri))
-            for key, value in overrides.items():
-                setattr(args, key, value)
-        source = dataset_ref_from_args(args)
-        targets = resolve_targets(args, source)
+        own = [f for f in ("dataset_name", "template", "classnames_file", "split_file") if getattr(args, f)]
+        if len(datasets) > 1 and own:
+            raise ValueError(f"--{own[0].replace('_', '-')} describes one dataset of your own; give one --dataset "
+                             "per study to use it")
+        if len(set(datasets)) != len(datasets):
+            raise ValueError("--dataset names a dataset twice")
         if len(set(args.shots)) != len(args.shots) or len(set(args.seeds)) != len(args.seeds):
             raise ValueError("--shots and --seeds must not repeat a value")
+        for value in datasets:
+            run = copy.copy(args)
+            run.dataset = value
+            if args.from_champion:
+                for key, v in champion_overrides(dataset_ref_from_args(run).name,
+                                                 tracking.resolve_tracking_uri(args.tracking_uri)).items():
+                    setattr(run, key, v)
+            source = dataset_ref_from_args(run)
+            run.eval_targets = resolve_targets(run, source)
+            if args.sweep_name and len(datasets) > 1:
+                run.sweep_name = f"{args.sweep_name}-{source.name}"
+            runs.append(run)
     except INPUT_ERRORS as err:
         return fail(str(err))
-    args.shot_counts, args.seed_list = list(args.shots), list(args.seeds)
-    args.shots, args.seed = args.shot_counts[0], args.seed_list[0]
-    args.grid = [f"train.shots={','.join(map(str, args.shot_counts))}",
-                 f"train.seed={','.join(map(str, args.seed_list))}"]
-    args.eval_targets = targets
-    # What platform.tune's flags would give; a study searches nothing and stops no trial early.
-    args.num_samples, args.fixed, args.search_seed, args.grace_period, args.reduction_factor = 1, [], None, 1, 2.0
-    plan = SweepPlan(kind="study", entry_point="platform.study", search=False, early_stopping=False, register=False,
-                     describe=describe(args.protocol, targets), finish=finish(args.protocol, targets), report=report,
-                     json_keys=("study",))
-    return run_sweep(args, plan)
+    collected: dict[str, dict] = {}
+    codes = []
+    for run in runs:
+        run.shot_counts, run.seed_list = list(args.shots), list(args.seeds)
+        run.shots, run.seed = run.shot_counts[0], run.seed_list[0]
+        run.grid = [f"train.shots={','.join(map(str, run.shot_counts))}",
+                    f"train.seed={','.join(map(str, run.seed_list))}"]
+        # What platform.tune's flags would give; a study searches nothing and stops no trial early.
+        run.num_samples, run.fixed, run.search_seed, run.grace_period, run.reduction_factor = 1, [], None, 1, 2.0
+        log = finish(args.protocol, run.eval_targets)
+
+        def finish_and_keep(summary, rows, state, log=log, key=run.dataset):
+            out = log(summary, rows, state)
+            collected[key] = {"results": out["study"], "parent_run_id": state["parent_run_id"],
+                              "tracking_uri": state["tracking_uri"]}
+            return out
+
+        plan = SweepPlan(kind="study", entry_point="platform.study", search=False, early_stopping=False,
+                         register=False, describe=describe(args.protocol, run.eval_targets), finish=finish_and_keep,
+                         report=report, json_keys=("study",))
+        codes.append(run_sweep(run, plan))
+        if codes[-1] == 2:
+            return 2  # a bad input: the line is printed, the other datasets would likely fail alike
+    if len(runs) > 1 and len(collected) == len(runs):
+        results = combine([c["results"] for c in collected.values()], args.protocol)
+        first = next(iter(collected.values()))
+        name = f"study-{args.protocol}-{time.strftime('%Y%m%d-%H%M%S')}"
+        logged = log_combined(results, {k: c["parent_run_id"] for k, c in collected.items()}, first["tracking_uri"],
+                              name)
+        print(f"\nStudy over {len(runs)} datasets ({args.protocol}), each dataset's mean over its seeds and their "
+              f"average:\n\n{format_table(results)}\n\n  MLflow run         {logged['run_id']} (experiment "
+              "'coop-studies')")
+        if args.json:
+            print(json.dumps({"studies": {k: c["parent_run_id"] for k, c in collected.items()},
+                              "combined": results, "combined_run_id": logged["run_id"]}, sort_keys=True))
+    return max(codes)
 
 
 if __name__ == "__main__":

@@ -156,3 +156,34 @@ def test_a_class_specific_base_study_cannot_test_on_new_classes(studies, capsys)
     (line,) = [x for x in err.splitlines() if x.startswith("error: ")]
     assert "a class-specific context (--csc) cannot be evaluated on eurosat.new: 5 of its 5 classes" in line
     assert "use a unified context" in line
+
+
+def test_base_to_new_over_two_datasets_reports_each_and_their_average(studies, shared_data, capsys):
+    import os
+
+    folder = studies["tmp"] / "land"
+    for name in ("Forest", "Highway", "Pasture", "River"):
+        (folder / name.lower()).mkdir(parents=True)
+        for i in range(1, 13):
+            os.symlink(shared_data / "eurosat" / "2750" / name / f"{name}_{i}.jpg", folder / name.lower() / f"{i}.jpg")
+    common = [a for a in studies["common"] if a != "--json"]
+    i = common.index("--dataset")
+    argv = [*common[:i + 2], str(folder), *common[i + 2:]]  # --dataset eurosat <folder>
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = study.main([*argv, "--protocol", "base2new", "--shots", "1", "--seeds", "1", "--epochs", "1", "--json"])
+    lines = out.getvalue().strip().splitlines()
+    assert rc == 0, "\n".join(lines[-30:])
+    combined = json.loads(lines[-1])
+    assert set(combined["studies"]) == {"eurosat", str(folder)}
+    cells = {c["dataset"]: c for c in combined["combined"]["cells"]}
+    assert {"eurosat.base", "eurosat.new", "land.base", "land.new", "average.base", "average.new",
+            "average harmonic mean"} <= set(cells)
+    for role in ("base", "new"):
+        assert cells[f"average.{role}"]["coop_mean"] == pytest.approx(
+            (cells[f"eurosat.{role}"]["coop_mean"] + cells[f"land.{role}"]["coop_mean"]) / 2)
+    b, n = cells["average.base"]["coop_mean"], cells["average.new"]["coop_mean"]
+    assert cells["average harmonic mean"]["coop_mean"] == pytest.approx(2 * b * n / (b + n))
+    run = _client(studies["uri"]).get_run(combined["combined_run_id"])
+    assert json.loads(run.data.tags["coop.study_runs"]) == combined["studies"]
+    assert "Study over 2 datasets (base2new)" in out.getvalue()

@@ -50,7 +50,8 @@ def plot_study(results: Mapping[str, Any], path: Path) -> dict[str, dict[str, An
             zs = [s["zeroshot"][j] for j in idx if s["zeroshot"][j] is not None]
             if zs:
                 level = sum(zs) / len(zs)  # the same test images at every shot count
-                ax.axhline(level, ls="--", color=color, alpha=0.8, label=f"zero-shot CLIP on {label} ({level:.1f})")
+                ax.axhline(level, ls="--", color=color if len(series) > 1 else "gray", alpha=0.8,
+                           label=f"zero-shot CLIP on {label} ({level:.1f})")
         ax.set_xscale("log", base=2)
         ax.set_xticks(numeric, [str(k) for k in numeric])
         ax.set_xlabel("shots per class")

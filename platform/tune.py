@@ -558,8 +558,9 @@ def run_sweep(args: argparse.Namespace, plan: SweepPlan = SweepPlan()) -> int:
                     "run the command again once the tracking store works")
     resumed = args.resume
     n_trials = state["num_samples"] * math.prod(len(v) for v in (state.get("grid") or {}).values())
-    logger.info("sweep %s: %d trials of %s, %d at once (%s trials); MLflow run %s (%s)", name, n_trials, spec.dataset,
-                max_concurrent, state["trial_runner"], state["parent_run_id"], state["tracking_uri"])
+    logger.info("%s %s: %d trials of %s, %d at once (%s trials); MLflow run %s (%s)", plan.kind, name, n_trials,
+                spec.data_ref.label, max_concurrent, state["trial_runner"], state["parent_run_id"],
+                state["tracking_uri"])
 
     callback = MlflowSweepCallback(parent_run_id=state["parent_run_id"], experiment=state["experiment"],
                                    tracking_uri=state["tracking_uri"], base_spec=spec.to_dict(),

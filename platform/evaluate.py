@@ -159,7 +159,9 @@ def resolve_prompts(model: str, tracking_uri: str, download_dir: Path) -> Prompt
             raise ValueError(f"--model {model}: not in the registry of {tracking_uri} ({_first_line(err)}); list the "
                              "models in the MLflow UI (Models), or pass --tracking-uri") from None
         path = _download(client, version.run_id, artifact, download_dir, model)
-        expected = (version.tags or {}).get("prompts_sha256")
+        from platform.registry import PROMPTS_SHA256_KEY
+
+        expected = (version.tags or {}).get(PROMPTS_SHA256_KEY)
         if expected:
             from coop_core.prompts_io import verified_digest
 

@@ -50,3 +50,16 @@ def test_dataset_is_a_registry_key_or_a_path(tmp_path, shared_data):
     assert ref.source.template == "a satellite photo of {}."
     with pytest.raises(ValueError, match="--dataset-name, --template apply to your own data"):
         dataset_ref("eurosat", name="mine", template="a {}.")
+
+
+def test_a_grid_over_shots_follows_coops_epochs_by_shots_unless_epochs_is_given():
+    from platform.trials import trial_spec
+    from platform.tune import grid_epochs
+
+    spec = spec_from_args(parse_run_args(train.build_parser(), ["--dataset", "eurosat", "--shots", "1"]),
+                          use_gpu=False)
+    assert [trial_spec(spec.to_dict(), {"train.shots": k}).train.resolved_epochs for k in (1, 2, 4, 8, 16)] == [
+        50, 100, 100, 200, 200]
+    assert grid_epochs(spec, {"train.shots": [1, 4]}) == 100 and grid_epochs(spec, {"train.seed": [1, 2]}) == 50
+    fixed = spec.with_overrides({"train.epochs": 3})
+    assert grid_epochs(fixed, {"train.shots": [1, 16]}) == 3

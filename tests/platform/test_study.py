@@ -187,3 +187,20 @@ def test_base_to_new_over_two_datasets_reports_each_and_their_average(studies, s
     run = _client(studies["uri"]).get_run(combined["combined_run_id"])
     assert json.loads(run.data.tags["coop.study_runs"]) == combined["studies"]
     assert "Study over 2 datasets (base2new)" in out.getvalue()
+
+
+def test_a_study_can_take_the_champions_prompt_configuration(studies, tmp_path):
+    from platform import tune
+
+    uri = f"sqlite:///{tmp_path / 'champion.db'}"
+    common = [uri if a == studies["uri"] else a for a in studies["common"]]
+    common = [str(tmp_path / "ray") if a.endswith("/ray") else a for a in common]
+    sweep = _run(tune, [*common, "--shots", "1", "--epochs", "1", "--grid", "prompt.n_ctx=3",
+                        "prompt.class_token_position=front", "train.lr=0.004", "--sweep-name", "champion"])
+    assert sweep["summary"]["registered_version"] == 1
+    out = _run(study, [*common, "--from-champion", "--shots", "1", "--seeds", "1", "--epochs", "1",
+                       "--study-name", "from-champion"])["summary"]
+    (run,) = _children(_client(uri), out["parent_run_id"])
+    params = run.data.params
+    assert (params["prompt.n_ctx"], params["prompt.class_token_position"], params["train.lr"]) == ("3", "front",
+                                                                                                   "0.004")

@@ -14,7 +14,6 @@ import csv
 import io
 import json
 import os
-import time
 from pathlib import Path
 from platform import evaluate, study, train, tune
 
@@ -70,23 +69,15 @@ def own(ray_session, shared_data, tiny_vit_config, aligned_vit_checkpoint, tmp_p
     common = ["--dataset", str(folder), "--backbone", tiny_vit_config, "--pretrained", aligned_vit_checkpoint,
               "--shots", "2", "--epochs", "1", "--batch-size", "8", "--n-views", "1", "--cache-dir", str(cache),
               "--storage-path", str(tmp / "ray"), "--tracking-uri", uri, "--json"]
-    timings = {}
-    t0 = time.perf_counter()
     first = _run(train, [*common, "--seed", "1"])
-    timings["train_1"] = time.perf_counter() - t0
     split_files = sorted((cache / "splits").glob("*.json"))
     snapshot = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in split_files}
-    t0 = time.perf_counter()
     second = _run(train, [*common, "--seed", "2"])
-    timings["train_2"] = time.perf_counter() - t0
     after_second = sorted((cache / "splits").glob("*.json"))
-    t0 = time.perf_counter()
     sweep = _run(tune, [*common, "--dataset-name", "my_land", "--num-samples", "2", "--max-concurrent", "2",
                         "--fixed", "prompt.csc"])  # a unified context: it may be evaluated under other class names
-    timings["tune"] = time.perf_counter() - t0
     return {"tmp": tmp, "folder": folder, "cache": cache, "uri": uri, "first": first, "second": second,
             "sweep": sweep, "split_files": split_files, "after_second": after_second, "snapshot": snapshot,
-            "timings": timings,
             "eval_common": ["--cache-dir", str(cache), "--tracking-uri", uri, "--json"]}
 
 
@@ -220,13 +211,11 @@ def test_template_and_classnames_file_reach_the_zero_shot_classifier(own):
 def test_a_folder_is_an_evaluation_target_of_a_cross_dataset_study(own, small_eurosat_root, tiny_vit_config,
                                                                    aligned_vit_checkpoint):
     tmp = own["tmp"]
-    t0 = time.perf_counter()
     out = _run(study, ["--protocol", "cross", "--dataset", "eurosat", "--data-root", str(small_eurosat_root),
                        "--targets", str(own["folder"]), "--shots", "1", "--seeds", "1", "--epochs", "1",
                        "--backbone", tiny_vit_config, "--pretrained", aligned_vit_checkpoint, "--batch-size", "8",
                        "--n-views", "1", "--cache-dir", str(own["cache"]), "--storage-path", str(tmp / "ray"),
                        "--tracking-uri", own["uri"], "--max-concurrent", "2", "--study-name", "cross", "--json"])
-    own["timings"]["study"] = time.perf_counter() - t0
     results = out["summary"]["study"]
     assert results["protocol"] == "cross" and results["targets"] == ["land_cover"]
     assert [c["dataset"] for c in results["cells"]] == ["eurosat", "land_cover", "average over targets"]
@@ -242,11 +231,6 @@ def test_a_folder_is_an_evaluation_target_of_a_cross_dataset_study(own, small_eu
     assert m["target/land_cover/n_test"] == 24  # the folder's generated test split
     assert average["coop_mean"] == pytest.approx(target["coop_mean"])  # one target: its own numbers
     assert "land_cover" in out["report"] and "average over targets" in out["report"]
-
-
-def test_report_timings(own):
-    """Not a check: prints where this module's time went (``pytest -s``)."""
-    print({k: round(v, 1) for k, v in own["timings"].items()})
 
 
 # -- bad input -------------------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import contextlib
 import io
 import json
 import statistics
-import time
 from pathlib import Path
 from platform import evaluate, study
 
@@ -63,15 +62,9 @@ def dg(ray_session, shared_data, tiny_vit_config, tmp_path_factory) -> dict:
               "--pretrained", "none", "--shots", "1", "--seeds", "1", "--epochs", "1", "--n-ctx", "2",
               "--batch-size", "32", "--n-views", "1", "--max-test-items", str(MAX_TEST), "--cache-dir",
               str(tmp / "cache"), "--storage-path", str(tmp / "ray"), "--tracking-uri", uri, "--json"]
-    timings = {}
-    t0 = time.perf_counter()
     unified = _run(study, [*common, "--study-name", "dg"])
-    timings["dg_unified"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
     csc = _run(study, [*common, "--csc", "--study-name", "dg-csc"])
-    timings["dg_csc"] = time.perf_counter() - t0
-    return {"tmp": tmp, "root": root, "uri": uri, "counts": counts, "unified": unified, "csc": csc,
-            "timings": timings}
+    return {"tmp": tmp, "root": root, "uri": uri, "counts": counts, "unified": unified, "csc": csc}
 
 
 @pytest.mark.parametrize("kind", ["unified", "csc"])
@@ -122,8 +115,3 @@ def test_csc_prompt_file_on_classes_it_was_not_trained_on_is_refused(dg, small_e
     assert line.startswith("error: cannot evaluate these prompts on eurosat: the class-specific context has no vector "
                            "for 10 of the 10 target classes")
     assert "a class-specific context only transfers to classes it was trained on" in line
-
-
-def test_report_timings(dg):
-    """Not a check: prints where this module's time went (``pytest -s``)."""
-    print({k: round(v, 1) for k, v in dg["timings"].items()})

@@ -203,8 +203,8 @@ def dataset_ref(value: str, *, classes: str = "all", name: str | None = None, te
     if value in list_datasets():
         given = [flag for flag, v in own.items() if v is not None]
         if given:
-            raise ValueError(f"{', '.join(given)} apply to your own data (--dataset PATH), not to the built-in "
-                             f"dataset {value!r}")
+            raise ValueError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to your own data "
+                             f"(--dataset PATH), not to the built-in dataset {value!r}")
         return DatasetRef(value, classes=classes)
     path = Path(value).expanduser()
     if not path.exists():

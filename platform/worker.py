@@ -190,6 +190,7 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
         "world_size": dist.world_size, "classnames": list(splits.classnames), "template": splits.template,
         "n_train": len(fewshot.train), "n_val": len(fewshot.val), "n_test": len(splits.test),
         artifacts.N_CTX_EFFECTIVE_KEY: n_ctx_effective, artifacts.TEXT_SHARDING_USED_KEY: text_sharding,
+        "split": splits.split_source,  # the split file (or how the split was made) the run used
         "fewshot_manifest": str(fewshot.manifest_path) if fewshot.manifest_path else None,
         "skipped_images": dict(feats.skipped),  # undecodable images left out, per split
         "resumed_from_epoch": resume.epoch if resume is not None else None,

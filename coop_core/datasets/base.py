@@ -476,8 +476,10 @@ def make_splits(
     val: Sequence[Item],
     test: Sequence[Item],
     classnames: Sequence[str] | None = None,
+    split_source: str | None = None,
 ) -> DatasetSplits:
-    """Assemble a :class:`DatasetSplits` for ``spec``, deriving class names from the items unless given."""
+    """Assemble a :class:`DatasetSplits` for ``spec``, deriving class names from the items unless given;
+    ``split_source`` says where the split came from (a split file's path, or how it was made)."""
     names = tuple(classnames) if classnames is not None else classnames_from_items(train, val, test)
     return DatasetSplits(
         name=spec.name,
@@ -487,6 +489,7 @@ def make_splits(
         train=tuple(train),
         val=tuple(val),
         test=tuple(test),
+        split_source=split_source,
     )
 
 

@@ -41,7 +41,7 @@ def load_coop_split_dataset(root: Path, spec: DatasetSpec) -> DatasetSplits:
     image_dir = require_dir(spec, root, spec.image_path(root))
     split_path = require_file(spec, root, spec.dataset_path(root) / spec.split_file)
     train, val, test = read_coop_split(split_path)
-    return make_splits(spec, image_dir, train, val, test)
+    return make_splits(spec, image_dir, train, val, test, split_source=str(split_path))
 
 
 def _read_lines(path: Path) -> list[str]:

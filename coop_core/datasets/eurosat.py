@@ -83,6 +83,7 @@ def load_eurosat(root: Path, spec: DatasetSpec) -> DatasetSplits:
     split_path = spec.dataset_path(root) / spec.split_file if spec.split_file else None
     if split_path is not None and split_path.is_file():
         train, val, test = read_coop_split(split_path)
+        source = str(split_path)
     else:
         logger.warning(
             "%s not found: using a deterministic %d/%d/%d per-class split (seed %d) instead of CoOp's split; "
@@ -100,7 +101,10 @@ def load_eurosat(root: Path, spec: DatasetSpec) -> DatasetSplits:
             seed=FALLBACK_SEED,
             new_classnames=EUROSAT_CLASSNAMES,
         )
-    return make_splits(spec, image_dir, train, val, test)
+        source = (f"a {round(FALLBACK_P_TRAIN * 100)}/{round(FALLBACK_P_VAL * 100)}/"
+                  f"{round((1 - FALLBACK_P_TRAIN - FALLBACK_P_VAL) * 100)} per-class split of {image_dir} (seed "
+                  f"{FALLBACK_SEED})")
+    return make_splits(spec, image_dir, train, val, test, split_source=source)
 
 
 def download_eurosat(root: Path, spec: DatasetSpec) -> Path:

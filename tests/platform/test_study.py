@@ -129,6 +129,7 @@ def test_base_to_new_study_tests_base_and_new_classes_and_their_harmonic_mean(st
                                                                           str(studies["tmp"]))).read_text())
     assert config["classnames"] == ["Annual Crop Land", "Forest", "Herbaceous Vegetation Land", "Highway or Road",
                                     "Industrial Buildings"]
+    assert config["split"].endswith("eurosat/split_zhou_EuroSAT.json")  # the split the run used
 
 
 def test_evaluate_a_trials_prompts_on_the_new_classes_equals_the_trials_own_number(studies, small_eurosat_root,

@@ -158,3 +158,24 @@ def test_piped_sweep_with_json_has_no_bars_and_ends_with_the_json_line(tmp_path,
     for noise in CHATTER:
         assert noise not in proc.stdout + proc.stderr, noise
     assert "trial " in proc.stderr and "started" in proc.stderr  # our lines stay
+
+
+def test_a_quiet_worker_stopped_by_ray_prints_no_teardown_traceback():
+    """Ray stops a worker with SIGTERM, whose handler raises SystemExit wherever the worker is: inside a garbage
+    collector callback that becomes "Exception ignored in: ... SystemExit: 1" on stderr, forwarded to the console
+    after the sweep's report (seen in CI). A quiet worker drops exactly that; other unraisable errors still print."""
+    code = (
+        "import gc, weakref\n"
+        "from platform.worker import configure_worker_logging\n"
+        "configure_worker_logging(0, 'WARNING')\n"
+        "class A: pass\n"
+        "def stop(_): raise SystemExit(1)\n"
+        "def bug(_): raise ValueError('a real bug')\n"
+        "a = A(); r = weakref.ref(a, stop); del a; gc.collect()\n"
+        "b = A(); s = weakref.ref(b, bug); del b; gc.collect()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert "SystemExit" not in out.stderr
+    assert "ValueError: a real bug" in out.stderr

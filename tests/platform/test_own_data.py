@@ -9,15 +9,15 @@ CLIs run in this process (``main(argv)``) on the shared local Ray, with tiny epo
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 import os
 from pathlib import Path
 from platform import evaluate, study, train, tune
 
 import pytest
+from cli_runs import mlflow_client as _client
+from cli_runs import run_cli as _run
 
 pytestmark = pytest.mark.ray
 
@@ -28,22 +28,6 @@ READABLE = ["annual crop", "forest", "river", "sea lake"]
 # EuroSAT's own names and template, which the aligned backbone's image projection was fitted to.
 EUROSAT_NAMES = {"annual_crop": "Annual Crop Land", "forest": "Forest", "river": "River", "sea_lake": "Sea or Lake"}
 EUROSAT_TEMPLATE = "a centered satellite photo of {}."
-
-
-def _run(cli, argv: list[str]) -> dict:
-    """Run a CLI's ``main`` in this process; its --json summary, its other stdout lines and its stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main(argv)
-    lines = out.getvalue().strip().splitlines()
-    assert rc == 0, "\n".join(lines[-40:]) + "\n" + err.getvalue()[-4000:]
-    return {"summary": json.loads(lines[-1]), "report": "\n".join(lines[:-1]), "stderr": err.getvalue()}
-
-
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _config(uri: str, run_id: str, dst: Path) -> dict:

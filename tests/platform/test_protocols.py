@@ -10,14 +10,14 @@ one a class-specific (CSC) context over the 1,000 classes, which A and R take by
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import statistics
 from pathlib import Path
 from platform import evaluate, study
 
 import pytest
+from cli_runs import mlflow_client as _client
+from cli_runs import run_cli as _run
 from synthetic_imagenet import build_imagenet_root
 
 pytestmark = pytest.mark.ray
@@ -26,21 +26,6 @@ MAX_TEST = 300
 # Class folders given one image each: V2 all 1,000 (cut to MAX_TEST), Sketch 250 of 1,000, A all 200, R 120 of 200.
 VARIANT_CLASSES = {"imagenet_v2": 1000, "imagenet_sketch": 250, "imagenet_a": 200, "imagenet_r": 120}
 TARGETS = ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
-
-
-def _run(cli, argv: list[str]) -> dict:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main(argv)
-    lines = out.getvalue().strip().splitlines()
-    assert rc == 0, "\n".join(lines[-40:]) + "\n" + err.getvalue()[-4000:]
-    return {"summary": json.loads(lines[-1]), "report": "\n".join(lines[:-1])}
-
-
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _trial(uri: str, parent_run_id: str):

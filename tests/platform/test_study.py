@@ -17,18 +17,12 @@ from platform import evaluate, study
 
 import numpy as np
 import pytest
+from cli_runs import child_runs as _children
+from cli_runs import mlflow_client as _client
+from cli_runs import run_cli as _run
 from PIL import Image
 
 pytestmark = pytest.mark.ray
-
-
-def _run(cli, argv: list[str]) -> dict:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        rc = cli.main(argv)
-    lines = out.getvalue().strip().splitlines()
-    assert rc == 0, "\n".join(lines[-40:])
-    return {"summary": json.loads(lines[-1]), "report": "\n".join(lines[:-1])}
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +38,6 @@ def studies(ray_session, small_eurosat_root, feature_cache, tiny_vit_config, ali
     b2n = _run(study, [*common, "--protocol", "base2new", "--shots", "2", "--seeds", "1", "--epochs", "2",
                        "--study-name", "b2n"])
     return {"uri": uri, "tmp": tmp, "fewshot": fewshot, "b2n": b2n, "common": common}
-
-
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def _children(client, parent_run_id: str) -> list:
-    parent = client.get_run(parent_run_id)
-    return client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
 
 
 def test_study_trains_every_shot_count_and_seed_to_the_end(studies):

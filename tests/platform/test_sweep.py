@@ -10,8 +10,6 @@ sits at chance and "worse" could not be told from "better".
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -23,6 +21,9 @@ from platform.tune import main
 
 import pytest
 from aligned import aligned_tiny_checkpoint
+from cli_runs import child_runs as _children
+from cli_runs import mlflow_client as _client
+from cli_runs import run_cli
 from servers import wait_until_up
 
 pytestmark = pytest.mark.ray
@@ -32,12 +33,7 @@ SEARCHED = ("prompt.n_ctx", "prompt.ctx_init", "prompt.class_token_position", "p
 
 
 def _sweep(argv: list[str]) -> dict:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        rc = main(argv)
-    lines = out.getvalue().strip().splitlines()
-    assert rc == 0, "\n".join(lines[-30:])
-    return {"summary": json.loads(lines[-1]), "report": "\n".join(lines[:-1])}
+    return run_cli(main, argv)
 
 
 @pytest.fixture(scope="module")
@@ -60,18 +56,6 @@ def sweeps(ray_session, small_eurosat_root, shared_data, feature_cache, tiny_vit
                     "--sweep-name", "shots"])
     return {"uri": uri, "tmp": tmp, "good": good, "worse": worse, "checkpoint": checkpoint, "shots": shots,
             "shots_uri": shots_uri}
-
-
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def _children(client, parent_run_id: str) -> list:
-    parent = client.get_run(parent_run_id)
-    return client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
 
 
 def test_sweep_runs_every_trial_and_reports_the_best_by_validation(sweeps):

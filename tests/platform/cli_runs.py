@@ -1,0 +1,38 @@
+"""Running a CLI's ``main`` inside a test and reading what it logged to MLflow: one helper each, for every test file
+that drives ``platform.train``, ``platform.tune``, ``platform.study`` or ``platform.evaluate`` end to end."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from typing import Any
+
+
+def run_cli(cli: Any, argv: list[str]) -> dict:
+    """Run ``cli.main(argv)`` (a CLI module, or its ``main``) in this process and require exit status 0.
+
+    Returns:
+        ``summary`` (the ``--json`` last line), ``report`` (the other stdout lines) and ``stderr``.
+    """
+    main = getattr(cli, "main", cli)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    lines = out.getvalue().strip().splitlines()
+    assert rc == 0, "\n".join(lines[-40:]) + "\n" + err.getvalue()[-4000:]
+    return {"summary": json.loads(lines[-1]), "report": "\n".join(lines[:-1]), "stderr": err.getvalue()}
+
+
+def mlflow_client(uri: str):
+    """A client of the tracking store and model registry at ``uri``."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def child_runs(client: Any, parent_run_id: str) -> list:
+    """The runs nested under ``parent_run_id`` (a sweep's or study's trials)."""
+    parent = client.get_run(parent_run_id)
+    return client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")

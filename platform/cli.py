@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from platform.ray_runtime import resolve_use_gpu
 from platform.run_spec import (
+    MAX_AUTO_CHECKPOINTS,
     PLACEMENT_STRATEGIES,
     DatasetRef,
     RunSpec,
@@ -159,6 +160,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, study: bool = False) -
                          help="how a multi-worker run splits the text step: data = every worker encodes every class "
                               "prompt; class = each encodes its share of the classes (for many-class datasets, e.g. "
                               "ImageNet); auto = class when the text step's activations outweigh the model (default)")
+    workers.add_argument("--checkpoint-every", type=int, default=None, metavar="EPOCHS",
+                         help="epochs between checkpoints (default: every epoch for runs of up to "
+                              f"{MAX_AUTO_CHECKPOINTS} epochs, else about {MAX_AUTO_CHECKPOINTS} per run; the last "
+                              "epoch always has one); a restarted run resumes from the last one")
     workers.add_argument("--placement-strategy", default="PACK", choices=PLACEMENT_STRATEGIES,
                          help="where a run's workers go: PACK on as few nodes as fit (fastest all-reduce; default), "
                               "SPREAD on different nodes where possible; STRICT_* fail rather than fall back")
@@ -256,6 +261,7 @@ def spec_from_args(args: argparse.Namespace, *, use_gpu: bool | None = None) -> 
         cpus_per_worker=args.cpus_per_worker,
         placement_strategy=args.placement_strategy,
         download=args.download,
+        checkpoint_every=args.checkpoint_every,
     )
 
 

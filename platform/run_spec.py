@@ -8,6 +8,7 @@ searched values applied by :meth:`RunSpec.with_overrides`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ from coop_core.datasets import (
 
 _SECTIONS = {"model": ModelConfig, "prompt": PromptConfig, "train": TrainConfig}
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement-group strategies
+# A checkpoint every epoch costs more than the epoch itself on cached features (a few milliseconds of training, a
+# state file, a manifest and Ray's checkpoint bookkeeping): long runs checkpoint about this many times.
+MAX_AUTO_CHECKPOINTS = 20
 
 
 def default_cache_dir() -> str:
@@ -108,7 +112,9 @@ class RunSpec:
     cpus_per_worker: CPUs reserved per worker (torch uses that many threads). placement_strategy: how Ray places a
     multi-worker run's workers (``PACK``: on as few nodes as fit, the fastest all-reduce; ``SPREAD``: on different
     nodes where possible; ``STRICT_`` variants fail instead of falling back). download: fetch the dataset on the
-    driver first if missing (workers never download). source: the user's image folder or manifest when ``dataset``
+    driver first if missing (workers never download). checkpoint_every: epochs between checkpoints (None: see
+    :meth:`checkpoint_interval`); a restarted run resumes from the last one and recomputes the epochs after it, which
+    give the same results. source: the user's image folder or manifest when ``dataset``
     is not a registry key (then ``dataset`` is its name). classes: train (and test) on ``all`` classes, or on
     CoCoOp's ``base`` / ``new`` half. eval_targets: more datasets (or class subsets) the final prompts are tested on
     after training, each reported as ``target/<label>/...`` metrics (base-to-new, domain generalisation and
@@ -127,6 +133,7 @@ class RunSpec:
     cpus_per_worker: float = 1.0
     placement_strategy: str = "PACK"
     download: bool = False
+    checkpoint_every: int | None = None
     source: FolderSource | None = None
     classes: str = "all"
     eval_targets: tuple[DatasetRef, ...] = ()
@@ -159,6 +166,18 @@ class RunSpec:
             raise ValueError("precision 'amp' (fp16 + loss scaling) needs GPUs; use 'bf16' or 'fp32' on CPU")
         if not self.cache_dir:
             raise ValueError("cache_dir must be a directory path")
+        if self.checkpoint_every is not None and (not isinstance(self.checkpoint_every, int)
+                                                  or isinstance(self.checkpoint_every, bool)
+                                                  or self.checkpoint_every < 1):
+            raise ValueError(f"checkpoint_every must be a positive number of epochs or None (automatic), got "
+                             f"{self.checkpoint_every!r}")
+
+    def checkpoint_interval(self) -> int:
+        """Epochs between checkpoints: ``checkpoint_every``, or automatically every epoch for runs of up to
+        :data:`MAX_AUTO_CHECKPOINTS` epochs and about that many per run beyond (the last epoch always has one)."""
+        if self.checkpoint_every is not None:
+            return self.checkpoint_every
+        return max(1, math.ceil(self.train.resolved_epochs / MAX_AUTO_CHECKPOINTS))
 
     @property
     def data_ref(self) -> DatasetRef:

@@ -150,6 +150,7 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
     device = torch.device(device)
     cfg = spec.train
     epochs = cfg.resolved_epochs
+    checkpoint_interval = spec.checkpoint_interval()
     torch.manual_seed(cfg.seed)  # nothing below draws from it, but no trial may inherit the previous one's RNG
 
     cache = process_cache()
@@ -222,6 +223,8 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
         report = {**metrics, **fixed, **timing, "time_worker_s": t_report - t_start}
         if rank != 0:
             session.report(report, None)  # every worker reports; only rank 0 carries the checkpoint
+        elif not final and int(metrics["epoch"]) % checkpoint_interval:
+            session.report(report, None)  # metrics every epoch (ASHA, MLflow); a checkpoint every interval
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 d = Path(tmp)
@@ -230,10 +233,10 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
                     _write_final_artifacts(d, spec, clip, splits, model, report)
                 artifacts.seal(d)
                 session.report(report, d)
-            if log_epochs:
-                logger.info("%s", _format_epoch(metrics, epochs))
-            if progress is not None:
-                progress("epochs", int(metrics["epoch"]), epochs)
+        if rank == 0 and log_epochs:
+            logger.info("%s", _format_epoch(metrics, epochs))
+        if rank == 0 and progress is not None:
+            progress("epochs", int(metrics["epoch"]), epochs)
         timing["time_report_s"] += time.perf_counter() - t_report
         for hook in epoch_hooks:
             hook(int(metrics["epoch"]), rank)

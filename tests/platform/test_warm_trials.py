@@ -6,6 +6,7 @@ each must give exactly what it gives in a fresh process of its own, and the repe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -143,3 +144,44 @@ def test_warm_cache_size_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv(pc.BYTES_ENV_VAR, "lots")
     with pytest.raises(ValueError, match="COOP_WARM_CACHE_BYTES must be a byte count"):
         pc.process_cache()
+
+
+def test_long_runs_checkpoint_about_twenty_times_and_report_every_epoch(small_eurosat_root, feature_cache,
+                                                                       tiny_vit_config):
+    """A checkpoint every epoch costs more than a CoOp epoch on cached features; a 45-epoch run checkpoints every
+    3 epochs and at the last, reports metrics every epoch, and resumed from a middle checkpoint ends where a straight
+    run ends."""
+    from platform import artifacts
+    from platform.run_spec import RunSpec
+    from platform.worker import run_training
+
+    from coop_core.config import ModelConfig, TrainConfig
+
+    spec = RunSpec(dataset="eurosat", data_root=str(small_eurosat_root), cache_dir=str(feature_cache),
+                   model=ModelConfig(backbone=tiny_vit_config, pretrained="none"),
+                   train=TrainConfig(shots=1, epochs=45, batch_size=8, n_views=1, warmup_epochs=0),
+                   max_test_items=20)
+    assert spec.checkpoint_interval() == 3
+    assert dataclasses.replace(spec, train=TrainConfig(shots=1, epochs=20)).checkpoint_interval() == 1
+    assert dataclasses.replace(spec, checkpoint_every=7).checkpoint_interval() == 7
+
+    class Keeping(RecordingSession):
+        def __init__(self, restore=None) -> None:
+            super().__init__(restore)
+            self.kept: dict[int, tuple] = {}
+
+        def report(self, metrics, checkpoint_dir) -> None:
+            super().report(metrics, checkpoint_dir)
+            if checkpoint_dir is not None:
+                self.kept[int(metrics["epoch"])] = (artifacts.read_state(checkpoint_dir),
+                                                    artifacts.read_history(checkpoint_dir))
+
+    straight = Keeping()
+    run_training(spec, straight)
+    assert [int(r["epoch"]) for r in straight.reports] == list(range(1, 46))  # every epoch reported
+    assert sorted(straight.kept) == list(range(3, 46, 3))  # 15 checkpoints, the last one final
+    resumed = Keeping(restore=straight.kept[21])
+    run_training(spec, resumed)
+    assert [int(r["epoch"]) for r in resumed.reports] == list(range(22, 46))
+    assert torch.equal(resumed.kept[45][0].ctx, straight.kept[45][0].ctx)
+    assert resumed.reports[-1]["test_acc"] == straight.reports[-1]["test_acc"]

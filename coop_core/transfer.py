@@ -26,6 +26,31 @@ def _key(name: str) -> str:
     return clean_classname(name).casefold()
 
 
+def classes_without_vectors(source_classnames: Sequence[str], csc: bool, target_classnames: Sequence[str]
+                            ) -> list[str]:
+    """The target classes a context learned for ``source_classnames`` has no vectors for: none for a unified context;
+    for a class-specific one, those not among the source classes by name."""
+    if not csc:
+        return []
+    known = {_key(name) for name in source_classnames}
+    return [name for name in target_classnames if _key(name) not in known]
+
+
+def check_transfer(source_classnames: Sequence[str], csc: bool, target_classnames: Sequence[str]) -> None:
+    """Refuse, before anything is computed, a class-specific context and target classes it was not trained on.
+
+    Raises:
+        PromptTransferError: naming how many target classes have no vector, the first few, and the fix.
+    """
+    missing = classes_without_vectors(source_classnames, csc, target_classnames)
+    if missing:
+        raise PromptTransferError(
+            f"the class-specific context has no vector for {len(missing)} of the {len(target_classnames)} target "
+            f"classes (first: {', '.join(repr(m) for m in missing[:3])}): a class-specific context only transfers to "
+            "classes it was trained on; train a unified context (no --csc) to evaluate on new classes"
+        )
+
+
 def transfer_context(ctx: torch.Tensor, source_classnames: Sequence[str], csc: bool,
                      target_classnames: Sequence[str]) -> torch.Tensor:
     """The context to use for ``target_classnames``, given one learned for ``source_classnames``.
@@ -55,16 +80,10 @@ def transfer_context(ctx: torch.Tensor, source_classnames: Sequence[str], csc: b
     if ctx.dim() != 3 or ctx.shape[0] != len(source_classnames):
         raise ValueError(f"a class-specific context is (n_cls={len(source_classnames)}, n_ctx, width), got shape "
                          f"{tuple(ctx.shape)}; pass the class names it was learned for")
+    check_transfer(source_classnames, csc, target_classnames)
     rows: dict[str, list[int]] = {}
     for row, name in enumerate(source_classnames):
         rows.setdefault(_key(name), []).append(row)
-    missing = [name for name in target_classnames if _key(name) not in rows]
-    if missing:
-        raise PromptTransferError(
-            f"the class-specific context has no vector for {len(missing)} of the {len(target_classnames)} target "
-            f"classes (first: {', '.join(repr(m) for m in missing[:3])}): a class-specific context only transfers to "
-            "classes it was trained on; train a unified context (no --csc) to evaluate on new classes"
-        )
     used: dict[str, int] = {}
     picked = []
     for name in target_classnames:

@@ -353,20 +353,18 @@ def check_target(spec: RunSpec, splits: DatasetSplits, target: DatasetRef) -> No
     Raises:
         ValueError: naming the target and the fix.
     """
-    from coop_core.prompt_learner import clean_classname
+    from coop_core.transfer import classes_without_vectors
 
     tsplits = load_target_splits(spec, target)
     if not tsplits.test:
         raise ValueError(f"evaluation target {target.label} has no test images")
     check_images_exist(tsplits, tsplits.test)
-    if spec.prompt.csc:
-        known = {clean_classname(c).lower() for c in splits.classnames}
-        missing = [c for c in tsplits.classnames if clean_classname(c).lower() not in known]
-        if missing:
-            raise ValueError(f"a class-specific context (--csc) cannot be evaluated on {target.label}: "
-                             f"{len(missing)} of its {len(tsplits.classnames)} classes are not among the training "
-                             f"classes (first: {missing[0]!r}); use a unified context (no --csc) to transfer to new "
-                             "classes")
+    missing = classes_without_vectors(splits.classnames, spec.prompt.csc, tsplits.classnames)
+    if missing:
+        raise ValueError(f"a class-specific context (--csc) cannot be evaluated on {target.label}: "
+                         f"{len(missing)} of its {len(tsplits.classnames)} classes are not among the training "
+                         f"classes (first: {missing[0]!r}); use a unified context (no --csc) to transfer to new "
+                         "classes")
 
 
 def add_infra_arguments(parser: argparse.ArgumentParser) -> None:

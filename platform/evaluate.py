@@ -208,13 +208,12 @@ def resolve_device(value: str) -> torch.device:
 
 def check_transfer(meta: Any, classnames: Sequence[str], target: str) -> None:
     """Refuse a class-specific context and a class list it has no vectors for, before anything is computed."""
-    from coop_core.transfer import transfer_context
+    from coop_core.transfer import PromptTransferError
+    from coop_core.transfer import check_transfer as check_classes
 
-    width = 1  # the check needs the class names only: a dummy context of the file's shape
-    shape = (len(meta.classnames), meta.prompt.n_ctx, width) if meta.prompt.csc else (meta.prompt.n_ctx, width)
     try:
-        transfer_context(torch.zeros(shape), meta.classnames, meta.prompt.csc, classnames)
-    except ValueError as err:
+        check_classes(meta.classnames, meta.prompt.csc, classnames)
+    except PromptTransferError as err:
         raise ValueError(f"cannot evaluate these prompts on {target}: {err}") from None
 
 

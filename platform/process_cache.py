@@ -23,18 +23,21 @@ from typing import Any, TypeVar
 
 import torch
 
-from coop_core.features import CachedViews, weights_identity
+from coop_core.features import CachedViews, FeatureSet, weights_identity
 from coop_core.pipeline import RunFeatures
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+FeaturesT = TypeVar("FeaturesT", RunFeatures, FeatureSet)
 DEFAULT_MAX_BYTES = 4 * 1024**3
 BYTES_ENV_VAR = "COOP_WARM_CACHE_BYTES"
 
 
-def features_nbytes(features: RunFeatures) -> int:
-    """Bytes held by the tensors of a :class:`RunFeatures` (what the cache budget counts)."""
+def features_nbytes(features: RunFeatures | FeatureSet) -> int:
+    """Bytes held by the tensors of a :class:`RunFeatures` or a :class:`FeatureSet` (what the cache budget counts)."""
+    if isinstance(features, FeatureSet):
+        return features.features.numel() * features.features.element_size()
     total = 0
     train = features.train
     if isinstance(train, CachedViews):
@@ -45,8 +48,11 @@ def features_nbytes(features: RunFeatures) -> int:
     return total
 
 
-def fresh_copy(features: RunFeatures) -> RunFeatures:
-    """The same tensors behind new per-trial wrappers (``CachedViews`` remembers the epoch it last drew views for)."""
+def fresh_copy(features: RunFeatures | FeatureSet) -> RunFeatures | FeatureSet:
+    """The same tensors behind new per-trial wrappers (``CachedViews`` remembers the epoch it last drew views for;
+    a :class:`FeatureSet` holds no state and is shared as it is)."""
+    if isinstance(features, FeatureSet):
+        return features
     train = features.train
     if isinstance(train, CachedViews):
         train = CachedViews(train.views, train.labels, seed=train.seed)
@@ -70,7 +76,7 @@ class ProcessCache:
         self.max_bytes = max_bytes
         self._models: OrderedDict[Hashable, Any] = OrderedDict()
         self._small: OrderedDict[Hashable, Any] = OrderedDict()  # splits and few-shot splits (item lists)
-        self._features: OrderedDict[Hashable, tuple[RunFeatures, int]] = OrderedDict()
+        self._features: OrderedDict[Hashable, tuple[RunFeatures | FeatureSet, int]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -101,8 +107,9 @@ class ProcessCache:
         """A small value (dataset splits, a few-shot split) for ``key``."""
         return self._cached(self._small, key, load, limit)
 
-    def features(self, key: tuple[Hashable, ...], load: Callable[[], RunFeatures]) -> tuple[RunFeatures, bool]:
-        """Image features for ``key`` (whose first element is the model key), with fresh per-trial wrappers."""
+    def features(self, key: tuple[Hashable, ...], load: Callable[[], FeaturesT]) -> tuple[FeaturesT, bool]:
+        """Image features for ``key`` (whose first element is the model key): a run's :class:`RunFeatures`, with
+        fresh per-trial wrappers, or an evaluation target's :class:`FeatureSet`."""
         if self.enabled and key in self._features:
             self._features.move_to_end(key)
             self.hits += 1

@@ -262,11 +262,10 @@ def _evaluate_target(spec: RunSpec, target: DatasetRef, clip: Any, mkey: Any, mo
     cache = process_cache()
     key = (json.dumps(target.to_dict(), sort_keys=True), spec.data_root, spec.max_test_items)
     tsplits, _ = cache.small(("splits", *key), lambda: load_target_splits(spec, target))
-    (feats, _), _ = cache.small(("target-features", mkey, *key), lambda: evaluation_features(
-        clip, tsplits, "test", cache_dir=spec.cache_dir, device=device, loader_workers=spec.train.loader_workers))
-    ctx = model.prompt_learner.ctx.detach()
-    prompt = dataclasses.replace(spec.prompt, n_ctx=ctx.shape[-2])
-    target_model = prompt_model(clip, ctx, prompt, classnames, tsplits.classnames, device)
+    feats, _ = cache.features((mkey, "target", *key), lambda: evaluation_features(
+        clip, tsplits, "test", cache_dir=spec.cache_dir, device=device, loader_workers=spec.train.loader_workers)[0])
+    target_model = prompt_model(clip, model.prompt_learner.ctx.detach(), spec.prompt, classnames,
+                                tsplits.classnames, device)
     coop = evaluate(target_model, feats, spec.train.precision)
     zs = zeroshot_evaluate(clip.model, clip.tokenizer, tsplits.classnames, tsplits.template, feats)
     values = {"test_acc": coop["acc"], "test_macro_f1": coop["macro_f1"], "zeroshot_test_acc": zs["acc"],

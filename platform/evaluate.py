@@ -310,8 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 bad input)."""
     from platform import tracking
 
+    from coop_core.atomic import atomic_write_bytes
     from coop_core.backbone import WeightsUnavailableError
-    from coop_core.prompts_io import PromptFileError, load_prompts
+    from coop_core.prompts_io import PromptFileError, load_prompts, prompt_digest
 
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
@@ -331,9 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             source = resolve_prompts(args.model, tracking_uri, Path(tmp))
             ctx, meta = load_prompts(source.path)
             if source.path.is_relative_to(tmp):  # downloaded: keep a copy the logged run can name
-                keep = Path(args.cache_dir).expanduser() / "evaluated_prompts" / meta.to_header().get("sha256", "x")
+                keep = Path(args.cache_dir).expanduser() / "evaluated_prompts" / prompt_digest(ctx, meta.to_header())
                 keep.mkdir(parents=True, exist_ok=True)
-                (keep / artifacts.PROMPTS_FILE).write_bytes(source.path.read_bytes())
+                atomic_write_bytes(keep / artifacts.PROMPTS_FILE, source.path.read_bytes())
                 source = PromptSource(keep / artifacts.PROMPTS_FILE, source.description, source.run_id,
                                       source.model_uri, source.version)
         backbone = args.backbone or meta.backbone

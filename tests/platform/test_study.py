@@ -128,6 +128,10 @@ def test_evaluate_a_trials_prompts_on_the_new_classes_equals_the_trials_own_numb
     logged = client.get_run(out["run_id"])
     assert logged.data.tags["coop.source_run_id"] == run.info.run_id
     assert logged.data.metrics["test_acc"] == pytest.approx(out["acc"])
+    from coop_core.prompts_io import verified_digest
+
+    kept = Path(logged.data.tags["coop.prompts"])  # the downloaded prompts, kept under their own digest
+    assert kept.parent.name == verified_digest(kept)
     assert run.info.run_id in logged.data.tags["mlflow.note.content"]
 
 

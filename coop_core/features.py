@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -107,6 +107,23 @@ def collate_readable(batch: list[tuple]) -> list | None:
     return default_collate(readable) if readable else None
 
 
+def _encoded_batches(image_encoder: nn.Module, loader: DataLoader, device: str | torch.device, precision: str,
+                     on_batch: Callable[[int], None] | None) -> Iterator[tuple[torch.Tensor, Sequence]]:
+    """L2-normalised fp32 features of each batch of ``loader`` (on the CPU) with the batch itself; a batch that is
+    None (no readable image in it) is skipped. ``on_batch(n)`` is called after each batch with its image count."""
+    device = torch.device(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    image_encoder.eval()
+    for batch in loader:
+        if batch is None:
+            continue
+        with autocast:
+            out = image_encoder(batch[0].to(device, non_blocking=True))
+        yield F.normalize(out.float(), dim=-1).cpu(), batch
+        if on_batch is not None:
+            on_batch(len(out))
+
+
 @torch.no_grad()
 def extract_readable(
     image_encoder: nn.Module,
@@ -126,23 +143,13 @@ def extract_readable(
     Returns:
         L2-normalised fp32 features ``(n_kept, d)``, their labels ``(n_kept,)`` and dataset indices ``(n_kept,)``.
     """
-    device = torch.device(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_readable)
     feats, labels, kept = [], [], []
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    image_encoder.eval()
-    for batch in loader:
-        if batch is None:
-            continue
-        images, y, index = batch[0], batch[1], batch[2]
-        with autocast:
-            out = image_encoder(images.to(device, non_blocking=True))
-        feats.append(F.normalize(out.float(), dim=-1).cpu())
+    for out, (_, y, index) in _encoded_batches(image_encoder, loader, device, precision, on_batch):
+        feats.append(out)
         labels.append(torch.as_tensor(y))
         kept.append(torch.as_tensor(index))
-        if on_batch is not None:
-            on_batch(len(index))
     if not feats:
         raise ValueError(f"cannot extract features: none of the {len(dataset)} images could be read")
     return torch.cat(feats), torch.cat(labels).long(), torch.cat(kept).long()
@@ -163,18 +170,11 @@ def extract_features(
 
     ``on_batch(n)`` is called after each batch with its number of images (for a progress display).
     """
-    device = torch.device(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     feats, labels = [], []
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    image_encoder.eval()
-    for images, y, *_ in loader:
-        with autocast:
-            out = image_encoder(images.to(device, non_blocking=True))
-        feats.append(F.normalize(out.float(), dim=-1).cpu())
-        labels.append(torch.as_tensor(y))
-        if on_batch is not None:
-            on_batch(len(out))
+    for out, batch in _encoded_batches(image_encoder, loader, device, precision, on_batch):
+        feats.append(out)
+        labels.append(torch.as_tensor(batch[1]))
     if not feats:
         raise ValueError("cannot extract features from an empty dataset")
     return torch.cat(feats), torch.cat(labels).long()

@@ -440,22 +440,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                  tracking.resolve_tracking_uri(args.tracking_uri)).items():
                     setattr(run, key, v)
             source = dataset_ref_from_args(run)
-            run.eval_targets = resolve_targets(run, source)
+            targets = resolve_targets(run, source)
             if args.sweep_name and len(datasets) > 1:
                 run.sweep_name = f"{args.sweep_name}-{source.name}"
-            runs.append(run)
+            runs.append((run, targets))
     except INPUT_ERRORS as err:
         return fail(str(err))
     collected: dict[str, dict] = {}
     codes = []
-    for run in runs:
-        run.shot_counts, run.seed_list = list(args.shots), list(args.seeds)
-        run.shots, run.seed = run.shot_counts[0], run.seed_list[0]
-        run.grid = [f"train.shots={','.join(map(str, run.shot_counts))}",
-                    f"train.seed={','.join(map(str, run.seed_list))}"]
+    for run, targets in runs:
+        run.grid = [f"train.shots={','.join(map(str, args.shots))}", f"train.seed={','.join(map(str, args.seeds))}"]
+        run.shots, run.seed = args.shots[0], args.seeds[0]  # the base spec's; the grid sets every trial's
         # What platform.tune's flags would give; a study searches nothing and stops no trial early.
         run.num_samples, run.fixed, run.search_seed, run.grace_period, run.reduction_factor = 1, [], None, 1, 2.0
-        log = finish(args.protocol, run.eval_targets)
+        log = finish(args.protocol, targets)
 
         def finish_and_keep(summary, rows, state, log=log, key=run.dataset):
             out = log(summary, rows, state)
@@ -464,8 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return out
 
         plan = SweepPlan(kind="study", entry_point="platform.study", search=False, early_stopping=False,
-                         register=False, describe=describe(args.protocol, run.eval_targets), finish=finish_and_keep,
-                         report=report, json_keys=("study",))
+                         register=False, describe=describe(args.protocol, targets), finish=finish_and_keep,
+                         report=report, json_keys=("study",), eval_targets=targets)
         codes.append(run_sweep(run, plan))
         if codes[-1] == 2:
             return 2  # a bad input: the line is printed, the other datasets would likely fail alike

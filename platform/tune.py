@@ -422,6 +422,7 @@ class SweepPlan:
     the sweep's). finish: ``finish(summary, rows, state) -> dict``, called once the trials have ended and before the
     parent run is closed, to log the plan's own results to it; what it returns joins the summary. report:
     ``report(summary) -> str``, printed after the sweep's report. json_keys: summary keys ``--json`` prints too.
+    eval_targets: ``RunSpec.eval_targets`` of every trial (``platform.run_spec.DatasetRef``), tested after training.
     """
 
     kind: str = "sweep"
@@ -433,6 +434,7 @@ class SweepPlan:
     finish: Any = None
     report: Any = None
     json_keys: tuple[str, ...] = ()
+    eval_targets: tuple[Any, ...] = ()
 
 
 def grid_epochs(spec: Any, grid: Mapping[str, Sequence[Any]] | None) -> int:
@@ -502,7 +504,7 @@ def run_sweep(args: argparse.Namespace, plan: SweepPlan = SweepPlan()) -> int:
             runner = state["trial_runner"]
         else:
             spec = spec_from_args(args, use_gpu=args.use_gpu != "no")
-            spec = dataclasses.replace(spec, eval_targets=tuple(getattr(args, "eval_targets", ())))
+            spec = dataclasses.replace(spec, eval_targets=plan.eval_targets)
             args.grid = parse_grid(args.grid, spec)
             if args.grid:
                 space = {}  # a grid sweep searches nothing else

@@ -15,13 +15,12 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from servers import wait_until_up
+from servers import running_server
 
 pytestmark = [pytest.mark.ray, pytest.mark.browser]
 
@@ -48,16 +47,10 @@ def tracking_server(tmp_path_factory):
             "--workers", "1"]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PATH"] = f"{mlflow_bin.parent}{os.pathsep}{env.get('PATH', '')}"
-    log = tmp / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(argv, cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(f"{url}/health", proc, log, what="mlflow server", timeout_s=120)
+    with running_server(argv, cwd=tmp, env=env, log=tmp / "server.log", health_url=f"{url}/health",
+                        what="mlflow server", timeout_s=120):
         yield url
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from aligned import aligned_tiny_checkpoint
 from cli_runs import child_runs as _children
 from cli_runs import mlflow_client as _client
 from cli_runs import run_cli
-from servers import wait_until_up
+from servers import running_server
 
 pytestmark = pytest.mark.ray
 
@@ -273,16 +273,10 @@ def served_champion(sweeps, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env |= {"MLFLOW_TRACKING_URI": sweeps["uri"], "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([os.path.join(bin_dir, argv[0]), *argv[1:]], cwd=log.parent, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(f"{url}/ping", proc, log, what="mlflow models serve", timeout_s=240)
+    with running_server([os.path.join(bin_dir, argv[0]), *argv[1:]], cwd=log.parent, env=env, log=log,
+                        health_url=f"{url}/ping", what="mlflow models serve", timeout_s=240):
         yield url
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
 
 
 def test_registered_model_has_an_image_in_probabilities_out_signature(sweeps):

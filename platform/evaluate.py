@@ -225,6 +225,7 @@ def evaluate_prompts(ctx: torch.Tensor, meta: Any, ref: DatasetRef, *, split: st
     from platform.run_spec import subset_test_items
 
     from coop_core.backbone import load_clip
+    from coop_core.datasets.base import check_images_exist
     from coop_core.engine import evaluate
     from coop_core.pipeline import evaluation_features, prompt_model
     from coop_core.zeroshot import zeroshot_evaluate
@@ -233,15 +234,14 @@ def evaluate_prompts(ctx: torch.Tensor, meta: Any, ref: DatasetRef, *, split: st
     if max_items is not None:
         splits = dataclasses.replace(splits, **{split: subset_test_items(splits.split(split), max_items)})
     check_transfer(meta, splits.classnames, ref.label)
-    from coop_core.datasets.base import check_images_exist
-
     check_images_exist(splits, splits.split(split))
     clip = load_clip(backbone, pretrained, device=device)
     feats, skipped = evaluation_features(clip, splits, split, cache_dir=cache_dir, device=device,
                                          batch_size=batch_size, progress=progress)
+    feats = feats.to(device)
     model = prompt_model(clip, ctx, meta.prompt, meta.classnames, splits.classnames, device)
-    coop = evaluate(model, feats.to(device))
-    zs = zeroshot_evaluate(clip.model, clip.tokenizer, splits.classnames, splits.template, feats.to(device))
+    coop = evaluate(model, feats)
+    zs = zeroshot_evaluate(clip.model, clip.tokenizer, splits.classnames, splits.template, feats)
     return {"dataset": ref.label, "split": split, "n_classes": len(splits.classnames), "n_images": len(feats.labels),
             "skipped_images": skipped, "template": splits.template, "acc": coop["acc"], "macro_f1": coop["macro_f1"],
             "zeroshot_acc": zs["acc"], "zeroshot_macro_f1": zs["macro_f1"], "image_dir": str(splits.image_dir)}

@@ -29,6 +29,13 @@ def best_per_shots(trials: Sequence[Trial]) -> dict[int, Trial]:
     return dict(sorted(best.items()))
 
 
+def shots_axis(ax, shots: Sequence[int]) -> None:
+    """The x axis of an accuracy-vs-shots figure: shots per class on a log-2 scale, a tick at each shot count."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(shots), [str(k) for k in shots])
+    ax.set_xlabel("shots per class")
+
+
 def plot_acc_vs_shots(trials: Sequence[Trial], path: Path) -> dict[str, dict[int, float]] | None:
     """CoOp's test accuracy (best trial by validation per shot count) and zero-shot CLIP's, against shots.
 
@@ -48,9 +55,7 @@ def plot_acc_vs_shots(trials: Sequence[Trial], path: Path) -> dict[str, dict[int
     if zeroshot:
         level = sum(zeroshot.values()) / len(zeroshot)  # the same test images at every shot count
         ax.axhline(level, ls="--", color="gray", label=f"zero-shot CLIP ({level:.1f})")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(list(coop), [str(k) for k in coop])
-    ax.set_xlabel("shots per class")
+    shots_axis(ax, list(coop))
     ax.set_ylabel(f"{TEST_METRIC} (%)")
     ax.set_title("test accuracy vs shots")
     ax.grid(alpha=0.3)

@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dashboards.shots import shots_axis  # noqa: E402
+
 
 def plot_study(results: Mapping[str, Any], path: Path) -> dict[str, dict[str, Any]] | None:
     """Draw ``results`` (``platform.study.study_results``) to ``path``.
@@ -52,9 +54,7 @@ def plot_study(results: Mapping[str, Any], path: Path) -> dict[str, dict[str, An
                 level = sum(zs) / len(zs)  # the same test images at every shot count
                 ax.axhline(level, ls="--", color=color if len(series) > 1 else "gray", alpha=0.8,
                            label=f"zero-shot CLIP on {label} ({level:.1f})")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(numeric, [str(k) for k in numeric])
-        ax.set_xlabel("shots per class")
+        shots_axis(ax, numeric)
         ax.set_title(f"{results['source']}: CoOp vs zero-shot CLIP ({results['protocol']})")
     else:
         labels = list(series)

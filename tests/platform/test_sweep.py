@@ -142,6 +142,7 @@ def test_worse_sweep_adds_version_2_and_leaves_the_champion(sweeps):
     assert {float(c.data.params["train.lr"]) for c in worse_children} == {1e-5}
 
 
+@pytest.mark.numeric
 def test_champion_pyfunc_classifies_real_images_in_a_fresh_process(sweeps, shared_data, tmp_path):
     from coop_core.datasets import load_dataset
 
@@ -293,6 +294,7 @@ def test_registered_model_has_an_image_in_probabilities_out_signature(sweeps):
     assert info.signature.outputs.input_names() == ["class_name", "probability", *[f"prob_{c}" for c in classes]]
 
 
+@pytest.mark.numeric
 def test_rest_server_classifies_real_eurosat_images_sent_as_base64(served_champion, shared_data):
     import base64
 

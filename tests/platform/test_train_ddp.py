@@ -167,6 +167,7 @@ def test_flatten_params_uses_dotted_config_keys(tmp_path):
 # -- Ray Train -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.numeric
 @pytest.mark.ray
 def test_two_workers_take_the_one_process_steps(cli_run, reference):
     assert cli_run["config"]["world_size"] == 2 and cli_run["epoch"] == EPOCHS
@@ -187,6 +188,7 @@ def test_two_workers_take_the_one_process_steps(cli_run, reference):
             "history.json", "state.pt", "metrics.json"} <= set(cli_run["files"])
 
 
+@pytest.mark.numeric
 @pytest.mark.ray
 def test_lost_worker_resumes_from_the_last_checkpoint(cli_run, reference):
     from mlflow.tracking import MlflowClient

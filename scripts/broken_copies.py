@@ -39,15 +39,18 @@ MUTATIONS = (
     Mutation("subset-row-order", "a class subset's end-of-text positions in the wrong row order",
              "coop_core/model.py", "else pl.eot_idx[classes]  # (n,)", "else pl.eot_idx[classes].flip(0)  # (n,)",
              ("tests/test_distributed.py::test_a_class_subset_encodes_exactly_those_rows_of_the_full_text_step",)),
-    Mutation("gather-order", "the gathered class shards put back in sorted instead of their own order",
+    Mutation("gather-order", "each gathered class shard put back in reversed row order",
              "coop_core/distributed.py", "out[classes.to(out.device)] = rows[: len(classes)]",
-             "out[classes.to(out.device).sort().values] = rows[: len(classes)]",
+             "out[classes.to(out.device).flip(0)] = rows[: len(classes)]",
              ("tests/test_distributed.py::test_gather_puts_scattered_shards_into_class_order_and_returns_own_rows_of_"
               "the_summed_gradient", "tests/test_distributed.py::test_two_gloo_workers_class_sharded_take_the_one_"
               "process_steps")),
-    Mutation("dropped-class-shard", "the last worker's class shard left out of the gathered features",
-             "coop_core/distributed.py", "for rows, classes in zip(gathered, shards):",
-             "for rows, classes in list(zip(gathered, shards))[:-1]:",
+    Mutation("dropped-class-shard", "the last worker's class shard left out of the gathered features (zeros)",
+             "coop_core/distributed.py",
+             "out = local.new_empty(sum(sizes), local.shape[1])  # (n_cls, d)\n"
+             "        for rows, classes in zip(gathered, shards):",
+             "out = local.new_zeros(sum(sizes), local.shape[1])  # (n_cls, d)\n"
+             "        for rows, classes in list(zip(gathered, shards))[:-1]:",
              ("tests/test_distributed.py::test_two_gloo_workers_class_sharded_take_the_one_process_steps",)),
     Mutation("missing-gather-all-reduce", "the class-sharded gather's backward without its all-reduce",
              "coop_core/distributed.py", "ctx.dist.all_reduce_sum_(grad)  # every worker's images",
@@ -105,14 +108,14 @@ def run(mutation: Mutation, python: str) -> bool:
     summary = (re.findall(r"^=*\s*(\d+ (?:failed|passed).*?)\s*=*$", out, re.M) or [f"rc {proc.returncode}"])[-1]
     caught = proc.returncode == 1 and "failed" in summary
     print(f"{mutation.name}: {mutation.what}\n    {'caught' if caught else 'NOT CAUGHT'}: {summary}")
-    seen = set()
+    failures: dict[str, list[tuple[int, int]]] = {}
     for m in ULPS.finditer(out):
-        key = (m["what"].strip(), m["ulps"])
-        if key not in seen:
-            seen.add(key)
-            ratio = int(m["ulps"]) / int(m["budget"])
-            print(f"    {key[0]}: {int(m['ulps']):,} ulps against a budget of {m['budget']} ({ratio:,.0f}x)")
-    if caught and not seen:
+        failures.setdefault(m["what"].strip(), []).append((int(m["ulps"]), int(m["budget"])))
+    for what, found in failures.items():  # the smallest miss of each comparison is its margin
+        ulps, budget = min(found)
+        print(f"    {what}: failed {len(found)}x, by at least {ulps:,} ulps against a budget of {budget} "
+              f"({ulps / budget:,.0f}x)")
+    if caught and not failures:
         for line in re.findall(r"^E\s+(.*)$", out, re.M)[:2]:
             print(f"    {line[:150]}")
     return caught

@@ -7,7 +7,7 @@ sweeps them. Every value is checked against the reference repository (github.com
 papers' configs and scripts); ``source`` names the file it comes from.
 
 :class:`PublishedResult` records hold numbers the papers report, each with the table it comes from. Only numbers that
-could be read in a retrievable source are listed; docs/paper_results.md says what is missing and why.
+could be read in a retrievable source are listed; the README's "Published numbers" says what is missing and why.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from coop_core.catalog import Catalog
 from coop_core.config import ModelConfig, PromptConfig, TrainConfig
 from coop_core.datasets import list_datasets
 from coop_core.datasets.imagenet_variants import DG_TARGETS
@@ -150,7 +151,7 @@ class PublishedResult:
 
 
 # The registry: explicit, filled below.
-_PRESETS: dict[str, Preset] = {}
+_PRESETS: Catalog[Preset] = Catalog("preset")
 
 
 def register_preset(preset: Preset) -> Preset:
@@ -161,15 +162,12 @@ def register_preset(preset: Preset) -> Preset:
     """
     if not isinstance(preset, Preset):
         raise ValueError(f"register_preset expects a Preset, got {type(preset).__name__}")
-    if preset.name in _PRESETS:
-        raise ValueError(f"preset {preset.name!r} is already registered")
-    _PRESETS[preset.name] = preset
-    return preset
+    return _PRESETS.add(preset.name, preset)
 
 
 def list_presets() -> list[str]:
     """Registered preset keys, sorted."""
-    return sorted(_PRESETS)
+    return _PRESETS.names()
 
 
 def get_preset(name: str) -> Preset:
@@ -178,10 +176,7 @@ def get_preset(name: str) -> Preset:
     Raises:
         ValueError: If ``name`` is not registered; the message lists the registered presets.
     """
-    try:
-        return _PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown preset {name!r}; available: {', '.join(list_presets())}") from None
+    return _PRESETS.get(name)
 
 
 _RN50 = ModelConfig(backbone="RN50", pretrained="openai")

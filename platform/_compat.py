@@ -35,7 +35,7 @@ WORKING_DIR_EXCLUDES = (
 
 
 def is_ours(module: ModuleType | None) -> bool:
-    """Whether ``module`` is this package (a package with a ``train`` submodule file), not the stdlib module."""
+    """Whether ``module`` is this package (a package holding this ``_compat.py``), not the stdlib module."""
     return module is not None and hasattr(module, "__path__") and any(
         os.path.isfile(os.path.join(p, "_compat.py")) for p in module.__path__
     )
@@ -82,7 +82,7 @@ def worker_setup_hook() -> None:
             return
     raise ImportError(
         f"CoOp platform package not found in the Ray worker (cwd {os.getcwd()}, ${ROOT_ENV_VAR}="
-        f"{os.environ.get(ROOT_ENV_VAR)!r}); start Ray through platform.train.init_ray()"
+        f"{os.environ.get(ROOT_ENV_VAR)!r}); start Ray through platform.ray_runtime.init_ray()"
     )
 
 
@@ -99,13 +99,11 @@ def quiet_state_api_warning() -> None:
     )
 
 
-def ray_runtime_env(root: str | None = None, *, working_dir: bool = True) -> dict[str, Any]:
+def ray_runtime_env(root: str | None = None) -> dict[str, Any]:
     """The ``runtime_env`` for ``ray.init`` that makes ``platform.*`` importable in every Ray worker.
 
     Args:
         root: repository root (defaults to this checkout).
-        working_dir: ship the repository to every node as Ray's ``working_dir`` (needed on multi-node clusters);
-            without it workers on this machine import the code in place.
     """
     from ray import cloudpickle
 
@@ -114,8 +112,7 @@ def ray_runtime_env(root: str | None = None, *, working_dir: bool = True) -> dic
     env: dict[str, Any] = {
         "worker_process_setup_hook": worker_setup_hook,
         "env_vars": {ROOT_ENV_VAR: root},
+        "working_dir": root,  # every node gets the code (multi-node clusters need it)
+        "excludes": list(WORKING_DIR_EXCLUDES),
     }
-    if working_dir:
-        env["working_dir"] = root
-        env["excludes"] = list(WORKING_DIR_EXCLUDES)
     return env

@@ -21,7 +21,7 @@ import torch
 from coop_core.engine import TrainState
 
 # -- files in a checkpoint folder ---------------------------------------------------------------------------------
-STATE_FILE = "state.pt"  # coop_core.engine.TrainState.to_dict(): context, optimiser, scheduler, RNG
+TRAIN_STATE_FILE = "state.pt"  # coop_core.engine.TrainState.to_dict(): context, optimiser, scheduler, RNG
 HISTORY_FILE = "history.json"  # the per-epoch metric rows so far
 CONFIG_FILE = "config.json"  # the run's resolved configuration (RunSpec.resolved_config() + what the data decided)
 METRICS_FILE = "metrics.json"  # final checkpoint only: the last epoch's metrics with test and zero-shot accuracy
@@ -111,7 +111,7 @@ def write_checkpoint(d: Path, state: TrainState, history: Sequence[Mapping[str, 
         CheckpointError: the files could not be written (a full disk, an unwritable temporary folder).
     """
     try:
-        torch.save(state.to_dict(), d / STATE_FILE)
+        torch.save(state.to_dict(), d / TRAIN_STATE_FILE)
         (d / HISTORY_FILE).write_text(json.dumps(list(history), indent=1))
         (d / CONFIG_FILE).write_text(json.dumps(resolved, indent=2, sort_keys=True))
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError from its writer
@@ -167,8 +167,8 @@ def verify(d: str | Path) -> None:
                                   "from an earlier checkpoint or start the run again")
 
 
-def read_state(d: str | Path) -> TrainState:
-    return TrainState.from_dict(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True))
+def read_train_state(d: str | Path) -> TrainState:
+    return TrainState.from_dict(torch.load(Path(d) / TRAIN_STATE_FILE, map_location="cpu", weights_only=True))
 
 
 def read_history(d: str | Path) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ would have to be told about a frozen CLIP it must not touch. One ``all_reduce`` 
 data sharding; class sharding (``coop_core.distributed.ClassSharding``) adds an ``all_gather`` of the text features
 and an ``all_reduce`` of their gradient.
 
-The backend is whatever Ray Train initialised: NCCL on GPUs, gloo on CPUs (``TorchConfig`` in ``platform.train``).
+The backend is whatever Ray Train initialised: NCCL on GPUs, gloo on CPUs (``TorchConfig`` in ``platform.trainer``).
 """
 
 from __future__ import annotations

@@ -38,8 +38,7 @@ def hide_start_up_chatter() -> None:
             lg.addFilter(chatter_filter)
 
 
-def init_ray(address: str | None = None, *, working_dir: bool = True, quiet: bool = True,
-             **ray_init_kwargs: Any) -> bool:
+def init_ray(address: str | None = None, *, quiet: bool = True, **ray_init_kwargs: Any) -> bool:
     """``ray.init`` with the ``runtime_env`` that makes ``platform.*`` importable in every worker.
 
     Ships the repository as ``working_dir`` and installs this package in each worker with a setup hook (see
@@ -47,7 +46,6 @@ def init_ray(address: str | None = None, *, working_dir: bool = True, quiet: boo
 
     Args:
         address: a cluster address (``auto``, ``ray://head:10001``) or None for a local instance.
-        working_dir: ship the repository to the cluster (off: workers on this machine import it in place).
         quiet: hide Ray's start-up notices (the CLIs pass ``not --verbose``).
         ray_init_kwargs: passed to ``ray.init`` (``num_cpus``, ``num_gpus``, ``include_dashboard``...); a
             ``runtime_env`` is merged into ours (its ``env_vars`` added).
@@ -64,10 +62,10 @@ def init_ray(address: str | None = None, *, working_dir: bool = True, quiet: boo
 
     if ray.is_initialized():
         if ROOT_ENV_VAR not in (ray.get_runtime_context().runtime_env.get("env_vars") or {}):
-            raise RuntimeError("Ray was initialised without platform.train.init_ray(): its workers cannot import "
+            raise RuntimeError("Ray was initialised without platform.ray_runtime.init_ray(): its workers cannot import "
                                "the `platform` package; call init_ray() instead of ray.init()")
         return False
-    runtime_env = ray_runtime_env(working_dir=working_dir)
+    runtime_env = ray_runtime_env()
     extra_env = ray_init_kwargs.pop("runtime_env", None) or {}
     runtime_env["env_vars"] = {**runtime_env["env_vars"], "TUNE_FUNCTION_THREAD_TIMEOUT_S": str(TRIAL_THREAD_TIMEOUT_S),
                                **extra_env.pop("env_vars", {})}

@@ -11,21 +11,8 @@ Artifacts of a SQLite store go to ``mlruns/`` beside the database file.
 Every function takes an explicit run id and tracking URI and uses an ``MlflowClient``: nothing here touches MLflow's
 global "active run", so sweeps can log many runs from one process.
 
-What the MLflow UI shows a person (MLflow 3):
-
-- experiments are created as model-training experiments (tag ``mlflow.experimentKind``). MLflow 3.17's UI also has a
-  global "GenAI | Model training" switch, kept per browser and "GenAI" at first, that decides the experiment page
-  over the tag: on "GenAI" it opens on the overview of traces (empty here). Every link we print or write carries
-  ``workflowType=machine_learning`` (what that switch puts in the URL), so it opens on the runs table;
-- a run's description (tag ``mlflow.note.content``, Markdown) says what it is and links its config and checkpoint;
-- the columns of the runs table are a per-browser setting MLflow keeps in the browser's local storage, which no
-  server-side call can set. What MLflow does read from the store is a *shared view*: an experiment tag
-  ``mlflow.sharedViewState.<key>`` holding the table's state, opened by ``?viewStateShareKey=<key>`` (the UI's own
-  "Share" button writes the same tag). :func:`save_runs_view` writes one with the accuracy and searched-parameter
-  columns; :func:`runs_view_url` is its link. It keeps MLflow's default order (newest first): the UI nests child runs
-  under their parent (a sweep's row unfolds with its "+") only in that order, and lists all runs flat when the table
-  is sorted by a metric (click the ``val_acc`` header for best first). Which parents are unfolded is not part of a
-  shared view (the UI drops it), so a sweep opens folded.
+How the runs are made to read well in the MLflow UI (experiment kind, descriptions, the shared runs-table view)
+is written up in ``docs/mlflow_ui.md``.
 """
 
 from __future__ import annotations

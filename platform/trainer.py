@@ -8,6 +8,10 @@ from platform.run_spec import RunSpec
 from platform.worker import EpochHook, train_loop_per_worker
 from typing import Any
 
+# Checkpoints a DDP run keeps (each holds the whole metric history; the last is enough to resume, one more covers a
+# failure while the newest is being written).
+CHECKPOINTS_KEPT = 2
+
 
 def build_trainer(
     spec: RunSpec,
@@ -17,7 +21,6 @@ def build_trainer(
     run_config_callbacks: Sequence[Any] | None = None,
     max_failures: int = 2,
     epoch_hooks: Sequence[EpochHook] = (),
-    num_to_keep: int | None = 2,
     log_level: str = "WARNING",
     progress_board: Any = None,
 ) -> Any:
@@ -32,7 +35,6 @@ def build_trainer(
         max_failures: worker failures to recover from (restarting from the last checkpoint).
         epoch_hooks: called in every worker after each epoch's report with ``(epoch, rank)`` (picklable callables;
             tests inject worker faults through them).
-        num_to_keep: checkpoints to keep (each holds the whole metric history; None keeps all).
         log_level: Ray Train's and the workers' console log level (rank 0's progress lines are always shown).
         progress_board: the driver's ``platform.progress.ProgressBoard`` (rank 0 reports features and epochs to
             it), or None when the driver draws no bars.
@@ -57,7 +59,7 @@ def build_trainer(
             name=name,
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
+            checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
             callbacks=list(run_config_callbacks) if run_config_callbacks else None,
             logging_config=LoggingConfig(log_level=log_level),
         ),

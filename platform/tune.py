@@ -47,7 +47,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "coop_sweep.json"  # in the sweep folder: what --resume needs (parent run, base spec, tracking)
+SWEEP_STATE_FILE = "coop_sweep.json"  # in the sweep folder: what --resume needs (parent run, base spec, tracking)
 TRAIN_RUNS_DIR = "train_runs"  # in the sweep folder: one Ray Train run per multi-worker trial, named by trial id
 METRIC, MODE = SELECTION_METRIC, "max"
 BAR_LABELS = {"features": "image features"}
@@ -214,17 +214,17 @@ def _sweep_dir(storage_path: str, name: str) -> str:
     return f"{storage_path.rstrip('/')}/{name}"
 
 
-def write_state(sweep_dir: str, state: Mapping[str, Any]) -> None:
+def write_sweep_state(sweep_dir: str, state: Mapping[str, Any]) -> None:
     """Write the sweep's state file atomically (a local folder)."""
-    path = Path(sweep_dir) / STATE_FILE
+    path = Path(sweep_dir) / SWEEP_STATE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
     os.replace(tmp, path)
 
 
-def read_state(sweep_dir: str) -> dict[str, Any] | None:
-    path = Path(sweep_dir) / STATE_FILE
+def read_sweep_state(sweep_dir: str) -> dict[str, Any] | None:
+    path = Path(sweep_dir) / SWEEP_STATE_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -233,7 +233,7 @@ def latest_sweep(storage_path: str, dataset: str, kind: str = "sweep") -> str | 
     ``platform.tune`` sweep or a study)."""
     root = Path(storage_path)
     found = []
-    for state_file in root.glob(f"*/{STATE_FILE}"):
+    for state_file in root.glob(f"*/{SWEEP_STATE_FILE}"):
         try:
             state = json.loads(state_file.read_text())
         except ValueError:
@@ -485,9 +485,10 @@ def run_sweep(args: argparse.Namespace, plan: SweepPlan = SweepPlan()) -> int:
         name = args.sweep_name or latest_sweep(storage_path, ref.name, plan.kind)
         if name is None:
             return fail(f"--resume: no sweep of {ref.name!r} under {storage_path} (pass --sweep-name)")
-        state = read_state(_sweep_dir(storage_path, name))
+        state = read_sweep_state(_sweep_dir(storage_path, name))
         if state is None:
-            return fail(f"--resume: {_sweep_dir(storage_path, name)}/{STATE_FILE} not found; is this a sweep folder?")
+            return fail(f"--resume: {_sweep_dir(storage_path, name)}/{SWEEP_STATE_FILE} not found; "
+                        "is this a sweep folder?")
         args.sweep_name = name
     name = args.sweep_name or f"{plan.kind}-{ref.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_dir = _sweep_dir(storage_path, name)
@@ -597,7 +598,7 @@ def run_sweep(args: argparse.Namespace, plan: SweepPlan = SweepPlan()) -> int:
         if best is not None and state.get("register", True):
             summary.update(register_best(best, callback, state, name, storage_path))
         elif best is not None:
-            summary.update(best_trial(best, callback))
+            summary.update(best_trial_summary(best, callback))
     except Exception as err:  # whatever the store raises; the sweep's results are safe on disk
         tracking_error = error_line(err)
     summary["wall_s"] = time.perf_counter() - t0
@@ -751,7 +752,7 @@ def open_sweep(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], na
              "gpus_per_trial": gpus_per_trial, "max_failures": args.max_failures, "grid": args.grid,
              "kind": plan.kind, "early_stopping": plan.early_stopping, "register": plan.register}
     if "://" not in sweep_dir:
-        write_state(sweep_dir, state)
+        write_sweep_state(sweep_dir, state)
     return state
 
 
@@ -881,7 +882,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], spec: Any, state: Mapping[str, 
     }
 
 
-def best_trial(best: Mapping[str, Any], callback: Any) -> dict[str, Any]:
+def best_trial_summary(best: Mapping[str, Any], callback: Any) -> dict[str, Any]:
     """The summary fields of the best trial when nothing is registered (a study)."""
     from platform.trials import searched_overrides
 

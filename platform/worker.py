@@ -73,7 +73,7 @@ def _restore(checkpoint: Any) -> tuple[TrainState, list[dict[str, Any]]] | None:
         return None
     with checkpoint.as_directory() as d:
         artifacts.verify(d)
-        return artifacts.read_state(d), artifacts.read_history(d)
+        return artifacts.read_train_state(d), artifacts.read_history(d)
 
 
 class RaySession:
@@ -334,13 +334,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: one shard of a CoOp run, DDP over the worker group.
 
     Args:
-        config: ``{"spec": RunSpec.to_dict()}``, plus optional ``"overrides"`` (:meth:`RunSpec.with_overrides`),
-            ``"log_level"``, ``"epoch_hooks"`` (see :func:`run_training`) and ``"progress_board"`` (the driver's
-            ``platform.progress.ProgressBoard``, when it draws bars).
+        config: ``{"spec": RunSpec.to_dict()}``, plus optional ``"log_level"``, ``"epoch_hooks"`` (see
+            :func:`run_training`) and ``"progress_board"`` (the driver's ``platform.progress.ProgressBoard``, when it
+            draws bars).
     """
     spec = RunSpec.from_dict(config["spec"])
-    if config.get("overrides"):
-        spec = spec.with_overrides(config["overrides"])
     dist = TorchDistributed.from_ray_train()  # (1) Ray: rank and world size of the torch process group
     configure_worker_logging(dist.rank, config.get("log_level", "WARNING"))
     if spec.use_gpu:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from coop_core.catalog import Catalog
 from coop_core.datasets import (
     DatasetNotFoundError,
     DatasetSpec,
@@ -106,7 +107,10 @@ def test_unknown_dataset_error_lists_available_datasets():
 
 
 def test_duplicate_registration_raises(monkeypatch):
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    scratch = Catalog("dataset")  # the test's registrations go here, not into the real catalog
+    for name in base._DATASETS.names():
+        scratch.add(name, base._DATASETS.get(name))
+    monkeypatch.setattr(base, "_DATASETS", scratch)
     spec = DatasetSpec(
         name="toy_set",
         dataset_dir="toy",
@@ -515,3 +519,17 @@ def test_download_refuses_archive_escaping_its_folder(tmp_path, monkeypatch):
         load_dataset("eurosat", root, download=True)
     assert not (tmp_path / "evil.jpg").exists() and not (root / "evil.jpg").exists()
     assert _leftovers(root / "eurosat") == []
+
+
+def test_a_catalog_refuses_a_second_entry_under_one_key_and_names_the_known_keys():
+    catalog: Catalog[int] = Catalog("widget")
+    assert catalog.add("b", 2) == 2 and catalog.add("a", 1) == 1
+    assert catalog.names() == ["a", "b"] and "a" in catalog and "c" not in catalog
+    with pytest.raises(ValueError, match="^widget 'a' is already registered$"):
+        catalog.add("a", 3)
+    assert catalog.get("a") == 1  # the first entry stays
+    with pytest.raises(ValueError, match="^unknown widget 'c'; available: a, b$"):
+        catalog.get("c")
+    worded = Catalog("space", unknown="no space for {name!r}")
+    with pytest.raises(ValueError, match="^no space for 'x'; available: $"):
+        worded.get("x")

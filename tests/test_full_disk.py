@@ -125,9 +125,9 @@ def test_a_checkpoint_cut_short_fails_in_one_line_and_is_refused_when_read(full_
     artifacts.write_checkpoint(d, state, [{"epoch": 3}], {"n": 1})
     artifacts.seal(d)
     artifacts.verify(d)
-    assert artifacts.read_state(d).epoch == 3
-    data = (d / artifacts.STATE_FILE).read_bytes()
-    (d / artifacts.STATE_FILE).write_bytes(data[: len(data) // 2])
+    assert artifacts.read_train_state(d).epoch == 3
+    data = (d / artifacts.TRAIN_STATE_FILE).read_bytes()
+    (d / artifacts.TRAIN_STATE_FILE).write_bytes(data[: len(data) // 2])
     with pytest.raises(artifacts.CheckpointError, match=r"is damaged: state.pt is missing or does not match its "
                                                         r"sha256"):
         artifacts.verify(d)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+from coop_core.catalog import Catalog
 from coop_core.datasets import get_dataset_spec, list_datasets
 from tune_spaces import eurosat
 from tune_spaces._builder import (
@@ -25,7 +26,7 @@ from tune_spaces._builder import (
     template_words,
 )
 
-_REGISTRY: dict[str, Callable[[], Space]] = {}
+_SPACES: Catalog[Callable[[], Space]] = Catalog("search space", unknown="no search space for dataset {name!r}")
 
 
 def register_space(name: str, factory: Callable[[], Space]) -> None:
@@ -34,14 +35,12 @@ def register_space(name: str, factory: Callable[[], Space]) -> None:
     Raises:
         ValueError: ``name`` is already registered.
     """
-    if name in _REGISTRY:
-        raise ValueError(f"search space {name!r} is already registered")
-    _REGISTRY[name] = factory
+    _SPACES.add(name, factory)
 
 
 def list_spaces() -> list[str]:
     """Dataset keys that have a search space, sorted."""
-    return sorted(_REGISTRY)
+    return _SPACES.names()
 
 
 def get_space(dataset: str) -> Space:
@@ -50,24 +49,20 @@ def get_space(dataset: str) -> Space:
     Raises:
         ValueError: No space is registered for ``dataset``; the message lists those that are.
     """
-    try:
-        factory = _REGISTRY[dataset]
-    except KeyError:
-        raise ValueError(f"no search space for dataset {dataset!r}; available: {', '.join(list_spaces())}") from None
-    return check_space(factory())
+    return check_space(_SPACES.get(dataset)())
 
 
 def space_for(dataset: str, template: str) -> Space:
     """The registered space of ``dataset``, or for a dataset without one (a user's own image folder) the generic
     space built from its zero-shot ``template``."""
-    if dataset in _REGISTRY:
+    if dataset in _SPACES:
         return get_space(dataset)
     return check_space(coop_space(template))
 
 
 register_space("eurosat", eurosat.space)
 for _name in list_datasets():
-    if _name not in _REGISTRY and not get_dataset_spec(_name).evaluation_only:  # nothing to train on
+    if _name not in _SPACES and not get_dataset_spec(_name).evaluation_only:  # nothing to train on
         register_space(_name, partial(coop_space, get_dataset_spec(_name).template))
 
 __all__ = [

@@ -22,6 +22,8 @@ from typing import Any
 import torch.utils.data
 from PIL import Image
 
+from coop_core.catalog import Catalog
+
 logger = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -199,7 +201,7 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 # The registry: explicit, filled by the modules imported in ``coop_core.datasets.__init__``.
-_REGISTRY: dict[str, DatasetSpec] = {}
+_DATASETS: Catalog[DatasetSpec] = Catalog("dataset")
 
 
 def register_dataset(spec: DatasetSpec) -> DatasetSpec:
@@ -210,15 +212,12 @@ def register_dataset(spec: DatasetSpec) -> DatasetSpec:
     """
     if not isinstance(spec, DatasetSpec):
         raise ValueError(f"register_dataset expects a DatasetSpec, got {type(spec).__name__}")
-    if spec.name in _REGISTRY:
-        raise ValueError(f"dataset {spec.name!r} is already registered")
-    _REGISTRY[spec.name] = spec
-    return spec
+    return _DATASETS.add(spec.name, spec)
 
 
 def list_datasets() -> list[str]:
     """Registered dataset keys, sorted."""
-    return sorted(_REGISTRY)
+    return _DATASETS.names()
 
 
 def get_dataset_spec(name: str) -> DatasetSpec:
@@ -227,10 +226,7 @@ def get_dataset_spec(name: str) -> DatasetSpec:
     Raises:
         ValueError: If ``name`` is not registered; the message lists the registered datasets.
     """
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}") from None
+    return _DATASETS.get(name)
 
 
 def load_dataset(name: str, root: str | Path, *, download: bool = False) -> DatasetSplits:
@@ -347,7 +343,7 @@ def check_every_class_has_training_images(splits: DatasetSplits) -> None:
     Raises:
         ValueError: naming the class and the fix.
     """
-    spec = _REGISTRY.get(splits.name)
+    spec = _DATASETS.get(splits.name) if splits.name in _DATASETS else None
     if spec is not None and spec.evaluation_only:
         raise ValueError(
             f"{splits.name} is an evaluation-only dataset (no training split): train on {spec.train_dataset} and "

@@ -32,7 +32,7 @@ class RecordingSession:
 
         self.reports.append(dict(metrics))
         if checkpoint_dir is not None:
-            self.contexts.append(artifacts.read_state(checkpoint_dir).ctx.clone())
+            self.contexts.append(artifacts.read_train_state(checkpoint_dir).ctx.clone())
 
     def outcome(self) -> dict[str, Any]:
         return {"reports": self.reports, "contexts": self.contexts}

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from platform import tracking
 from platform import train as platform_train
-from platform.artifacts import STATE_FILE
+from platform.artifacts import TRAIN_STATE_FILE
 from platform.run_spec import RunSpec, subset_test_items
 from platform.train import main
 
@@ -82,7 +82,7 @@ def cli_run(ray_session, small_eurosat_root, feature_cache, tiny_vit_config, tmp
     lines = out.getvalue().strip().splitlines()
     summary = json.loads(lines[-1])
     d = Path(summary["checkpoint"])
-    state = torch.load(d / STATE_FILE, weights_only=True)
+    state = torch.load(d / TRAIN_STATE_FILE, weights_only=True)
     return {
         "lines": lines, "summary": summary, "uri": uri, "tmp": tmp, "flag": flag, "wall_s": wall_s,
         "ctx": state["ctx"], "epoch": state["epoch"], "files": sorted(p.name for p in d.iterdir()),

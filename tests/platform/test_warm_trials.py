@@ -173,7 +173,7 @@ def test_long_runs_checkpoint_about_twenty_times_and_report_every_epoch(small_eu
         def report(self, metrics, checkpoint_dir) -> None:
             super().report(metrics, checkpoint_dir)
             if checkpoint_dir is not None:
-                self.kept[int(metrics["epoch"])] = (artifacts.read_state(checkpoint_dir),
+                self.kept[int(metrics["epoch"])] = (artifacts.read_train_state(checkpoint_dir),
                                                     artifacts.read_history(checkpoint_dir))
 
     straight = Keeping()

@@ -1,7 +1,7 @@
 """Warm trial processes: what a trial loads (CLIP, the splits, the few-shot split, image features) is kept per process.
 
 A sweep's trials differ in their prompt and recipe, not in their backbone or data, so a process that runs several
-trials (Ray Tune reuses a trial's actor for the next trial, see ``platform/tune.py``) loads each of these once.
+trials (Ray Tune reuses a trial's actor for the next trial, see ``platform/sweep/tuner.py``) loads each of these once.
 Entries are keyed by *content*: the backbone and weights by name, or by path, size and modification time when they
 are files (a rewritten checkpoint is a new entry); the data by dataset, root, shots, seed, views and test cap. They
 are frozen inputs — CLIP is frozen, features are read-only tensors — and everything a trial changes (its context,

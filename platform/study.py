@@ -47,7 +47,7 @@ AVERAGE = "average over targets"
 
 def build_parser() -> argparse.ArgumentParser:
     from platform.cli import Parser, add_infra_arguments, add_run_arguments
-    from platform.tune import TRIAL_RUNNERS
+    from platform.sweep.plan import TRIAL_RUNNERS
 
     parser = Parser(
         prog="python -m platform.study",
@@ -416,7 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import time
     from platform import tracking
     from platform.cli import INPUT_ERRORS, configure_logging, dataset_ref_from_args, fail, parse_run_args
-    from platform.tune import SweepPlan, run_sweep
+    from platform.sweep.plan import SweepPlan
+    from platform.sweep.run import run_sweep
 
     args = parse_run_args(build_parser(), argv)
     configure_logging(args.verbose)

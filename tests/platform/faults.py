@@ -93,11 +93,12 @@ def tune_main_with_hooks() -> None:
     import json
     import sys
     from platform import tune
+    from platform.sweep import run as sweep_run
 
     kinds = {"pause": lambda v: Pause(float(v)), "fail_once": lambda v: FailOnce(**v)}
     hooks = [kinds[kind](value) for item in json.loads(sys.argv[1]) for kind, value in item.items()]
     picklable()
-    tune.build_tuner = functools.partial(tune.build_tuner, epoch_hooks=hooks)
+    sweep_run.build_tuner = functools.partial(sweep_run.build_tuner, epoch_hooks=hooks)
     sys.exit(tune.main(sys.argv[2:]))
 
 

@@ -28,6 +28,7 @@ def _run(main, argv: list[str]) -> dict:
 def main() -> None:
     from platform import train, tune
     from platform.ray_runtime import init_ray
+    from platform.sweep import run as sweep_run
 
     import faults
     import ray
@@ -49,8 +50,8 @@ def main() -> None:
         train_summary = _run(train.main, train_args)
         # Trials pause after each epoch so the two overlap (otherwise the second may reuse the first's finished
         # actor, on the same node).
-        tune.build_tuner = functools.partial(tune.build_tuner, epoch_hooks=[faults.RecordWhere(str(where / "tune")),
-                                                                            faults.Pause(2.0)])
+        hooks = [faults.RecordWhere(str(where / "tune")), faults.Pause(2.0)]
+        sweep_run.build_tuner = functools.partial(sweep_run.build_tuner, epoch_hooks=hooks)
         tune_summary = _run(tune.main, tune_args)
         records = {kind: [json.loads(p.read_text()) for p in sorted((where / kind).glob("*.json"))]
                    for kind in ("train", "tune")}

@@ -53,8 +53,8 @@ def test_dataset_is_a_registry_key_or_a_path(tmp_path, shared_data):
 
 
 def test_a_grid_over_shots_follows_coops_epochs_by_shots_unless_epochs_is_given():
+    from platform.sweep.plan import grid_epochs
     from platform.trials import trial_spec
-    from platform.tune import grid_epochs
 
     spec = spec_from_args(parse_run_args(train.build_parser(), ["--dataset", "eurosat", "--shots", "1"]),
                           use_gpu=False)

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 from platform import tune
+from platform.sweep import run as sweep_run
 
 import faults
 import pytest
@@ -64,7 +65,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def _tune(argv: list[str], hooks=()) -> tuple[int, str, dict]:
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
-        mp.setattr(tune, "build_tuner", functools.partial(tune.build_tuner, epoch_hooks=list(hooks)))
+        mp.setattr(sweep_run, "build_tuner", functools.partial(sweep_run.build_tuner, epoch_hooks=list(hooks)))
         rc = tune.main(argv)
     text = out.getvalue()
     return rc, text, json.loads(text.strip().splitlines()[-1])

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from platform import tune
 from platform.run_spec import RunSpec
+from platform.sweep import plan
+from platform.sweep import run as sweep_run
 from platform.sweep_tracking import TRIAL_TAG, trial_timing
 
 import faults
@@ -31,37 +33,37 @@ def _spec(tmp_path: Path, **kw) -> RunSpec:
 
 def test_one_worker_trials_run_in_process_and_ddp_trials_through_ray_train(tmp_path):
     one, two = _spec(tmp_path), _spec(tmp_path, num_workers=2)
-    assert tune.resolve_trial_runner("auto", one) == "in-process"
-    assert tune.resolve_trial_runner("auto", two) == "ray-train"
-    assert tune.resolve_trial_runner("ray-train", one) == "ray-train"  # forced, e.g. to compare
+    assert plan.resolve_trial_runner("auto", one) == "in-process"
+    assert plan.resolve_trial_runner("auto", two) == "ray-train"
+    assert plan.resolve_trial_runner("ray-train", one) == "ray-train"  # forced, e.g. to compare
     with pytest.raises(ValueError, match="in-process runs one worker per trial"):
-        tune.resolve_trial_runner("in-process", two)
+        plan.resolve_trial_runner("in-process", two)
     with pytest.raises(ValueError, match="--trial-runner must be one of"):
-        tune.resolve_trial_runner("threads", one)
+        plan.resolve_trial_runner("threads", one)
 
 
 def test_gpu_share_is_validated_and_sets_how_many_trials_fit(tmp_path):
     gpu_one = _spec(tmp_path, use_gpu=True)
     gpu_two = _spec(tmp_path, use_gpu=True, num_workers=2)
-    assert tune.validate_gpus_per_trial(0.25, gpu_one, "in-process") == 0.25
-    assert tune.validate_gpus_per_trial(0.25, _spec(tmp_path), "in-process") == 0.0  # ignored on CPUs
+    assert plan.validate_gpus_per_trial(0.25, gpu_one, "in-process") == 0.25
+    assert plan.validate_gpus_per_trial(0.25, _spec(tmp_path), "in-process") == 0.0  # ignored on CPUs
     for bad in (0, -0.5, 1.5):
         with pytest.raises(ValueError, match=r"must be in \(0, 1\]"):
-            tune.validate_gpus_per_trial(bad, gpu_one, "in-process")
+            plan.validate_gpus_per_trial(bad, gpu_one, "in-process")
     with pytest.raises(ValueError, match="NCCL cannot place two ranks on one GPU"):
-        tune.validate_gpus_per_trial(0.5, gpu_two, "ray-train")
+        plan.validate_gpus_per_trial(0.5, gpu_two, "ray-train")
     cluster = {"CPU": 16.0, "GPU": 2.0}
-    assert tune.resolve_max_concurrent(None, gpu_one, cluster, 0.25) == 8  # 4 trials per GPU
-    assert tune.resolve_max_concurrent(None, gpu_one, cluster, 1.0) == 2
-    assert tune.resolve_max_concurrent(None, gpu_two, cluster, 1.0) == 1
-    assert tune.resolve_max_concurrent(None, _spec(tmp_path, cpus_per_worker=4), cluster, 0.0) == 4  # CPU-bound
+    assert plan.resolve_max_concurrent(None, gpu_one, cluster, 0.25) == 8  # 4 trials per GPU
+    assert plan.resolve_max_concurrent(None, gpu_one, cluster, 1.0) == 2
+    assert plan.resolve_max_concurrent(None, gpu_two, cluster, 1.0) == 1
+    assert plan.resolve_max_concurrent(None, _spec(tmp_path, cpus_per_worker=4), cluster, 0.0) == 4  # CPU-bound
     with pytest.raises(ValueError, match="more than the Ray cluster has"):
-        tune.resolve_max_concurrent(None, gpu_one, {"CPU": 4.0}, 0.5)
+        plan.resolve_max_concurrent(None, gpu_one, {"CPU": 4.0}, 0.5)
 
 
 def test_grid_values_take_the_field_types_and_are_validated(tmp_path):
     spec = _spec(tmp_path)
-    grid = tune.parse_grid(["prompt.n_ctx=4,8", "prompt.csc=true,false", "train.lr=0.002,1e-3",
+    grid = plan.parse_grid(["prompt.n_ctx=4,8", "prompt.csc=true,false", "train.lr=0.002,1e-3",
                             "prompt.class_token_position=end,front", "train.epochs=3"], spec)
     assert grid == {"prompt.n_ctx": [4, 8], "prompt.csc": [True, False], "train.lr": [0.002, 0.001],
                     "prompt.class_token_position": ["end", "front"], "train.epochs": [3]}
@@ -69,7 +71,7 @@ def test_grid_values_take_the_field_types_and_are_validated(tmp_path):
                          ("prompt.depth=2", "prompt has no field 'depth'"), ("prompt.n_ctx=0", "n_ctx must be"),
                          ("prompt.csc=yes", "not a valid bool"), ("prompt.n_ctx=4,4", "repeated values")):
         with pytest.raises(ValueError, match=message):
-            tune.parse_grid([bad], spec)
+            plan.parse_grid([bad], spec)
 
 
 def test_trial_timing_splits_a_trials_wall_time():
@@ -98,7 +100,7 @@ def _common(root: Path, cache: Path, backbone: str, tmp: Path, name: str) -> lis
 def _run(argv: list[str], hooks=()) -> dict:
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
-        mp.setattr(tune, "build_tuner", functools.partial(tune.build_tuner, epoch_hooks=list(hooks)))
+        mp.setattr(sweep_run, "build_tuner", functools.partial(sweep_run.build_tuner, epoch_hooks=list(hooks)))
         rc = tune.main(argv)
     lines = out.getvalue().strip().splitlines()
     assert rc == 0, "\n".join(lines[-30:])

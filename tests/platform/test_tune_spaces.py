@@ -100,7 +100,7 @@ def test_unknown_dataset_and_bad_spaces_are_errors():
 
 def test_sweep_turns_every_space_into_ray_tune_domains():
     """What ``platform.tune`` hands to Ray Tune: same keys, and every Ray sample builds valid configs."""
-    from platform.tune import to_tune_space
+    from platform.sweep.tuner import to_tune_space
 
     from ray.tune.search.sample import Categorical, Float
 

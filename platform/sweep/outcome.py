@@ -1,0 +1,99 @@
+"""What a sweep's trials came to: one row per trial, the best by validation accuracy, and its registration."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from platform.artifacts import EPOCHS_TOTAL_KEY, FAILURE_KEY
+from typing import Any
+
+
+def trial_rows(grid: Any, epochs: int) -> list[dict[str, Any]]:
+    """One summary row per trial of a ResultGrid (status, epochs reached, metrics, config, checkpoint)."""
+    from platform.sweep_tracking import error_line, trial_checkpoint_path
+
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        status = "ERROR" if result.error is not None else "FAILED" if m.get(FAILURE_KEY) else "TERMINATED"
+        rows.append({
+            "trial_id": m.get("trial_id") or Path(result.path).name,
+            "status": status,
+            "epochs": int(m.get("epoch", 0)),
+            "finished": status == "TERMINATED" and int(m.get("epoch", 0)) >= int(m.get(EPOCHS_TOTAL_KEY, epochs))
+            and "test_acc" in m,
+            "config": dict(result.config or {}),
+            "val_acc": m.get("val_acc"),
+            "test_acc": m.get("test_acc"),
+            "zeroshot_test_acc": m.get("zeroshot_test_acc"),
+            "checkpoint_path": trial_checkpoint_path(result, m),
+            "failure": m.get(FAILURE_KEY) or (error_line(result.error) if result.error is not None else None),
+            "last_result": m,
+        })
+    return rows
+
+def pick_best(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The trial with the highest final validation accuracy among those that ran every epoch.
+
+    Early-stopped trials have no final prompts or test accuracy, so they are never chosen; ties go to the earlier
+    trial. Test accuracy plays no part.
+    """
+    candidates = [r for r in rows if r["finished"] and r["val_acc"] is not None and r["checkpoint_path"]]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda r: (r["val_acc"], -rows.index(r)))
+
+def summarise(rows: Sequence[Mapping[str, Any]], spec: Any, state: Mapping[str, Any], name: str, sweep_dir: str,
+              resumed: bool) -> dict[str, Any]:
+    """The sweep's outcome before registration (trial counts, where things are)."""
+    from platform import tracking
+    from platform.registry import registered_model_name
+
+    return {
+        "sweep_name": name, "sweep_dir": sweep_dir, "dataset": spec.dataset, "epochs": spec.train.resolved_epochs,
+        "backbone": spec.model.backbone, "shots": spec.train.shots, "seed": spec.train.seed,
+        "trials": len(rows), "trials_completed": sum(r["status"] == "TERMINATED" for r in rows),
+        "trials_finished": sum(r["finished"] for r in rows),
+        "trials_early_stopped": sum(r["status"] == "TERMINATED" and not r["finished"] for r in rows),
+        "trials_errored": sum(r["status"] in ("ERROR", "FAILED") for r in rows),
+        "parent_run_id": state["parent_run_id"], "experiment": state["experiment"],
+        "tracking_uri": state["tracking_uri"], "ui_command": tracking.ui_command(state["tracking_uri"]),
+        "runs_url": state.get("runs_url"),
+        "resumed": resumed, "trial_runner": state["trial_runner"], "best_config": None, "best_trial_id": None,
+        "best_run_id": None, "val_acc": None,
+        "test_acc": None, "zeroshot_test_acc": None, "registered_model": registered_model_name(spec.model_key),
+        "registered_version": None, "champion_version": None, "champion_reason": None,
+        "register": state.get("register", True),
+    }
+
+def best_trial_summary(best: Mapping[str, Any], callback: Any) -> dict[str, Any]:
+    """The summary fields of the best trial when nothing is registered (a study)."""
+    from platform.trials import searched_overrides
+
+    return {"best_config": searched_overrides(best["config"]), "best_trial_id": best["trial_id"],
+            "best_run_id": callback.run_for(best["trial_id"], best["config"]), "val_acc": best["val_acc"],
+            "test_acc": best["test_acc"], "zeroshot_test_acc": best["zeroshot_test_acc"],
+            "n_ctx_effective": best["last_result"].get("n_ctx_effective")}
+
+def register_best(best: Mapping[str, Any], callback: Any, state: Mapping[str, Any], name: str,
+                  storage_path: str) -> dict[str, Any]:
+    """Register the best trial's final prompts (``platform.registry``); the summary fields it adds."""
+    from platform import artifacts
+    from platform.registry import register_prompt
+    from platform.sweep_tracking import checkpoint_dir
+    from platform.trials import searched_overrides
+
+    best_run_id = callback.run_for(best["trial_id"], best["config"])
+    with checkpoint_dir(best["checkpoint_path"], storage_path) as d:
+        resolved = artifacts.read_config(d)
+        registration = register_prompt(
+            d, resolved, best["last_result"], run_id=best_run_id, tracking_uri=state["tracking_uri"],
+            extra_tags={"sweep_run_id": state["parent_run_id"], "trial_id": best["trial_id"], "sweep": name},
+        )
+    return {
+        "best_config": searched_overrides(best["config"]), "best_trial_id": best["trial_id"],
+        "best_run_id": best_run_id, "val_acc": best["val_acc"], "test_acc": best["test_acc"],
+        "zeroshot_test_acc": best["zeroshot_test_acc"], "n_ctx_effective": resolved.get(artifacts.N_CTX_EFFECTIVE_KEY),
+        "registered_version": registration.version, "champion_version": registration.champion_version,
+        "champion_reason": registration.reason,
+    }

@@ -1,0 +1,167 @@
+"""The sweep's settings: which trials run where (grid, trial runner, GPU share, concurrency), checked before Ray
+starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from platform.artifacts import SELECTION_METRIC
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+METRIC, MODE = SELECTION_METRIC, "max"
+
+TRIAL_RUNNERS = ("auto", "in-process", "ray-train")
+
+@dataclasses.dataclass(frozen=True)
+class SweepPlan:
+    """What kind of sweep :func:`run_sweep` runs: ``platform.tune``'s own, or a study's (``platform/study.py``).
+
+    kind: the sweep folder's and parent run's name prefix (``sweep``, ``study``). entry_point: the CLI, tagged on
+    the parent run. search: sample the dataset's search space (False: only ``--grid`` and the flags' values).
+    early_stopping: ASHA on validation accuracy (False: every trial runs all its epochs). register: register the best
+    trial by validation accuracy. describe: ``describe(spec, state) -> str``, the parent run's description (default:
+    the sweep's). finish: ``finish(summary, rows, state) -> dict``, called once the trials have ended and before the
+    parent run is closed, to log the plan's own results to it; what it returns joins the summary. report:
+    ``report(summary) -> str``, printed after the sweep's report. json_keys: summary keys ``--json`` prints too.
+    eval_targets: ``RunSpec.eval_targets`` of every trial (``platform.run_spec.DatasetRef``), tested after training.
+    """
+
+    kind: str = "sweep"
+    entry_point: str = "platform.tune"
+    search: bool = True
+    early_stopping: bool = True
+    register: bool = True
+    describe: Any = None
+    finish: Any = None
+    report: Any = None
+    json_keys: tuple[str, ...] = ()
+    eval_targets: tuple[Any, ...] = ()
+
+def parse_grid(items: Sequence[str], spec: Any) -> dict[str, list[Any]]:
+    """``["prompt.n_ctx=4,8", "prompt.csc=true,false"]`` -> ``{"prompt.n_ctx": [4, 8], "prompt.csc": [True, False]}``.
+
+    Values take the type of the field in ``spec`` (int, float, bool as true/false, or text; ``train.epochs`` is an
+    int) and each one is validated by the configs.
+
+    Raises:
+        ValueError: a malformed item, an unknown field, a repeated field, or a value the configs reject.
+    """
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        field, sep, raw = item.partition("=")
+        section, _, name = field.partition(".")
+        if not sep or section not in ("prompt", "train") or not name or not raw:
+            raise ValueError(f"--grid {item!r}: expected FIELD=V1,V2,... with FIELD prompt.<name> or train.<name>")
+        config = getattr(spec, section)
+        if not hasattr(config, name):
+            raise ValueError(f"--grid {item!r}: {section} has no field {name!r}")
+        if field in grid:
+            raise ValueError(f"--grid {field} is given twice")
+        current = getattr(config, name)
+        kind = int if current is None else type(current)
+        values = []
+        for text in raw.split(","):
+            text = text.strip()
+            try:
+                if kind is bool:
+                    if text.lower() not in ("true", "false"):
+                        raise ValueError(text)
+                    value: Any = text.lower() == "true"
+                else:
+                    value = kind(text)
+            except ValueError:
+                raise ValueError(f"--grid {field}: {text!r} is not a valid {kind.__name__}") from None
+            spec.with_overrides({field: value})  # the configs validate it
+            values.append(value)
+        if len(set(values)) != len(values):
+            raise ValueError(f"--grid {field}: repeated values in {raw!r}")
+        grid[field] = values
+    return grid
+
+def prompt_candidates(spec: Any, space: Mapping[str, Any], grid: Mapping[str, Sequence[Any]] | None
+                      ) -> list[tuple[int, str]]:
+    """Every ``(n_ctx, ctx_init)`` a trial of the sweep may train: the grid's or the space's values, else the flag's.
+
+    The prompt's length depends on nothing else, so checking these before Ray starts proves every trial's prompt fits.
+    """
+    from tune_spaces import Choice
+
+    def values(field: str, default: Any) -> list[Any]:
+        if grid and field in grid:
+            return list(grid[field])
+        domain = space.get(field)
+        return list(domain.values) if isinstance(domain, Choice) else [default]
+
+    return [(n, init) for n in values("prompt.n_ctx", spec.prompt.n_ctx)
+            for init in values("prompt.ctx_init", spec.prompt.ctx_init)]
+
+def resolve_trial_runner(requested: str, spec: Any) -> str:
+    """``in-process`` for single-worker trials and ``ray-train`` for DDP trials, unless ``requested`` says otherwise.
+
+    Raises:
+        ValueError: an unknown runner, or ``in-process`` for a trial of several workers.
+    """
+    if requested not in TRIAL_RUNNERS:
+        raise ValueError(f"--trial-runner must be one of {', '.join(TRIAL_RUNNERS)}, got {requested!r}")
+    if requested == "auto":
+        return "in-process" if spec.num_workers == 1 else "ray-train"
+    if requested == "in-process" and spec.num_workers > 1:
+        raise ValueError(f"--trial-runner in-process runs one worker per trial; --workers-per-trial "
+                         f"{spec.num_workers} needs ray-train (or auto)")
+    return requested
+
+def validate_gpus_per_trial(value: float, spec: Any, runner: str) -> float:
+    """The GPU share of a trial: a fraction in (0, 1] for single-worker trials, 1 for DDP trials (ignored on CPUs).
+
+    Several single-worker trials may share a GPU (0.25: four at once): one CoOp trial on cached features leaves a
+    modern GPU mostly idle. DDP trials need a whole GPU per worker: NCCL refuses two ranks on one device.
+
+    Raises:
+        ValueError: outside (0, 1], or a fraction for a multi-worker trial.
+    """
+    if not spec.use_gpu:
+        return 0.0
+    if not (isinstance(value, (int, float)) and 0 < value <= 1):
+        raise ValueError(f"--gpus-per-trial must be in (0, 1] (a share of one GPU per trial), got {value}")
+    if runner == "ray-train" and value != 1:
+        raise ValueError(f"--gpus-per-trial {value}: trials of several DDP workers take one whole GPU per worker "
+                         "(NCCL cannot place two ranks on one GPU); use 1, or one worker per trial")
+    return float(value)
+
+def resolve_max_concurrent(requested: int | None, spec: Any, cluster: Mapping[str, float],
+                           gpus_per_trial: float = 1.0) -> int:
+    """Concurrent trials that fit the cluster at once: ``requested`` capped by CPUs (and GPUs) per trial.
+
+    Raises:
+        ValueError: not even one trial fits the cluster.
+    """
+    per_trial_cpus = spec.num_workers * spec.cpus_per_worker
+    fits = math.floor(cluster.get("CPU", 0) / per_trial_cpus + 1e-9)
+    per_trial_gpus = spec.num_workers * gpus_per_trial if spec.use_gpu else 0.0
+    if spec.use_gpu:
+        fits = min(fits, math.floor(cluster.get("GPU", 0) / per_trial_gpus + 1e-9))
+    if fits < 1:
+        raise ValueError(
+            f"one trial needs {spec.num_workers} worker(s) x {spec.cpus_per_worker} CPU"
+            f"{f' + {per_trial_gpus:g} GPU in all' if spec.use_gpu else ''}, more than the Ray cluster has "
+            f"({dict(cluster)}); lower --workers-per-trial / --cpus-per-worker / --gpus-per-trial"
+        )
+    if requested is None:
+        return fits
+    if requested < 1:
+        raise ValueError(f"--max-concurrent must be >= 1, got {requested}")
+    if requested > fits:
+        logger.warning("--max-concurrent %d lowered to %d: only %d trial(s) of %d worker(s) fit the cluster at once",
+                       requested, fits, fits, spec.num_workers)
+    return min(requested, fits)
+
+def grid_epochs(spec: Any, grid: Mapping[str, Sequence[Any]] | None) -> int:
+    """The most epochs any trial of the sweep trains (a grid over ``train.shots`` follows CoOp's epochs by shots)."""
+    if not grid or "train.shots" not in grid:
+        return spec.train.resolved_epochs
+    return max(spec.with_overrides({"train.shots": k}).train.resolved_epochs for k in grid["train.shots"])

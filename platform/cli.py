@@ -4,11 +4,9 @@ the one-line failure."""
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from platform.ray_runtime import resolve_use_gpu
@@ -19,14 +17,9 @@ from platform.run_spec import (
     RunSpec,
     default_cache_dir,
     default_data_root,
-    load_splits,
-    load_target_splits,
 )
 from typing import Any, NoReturn
 
-import open_clip
-
-from coop_core.backbone import NO_WEIGHTS, WeightsUnavailableError, load_clip, resolve_model_name
 from coop_core.config import (
     ALL_SHOTS,
     CLASS_TOKEN_POSITIONS,
@@ -37,11 +30,8 @@ from coop_core.config import (
     PromptConfig,
     TrainConfig,
 )
-from coop_core.datasets import CLASS_SUBSETS, DEFAULT_TEMPLATE, DatasetSplits, folder_source, list_datasets
-from coop_core.datasets.base import check_every_class_has_training_images, check_images_exist
-from coop_core.fewshot import build_few_shot, check_shots_fit
+from coop_core.datasets import CLASS_SUBSETS, DEFAULT_TEMPLATE, folder_source, list_datasets
 from coop_core.presets import get_preset, list_presets
-from coop_core.prompt_learner import check_prompt_fits
 
 logger = logging.getLogger(__name__)
 
@@ -263,108 +253,6 @@ def spec_from_args(args: argparse.Namespace, *, use_gpu: bool | None = None) -> 
         download=args.download,
         checkpoint_every=args.checkpoint_every,
     )
-
-
-def hub_unreachable_use_cache(spec: RunSpec, timeout_s: float = 5.0) -> bool:
-    """Switch ``huggingface_hub`` to offline (cache-only) mode when the weights come from an unreachable Hub.
-
-    ``huggingface_hub`` retries a failed request five times with back-off, so an offline download attempt takes about
-    a minute before ``coop_core`` can say "no weights". One short TCP probe decides instead: unreachable -> offline
-    mode, in which cached weights load at once and missing ones fail at once with ``WeightsUnavailableError``.
-
-    Returns:
-        True when offline mode was switched on (pass ``HF_HUB_OFFLINE=1`` to the workers too).
-    """
-    import socket
-    from urllib.parse import urlparse
-
-    if spec.model.pretrained.lower() in NO_WEIGHTS or os.path.isfile(spec.model.pretrained):
-        return False
-    import huggingface_hub.constants as hub
-
-    if hub.HF_HUB_OFFLINE:
-        return True
-    url = urlparse(hub.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
-        return False
-    except OSError:
-        logger.debug("%s is unreachable: using cached pretrained weights only", url.hostname)
-        hub.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub.is_offline_mode()
-        return True
-
-
-# What the checks before Ray starts raise for a bad input; the CLIs turn each into one `error:` line and exit 2.
-INPUT_ERRORS = (ValueError, OSError, WeightsUnavailableError)
-
-
-def check_writable_dir(path: str | Path, flag: str) -> None:
-    """Prove that ``path`` can be written (or created), with a throw-away file in it or in its nearest existing
-    parent; nothing is left behind.
-
-    Raises:
-        OSError: one line naming the folder, the flag and the reason (unwritable, read-only, not a folder).
-    """
-    path = Path(path).expanduser().absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".coop-write-check-"):
-            pass
-    except OSError as err:
-        raise OSError(f"cannot write to {flag} {path} ({err.strerror or err}); pass a writable folder with {flag}"
-                      ) from None
-
-
-def check_inputs(spec: RunSpec, prompts: Sequence[tuple[int, str]] | None = None) -> DatasetSplits:
-    """Fail fast on the driver, before Ray starts, on everything a worker would otherwise fail on minutes later.
-
-    In order: the backbone name; the cache folder is writable; the dataset (layout, split file, a training image for
-    every class); the shot count against the smallest class; every prompt the run may build (``prompts``:
-    ``(n_ctx, ctx_init)`` pairs, default the spec's) against the text context, with the tokenizer only; the weights
-    (a short download, or reading the checkpoint file); the few-shot split (built and cached here, so workers reuse
-    it); and that the images the run reads exist.
-
-    Raises:
-        One of :data:`INPUT_ERRORS`, whose message is the line to show.
-    """
-    model_name = resolve_model_name(spec.model.backbone)
-    check_writable_dir(spec.cache_dir, "--cache-dir")
-    splits = load_splits(spec, download=spec.download)
-    check_every_class_has_training_images(splits)
-    check_shots_fit(splits, spec.train.shots)
-    tokenizer = open_clip.get_tokenizer(model_name)
-    for n_ctx, ctx_init in prompts or [(spec.prompt.n_ctx, spec.prompt.ctx_init)]:
-        check_prompt_fits(tokenizer, splits.classnames, n_ctx, ctx_init)
-    if spec.model.pretrained.lower() not in NO_WEIGHTS:
-        load_clip(spec.model.backbone, spec.model.pretrained)  # downloads into the open_clip cache, or fails fast
-    fewshot = build_few_shot(splits, spec.train.shots, spec.train.seed, spec.cache_dir)
-    check_images_exist(splits, (*fewshot.train, *fewshot.val, *splits.test))
-    for target in spec.eval_targets:
-        check_target(spec, splits, target)
-    return splits
-
-
-def check_target(spec: RunSpec, splits: DatasetSplits, target: DatasetRef) -> None:
-    """An evaluation target must load, have test images that exist, and (for a class-specific context) only
-    classes the context will have vectors for.
-
-    Raises:
-        ValueError: naming the target and the fix.
-    """
-    from coop_core.transfer import classes_without_vectors
-
-    tsplits = load_target_splits(spec, target)
-    if not tsplits.test:
-        raise ValueError(f"evaluation target {target.label} has no test images")
-    check_images_exist(tsplits, tsplits.test)
-    missing = classes_without_vectors(splits.classnames, spec.prompt.csc, tsplits.classnames)
-    if missing:
-        raise ValueError(f"a class-specific context (--csc) cannot be evaluated on {target.label}: "
-                         f"{len(missing)} of its {len(tsplits.classnames)} classes are not among the training "
-                         f"classes (first: {missing[0]!r}); use a unified context (no --csc) to transfer to new "
-                         "classes")
 
 
 def add_infra_arguments(parser: argparse.ArgumentParser) -> None:

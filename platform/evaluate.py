@@ -29,14 +29,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from platform import artifacts
-from platform.cli import (
-    INPUT_ERRORS,
-    Parser,
-    check_writable_dir,
-    configure_logging,
-    dataset_ref_from_args,
-    fail,
-)
+from platform.cli import Parser, configure_logging, dataset_ref_from_args, fail
+from platform.launch import INPUT_ERRORS, check_writable_dir
 from platform.progress import bars_wanted
 from platform.run_spec import DatasetRef, default_cache_dir, default_data_root
 from typing import Any

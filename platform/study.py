@@ -24,6 +24,7 @@ artifacts, ``study/<dataset>/test_acc_mean`` metrics with step = shots, and the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -47,7 +48,7 @@ AVERAGE = "average over targets"
 
 def build_parser() -> argparse.ArgumentParser:
     from platform.cli import Parser, add_infra_arguments, add_run_arguments
-    from platform.sweep.plan import TRIAL_RUNNERS
+    from platform.sweep.flags import add_sweep_arguments
 
     parser = Parser(
         prog="python -m platform.study",
@@ -74,19 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--from-champion", action="store_true",
                        help="take the prompt configuration (context length and initialisation, class position, CSC, "
                             "learning rate) from the registered champion coop-<dataset>@champion instead of the flags")
-    study.add_argument("--max-concurrent", type=int, default=None,
-                       help="trials at once (default and cap: as many as the cluster's CPUs/GPUs fit)")
-    study.add_argument("--workers-per-trial", type=int, dest="num_workers", default=argparse.SUPPRESS,
-                       help="workers per trial (above 1 each trial is a Ray Train DDP run)")
-    study.add_argument("--gpus-per-trial", type=float, default=1.0,
-                       help="the share of one GPU a one-worker trial reserves (default: 1)")
-    study.add_argument("--trial-runner", default="auto", choices=TRIAL_RUNNERS, help=argparse.SUPPRESS)
-    study.add_argument("--max-failures", type=int, default=2,
-                       help="failures per trial to recover from at its last checkpoint (default: 2)")
-    study.add_argument("--study-name", dest="sweep_name", default=None,
-                       help="folder of the study under --storage-path (default: study-<dataset>-<time>)")
-    study.add_argument("--resume", action="store_true",
-                       help="finish the interrupted study --study-name (default: the latest of --dataset)")
+    add_sweep_arguments(parser, study=True)
     add_infra_arguments(parser)
     return parser
 
@@ -415,7 +404,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import copy
     import time
     from platform import tracking
-    from platform.cli import INPUT_ERRORS, configure_logging, dataset_ref_from_args, fail, parse_run_args
+    from platform.cli import configure_logging, dataset_ref_from_args, fail, parse_run_args, spec_from_args
+    from platform.launch import INPUT_ERRORS
+    from platform.sweep.flags import infra_settings_from_args, sweep_settings_from_args
     from platform.sweep.plan import SweepPlan
     from platform.sweep.run import run_sweep
 
@@ -442,18 +433,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     setattr(run, key, v)
             source = dataset_ref_from_args(run)
             targets = resolve_targets(run, source)
-            if args.sweep_name and len(datasets) > 1:
-                run.sweep_name = f"{args.sweep_name}-{source.name}"
-            runs.append((run, targets))
+            run.shots, run.seed = args.shots[0], args.seeds[0]  # the base spec's; the grid sets every trial's
+            spec = spec_from_args(run, use_gpu=args.use_gpu != "no")  # resolved against the cluster once Ray is up
+            # Every shot count and seed, once each: nothing searched, no trial stopped early (the plan's choice).
+            grid = (f"train.shots={','.join(map(str, args.shots))}", f"train.seed={','.join(map(str, args.seeds))}")
+            name = f"{args.sweep_name}-{source.name}" if args.sweep_name and len(datasets) > 1 else args.sweep_name
+            settings = dataclasses.replace(sweep_settings_from_args(args), grid=grid, num_samples=1, name=name)
+            runs.append((run, targets, spec, settings))
+        infra = infra_settings_from_args(args)
     except INPUT_ERRORS as err:
         return fail(str(err))
     collected: dict[str, dict] = {}
     codes = []
-    for run, targets in runs:
-        run.grid = [f"train.shots={','.join(map(str, args.shots))}", f"train.seed={','.join(map(str, args.seeds))}"]
-        run.shots, run.seed = args.shots[0], args.seeds[0]  # the base spec's; the grid sets every trial's
-        # What platform.tune's flags would give; a study searches nothing and stops no trial early.
-        run.num_samples, run.fixed, run.search_seed, run.grace_period, run.reduction_factor = 1, [], None, 1, 2.0
+    for run, targets, spec, settings in runs:
         log = finish(args.protocol, targets)
 
         def finish_and_keep(summary, rows, state, log=log, key=run.dataset):
@@ -465,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = SweepPlan(kind="study", entry_point="platform.study", search=False, early_stopping=False,
                          register=False, describe=describe(args.protocol, targets), finish=finish_and_keep,
                          report=report, json_keys=("study",), eval_targets=targets)
-        codes.append(run_sweep(run, plan))
+        codes.append(run_sweep(spec, settings, infra, plan))
         if codes[-1] == 2:
             return 2  # a bad input: the line is printed, the other datasets would likely fail alike
     if len(runs) > 1 and len(collected) == len(runs):

@@ -15,7 +15,6 @@ runs the trainer, then logs the run to MLflow from this one process (``platform.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -25,21 +24,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from platform import artifacts
 from platform.cli import (
-    INPUT_ERRORS,
     Parser,
     add_infra_arguments,
     add_run_arguments,
-    check_inputs,
-    check_writable_dir,
     configure_logging,
     fail,
-    hub_unreachable_use_cache,
     parse_run_args,
     spec_from_args,
 )
-from platform.cluster_check import check_shared_paths
+from platform.launch import INPUT_ERRORS, check_before_ray, resolve_gpus, start_ray, warn_unshared_paths
 from platform.progress import ConsoleProgress, bars_wanted
-from platform.ray_runtime import init_ray, resolve_use_gpu
 from platform.trainer import build_trainer
 from typing import Any
 
@@ -118,25 +112,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # --use-gpu auto is resolved once Ray is up; until then assume GPUs may exist (so 'amp' is not refused yet).
         spec = spec_from_args(args, use_gpu=args.use_gpu != "no")
-        tracking.probe_tracking_store(tracking_uri)
-        if "://" not in args.storage_path:
-            check_writable_dir(args.storage_path, "--storage-path")
-        offline = hub_unreachable_use_cache(spec)
-        splits = check_inputs(spec)
-        tracking.open_store(tracking_uri)  # last: creating a new store takes seconds, a bad input should not wait
+        checked = check_before_ray(spec, tracking_uri=tracking_uri, storage_path=args.storage_path)
     except INPUT_ERRORS as err:
         return fail(str(err))
 
-    started_ray = init_ray(args.ray_address, quiet=not args.verbose,
-                           runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}} if offline else None)
+    started_ray = start_ray(args.ray_address, verbose=args.verbose, offline=checked.offline)
     try:
-        use_gpu = resolve_use_gpu(args.use_gpu)
-        if args.use_gpu == "yes" and not resolve_use_gpu("auto"):
-            raise ValueError("--use-gpu yes, but the Ray cluster has no GPUs; use --use-gpu no or auto")
-        spec = dataclasses.replace(spec, use_gpu=use_gpu)
-        for warning in check_shared_paths(str(splits.image_dir), {"--storage-path": args.storage_path},
-                                          {"--cache-dir": spec.cache_dir}):
-            logger.warning("%s", warning)
+        spec = resolve_gpus(spec, args.use_gpu)
+        warn_unshared_paths(checked.splits, spec, args.storage_path)
     except ValueError as err:
         return fail(str(err))
 

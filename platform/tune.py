@@ -33,14 +33,23 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from platform.sweep.plan import TRIAL_RUNNERS
+from platform.cli import (
+    Parser,
+    add_infra_arguments,
+    add_run_arguments,
+    configure_logging,
+    fail,
+    parse_run_args,
+    spec_from_args,
+)
+from platform.launch import INPUT_ERRORS
+from platform.sweep.flags import add_sweep_arguments, infra_settings_from_args, sweep_settings_from_args
 from platform.sweep.run import run_sweep
 
 logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from platform.cli import Parser, add_infra_arguments, add_run_arguments
 
     parser = Parser(
         prog="python -m platform.tune",
@@ -59,50 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_run_arguments(parser)
-    sweep = parser.add_argument_group("sweep")
-    sweep.add_argument("--num-samples", type=int, default=None,
-                       help="trials to run (default: 16); with --grid, how many times to run the grid (default: 1)")
-    sweep.add_argument("--grid", nargs="+", default=[], metavar="FIELD=V1,V2",
-                       help="run every combination of these values (Ray Tune's grid search) instead of Optuna's TPE, "
-                            "e.g. --grid prompt.n_ctx=4,8,16 prompt.class_token_position=end,front; the searched "
-                            "fields not in the grid keep their flag values")
-    sweep.add_argument("--max-concurrent", type=int, default=None,
-                       help="trials at once (default and cap: as many as the cluster's CPUs/GPUs fit)")
-    sweep.add_argument("--workers-per-trial", type=int, dest="num_workers", default=argparse.SUPPRESS,
-                       help="workers per trial (same as --num-workers; above 1 each trial is a Ray Train DDP run)")
-    sweep.add_argument("--gpus-per-trial", type=float, default=1.0,
-                       help="on GPU clusters, the share of one GPU a one-worker trial reserves: 0.25 runs four trials "
-                            "per GPU (more trials at once, each a little slower; each holds its own copy of CLIP and "
-                            "the features in GPU memory). DDP trials take 1 GPU per worker (default: 1)")
-    sweep.add_argument("--trial-runner", default="auto", choices=TRIAL_RUNNERS,
-                       help="auto: in-process for one worker per trial, ray-train for several; ray-train forces a Ray "
-                            "Train run per trial even for one worker (slower start-up; for comparison)")
-    sweep.add_argument("--fixed", nargs="+", default=[], metavar="FIELD",
-                       help="searched fields to hold at their flag value instead, e.g. --fixed train.lr "
-                            "prompt.ctx_init (with --lr 1e-4 --ctx-init '')")
-    sweep.add_argument("--search-seed", type=int, default=None,
-                       help="seed of Optuna's TPE sampler (default: --seed); --seed itself seeds the few-shot split "
-                            "and context initialisation of every trial")
-    sweep.add_argument("--grace-period", type=int, default=1,
-                       help="epochs every trial runs before ASHA may stop it (default: 1)")
-    sweep.add_argument("--reduction-factor", type=float, default=2.0,
-                       help="ASHA keeps the top 1/factor of trials at each rung (default: 2)")
-    sweep.add_argument("--sweep-name", default=None,
-                       help="folder of the sweep under --storage-path (default: sweep-<dataset>-<time>)")
-    sweep.add_argument("--resume", action="store_true",
-                       help="finish the interrupted sweep --sweep-name (default: the latest of --dataset) without "
-                            "re-running finished trials; uses the sweep's saved configuration")
-    sweep.add_argument("--max-failures", type=int, default=2,
-                       help="failures per trial (a lost process or worker) to recover from at the trial's last "
-                            "checkpoint (default: 2)")
+    add_sweep_arguments(parser)
     add_infra_arguments(parser)
     return parser
 
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 no trial finished, 2 bad input / data / weights)."""
-    from platform.cli import parse_run_args
-
-    return run_sweep(parse_run_args(build_parser(), argv))
+    args = parse_run_args(build_parser(), argv)
+    configure_logging(args.verbose)
+    try:
+        settings = sweep_settings_from_args(args)
+        infra = infra_settings_from_args(args)
+        spec = spec_from_args(args, use_gpu=args.use_gpu != "no")  # resolved against the cluster once Ray is up
+    except INPUT_ERRORS as err:
+        return fail(str(err))
+    return run_sweep(spec, settings, infra)
 
 
 if __name__ == "__main__":

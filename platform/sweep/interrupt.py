@@ -56,6 +56,7 @@ class SweepInterrupt:
         else:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self._env
 
+
 def interrupted(callback: Any, summary: Mapping[str, Any], state: Mapping[str, Any], started_ray: bool) -> int:
     """End an interrupted sweep cleanly: the runs of the trials it stopped, and the sweep's run, end KILLED
     (``--resume`` continues them and sets them running again); nothing is registered; exit status 130."""

@@ -32,6 +32,7 @@ def trial_rows(grid: Any, epochs: int) -> list[dict[str, Any]]:
         })
     return rows
 
+
 def pick_best(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     """The trial with the highest final validation accuracy among those that ran every epoch.
 
@@ -42,6 +43,7 @@ def pick_best(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     if not candidates:
         return None
     return max(candidates, key=lambda r: (r["val_acc"], -rows.index(r)))
+
 
 def summarise(rows: Sequence[Mapping[str, Any]], spec: Any, state: Mapping[str, Any], name: str, sweep_dir: str,
               resumed: bool) -> dict[str, Any]:
@@ -66,6 +68,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], spec: Any, state: Mapping[str, 
         "register": state.get("register", True),
     }
 
+
 def best_trial_summary(best: Mapping[str, Any], callback: Any) -> dict[str, Any]:
     """The summary fields of the best trial when nothing is registered (a study)."""
     from platform.trials import searched_overrides
@@ -74,6 +77,7 @@ def best_trial_summary(best: Mapping[str, Any], callback: Any) -> dict[str, Any]
             "best_run_id": callback.run_for(best["trial_id"], best["config"]), "val_acc": best["val_acc"],
             "test_acc": best["test_acc"], "zeroshot_test_acc": best["zeroshot_test_acc"],
             "n_ctx_effective": best["last_result"].get("n_ctx_effective")}
+
 
 def register_best(best: Mapping[str, Any], callback: Any, state: Mapping[str, Any], name: str,
                   storage_path: str) -> dict[str, Any]:

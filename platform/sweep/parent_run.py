@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import tempfile
@@ -10,41 +9,42 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from platform.artifacts import ACCURACY_KEYS, DASHBOARDS_ARTIFACT_DIR
-from platform.sweep.plan import METRIC, SweepPlan, grid_epochs
+from platform.sweep.plan import METRIC, InfraSettings, SweepPlan, SweepSettings, grid_epochs
 from platform.sweep.state import write_sweep_state
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 
-def open_sweep(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], name: str, sweep_dir: str,
-               max_concurrent: int, runner: str, gpus_per_trial: float, plan: SweepPlan = SweepPlan()
-               ) -> dict[str, Any]:
+def open_sweep(settings: SweepSettings, infra: InfraSettings, spec: Any, space: Mapping[str, Any],
+               grid: Mapping[str, Sequence[Any]], name: str, sweep_dir: str, max_concurrent: int, runner: str,
+               gpus_per_trial: float, plan: SweepPlan = SweepPlan()) -> dict[str, Any]:
     """Start the sweep's MLflow parent run (base config and sweep settings as params) and write its state file."""
     from platform import tracking
 
-    tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
-    experiment = args.experiment or tracking.default_experiment(spec.dataset)
-    epochs = grid_epochs(spec, args.grid)
+    tracking_uri = tracking.resolve_tracking_uri(infra.tracking_uri)
+    experiment = infra.experiment or tracking.default_experiment(spec.dataset)
+    epochs = grid_epochs(spec, grid)
+    num_samples = settings.resolved_num_samples(grid)
     parent_run_id = tracking.create_run(experiment, run_name=name, tracking_uri=tracking_uri,
                                         tags={"coop.entry_point": plan.entry_point, "coop.sweep": name,
                                               "coop.sweep_dir": sweep_dir})
-    search_seed = spec.train.seed if args.search_seed is None else args.search_seed
-    sweep_params = {"sweep.num_samples": args.num_samples, "sweep.max_concurrent": max_concurrent,
-                    "sweep.search_seed": search_seed, "sweep.searcher": "grid" if args.grid else "optuna-tpe",
-                    "sweep.grid": json.dumps(args.grid) if args.grid else "-",
-                    "sweep.scheduler": f"asha(metric={METRIC}, grace={args.grace_period}, "
-                                       f"rf={args.reduction_factor}, max_t={epochs})" if plan.early_stopping
+    search_seed = spec.train.seed if settings.search_seed is None else settings.search_seed
+    sweep_params = {"sweep.num_samples": num_samples, "sweep.max_concurrent": max_concurrent,
+                    "sweep.search_seed": search_seed, "sweep.searcher": "grid" if grid else "optuna-tpe",
+                    "sweep.grid": json.dumps(grid) if grid else "-",
+                    "sweep.scheduler": f"asha(metric={METRIC}, grace={settings.grace_period}, "
+                                       f"rf={settings.reduction_factor}, max_t={epochs})" if plan.early_stopping
                                        else "none (every trial runs all its epochs)",
                     "sweep.space": json.dumps({k: repr(v) for k, v in space.items()}),
-                    "sweep.fixed": " ".join(args.fixed) or "-", "sweep.trial_runner": runner,
-                    "sweep.gpus_per_trial": gpus_per_trial, "sweep.max_failures": args.max_failures}
+                    "sweep.fixed": " ".join(settings.fixed) or "-", "sweep.trial_runner": runner,
+                    "sweep.gpus_per_trial": gpus_per_trial, "sweep.max_failures": settings.max_failures}
     tracking.log_params(parent_run_id, tracking.flatten_params(spec) | sweep_params, tracking_uri=tracking_uri)
     experiment_id = tracking.get_or_create_experiment(experiment, tracking_uri=tracking_uri)
-    searched = list(args.grid) if args.grid else list(space)
+    searched = list(grid) if grid else list(space)
     view_key = save_sweep_view(experiment_id, name, searched, tracking_uri)
     runs_url = tracking.runs_view_url(tracking_uri, experiment_id, view_key)
-    what = (f"grid over {', '.join(f'`{k}`' for k in searched)}" if args.grid
+    what = (f"grid over {', '.join(f'`{k}`' for k in searched)}" if grid
             else f"Optuna TPE over {', '.join(f'`{k}`' for k in searched) or 'nothing (all fixed)'}")
     description = plan.describe(spec, {"name": name, "sweep_dir": sweep_dir, "experiment_id": experiment_id,
                                        "view_key": view_key, "parent_run_id": parent_run_id}) if plan.describe else (
@@ -59,12 +59,13 @@ def open_sweep(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], na
     state = {"dataset": spec.dataset, "base_spec": spec.to_dict(), "parent_run_id": parent_run_id,
              "tracking_uri": tracking_uri, "experiment": experiment, "experiment_id": experiment_id,
              "started_at": time.time(), "runs_url": runs_url,
-             "num_samples": args.num_samples, "search_seed": search_seed, "epochs": epochs, "trial_runner": runner,
-             "gpus_per_trial": gpus_per_trial, "max_failures": args.max_failures, "grid": args.grid,
+             "num_samples": num_samples, "search_seed": search_seed, "epochs": epochs, "trial_runner": runner,
+             "gpus_per_trial": gpus_per_trial, "max_failures": settings.max_failures, "grid": dict(grid),
              "kind": plan.kind, "early_stopping": plan.early_stopping, "register": plan.register}
     if "://" not in sweep_dir:
         write_sweep_state(sweep_dir, state)
     return state
+
 
 def save_sweep_view(experiment_id: str, name: str, searched: Sequence[str], tracking_uri: str) -> str:
     """Save the sweep's view of the runs table: accuracies and searched parameters as columns
@@ -74,6 +75,7 @@ def save_sweep_view(experiment_id: str, name: str, searched: Sequence[str], trac
                f"tags.`{tracking.EARLY_STOPPED_TAG}`"]
     key = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
     return tracking.save_runs_view(experiment_id, key, columns=columns, tracking_uri=tracking_uri)
+
 
 def close_unclosed_runs(callback: Any, rows: Sequence[Mapping[str, Any]]) -> None:
     """Close the child runs of trials that ended while no driver was watching (a killed or interrupted driver), so
@@ -87,6 +89,7 @@ def close_unclosed_runs(callback: Any, rows: Sequence[Mapping[str, Any]]) -> Non
             callback.finish_from_result(row["trial_id"], row["config"], row["last_result"], row["checkpoint_path"])
         elif row["status"] == "ERROR" and status != "FAILED":
             callback.mark_failed(row["trial_id"], row["config"], row["failure"] or "error (see the trial's Ray logs)")
+
 
 def draw_dashboards(state: Mapping[str, Any], sweep_dir: str) -> dict[str, str]:
     """Draw the sweep's dashboards (``dashboards.report``) and log them to its parent run; the files by name.
@@ -109,6 +112,7 @@ def draw_dashboards(state: Mapping[str, Any], sweep_dir: str) -> dict[str, str]:
         return {}
     return result["files"] if out is not None else {k: f"{DASHBOARDS_ARTIFACT_DIR}/{Path(v).name}"
                                                     for k, v in result["files"].items()}
+
 
 def close_sweep(summary: Mapping[str, Any], state: Mapping[str, Any]) -> None:
     """Log the sweep's outcome on the parent run and end it (FINISHED, or FAILED when no trial finished)."""

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from platform.artifacts import SELECTION_METRIC
 from typing import Any
 
@@ -14,8 +15,84 @@ logger = logging.getLogger(__name__)
 
 
 METRIC, MODE = SELECTION_METRIC, "max"
-
 TRIAL_RUNNERS = ("auto", "in-process", "ray-train")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSettings:
+    """How a sweep runs its trials: ``platform.tune``'s sweep flags, or the choices a study makes for itself.
+
+    grid: ``FIELD=V1,V2`` items (:func:`parse_grid` types and checks them against the run's spec). num_samples:
+    trials to sample, or with a grid how many times to run it (None: 16, with a grid 1). max_concurrent: trials at
+    once (None: as many as fit the cluster). gpus_per_trial: the GPU share of a one-worker trial. trial_runner: one
+    of :data:`TRIAL_RUNNERS`. fixed: searched fields held at their flag value. search_seed: TPE's seed (None: the
+    run's seed). grace_period, reduction_factor: ASHA's. max_failures: recoveries per trial. name: the sweep folder's
+    name (None: made from the kind, dataset and time). resume: finish the interrupted sweep ``name``.
+    """
+
+    grid: tuple[str, ...] = ()
+    num_samples: int | None = None
+    max_concurrent: int | None = None
+    gpus_per_trial: float = 1.0
+    trial_runner: str = "auto"
+    fixed: tuple[str, ...] = ()
+    search_seed: int | None = None
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    max_failures: int = 2
+    name: str | None = None
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.trial_runner not in TRIAL_RUNNERS:
+            raise ValueError(f"--trial-runner must be one of {', '.join(TRIAL_RUNNERS)}, got {self.trial_runner!r}")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise ValueError(f"--num-samples must be >= 1, got {self.num_samples}")
+        if self.max_failures < 0:
+            raise ValueError(f"--max-failures must be >= 0, got {self.max_failures}")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ValueError(f"--max-concurrent must be >= 1, got {self.max_concurrent}")
+        if not (isinstance(self.gpus_per_trial, (int, float)) and 0 < self.gpus_per_trial <= 1):
+            raise ValueError(f"--gpus-per-trial must be in (0, 1] (a share of one GPU per trial), got "
+                             f"{self.gpus_per_trial}")
+        if self.grace_period < 1:
+            raise ValueError(f"--grace-period must be >= 1 (epochs every trial runs before ASHA may stop it), got "
+                             f"{self.grace_period}")
+        if not self.reduction_factor > 1:
+            raise ValueError(f"--reduction-factor must be > 1 (ASHA keeps the top 1/factor of trials at each rung), "
+                             f"got {self.reduction_factor}")
+
+    def resolved_num_samples(self, grid: Mapping[str, Sequence[Any]]) -> int:
+        """Trials to sample (or times to run ``grid``): the setting, else 1 for a grid sweep and 16 for a search."""
+        if self.num_samples is not None:
+            return self.num_samples
+        return 1 if grid else 16
+
+
+@dataclasses.dataclass(frozen=True)
+class InfraSettings:
+    """Where a sweep runs and is tracked: the cluster, storage and MLflow flags (``platform.cli``), and the console.
+
+    use_gpu: ``auto``, ``yes`` or ``no`` (resolved against the cluster once Ray is up).
+    """
+
+    storage_path: str
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    ray_address: str | None = None
+    use_gpu: str = "auto"
+    verbose: bool = False
+    json: bool = False
+
+    def __post_init__(self) -> None:
+        if self.use_gpu not in ("auto", "yes", "no"):
+            raise ValueError(f"--use-gpu must be auto, yes or no, got {self.use_gpu!r}")
+
+    @property
+    def resolved_storage_path(self) -> str:
+        """The storage path, made absolute unless it is a URI (``s3://...``)."""
+        return self.storage_path if "://" in self.storage_path else str(Path(self.storage_path).resolve())
+
 
 @dataclasses.dataclass(frozen=True)
 class SweepPlan:
@@ -41,6 +118,7 @@ class SweepPlan:
     report: Any = None
     json_keys: tuple[str, ...] = ()
     eval_targets: tuple[Any, ...] = ()
+
 
 def parse_grid(items: Sequence[str], spec: Any) -> dict[str, list[Any]]:
     """``["prompt.n_ctx=4,8", "prompt.csc=true,false"]`` -> ``{"prompt.n_ctx": [4, 8], "prompt.csc": [True, False]}``.
@@ -83,6 +161,7 @@ def parse_grid(items: Sequence[str], spec: Any) -> dict[str, list[Any]]:
         grid[field] = values
     return grid
 
+
 def prompt_candidates(spec: Any, space: Mapping[str, Any], grid: Mapping[str, Sequence[Any]] | None
                       ) -> list[tuple[int, str]]:
     """Every ``(n_ctx, ctx_init)`` a trial of the sweep may train: the grid's or the space's values, else the flag's.
@@ -100,6 +179,7 @@ def prompt_candidates(spec: Any, space: Mapping[str, Any], grid: Mapping[str, Se
     return [(n, init) for n in values("prompt.n_ctx", spec.prompt.n_ctx)
             for init in values("prompt.ctx_init", spec.prompt.ctx_init)]
 
+
 def resolve_trial_runner(requested: str, spec: Any) -> str:
     """``in-process`` for single-worker trials and ``ray-train`` for DDP trials, unless ``requested`` says otherwise.
 
@@ -114,6 +194,7 @@ def resolve_trial_runner(requested: str, spec: Any) -> str:
         raise ValueError(f"--trial-runner in-process runs one worker per trial; --workers-per-trial "
                          f"{spec.num_workers} needs ray-train (or auto)")
     return requested
+
 
 def validate_gpus_per_trial(value: float, spec: Any, runner: str) -> float:
     """The GPU share of a trial: a fraction in (0, 1] for single-worker trials, 1 for DDP trials (ignored on CPUs).
@@ -132,6 +213,7 @@ def validate_gpus_per_trial(value: float, spec: Any, runner: str) -> float:
         raise ValueError(f"--gpus-per-trial {value}: trials of several DDP workers take one whole GPU per worker "
                          "(NCCL cannot place two ranks on one GPU); use 1, or one worker per trial")
     return float(value)
+
 
 def resolve_max_concurrent(requested: int | None, spec: Any, cluster: Mapping[str, float],
                            gpus_per_trial: float = 1.0) -> int:
@@ -159,6 +241,7 @@ def resolve_max_concurrent(requested: int | None, spec: Any, cluster: Mapping[st
         logger.warning("--max-concurrent %d lowered to %d: only %d trial(s) of %d worker(s) fit the cluster at once",
                        requested, fits, fits, spec.num_workers)
     return min(requested, fits)
+
 
 def grid_epochs(spec: Any, grid: Mapping[str, Sequence[Any]] | None) -> int:
     """The most epochs any trial of the sweep trains (a grid over ``train.shots`` follows CoOp's epochs by shots)."""

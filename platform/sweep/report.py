@@ -14,8 +14,10 @@ JSON_KEYS = ("best_config", "val_acc", "test_acc", "zeroshot_test_acc", "parent_
              "sweep_dir", "tracking_uri", "experiment", "resumed", "wall_s", "timing", "trial_runner", "runs_url",
              "dashboards", "tracking_complete", "tracking_error", "log_command")
 
+
 def _pct(value: Any) -> str:
     return f"{value:6.2f}" if isinstance(value, (int, float)) else "     -"
+
 
 def _dashboards_line(summary: Mapping[str, Any]) -> str:
     files = summary.get("dashboards") or {}
@@ -23,6 +25,7 @@ def _dashboards_line(summary: Mapping[str, Any]) -> str:
         return f"not drawn (python -m dashboards --parent-run-id {summary['parent_run_id']})"
     folder = Path(next(iter(files.values()))).parent
     return f"{len(files)} files in {folder}, also under the sweep run's {DASHBOARDS_ARTIFACT_DIR}/ artifacts"
+
 
 def format_report(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
     """The human-readable end-of-sweep report: trials, best configuration beside zero-shot, where to look."""

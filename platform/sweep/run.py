@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import math
 import time
-from pathlib import Path
 from platform.progress import ConsoleProgress, TrialBar, bars_wanted
+from platform.run_spec import RunSpec
 from platform.sweep.interrupt import SweepInterrupt, interrupted
 from platform.sweep.outcome import best_trial_summary, pick_best, register_best, summarise, trial_rows
 from platform.sweep.parent_run import close_sweep, close_unclosed_runs, draw_dashboards, open_sweep
 from platform.sweep.plan import (
     METRIC,
+    InfraSettings,
     SweepPlan,
+    SweepSettings,
     grid_epochs,
     parse_grid,
     prompt_candidates,
@@ -33,78 +34,58 @@ logger = logging.getLogger(__name__)
 
 BAR_LABELS = {"features": "image features"}
 
-def run_sweep(args: argparse.Namespace, plan: SweepPlan = SweepPlan()) -> int:
-    """Run the sweep that ``args`` (:func:`build_parser`'s flags) and ``plan`` describe; returns the exit status."""
+
+def run_sweep(spec: RunSpec, settings: SweepSettings, infra: InfraSettings, plan: SweepPlan = SweepPlan()) -> int:
+    """Run the sweep of ``spec`` (every trial's base run) that ``settings``, ``infra`` and ``plan`` describe; returns
+    the exit status (0 ok, 1 no trial finished or MLflow failed, 2 bad input, 130 interrupted).
+
+    With ``settings.resume`` the sweep's saved state replaces ``spec`` and the settings it was started with."""
     from platform import tracking
-    from platform.cli import (
-        INPUT_ERRORS,
-        check_inputs,
-        check_writable_dir,
-        configure_logging,
-        dataset_ref_from_args,
-        fail,
-        hub_unreachable_use_cache,
-        spec_from_args,
-    )
-    from platform.cluster_check import check_shared_paths
-    from platform.ray_runtime import init_ray, resolve_use_gpu
-    from platform.run_spec import RunSpec
+    from platform.cli import configure_logging, fail
+    from platform.launch import INPUT_ERRORS, check_before_ray, resolve_gpus, start_ray, warn_unshared_paths
 
     from coop_core.datasets import get_dataset_spec
     from tune_spaces import space_for
 
-    configure_logging(args.verbose)
+    configure_logging(infra.verbose)
     tracking.limit_http_retries()
     t0 = time.perf_counter()
-    storage_path = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
-    try:
-        ref = dataset_ref_from_args(args)
-    except INPUT_ERRORS as err:
-        return fail(str(err))
+    storage_path = infra.resolved_storage_path
+    ref = spec.data_ref
 
     state = None
-    if args.resume:
-        name = args.sweep_name or latest_sweep(storage_path, ref.name, plan.kind)
+    name = settings.name
+    if settings.resume:
+        name = name or latest_sweep(storage_path, ref.name, plan.kind)
         if name is None:
             return fail(f"--resume: no sweep of {ref.name!r} under {storage_path} (pass --sweep-name)")
         state = read_sweep_state(sweep_folder(storage_path, name))
         if state is None:
             return fail(f"--resume: {sweep_folder(storage_path, name)}/{SWEEP_STATE_FILE} not found; "
                         "is this a sweep folder?")
-        args.sweep_name = name
-    name = args.sweep_name or f"{plan.kind}-{ref.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = name or f"{plan.kind}-{ref.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_dir = sweep_folder(storage_path, name)
     try:
         template = ref.source.template if ref.source is not None else get_dataset_spec(ref.name).template
         space = space_for(ref.name, template) if plan.search else {}
-        unknown = sorted(set(args.fixed) - set(space))
+        unknown = sorted(set(settings.fixed) - set(space))
         if unknown:
             raise ValueError(f"--fixed {' '.join(unknown)}: not searched for {ref.name}; "
                              f"searched fields: {', '.join(space)}")
-        space = {k: v for k, v in space.items() if k not in args.fixed}
+        space = {k: v for k, v in space.items() if k not in settings.fixed}
         if state is not None:
             spec = RunSpec.from_dict(state["base_spec"])
             runner = state["trial_runner"]
+            grid = state["grid"]
         else:
-            spec = spec_from_args(args, use_gpu=args.use_gpu != "no")
             spec = dataclasses.replace(spec, eval_targets=plan.eval_targets)
-            args.grid = parse_grid(args.grid, spec)
-            if args.grid:
+            grid = parse_grid(settings.grid, spec)
+            if grid:
                 space = {}  # a grid sweep searches nothing else
-            if args.num_samples is None:
-                args.num_samples = 1 if args.grid else 16
-            if args.num_samples < 1:
-                raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-            if args.max_failures < 0:
-                raise ValueError(f"--max-failures must be >= 0, got {args.max_failures}")
-            runner = resolve_trial_runner(args.trial_runner, spec)
-        tracking_uri = state["tracking_uri"] if state is not None else tracking.resolve_tracking_uri(args.tracking_uri)
-        tracking.probe_tracking_store(tracking_uri)
-        if "://" not in storage_path:
-            check_writable_dir(storage_path, "--storage-path")
-        offline = hub_unreachable_use_cache(spec)
-        splits = check_inputs(spec, prompt_candidates(spec, space, state["grid"] if state is not None else args.grid))
-        tracking.open_store(tracking_uri)  # last: creating a new store takes seconds, a bad input should not wait
+            runner = resolve_trial_runner(settings.trial_runner, spec)
+        tracking_uri = state["tracking_uri"] if state is not None else tracking.resolve_tracking_uri(infra.tracking_uri)
+        checked = check_before_ray(spec, tracking_uri=tracking_uri, storage_path=storage_path,
+                                   prompts=prompt_candidates(spec, space, grid))
     except INPUT_ERRORS as err:
         return fail(str(err))
 
@@ -112,28 +93,24 @@ def run_sweep(args: argparse.Namespace, plan: SweepPlan = SweepPlan()) -> int:
 
     import ray
 
-    started_ray = init_ray(args.ray_address, quiet=not args.verbose,
-                           runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}} if offline else None)
+    started_ray = start_ray(infra.ray_address, verbose=infra.verbose, offline=checked.offline)
     try:
         if state is None:
-            use_gpu = resolve_use_gpu(args.use_gpu)
-            if args.use_gpu == "yes" and not resolve_use_gpu("auto"):
-                raise ValueError("--use-gpu yes, but the Ray cluster has no GPUs; use --use-gpu no or auto")
-            spec = dataclasses.replace(spec, use_gpu=use_gpu)
-            gpus_per_trial = validate_gpus_per_trial(args.gpus_per_trial, spec, runner)
+            spec = resolve_gpus(spec, infra.use_gpu)
+            gpus_per_trial = validate_gpus_per_trial(settings.gpus_per_trial, spec, runner)
         else:
             gpus_per_trial = state["gpus_per_trial"]
-        max_concurrent = resolve_max_concurrent(args.max_concurrent, spec, ray.cluster_resources(), gpus_per_trial)
-        for warning in check_shared_paths(str(splits.image_dir), {"--storage-path": storage_path},
-                                          {"--cache-dir": spec.cache_dir}):
-            logger.warning("%s", warning)
+        max_concurrent = resolve_max_concurrent(settings.max_concurrent, spec, ray.cluster_resources(),
+                                                gpus_per_trial)
+        warn_unshared_paths(checked.splits, spec, storage_path)
     except ValueError as err:
         return fail(str(err))
-    epochs = grid_epochs(spec, state["grid"] if state is not None else args.grid)
+    epochs = grid_epochs(spec, grid)
 
     try:
         if state is None:
-            state = open_sweep(args, spec, space, name, sweep_dir, max_concurrent, runner, gpus_per_trial, plan)
+            state = open_sweep(settings, infra, spec, space, grid, name, sweep_dir, max_concurrent, runner,
+                               gpus_per_trial, plan)
         else:
             from mlflow.tracking import MlflowClient
 
@@ -141,7 +118,7 @@ def run_sweep(args: argparse.Namespace, plan: SweepPlan = SweepPlan()) -> int:
     except Exception as err:  # the store passed the probe a moment ago and failed now: nothing has run yet
         return fail(f"MLflow tracking failed before the sweep started ({error_line(err)}); nothing was trained, "
                     "run the command again once the tracking store works")
-    resumed = args.resume
+    resumed = settings.resume
     n_trials = state["num_samples"] * math.prod(len(v) for v in (state.get("grid") or {}).values())
     logger.info("%s %s: %d trials of %s, %d at once (%s trials); MLflow run %s (%s)", plan.kind, name, n_trials,
                 spec.data_ref.label, max_concurrent, state["trial_runner"], state["parent_run_id"],
@@ -150,10 +127,10 @@ def run_sweep(args: argparse.Namespace, plan: SweepPlan = SweepPlan()) -> int:
     callback = MlflowSweepCallback(parent_run_id=state["parent_run_id"], experiment=state["experiment"],
                                    tracking_uri=state["tracking_uri"], base_spec=spec.to_dict(),
                                    storage_path=storage_path, epochs=epochs, sweep_name=name)
-    bars = ConsoleProgress(bars_wanted(json_output=args.json, verbose=args.verbose), labels=BAR_LABELS)
+    bars = ConsoleProgress(bars_wanted(json_output=infra.json, verbose=infra.verbose), labels=BAR_LABELS)
     with bars:
         trial_bar = TrialBar(bars, n_trials, epochs, METRIC)
-        tuner = build_tuner(args, spec, space, state, name, storage_path, sweep_dir, max_concurrent,
+        tuner = build_tuner(settings, infra.verbose, spec, space, state, name, storage_path, sweep_dir, max_concurrent,
                             [callback, trial_bar], restore=resumed, progress_board=bars.board)
         controllers = None
         if state["trial_runner"] == "ray-train":
@@ -201,6 +178,6 @@ def run_sweep(args: argparse.Namespace, plan: SweepPlan = SweepPlan()) -> int:
     print(format_report(summary, rows))
     if plan.report is not None and tracking_error is None:
         print(plan.report(summary))
-    if args.json:
+    if infra.json:
         print(json.dumps({k: summary.get(k) for k in (*JSON_KEYS, *plan.json_keys)}, sort_keys=True))
     return 0 if best is not None and tracking_error is None else 1

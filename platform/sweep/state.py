@@ -10,8 +10,10 @@ from typing import Any
 
 SWEEP_STATE_FILE = "coop_sweep.json"  # in the sweep folder: what --resume needs (parent run, base spec, tracking)
 
+
 def sweep_folder(storage_path: str, name: str) -> str:
     return f"{storage_path.rstrip('/')}/{name}"
+
 
 def write_sweep_state(sweep_dir: str, state: Mapping[str, Any]) -> None:
     """Write the sweep's state file atomically (a local folder)."""
@@ -21,9 +23,11 @@ def write_sweep_state(sweep_dir: str, state: Mapping[str, Any]) -> None:
     tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
     os.replace(tmp, path)
 
+
 def read_sweep_state(sweep_dir: str) -> dict[str, Any] | None:
     path = Path(sweep_dir) / SWEEP_STATE_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
 
 def latest_sweep(storage_path: str, dataset: str, kind: str = "sweep") -> str | None:
     """The name of the most recently started sweep of ``dataset`` under ``storage_path`` (of ``kind``: a

@@ -12,6 +12,7 @@ TIMING_ROWS = (("queue wait", "time_queue_s"), ("process start-up", "time_proces
                ("checkpoint + report", "time_report_s"), ("MLflow logging", "time_tracking_s"),
                ("trial wall", "time_trial_wall_s"), ("overhead", "time_overhead_s"))
 
+
 def timing(trial_timings: Mapping[str, Mapping[str, float]], n_trials: int, wall_s: float,
            windows: Mapping[str, tuple[float, float]] | None = None) -> dict[str, Any]:
     """Throughput and where the trials' time went: the median and total of each phase over the trials that ended
@@ -34,6 +35,7 @@ def timing(trial_timings: Mapping[str, Mapping[str, float]], n_trials: int, wall
     walls, overheads = out["total_time_trial_wall_s"], out["total_time_overhead_s"]
     out["overhead_share"] = overheads / walls if walls and overheads is not None else None
     return out
+
 
 def format_timing(t: Mapping[str, Any]) -> list[str]:
     """The report's "where the time went" table (empty when no trial was timed)."""

@@ -3,19 +3,18 @@ knobs."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from platform.sweep.plan import METRIC, MODE, grid_epochs
+from platform.sweep.plan import METRIC, MODE, SweepSettings, grid_epochs
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 
 TRAIN_RUNS_DIR = "train_runs"  # in the sweep folder: one Ray Train run per multi-worker trial, named by trial id
-
 TRIAL_MEMORY_BYTES = 256 * 1024**2  # a multi-worker trial's own reservation: it waits on its trainer, no CPU needed
+
 
 def to_tune_space(space: Mapping[str, Any]) -> dict[str, Any]:
     """Ray Tune domains for a ``tune_spaces`` space: ``Choice`` -> ``tune.choice``, ``LogUniform`` -> ``loguniform``."""
@@ -33,9 +32,10 @@ def to_tune_space(space: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"search-space value for {key!r} is not a tune_spaces domain: {domain!r}")
     return out
 
-def build_tuner(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], state: Mapping[str, Any], name: str,
-                storage_path: str, sweep_dir: str, max_concurrent: int, callbacks: Sequence[Any], *, restore: bool,
-                epoch_hooks: Sequence[Any] = (), progress_board: Any = None) -> Any:
+
+def build_tuner(settings: SweepSettings, verbose: bool, spec: Any, space: Mapping[str, Any], state: Mapping[str, Any],
+                name: str, storage_path: str, sweep_dir: str, max_concurrent: int, callbacks: Sequence[Any], *,
+                restore: bool, epoch_hooks: Sequence[Any] = (), progress_board: Any = None) -> Any:
     """The Tuner: restored from ``sweep_dir`` (searcher, scheduler, trial states) or new (Optuna TPE + ASHA).
 
     Single-worker trials (``in-process``) reserve their worker's CPUs and GPU share, reuse their actor for the next
@@ -51,8 +51,8 @@ def build_tuner(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], s
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    log_level = "INFO" if args.verbose else "WARNING"
-    if not args.verbose:
+    log_level = "INFO" if verbose else "WARNING"
+    if not verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory ..."
     max_failures = state["max_failures"]
     if state["trial_runner"] == "in-process":
@@ -75,7 +75,7 @@ def build_tuner(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], s
     # Tune's newer console output prints its configuration box, the results folder and a TensorBoard hint even at
     # verbose=0; its legacy output (RAY_AIR_NEW_OUTPUT=0, a documented switch) is silent at verbose=0. The sweep's own
     # lines, bars and report say the same things. --verbose keeps Tune's output.
-    if not args.verbose:
+    if not verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # A diverged trial ends with a report that has the reason (artifacts.FAILURE_KEY) and no val_acc; Tune's strict
     # metric check would turn that report into an error the trial is retried for (diverging again). Without the
@@ -85,8 +85,8 @@ def build_tuner(args: argparse.Namespace, spec: Any, space: Mapping[str, Any], s
         logger.info("resuming sweep %s from %s", name, sweep_dir)
         return tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     epochs = grid_epochs(spec, state.get("grid"))
-    asha = dict(time_attr="epoch", max_t=epochs, grace_period=min(args.grace_period, epochs),
-                reduction_factor=args.reduction_factor)
+    asha = dict(time_attr="epoch", max_t=epochs, grace_period=min(settings.grace_period, epochs),
+                reduction_factor=settings.reduction_factor)
     if not state.get("early_stopping", True):
         from ray.tune.schedulers import FIFOScheduler
 

@@ -1,7 +1,7 @@
 """Fixtures for the platform tests: one local Ray for the whole session, a small real-EuroSAT root, MLflow in tmp.
 
 Ray start-up and Ray Train worker start-up dominate these tests on 2 cores, so every Ray test shares one
-``ray_session`` (started through ``platform.train.init_ray``, exactly as the CLIs start it) and one feature cache.
+``ray_session`` (started through ``platform.ray_runtime.init_ray``, exactly as the CLIs start it) and one feature cache.
 """
 
 from __future__ import annotations

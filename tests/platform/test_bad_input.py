@@ -107,7 +107,8 @@ def test_data_root_missing(capsys, base, tmp_path):
 
 
 def test_split_file_missing_falls_back_with_a_warning(tmp_path, shared_data, base, caplog):
-    from platform.cli import check_inputs, spec_from_args
+    from platform.cli import spec_from_args
+    from platform.launch import check_inputs
 
     root = data_root(tmp_path, shared_data, None)
     args = train.build_parser().parse_args(with_flag(base, "--data-root", str(root)))
@@ -167,7 +168,8 @@ def test_shots_larger_than_the_smallest_class(capsys, shared_data, base):
 
 
 def test_shots_all_is_accepted_explicitly(base, tmp_path):
-    from platform.cli import check_inputs, spec_from_args
+    from platform.cli import spec_from_args
+    from platform.launch import check_inputs
 
     args = train.build_parser().parse_args(with_flag(base, "--shots", "all"))
     splits = check_inputs(spec_from_args(args, use_gpu=False))

@@ -1,0 +1,75 @@
+"""The sweep flags, declared once for ``platform.tune`` and ``platform.study``, and the frozen settings they become.
+
+A study runs a fixed grid of shots and seeds with nothing searched and no trial stopped early, so it takes only the
+flags that decide where and how its trials run; ``platform.tune`` takes them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+from platform.sweep.plan import TRIAL_RUNNERS, InfraSettings, SweepSettings
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser, *, study: bool = False) -> None:
+    """The sweep's flags (``study=True``: a study's, which has no search, no early stopping and ``--study-name``)."""
+    what = "study" if study else "sweep"
+    group = parser.add_argument_group(what)
+    if not study:
+        group.add_argument("--num-samples", type=int, default=None,
+                           help="trials to run (default: 16); with --grid, how many times to run the grid (default: 1)")
+        group.add_argument("--grid", nargs="+", default=[], metavar="FIELD=V1,V2",
+                           help="run every combination of these values (Ray Tune's grid search) instead of Optuna's "
+                                "TPE, e.g. --grid prompt.n_ctx=4,8,16 prompt.class_token_position=end,front; the "
+                                "searched fields not in the grid keep their flag values")
+    group.add_argument("--max-concurrent", type=int, default=None,
+                       help="trials at once (default and cap: as many as the cluster's CPUs/GPUs fit)")
+    group.add_argument("--workers-per-trial", type=int, dest="num_workers", default=argparse.SUPPRESS,
+                       help="workers per trial (same as --num-workers; above 1 each trial is a Ray Train DDP run)")
+    group.add_argument("--gpus-per-trial", type=float, default=1.0,
+                       help="on GPU clusters, the share of one GPU a one-worker trial reserves: 0.25 runs four trials "
+                            "per GPU (more trials at once, each a little slower; each holds its own copy of CLIP and "
+                            "the features in GPU memory). DDP trials take 1 GPU per worker (default: 1)")
+    group.add_argument("--trial-runner", default="auto", choices=TRIAL_RUNNERS,
+                       help=argparse.SUPPRESS if study else
+                       "auto: in-process for one worker per trial, ray-train for several; ray-train forces a Ray "
+                       "Train run per trial even for one worker (slower start-up; for comparison)")
+    if not study:
+        group.add_argument("--fixed", nargs="+", default=[], metavar="FIELD",
+                           help="searched fields to hold at their flag value instead, e.g. --fixed train.lr "
+                                "prompt.ctx_init (with --lr 1e-4 --ctx-init '')")
+        group.add_argument("--search-seed", type=int, default=None,
+                           help="seed of Optuna's TPE sampler (default: --seed); --seed itself seeds the few-shot "
+                                "split and context initialisation of every trial")
+        group.add_argument("--grace-period", type=int, default=1,
+                           help="epochs every trial runs before ASHA may stop it (default: 1)")
+        group.add_argument("--reduction-factor", type=float, default=2.0,
+                           help="ASHA keeps the top 1/factor of trials at each rung (default: 2)")
+    group.add_argument(f"--{what}-name", dest="sweep_name", default=None,
+                       help=f"folder of the {what} under --storage-path (default: {what}-<dataset>-<time>)")
+    group.add_argument("--resume", action="store_true",
+                       help=f"finish the interrupted {what} --{what}-name (default: the latest of --dataset) without "
+                            "re-running finished trials; uses its saved configuration")
+    group.add_argument("--max-failures", type=int, default=2,
+                       help="failures per trial (a lost process or worker) to recover from at the trial's last "
+                            "checkpoint (default: 2)")
+
+
+def sweep_settings_from_args(args: argparse.Namespace) -> SweepSettings:
+    """:class:`SweepSettings` of :func:`add_sweep_arguments`'s flags (a study's: no search, no early stopping).
+
+    Raises:
+        ValueError: a value out of its range (the message names the flag).
+    """
+    return SweepSettings(
+        grid=tuple(getattr(args, "grid", ())), num_samples=getattr(args, "num_samples", None),
+        max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial, trial_runner=args.trial_runner,
+        fixed=tuple(getattr(args, "fixed", ())), search_seed=getattr(args, "search_seed", None),
+        grace_period=getattr(args, "grace_period", 1), reduction_factor=getattr(args, "reduction_factor", 2.0),
+        max_failures=args.max_failures, name=args.sweep_name, resume=args.resume,
+    )
+
+
+def infra_settings_from_args(args: argparse.Namespace) -> InfraSettings:
+    """:class:`InfraSettings` of ``platform.cli.add_infra_arguments``'s flags and ``--use-gpu``."""
+    return InfraSettings(storage_path=args.storage_path, tracking_uri=args.tracking_uri, experiment=args.experiment,
+                         ray_address=args.ray_address, use_gpu=args.use_gpu, verbose=args.verbose, json=args.json)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.long]  # two whole sweeps at once
 
 REPO = Path(__file__).resolve().parents[2]
 

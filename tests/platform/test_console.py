@@ -131,6 +131,7 @@ def _run_in_terminal(argv: list[str], timeout: float = 420) -> str:
     return out
 
 
+@pytest.mark.long
 @pytest.mark.ray
 def test_sweep_at_a_terminal_shows_bars_and_our_lines_without_chatter(tmp_path, small_eurosat_root,
                                                                        tiny_vit_config, feature_cache):
@@ -147,6 +148,7 @@ def test_sweep_at_a_terminal_shows_bars_and_our_lines_without_chatter(tmp_path, 
         assert noise not in screen, noise
 
 
+@pytest.mark.long
 @pytest.mark.ray
 def test_piped_sweep_with_json_has_no_bars_and_ends_with_the_json_line(tmp_path, small_eurosat_root,
                                                                         tiny_vit_config, feature_cache):

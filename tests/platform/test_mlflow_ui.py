@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from servers import running_server
 
-pytestmark = [pytest.mark.ray, pytest.mark.browser]
+pytestmark = [pytest.mark.ray, pytest.mark.browser, pytest.mark.long]
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

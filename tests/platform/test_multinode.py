@@ -20,6 +20,7 @@ from numerics import TRAJECTORY, assert_reordered
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.long
 @pytest.mark.numeric
 @pytest.mark.ray
 def test_ddp_run_and_sweep_span_two_nodes(small_eurosat_root, feature_cache, tiny_vit_config, tmp_path):

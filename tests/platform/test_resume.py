@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.long]  # a driver killed and resumed, per trial path
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_SAMPLES = 3

@@ -28,7 +28,7 @@ import faults
 import pytest
 from servers import wait_until_up
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.long]  # a fault test: a real server killed mid-sweep
 
 EPOCHS = 2
 GRID = "prompt.n_ctx=2,3,4"  # three trials, run one at a time

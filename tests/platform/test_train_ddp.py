@@ -167,6 +167,7 @@ def test_flatten_params_uses_dotted_config_keys(tmp_path):
 # -- Ray Train -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.long
 @pytest.mark.numeric
 @pytest.mark.ray
 def test_two_workers_take_the_one_process_steps(cli_run, reference):
@@ -188,6 +189,7 @@ def test_two_workers_take_the_one_process_steps(cli_run, reference):
             "history.json", "state.pt", "metrics.json"} <= set(cli_run["files"])
 
 
+@pytest.mark.long
 @pytest.mark.numeric
 @pytest.mark.ray
 def test_lost_worker_resumes_from_the_last_checkpoint(cli_run, reference):
@@ -206,6 +208,7 @@ def test_lost_worker_resumes_from_the_last_checkpoint(cli_run, reference):
     assert steps == [1, 2, 3]
 
 
+@pytest.mark.long
 @pytest.mark.ray
 def test_cli_json_and_mlflow_run(cli_run, small_eurosat_root, feature_cache, tiny_vit_config):
     from mlflow.tracking import MlflowClient

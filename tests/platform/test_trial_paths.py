@@ -115,6 +115,7 @@ def _final_ctx(summary: dict) -> torch.Tensor:
     return load_prompts(local)[0]
 
 
+@pytest.mark.long
 @pytest.mark.ray
 def test_a_killed_trial_process_is_retried_from_its_checkpoint(ray_session, small_eurosat_root, feature_cache,
                                                               tiny_vit_config, tmp_path):
@@ -171,6 +172,7 @@ def _settled_new_actors(ray, before: dict[str, str], timeout_s: float = 15.0) ->
         time.sleep(0.5)
 
 
+@pytest.mark.long
 @pytest.mark.ray
 def test_asha_stopped_multi_worker_trials_leave_no_placement_group_or_actor(ray_session, small_eurosat_root,
                                                                           feature_cache, tiny_vit_config, tmp_path):

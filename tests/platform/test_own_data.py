@@ -68,6 +68,7 @@ def own(ray_session, shared_data, tiny_vit_config, aligned_vit_checkpoint, tmp_p
 # -- platform.train --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.long  # the end-to-end run on a folder of your own: train, sweep, register, evaluate
 def test_train_on_a_folder_logs_to_the_folders_experiment_with_its_classes(own):
     first = own["first"]["summary"]
     assert first["experiment"] == "coop-land_cover" and first["dataset"] == "land_cover"
@@ -84,6 +85,7 @@ def test_train_on_a_folder_logs_to_the_folders_experiment_with_its_classes(own):
     assert first["test_acc"] is not None and first["zeroshot_test_acc"] is not None
 
 
+@pytest.mark.long
 def test_the_generated_split_is_written_once_under_the_cache_and_reused(own):
     (split_file,) = own["split_files"]  # one file, from the first run
     assert split_file.parent == own["cache"] / "splits" and split_file.name.startswith("land_cover-")
@@ -100,6 +102,7 @@ def test_the_generated_split_is_written_once_under_the_cache_and_reused(own):
     assert second["seed"] == 2 and second["n_test"] == 24 and second["classnames"] == READABLE
 
 
+@pytest.mark.long
 def test_config_json_names_the_split_file_the_run_used(own):
     (split_file,) = own["split_files"]
     config = _config(own["uri"], own["first"]["summary"]["run_id"], own["tmp"] / "cfg3")
@@ -117,6 +120,7 @@ def _champion(own):
     return version, client.get_run(version.run_id)
 
 
+@pytest.mark.long
 def test_tune_registers_the_folder_under_its_dataset_name_as_champion(own):
     s = own["sweep"]["summary"]
     assert s["trials"] == 2 and s["trials_completed"] == 2
@@ -133,6 +137,7 @@ def test_tune_registers_the_folder_under_its_dataset_name_as_champion(own):
 # -- platform.evaluate -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.long
 def test_evaluate_the_champion_on_the_folder_gives_the_trials_own_test_accuracy(own):
     version, run = _champion(own)
     out = _run(evaluate, ["--model", "models:/coop-my_land@champion", "--dataset", str(own["folder"]),
@@ -159,6 +164,7 @@ def _write_manifest(own, name: str, with_split: bool) -> Path:
     return path
 
 
+@pytest.mark.long
 def test_evaluate_on_a_csv_manifest_of_the_same_images_gives_the_same_numbers(own):
     _, run = _champion(own)
     manifest = _write_manifest(own, "land_cover.csv", with_split=True)
@@ -169,6 +175,7 @@ def test_evaluate_on_a_csv_manifest_of_the_same_images_gives_the_same_numbers(ow
     assert out["zeroshot_acc"] == pytest.approx(run.data.metrics["zeroshot_test_acc"])
 
 
+@pytest.mark.long
 def test_template_and_classnames_file_reach_the_zero_shot_classifier(own):
     """With EuroSAT's own names and template -- what the aligned backbone was fitted to -- zero-shot CLIP beats the
     folder names under the default template; the learned (unified) context is unchanged by the template."""
@@ -189,6 +196,7 @@ def test_template_and_classnames_file_reach_the_zero_shot_classifier(own):
 # -- a folder as a study's evaluation target -------------------------------------------------------------------------
 
 
+@pytest.mark.long
 def test_a_folder_is_an_evaluation_target_of_a_cross_dataset_study(own, small_eurosat_root, tiny_vit_config,
                                                                    aligned_vit_checkpoint):
     tmp = own["tmp"]

@@ -20,7 +20,7 @@ from cli_runs import mlflow_client as _client
 from cli_runs import run_cli as _run
 from synthetic_imagenet import build_imagenet_root
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.long]  # whole studies on synthetic ImageNet trees
 
 MAX_TEST = 300
 # Class folders given one image each: V2 all 1,000 (cut to MAX_TEST), Sketch 250 of 1,000, A all 200, R 120 of 200.

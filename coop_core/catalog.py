@@ -17,12 +17,14 @@ class Catalog(Generic[T]):
 
     Args:
         kind: what an entry is, for the duplicate-key error (``"dataset"`` -> "dataset 'x' is already registered").
+        entry_type: the class every entry must be (None: any), checked by :meth:`add`.
         unknown: the unknown-key error before its list of known keys, with ``{name}`` for the key asked for
             (default: ``"unknown <kind> {name!r}"``).
     """
 
-    def __init__(self, kind: str, unknown: str | None = None) -> None:
+    def __init__(self, kind: str, entry_type: type | None = None, unknown: str | None = None) -> None:
         self.kind = kind
+        self.entry_type = entry_type
         self._unknown = unknown or f"unknown {kind} {{name!r}}"
         self._entries: dict[str, T] = {}
 
@@ -30,8 +32,11 @@ class Catalog(Generic[T]):
         """Add ``entry`` under ``name``; returns it.
 
         Raises:
-            ValueError: ``name`` is already in the catalog.
+            ValueError: ``entry`` is not an ``entry_type``, or ``name`` is already in the catalog.
         """
+        if self.entry_type is not None and not isinstance(entry, self.entry_type):
+            raise ValueError(f"register_{self.kind.replace(' ', '_')} expects a {self.entry_type.__name__}, got "
+                             f"{type(entry).__name__}")
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = entry

@@ -151,7 +151,7 @@ class PublishedResult:
 
 
 # The registry: explicit, filled below.
-_PRESETS: Catalog[Preset] = Catalog("preset")
+_PRESETS: Catalog[Preset] = Catalog("preset", Preset)
 
 
 def register_preset(preset: Preset) -> Preset:
@@ -160,9 +160,7 @@ def register_preset(preset: Preset) -> Preset:
     Raises:
         ValueError: If it is not a :class:`Preset` or its key is already registered.
     """
-    if not isinstance(preset, Preset):
-        raise ValueError(f"register_preset expects a Preset, got {type(preset).__name__}")
-    return _PRESETS.add(preset.name, preset)
+    return _PRESETS.add(getattr(preset, "name", None), preset)
 
 
 def list_presets() -> list[str]:

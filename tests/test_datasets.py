@@ -107,7 +107,7 @@ def test_unknown_dataset_error_lists_available_datasets():
 
 
 def test_duplicate_registration_raises(monkeypatch):
-    scratch = Catalog("dataset")  # the test's registrations go here, not into the real catalog
+    scratch = Catalog("dataset", DatasetSpec)  # the test's registrations go here, not into the real catalog
     for name in base._DATASETS.names():
         scratch.add(name, base._DATASETS.get(name))
     monkeypatch.setattr(base, "_DATASETS", scratch)
@@ -530,6 +530,8 @@ def test_a_catalog_refuses_a_second_entry_under_one_key_and_names_the_known_keys
     assert catalog.get("a") == 1  # the first entry stays
     with pytest.raises(ValueError, match="^unknown widget 'c'; available: a, b$"):
         catalog.get("c")
+    with pytest.raises(ValueError, match="^register_widget expects a int, got str$"):
+        Catalog("widget", int).add("s", "not an int")
     worded = Catalog("space", unknown="no space for {name!r}")
     with pytest.raises(ValueError, match="^no space for 'x'; available: $"):
         worded.get("x")

@@ -201,7 +201,7 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 # The registry: explicit, filled by the modules imported in ``coop_core.datasets.__init__``.
-_DATASETS: Catalog[DatasetSpec] = Catalog("dataset")
+_DATASETS: Catalog[DatasetSpec] = Catalog("dataset", DatasetSpec)
 
 
 def register_dataset(spec: DatasetSpec) -> DatasetSpec:
@@ -210,9 +210,7 @@ def register_dataset(spec: DatasetSpec) -> DatasetSpec:
     Raises:
         ValueError: If the key is already registered (keys are validated by :class:`DatasetSpec`).
     """
-    if not isinstance(spec, DatasetSpec):
-        raise ValueError(f"register_dataset expects a DatasetSpec, got {type(spec).__name__}")
-    return _DATASETS.add(spec.name, spec)
+    return _DATASETS.add(getattr(spec, "name", None), spec)
 
 
 def list_datasets() -> list[str]:

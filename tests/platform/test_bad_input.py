@@ -341,3 +341,27 @@ def test_nan_loss_ends_a_train_run_failed_with_one_line(ray_session, base, featu
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
     assert run.info.status == "FAILED" and run.data.tags["coop.failure"].startswith("training diverged")
     assert err.count("training diverged") <= 3  # reported once, not retried max-failures times
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--grace-period", "0", "--grace-period must be >= 1 (epochs every trial runs before ASHA may stop it), got 0"),
+    ("--reduction-factor", "0", "--reduction-factor must be > 1 (ASHA keeps the top 1/factor of trials at each "
+                                "rung), got 0.0"),
+    ("--reduction-factor", "1", "--reduction-factor must be > 1"),
+    ("--max-concurrent", "0", "--max-concurrent must be >= 1, got 0"),
+    ("--gpus-per-trial", "-1", "--gpus-per-trial must be in (0, 1] (a share of one GPU per trial), got -1.0"),
+    ("--num-samples", "0", "--num-samples must be >= 1, got 0"),
+    ("--max-failures", "-1", "--max-failures must be >= 0, got -1"),
+])
+def test_sweep_settings_out_of_range_are_refused_before_ray_starts(capsys, monkeypatch, base, tmp_path, flag, value,
+                                                                   message):
+    import platform.launch
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a bad sweep setting")
+
+    monkeypatch.setattr(platform.launch, "init_ray", no_ray)  # the one launch path every CLI starts Ray through
+    line, _ = refused(capsys, with_flag(base, flag, value), cli=tune)
+    assert line.startswith(f"error: {message}"), line
+    assert not (tmp_path / "ray").exists()  # no sweep folder left behind
+    assert not (tmp_path / "mlflow.db").exists()  # no MLflow run opened (and left RUNNING)

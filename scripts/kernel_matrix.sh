@@ -49,7 +49,8 @@ for set in "${SETS[@]}"; do
       >> "$out" 2>&1
     rc=$?
   fi
-  summary=$(grep -E '^[0-9]+ (passed|failed)|[0-9]+ failed|[0-9]+ passed' "$out" | tail -1)
+  # one summary per pytest run: the method's tests, then (--platform) the platform's numeric ones
+  summary=$(grep -E '[0-9]+ (passed|failed)' "$out" | sed -E 's/ in [0-9.]+s.*//; s/^=+ //' | paste -sd';' -)
   printf '%-62s %-10s %s\n' "$set" "$aten" "${summary:-rc $rc, see $out}"
   if [ "$rc" -ne 0 ]; then
     failed=1

@@ -38,9 +38,9 @@ EPS = torch.finfo(torch.float32).eps  # 1.19e-7: float32's relative rounding uni
 
 # The budgets, in ulps of the compared tensor's max-abs. Measured on the tests' tiny towers (width 64, 2-4 layers):
 # at most 14 ulps on every kernel set this project has run (ATen DEFAULT and AVX2, MKL SSE4.2 and AVX2, MKL_CBWR
-# COMPATIBLE; scripts/kernel_matrix.sh); the AVX-512 machine of issue #16, where a fixed elementwise 1e-5 failed, was off by 1.19e-5 on a
-# gradient whose max-abs is 27.7: 3.6 ulps. Each budget leaves >= 10x over the worst measured, and a real mistake
-# (a wrong row, a missing all-reduce, a dropped shard) lands 10^4-10^7 ulps off.
+# COMPATIBLE; scripts/kernel_matrix.sh); the AVX-512 machine of issue #16, where a fixed elementwise 1e-5 failed,
+# was off by 1.19e-5 on a gradient whose max-abs is 27.7: 3.6 ulps. Each budget leaves >= 10x over the worst
+# measured, and a real mistake (a wrong row, a missing all-reduce, a dropped shard) lands 10^4-10^7 ulps off.
 # One forward pass through a text or image tower in another order (shard against full batch, truncated against full
 # length, prompt path against encode_text, other batch sizes): ~10 chained width-64 reductions.
 ONE_PASS = 128

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from platform.ray_runtime import resolve_use_gpu
+from platform.ray_runtime import USE_GPU_VALUES, resolve_use_gpu
 from platform.run_spec import (
     MAX_AUTO_CHECKPOINTS,
     PLACEMENT_STRATEGIES,
@@ -143,7 +143,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, study: bool = False) -
                         help="DataLoader processes per worker for feature extraction (default: 0)")
     workers = parser.add_argument_group("workers")
     workers.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP processes; default: 1)")
-    workers.add_argument("--use-gpu", default="auto", choices=("auto", "yes", "no"),
+    workers.add_argument("--use-gpu", default="auto", choices=USE_GPU_VALUES,
                          help="one GPU per worker: auto = if the Ray cluster has GPUs (default: auto)")
     workers.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default: 1)")
     workers.add_argument("--text-sharding", default="auto", choices=TEXT_SHARDINGS,

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+USE_GPU_VALUES = ("auto", "yes", "no")  # --use-gpu; auto: if the Ray cluster has GPUs
+
 # Ray Tune waits this long for a stopped trial's training thread to end before it reuses the trial's process for
 # the next trial (default 2 s, after which the reuse fails and the next trial errors). A stopped CoOp trial ends at
 # its next epoch boundary, which on a big dataset can be more than 2 s away.

@@ -9,6 +9,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from platform.artifacts import SELECTION_METRIC
+from platform.ray_runtime import USE_GPU_VALUES
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -16,6 +17,22 @@ logger = logging.getLogger(__name__)
 
 METRIC, MODE = SELECTION_METRIC, "max"
 TRIAL_RUNNERS = ("auto", "in-process", "ray-train")
+
+
+# The range checks of the settings, each one message, used by SweepSettings and by the functions that resolve them.
+def check_trial_runner(name: str) -> None:
+    if name not in TRIAL_RUNNERS:
+        raise ValueError(f"--trial-runner must be one of {', '.join(TRIAL_RUNNERS)}, got {name!r}")
+
+
+def check_gpu_share(value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0 < value <= 1):
+        raise ValueError(f"--gpus-per-trial must be in (0, 1] (a share of one GPU per trial), got {value}")
+
+
+def check_max_concurrent(value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"--max-concurrent must be >= 1, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,17 +61,13 @@ class SweepSettings:
     resume: bool = False
 
     def __post_init__(self) -> None:
-        if self.trial_runner not in TRIAL_RUNNERS:
-            raise ValueError(f"--trial-runner must be one of {', '.join(TRIAL_RUNNERS)}, got {self.trial_runner!r}")
+        check_trial_runner(self.trial_runner)
+        check_gpu_share(self.gpus_per_trial)
+        check_max_concurrent(self.max_concurrent)
         if self.num_samples is not None and self.num_samples < 1:
             raise ValueError(f"--num-samples must be >= 1, got {self.num_samples}")
         if self.max_failures < 0:
             raise ValueError(f"--max-failures must be >= 0, got {self.max_failures}")
-        if self.max_concurrent is not None and self.max_concurrent < 1:
-            raise ValueError(f"--max-concurrent must be >= 1, got {self.max_concurrent}")
-        if not (isinstance(self.gpus_per_trial, (int, float)) and 0 < self.gpus_per_trial <= 1):
-            raise ValueError(f"--gpus-per-trial must be in (0, 1] (a share of one GPU per trial), got "
-                             f"{self.gpus_per_trial}")
         if self.grace_period < 1:
             raise ValueError(f"--grace-period must be >= 1 (epochs every trial runs before ASHA may stop it), got "
                              f"{self.grace_period}")
@@ -85,8 +98,8 @@ class InfraSettings:
     json: bool = False
 
     def __post_init__(self) -> None:
-        if self.use_gpu not in ("auto", "yes", "no"):
-            raise ValueError(f"--use-gpu must be auto, yes or no, got {self.use_gpu!r}")
+        if self.use_gpu not in USE_GPU_VALUES:
+            raise ValueError(f"--use-gpu must be one of {', '.join(USE_GPU_VALUES)}, got {self.use_gpu!r}")
 
     @property
     def resolved_storage_path(self) -> str:
@@ -186,8 +199,7 @@ def resolve_trial_runner(requested: str, spec: Any) -> str:
     Raises:
         ValueError: an unknown runner, or ``in-process`` for a trial of several workers.
     """
-    if requested not in TRIAL_RUNNERS:
-        raise ValueError(f"--trial-runner must be one of {', '.join(TRIAL_RUNNERS)}, got {requested!r}")
+    check_trial_runner(requested)
     if requested == "auto":
         return "in-process" if spec.num_workers == 1 else "ray-train"
     if requested == "in-process" and spec.num_workers > 1:
@@ -207,8 +219,7 @@ def validate_gpus_per_trial(value: float, spec: Any, runner: str) -> float:
     """
     if not spec.use_gpu:
         return 0.0
-    if not (isinstance(value, (int, float)) and 0 < value <= 1):
-        raise ValueError(f"--gpus-per-trial must be in (0, 1] (a share of one GPU per trial), got {value}")
+    check_gpu_share(value)
     if runner == "ray-train" and value != 1:
         raise ValueError(f"--gpus-per-trial {value}: trials of several DDP workers take one whole GPU per worker "
                          "(NCCL cannot place two ranks on one GPU); use 1, or one worker per trial")
@@ -235,8 +246,7 @@ def resolve_max_concurrent(requested: int | None, spec: Any, cluster: Mapping[st
         )
     if requested is None:
         return fits
-    if requested < 1:
-        raise ValueError(f"--max-concurrent must be >= 1, got {requested}")
+    check_max_concurrent(requested)
     if requested > fits:
         logger.warning("--max-concurrent %d lowered to %d: only %d trial(s) of %d worker(s) fit the cluster at once",
                        requested, fits, fits, spec.num_workers)

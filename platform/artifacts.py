@@ -30,6 +30,9 @@ PROMPTS_META_FILE = PROMPTS_FILE + ".json"  # its human-readable metadata (writt
 NEAREST_WORDS_FILE = "nearest_words.txt"  # final checkpoint only: the context's nearest vocabulary words
 FAILURE_FILE = "failure.json"  # a diverged run's last checkpoint: the reason (no state: nothing to resume from)
 MANIFEST_FILE = "manifest.json"  # written last: the sha256 of every other file, checked whenever a checkpoint is read
+# Checkpoints a run or trial keeps (each holds the whole metric history): the last is enough to resume, one more
+# covers a failure while the newest is being written.
+CHECKPOINTS_KEPT = 2
 
 # -- how the files are logged to MLflow ---------------------------------------------------------------------------
 PROMPTS_ARTIFACT_DIR = "prompts"  # PROMPTS_FILE and PROMPTS_META_FILE go under this artifact folder

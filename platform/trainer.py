@@ -4,13 +4,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from platform.artifacts import CHECKPOINTS_KEPT
 from platform.run_spec import RunSpec
 from platform.worker import EpochHook, train_loop_per_worker
 from typing import Any
-
-# Checkpoints a DDP run keeps (each holds the whole metric history; the last is enough to resume, one more covers a
-# failure while the newest is being written).
-CHECKPOINTS_KEPT = 2
 
 
 def build_trainer(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from platform.artifacts import CHECKPOINTS_KEPT
 from platform.sweep.plan import METRIC, MODE, SweepSettings, grid_epochs
 from typing import Any
 
@@ -68,9 +69,9 @@ def build_tuner(settings: SweepSettings, verbose: bool, spec: Any, space: Mappin
             max_failures=max_failures, log_level=log_level, epoch_hooks=list(epoch_hooks)),
             {"cpu": 0, "memory": TRIAL_MEMORY_BYTES})
         trial_failures = 0  # Ray Train restarts lost workers from the run's checkpoint
-    # Keeping 2 checkpoints per trial makes Tune snapshot its experiment state whenever a trial has checkpointed
-    # twice (so --resume never points at a deleted checkpoint); with one checkpoint per CoOp epoch that is often, and
-    # Tune warns about it each time. The snapshot is a small local write; the warning is noise here.
+    # Keeping CHECKPOINTS_KEPT (2) checkpoints per trial makes Tune snapshot its experiment state whenever a trial has
+    # checkpointed twice (so --resume never points at a deleted checkpoint); with one checkpoint per CoOp epoch that is
+    # often, and Tune warns about it each time. The snapshot is a small local write; the warning is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Tune's newer console output prints its configuration box, the results folder and a TensorBoard hint even at
     # verbose=0; its legacy output (RAY_AIR_NEW_OUTPUT=0, a documented switch) is silent at verbose=0. The sweep's own
@@ -121,5 +122,5 @@ def build_tuner(settings: SweepSettings, verbose: bool, spec: Any, space: Mappin
         ),
         run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=trial_failures),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)),
     )

@@ -55,18 +55,20 @@ def add_sweep_arguments(parser: argparse.ArgumentParser, *, study: bool = False)
 
 
 def sweep_settings_from_args(args: argparse.Namespace) -> SweepSettings:
-    """:class:`SweepSettings` of :func:`add_sweep_arguments`'s flags (a study's: no search, no early stopping).
+    """:class:`SweepSettings` of :func:`add_sweep_arguments`'s flags; a flag a study does not have keeps the
+    settings' default (no search, no early stopping to set).
 
     Raises:
         ValueError: a value out of its range (the message names the flag).
     """
-    return SweepSettings(
-        grid=tuple(getattr(args, "grid", ())), num_samples=getattr(args, "num_samples", None),
-        max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial, trial_runner=args.trial_runner,
-        fixed=tuple(getattr(args, "fixed", ())), search_seed=getattr(args, "search_seed", None),
-        grace_period=getattr(args, "grace_period", 1), reduction_factor=getattr(args, "reduction_factor", 2.0),
-        max_failures=args.max_failures, name=args.sweep_name, resume=args.resume,
-    )
+    given = {k: getattr(args, k) for k in _SETTING_FLAGS if hasattr(args, k)}
+    given |= {k: tuple(getattr(args, k)) for k in ("grid", "fixed") if hasattr(args, k)}
+    return SweepSettings(**given, name=args.sweep_name)
+
+
+# The settings whose flag has the field's own name (grid and fixed become tuples; --sweep/--study-name is ``name``).
+_SETTING_FLAGS = ("num_samples", "max_concurrent", "gpus_per_trial", "trial_runner", "search_seed", "grace_period",
+                  "reduction_factor", "max_failures", "resume")
 
 
 def infra_settings_from_args(args: argparse.Namespace) -> InfraSettings:

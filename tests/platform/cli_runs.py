@@ -36,3 +36,16 @@ def child_runs(client: Any, parent_run_id: str) -> list:
     parent = client.get_run(parent_run_id)
     return client.search_runs([parent.info.experiment_id],
                               filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+def forbid_ray_start(monkeypatch: Any) -> None:
+    """Make starting Ray fail the test: patches the one launch path every CLI starts Ray through
+    (``platform.launch``), and its source, so a bad input refused "before Ray starts" is proved to be."""
+    import platform.launch
+    import platform.ray_runtime
+
+    def no_ray(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("Ray was started for a bad input")
+
+    monkeypatch.setattr(platform.launch, "init_ray", no_ray)
+    monkeypatch.setattr(platform.ray_runtime, "init_ray", no_ray)

@@ -19,6 +19,7 @@ from platform import train, tune
 
 import pytest
 import torch
+from cli_runs import forbid_ray_start
 
 REFUSE_WITHIN_S = 15.0  # the bound for the slowest refusal (an unreachable tracking server)
 
@@ -355,12 +356,7 @@ def test_nan_loss_ends_a_train_run_failed_with_one_line(ray_session, base, featu
 ])
 def test_sweep_settings_out_of_range_are_refused_before_ray_starts(capsys, monkeypatch, base, tmp_path, flag, value,
                                                                    message):
-    import platform.launch
-
-    def no_ray(*args, **kwargs):
-        raise AssertionError("Ray was started for a bad sweep setting")
-
-    monkeypatch.setattr(platform.launch, "init_ray", no_ray)  # the one launch path every CLI starts Ray through
+    forbid_ray_start(monkeypatch)
     line, _ = refused(capsys, with_flag(base, flag, value), cli=tune)
     assert line.startswith(f"error: {message}"), line
     assert not (tmp_path / "ray").exists()  # no sweep folder left behind

@@ -16,6 +16,7 @@ from pathlib import Path
 from platform import evaluate, study, train, tune
 
 import pytest
+from cli_runs import forbid_ray_start
 from cli_runs import mlflow_client as _client
 from cli_runs import run_cli as _run
 
@@ -227,14 +228,7 @@ def test_a_folder_is_an_evaluation_target_of_a_cross_dataset_study(own, small_eu
 
 def refused(capsys, monkeypatch, argv: list[str], cli=train) -> str:
     """Run the CLI on ``argv``; assert exit status 2, one ``error:`` line, no traceback, and Ray never started."""
-    import platform.launch
-    import platform.ray_runtime
-
-    def no_ray(*args, **kwargs):
-        raise AssertionError("Ray was started for a bad input")
-
-    monkeypatch.setattr(platform.ray_runtime, "init_ray", no_ray)
-    monkeypatch.setattr(platform.launch, "init_ray", no_ray)  # the one launch path every CLI starts Ray through
+    forbid_ray_start(monkeypatch)
     try:
         rc = cli.main(argv)
     except SystemExit as exited:  # argparse's usage errors

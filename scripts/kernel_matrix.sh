@@ -30,7 +30,7 @@ for set in "${SETS[@]}"; do
   for a in "${assigns[@]}"; do
     case "${a,,}" in
       *=avx512) needs="avx512f" ;;
-      *=avx2) has avx2 || needs="avx2" ;;
+      *=avx2) needs="avx2" ;;
     esac
   done
   if [ -n "$needs" ] && ! has "$needs"; then

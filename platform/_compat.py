@@ -26,6 +26,8 @@ from typing import Any
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT_ENV_VAR = "COOP_PLATFORM_ROOT"
+# Set to "1" in the workers' environment by a quiet driver (the CLIs without --verbose): see quiet_teardown().
+QUIET_ENV_VAR = "COOP_QUIET_WORKERS"
 
 # Never shipped to Ray workers as part of the working directory: environments, VCS data, stores, caches, data.
 WORKING_DIR_EXCLUDES = (
@@ -75,6 +77,8 @@ def worker_setup_hook() -> None:
     ``$COOP_PLATFORM_ROOT`` (a single-node cluster started without ``working_dir``).
     """
     quiet_state_api_warning()
+    if os.environ.get(QUIET_ENV_VAR) == "1":
+        sys.unraisablehook = quiet_teardown
     candidates = [os.getcwd(), os.environ.get(ROOT_ENV_VAR, ""), *sys.path]
     for candidate in candidates:
         if candidate and os.path.isfile(os.path.join(candidate, "platform", "_compat.py")):
@@ -84,6 +88,25 @@ def worker_setup_hook() -> None:
         f"CoOp platform package not found in the Ray worker (cwd {os.getcwd()}, ${ROOT_ENV_VAR}="
         f"{os.environ.get(ROOT_ENV_VAR)!r}); start Ray through platform.ray_runtime.init_ray()"
     )
+
+
+def quiet_teardown(unraisable: Any) -> None:
+    """``sys.unraisablehook`` of a quiet driver's workers: drop the noise of a worker being stopped.
+
+    When Ray stops a worker (a trial actor at the end of a sweep, or one Tune started for a trial and never used),
+    it sends SIGTERM, and Ray's handler raises ``SystemExit`` wherever the worker happens to be -- often inside a
+    garbage-collector callback, which cannot raise: Python prints ``Exception ignored in: <function
+    WeakSet.__init__.<locals>._remove ...>`` and a traceback ending in ``SystemExit: 1`` (from
+    ``ray/_private/worker.py``'s ``sigterm_handler``), and Ray forwards it to the driver's console after the sweep's
+    report. The same goes for objects collected while the interpreter finalises. Nothing can act on either; every
+    other unraisable exception still goes to the default hook.
+
+    Installed by :func:`worker_setup_hook` when the process starts, so it also covers a worker stopped while it is
+    still importing (an actor whose task never ran, which is where the ``WeakSet`` callbacks of ``abc`` churn most).
+    """
+    if issubclass(unraisable.exc_type, SystemExit) or sys.is_finalizing():
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def quiet_state_api_warning() -> None:
@@ -99,11 +122,12 @@ def quiet_state_api_warning() -> None:
     )
 
 
-def ray_runtime_env(root: str | None = None) -> dict[str, Any]:
+def ray_runtime_env(root: str | None = None, *, quiet: bool = False) -> dict[str, Any]:
     """The ``runtime_env`` for ``ray.init`` that makes ``platform.*`` importable in every Ray worker.
 
     Args:
         root: repository root (defaults to this checkout).
+        quiet: the workers drop the tracebacks of being stopped (:func:`quiet_teardown`).
     """
     from ray import cloudpickle
 
@@ -111,7 +135,7 @@ def ray_runtime_env(root: str | None = None) -> dict[str, Any]:
     root = os.path.abspath(root or REPO_ROOT)
     env: dict[str, Any] = {
         "worker_process_setup_hook": worker_setup_hook,
-        "env_vars": {ROOT_ENV_VAR: root},
+        "env_vars": {ROOT_ENV_VAR: root, **({QUIET_ENV_VAR: "1"} if quiet else {})},
         "working_dir": root,  # every node gets the code (multi-node clusters need it)
         "excludes": list(WORKING_DIR_EXCLUDES),
     }

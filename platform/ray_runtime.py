@@ -48,7 +48,8 @@ def init_ray(address: str | None = None, *, quiet: bool = True, **ray_init_kwarg
 
     Args:
         address: a cluster address (``auto``, ``ray://head:10001``) or None for a local instance.
-        quiet: hide Ray's start-up notices (the CLIs pass ``not --verbose``).
+        quiet: hide Ray's start-up notices, and the workers' tracebacks of being stopped (the CLIs pass
+            ``not --verbose``).
         ray_init_kwargs: passed to ``ray.init`` (``num_cpus``, ``num_gpus``, ``include_dashboard``...); a
             ``runtime_env`` is merged into ours (its ``env_vars`` added).
 
@@ -67,7 +68,7 @@ def init_ray(address: str | None = None, *, quiet: bool = True, **ray_init_kwarg
             raise RuntimeError("Ray was initialised without platform.ray_runtime.init_ray(): its workers cannot import "
                                "the `platform` package; call init_ray() instead of ray.init()")
         return False
-    runtime_env = ray_runtime_env()
+    runtime_env = ray_runtime_env(quiet=quiet)
     extra_env = ray_init_kwargs.pop("runtime_env", None) or {}
     runtime_env["env_vars"] = {**runtime_env["env_vars"], "TUNE_FUNCTION_THREAD_TIMEOUT_S": str(TRIAL_THREAD_TIMEOUT_S),
                                **extra_env.pop("env_vars", {})}

@@ -291,21 +291,6 @@ def _write_final_artifacts(d: Path, spec: RunSpec, clip: Any, splits: DatasetSpl
     artifacts.write_final_metrics(d, metrics)
 
 
-def _quiet_at_exit(unraisable: Any) -> None:
-    """``sys.unraisablehook`` for quiet worker processes: drop the noise of a worker being stopped.
-
-    When Ray stops a worker (a reused trial actor at the end of a sweep), it sends SIGTERM, and Ray's handler raises
-    ``SystemExit`` wherever the worker happens to be -- often inside a garbage-collector callback, which cannot
-    raise: Python prints ``Exception ignored in: <function WeakSet.__init__.<locals>._remove ...>`` and a traceback
-    ending in ``SystemExit: 1`` (from ``ray/_private/worker.py``'s ``sigterm_handler``), and Ray forwards it to the
-    driver's console after the sweep's report. The same goes for objects collected while the interpreter finalises.
-    Nothing can act on either; every other unraisable exception still goes to the default hook.
-    """
-    if issubclass(unraisable.exc_type, SystemExit) or sys.is_finalizing():
-        return
-    sys.__unraisablehook__(unraisable)
-
-
 def configure_worker_logging(rank: int, level: str, *, progress_lines: bool = True) -> None:
     """Rank 0 prints its progress lines to stderr (Ray forwards worker stderr to the driver's console); other ranks
     and chatty libraries (open_clip logs through the root logger) only show warnings unless ``level`` is lower.
@@ -314,8 +299,6 @@ def configure_worker_logging(rank: int, level: str, *, progress_lines: bool = Tr
     ``level`` too, so the console is not doubled by every trial's loading and caching lines.
     """
     logging.getLogger().setLevel(level)
-    if logging.getLevelName(level) >= logging.WARNING:
-        sys.unraisablehook = _quiet_at_exit  # Ray forwards worker stderr: no teardown tracebacks on a quiet console
     for name in ("platform", "coop_core"):
         lg = logging.getLogger(name)
         if rank == 0 and not any(getattr(h, "_coop_worker", False) for h in lg.handlers):

@@ -12,6 +12,7 @@ The architecture is an open_clip model name or a path to an open_clip model-conf
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import pickle
@@ -205,6 +206,21 @@ def describe_checkpoint_mismatch(model_name: str, path: str, err: BaseException)
     detail = "; ".join(parts) or (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
     return (f"checkpoint {path} does not fit the architecture {model_name}: {detail}; pass the --backbone it was "
             "trained with, or the checkpoint of this backbone")
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of ``model``'s parameters and buffers (name, dtype, shape and bytes of each): which CLIP this is.
+
+    Two runs share a digest exactly when their CLIPs compute the same function, however the weights arrived: an
+    open_clip tag, a checkpoint file (renamed, copied or re-downloaded), or ``none``'s seeded random weights. The
+    registry's champion rule compares runs only under the same digest. Hashing ViT-B/16 takes about a second.
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().reshape(-1)  # 1-D (a 0-d tensor has no byte view), contiguous
+        h.update(f"{name}\t{t.dtype}\t{tuple(tensor.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_clip(

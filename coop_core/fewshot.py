@@ -28,6 +28,9 @@ from coop_core.datasets.base import DatasetSplits, Item
 logger = logging.getLogger(__name__)
 
 VAL_SHOTS_CAP = 4  # CoOp samples min(K, 4) validation images per class.
+# The registry evaluation set (registry_eval_items): a fixed sample of each dataset's validation split.
+REGISTRY_EVAL_PER_CLASS = 50
+REGISTRY_EVAL_SEED = 0
 MANIFEST_VERSION = "1"  # bump when the sampling algorithm or the manifest format changes
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -105,6 +108,26 @@ def sample_few_shot(items: Sequence[Item], shots: int | str, seed: int) -> list[
         else:
             sampled += rng.sample(pool, shots)
     return sampled
+
+
+def registry_eval_items(val: Sequence[Item]) -> list[Item]:
+    """The dataset's registry evaluation set: up to :data:`REGISTRY_EVAL_PER_CLASS` images of each class of the
+    validation split ``val``, drawn with the fixed :data:`REGISTRY_EVAL_SEED`.
+
+    Every run of a dataset measures its prompts on these same images, whatever its shots and seed (its own few-shot
+    validation images, ``min(K, 4)`` per class drawn with the run's seed, differ from run to run): the registry's
+    champion rule compares runs by their accuracy here. The validation split never overlaps the training split, so
+    no run has trained on these images. A class with fewer images contributes all of them.
+    """
+    by_label: dict[int, list[Item]] = defaultdict(list)
+    for item in val:
+        by_label[item.label].append(item)
+    rng = random.Random(REGISTRY_EVAL_SEED)
+    chosen: list[Item] = []
+    for label in sorted(by_label):
+        pool = sorted(by_label[label], key=lambda it: (it.path, it.classname))
+        chosen += pool if len(pool) <= REGISTRY_EVAL_PER_CLASS else rng.sample(pool, REGISTRY_EVAL_PER_CLASS)
+    return chosen
 
 
 @dataclass(frozen=True)

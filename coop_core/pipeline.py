@@ -28,7 +28,7 @@ from coop_core.features import (
     items_digest,
     weights_identity,
 )
-from coop_core.fewshot import FewShotSplits
+from coop_core.fewshot import FewShotSplits, registry_eval_items
 from coop_core.model import CoOpModel
 from coop_core.transfer import transfer_context
 from coop_core.transforms import describe, test_transform, train_transform
@@ -41,14 +41,18 @@ logger = logging.getLogger(__name__)
 class RunFeatures:
     """What training and evaluation read.
 
-    skipped: how many images of each split (``train``, ``val``, ``test``) were left out because they could not be
-    decoded (corrupt or truncated files; greyscale, palette and RGBA images are converted, not skipped).
+    registry: the dataset's registry evaluation set (``coop_core.fewshot.registry_eval_items``), measured with the
+    test split; registry_set: the digest of its items (which images they are), None with it.
+    skipped: how many images of each split (``train``, ``val``, ``test``, ``registry``) were left out because they
+    could not be decoded (corrupt or truncated files; greyscale, palette and RGBA images are converted, not skipped).
     """
 
     train: CachedViews | ExactImages
     val: FeatureSet
     test: FeatureSet | None
     skipped: dict[str, int] = field(default_factory=dict)
+    registry: FeatureSet | None = None
+    registry_set: str | None = None
 
 
 # A progress callback: ``progress(task, done, total)``; ``prepare_features`` reports task "features" in images.
@@ -156,7 +160,8 @@ def prepare_features(
     batch_size: int = 128,
     progress: Progress | None = None,
 ) -> RunFeatures:
-    """Image features for training (cached views or exact), validation and test, through the feature cache.
+    """Image features for training (cached views or exact), validation and test (with the registry evaluation set,
+    ``with_test``), through the feature cache.
 
     Keys hold the backbone, weights identity, dataset, item list digest, transform and view seed, so every trial of a
     sweep and every DDP worker with the same data reuses the same entries. ``progress("features", done, total)``
@@ -172,7 +177,9 @@ def prepare_features(
     base = _base_key(clip, splits)
     train_tf = train_transform(clip.image_size, clip.mean, clip.std)
     n_train_views = 0 if cfg.feature_mode == "exact" else cfg.n_views * len(fewshot.train)
-    counter = _ImageCounter(progress, len(fewshot.val) + (len(splits.test) if with_test else 0) + n_train_views)
+    registry_items = tuple(registry_eval_items(splits.val)) if with_test else ()
+    counter = _ImageCounter(progress, len(fewshot.val) + (len(splits.test) if with_test else 0) + len(registry_items)
+                            + n_train_views)
     common = {"cache": cache, "device": device, "batch_size": batch_size, "loader_workers": cfg.loader_workers,
               "counter": counter}
     skipped: dict[str, int] = {}
@@ -183,6 +190,7 @@ def prepare_features(
 
     val = eval_set("val", fewshot.val)
     test = eval_set("test", splits.test) if with_test else None
+    registry = eval_set("registry", registry_items) if registry_items else None
     if cfg.feature_mode == "exact":
         bad = set(unreadable_images(splits.image_dir, fewshot.train))
         readable = tuple(it for it in fewshot.train if it not in bad)
@@ -217,7 +225,8 @@ def prepare_features(
     if lost:
         raise ValueError(f"every training image of class {splits.classnames[lost[0]]!r} is unreadable (corrupt or "
                          "truncated files): CoOp cannot learn it; replace the images")
-    return RunFeatures(source, val, test, skipped)
+    return RunFeatures(source, val, test, skipped, registry,
+                       items_digest(registry_items) if registry is not None else None)
 
 
 def build_model(clip: LoadedClip, classnames: tuple[str, ...] | list[str], prompt: PromptConfig, seed: int,

@@ -49,7 +49,13 @@ ACCURACY_KEYS = (SELECTION_METRIC, TEST_METRIC, ZEROSHOT_TEST_METRIC)
 # Reported every epoch (coop_core.engine.train; val_* on validation epochs), logged with step = epoch.
 EPOCH_KEYS = ("epoch", "train_loss", "train_acc", "lr", "val_acc", "val_macro_f1", "epoch_time_s", "val_time_s")
 # Added to the last epoch's report (the test split is only measured, never used to choose).
-FINAL_KEYS = ("test_acc", "test_macro_f1", "zeroshot_test_acc", "zeroshot_test_macro_f1")
+FINAL_KEYS = ("test_acc", "test_macro_f1", "zeroshot_test_acc", "zeroshot_test_macro_f1", "registry_acc")
+# The registry's champion rule compares runs by their accuracy on the dataset's registry evaluation set (the same
+# images for every run of the dataset: coop_core.fewshot.registry_eval_items), reported with the last epoch, and only
+# between runs whose config.json holds the same digests of that set's items and of the CLIP weights.
+REGISTRY_METRIC = "registry_acc"
+REGISTRY_SET_KEY = "registry_set"  # config.json: coop_core.features.items_digest of the registry evaluation set
+WEIGHTS_DIGEST_KEY = "weights_digest"  # config.json: coop_core.backbone.weights_digest of the run's CLIP
 # Added to the last epoch's report for each of the run's evaluation targets (RunSpec.eval_targets: another dataset, or
 # the other half of the classes): the learned prompts' and zero-shot CLIP's accuracy on the target's test split, under
 # target_key(label, key), e.g. "target/imagenet_sketch/test_acc", "target/eurosat.new/zeroshot_test_acc".

@@ -4,15 +4,22 @@ Each version is the pyfunc of ``platform/pyfunc_model.py`` (logged as code, with
 ``mlflow.pyfunc.load_model("models:/coop-eurosat@champion")`` works in any process that has torch, open_clip and
 mlflow) and carries tags: dataset, backbone, weights, shots, seed, class names, the full config, val/test accuracy.
 
-Champion rule. Validation accuracies are only comparable on the same validation images and the same backbone: the
-validation split is sampled per shot count, and a different backbone is a different model family. So
+Champion rule: a champion is the best prompt on the same images with the same CLIP. Each run measures its prompts
+on its dataset's registry evaluation set (``coop_core.fewshot.registry_eval_items``: a fixed sample of the validation
+split, the same images whatever the run's shots and seed; its own few-shot validation images are not) and records the
+digests of that set and of its CLIP weights (``platform.artifacts.REGISTRY_METRIC`` and the keys beside it). Two
+versions are comparable when both hold that accuracy and they share the backbone, the weights digest and the
+evaluation set's digest. So
 
-- ``champion-<backbone>-<K>shot`` (e.g. ``champion-vit-b-16-16shot``) is the best version *within* one backbone and
-  shot count: it moves to a new version only when that version's validation accuracy is strictly higher;
-- ``champion`` moves to the new version when there is no champion yet, or when the current champion has the same
-  backbone and shots and the new version's validation accuracy is strictly higher. A champion from another
-  backbone/shot count is left in place (the comparison would be meaningless); promote across families explicitly
-  with ``python -m platform.registry set-champion --dataset eurosat --version 3`` (:func:`set_champion`).
+- ``champion`` moves to a new version when there is no champion yet, or when the champion is comparable and the new
+  version's registry accuracy is strictly higher. A champion that is not comparable (another CLIP or other weights
+  under the same name, other images, a version registered before the rule measured this) stays where it is, and the
+  new version's description says why; promote by hand with ``python -m platform.registry set-champion --dataset
+  eurosat --version 3`` (:func:`set_champion`).
+- ``champion-<backbone>-<K>shot`` (e.g. ``champion-vit-b-16-16shot``) is the best of one backbone and shot count,
+  under the same rule.
+- The same prompts (the same sha256 of ``prompts.safetensors``) are one version: registering them again, from a
+  resumed sweep or another run, returns the version that holds them.
 """
 
 from __future__ import annotations
@@ -30,8 +37,11 @@ from platform.artifacts import (
     ACCURACY_KEYS,
     N_CTX_EFFECTIVE_KEY,
     PROMPTS_FILE,
+    REGISTRY_METRIC,
+    REGISTRY_SET_KEY,
     SELECTION_METRIC,
     TEST_METRIC,
+    WEIGHTS_DIGEST_KEY,
     ZEROSHOT_TEST_METRIC,
 )
 from platform.tracking import store_lock
@@ -129,9 +139,12 @@ def version_tags(spec: Mapping[str, Any], classnames: list[str], metrics: Mappin
         "classnames": json.dumps(list(classnames)),
         "config": json.dumps(spec, sort_keys=True),
     }
-    for key in ACCURACY_KEYS:
+    for key in (*ACCURACY_KEYS, REGISTRY_METRIC):
         if metrics.get(key) is not None:
             tags[key] = f"{float(metrics[key]):.4f}"
+    for key in (WEIGHTS_DIGEST_KEY, REGISTRY_SET_KEY):
+        if spec.get(key):
+            tags[key] = str(spec[key])
     tags.update({k: str(v) for k, v in (extra or {}).items()})
     return tags
 
@@ -248,72 +261,92 @@ def register_prompt(
                          extra_tags=extra_tags)
 
 
+def comparison_blocker(champion: Any, challenger_tags: Mapping[str, str]) -> str | None:
+    """Why ``champion`` (a model version) and a version with ``challenger_tags`` cannot be compared, or None when
+    they can: the same backbone, CLIP weights and registry evaluation set, and both measured on it."""
+    held = champion.tags
+    if held.get("backbone") != challenger_tags["backbone"]:
+        return f"its backbone is {held.get('backbone')}, not {challenger_tags['backbone']}"
+    if REGISTRY_METRIC not in held or REGISTRY_METRIC not in challenger_tags:
+        side = "it was" if REGISTRY_METRIC not in held else "this version was"
+        return f"{side} not measured on the registry evaluation set (registered before the rule measured it)"
+    if held.get(WEIGHTS_DIGEST_KEY) != challenger_tags.get(WEIGHTS_DIGEST_KEY):
+        return (f"it uses other CLIP weights (digest {str(held.get(WEIGHTS_DIGEST_KEY))[:12]}, not "
+                f"{str(challenger_tags.get(WEIGHTS_DIGEST_KEY))[:12]})")
+    if held.get(REGISTRY_SET_KEY) != challenger_tags.get(REGISTRY_SET_KEY):
+        return "it was measured on other images (another validation split under this dataset's name)"
+    return None
+
+
+def _rule(client: MlflowClient, name: str, alias: str, tags: Mapping[str, str]) -> tuple[bool, str, Any]:
+    """Whether ``alias`` moves to the version with ``tags``, why, and the version it points to now."""
+    current = _version_by_alias(client, name, alias)
+    if current is None:
+        return True, "no champion yet", None
+    blocker = comparison_blocker(current, tags)
+    if blocker is not None:
+        return False, f"@{alias} v{current.version} is not comparable: {blocker}; left in place", current
+    new, best = float(tags[REGISTRY_METRIC]), _float_tag(current, REGISTRY_METRIC)
+    verb = "beats" if new > best else "does not beat"
+    return new > best, f"registry acc {new:.2f} {verb} @{alias} v{current.version}'s {best:.2f} on the same images", \
+        current
+
+
 def _register(checkpoint_dir: str | Path, spec: Mapping[str, Any], metrics: Mapping[str, float], *, run_id: str,
               tracking_uri: str, extra_tags: Mapping[str, str] | None) -> Registration:
     name = registered_model_name(_model_key(spec))
     _, meta = load_prompts(Path(checkpoint_dir) / PROMPTS_FILE)
+    # Compared at the precision the version tags keep (4 decimals): a champion whose tag reads 10.0000 is not beaten
+    # by a new 10.000000149.
     tags = version_tags(spec, list(meta.classnames), metrics, extra_tags)
     tags[PROMPTS_SHA256_KEY] = verified_digest(Path(checkpoint_dir) / PROMPTS_FILE)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    # Compared at the precision the version tags keep (4 decimals): a champion whose tag reads 10.0000 is not beaten
-    # by a new 10.000000149.
-    val_acc = float(tags[SELECTION_METRIC])
-    backbone, shots = tags["backbone"], tags["shots"]
-    scoped = scoped_champion_alias(backbone, shots)
-    registered = _registered_before(client, name, run_id, tags[PROMPTS_SHA256_KEY])
+    scoped = scoped_champion_alias(tags["backbone"], tags["shots"])
+    registered = _registered_before(client, name, tags[PROMPTS_SHA256_KEY])
     if registered is not None and registered.tags.get(RULE_APPLIED_TAG) == "true":
-        # A resumed sweep (or a retried registration) registering the same prompts again: one version, one rule.
+        # The same prompts again (a resumed sweep, a retried registration, or another run that learned them): one
+        # version, one rule.
         version = int(registered.version)
         champion = _version_by_alias(client, name, CHAMPION)
         champion_version = int(champion.version) if champion is not None else version
+        origin = "" if registered.run_id == run_id else f" (from run {registered.run_id})"
         logger.info("%s v%d already holds these prompts; @%s -> v%d", name, version, CHAMPION, champion_version)
         return Registration(name, version, champion_version, champion_version == version,
-                            f"registered before as v{version}; the champion rule was applied then", scoped)
+                            f"the same prompts are v{version}{origin}: not registered again", scoped)
+    description = version_description(spec, list(meta.classnames), metrics, extra_tags)
     if registered is None:
         model_uri = log_prompt_model(checkpoint_dir, spec, run_id=run_id, tracking_uri=tracking_uri)
         try:
             client.create_registered_model(name, description=(
                 f"CoOp prompts for CLIP on {spec['dataset']}: each version is one learned context with its backbone, "
-                "classes and accuracy (see its description and tags). `@champion` is the best by validation "
-                "accuracy among versions of the same backbone and shot count; `@champion-<backbone>-<K>shot` the best "
-                "of each family. Serve the champion with `" + serve_command(name) + "`."))
+                "classes and accuracy (see its description and tags). `@champion` is the best on the same images "
+                "(the dataset's registry evaluation set) with the same CLIP weights; `@champion-<backbone>-<K>shot` "
+                "the best of each backbone and shot count. Serve the champion with `" + serve_command(name) + "`."))
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        description = version_description(spec, list(meta.classnames), metrics, extra_tags)
         registered = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags,
                                                  description=description)
     version = int(registered.version)
 
-    current_scoped = _version_by_alias(client, name, scoped)
-    if current_scoped is None or val_acc > _float_tag(current_scoped, SELECTION_METRIC):
+    move_scoped, scoped_reason, _ = _rule(client, name, scoped, tags)
+    if move_scoped:
         client.set_registered_model_alias(name, scoped, str(version))
-
-    current = _version_by_alias(client, name, CHAMPION)
-    if current is None:
-        promoted, reason = True, "no champion yet"
-    elif current.tags.get("backbone") != backbone or current.tags.get("shots") != shots:
-        promoted = False
-        reason = (
-            f"champion v{current.version} is {current.tags.get('backbone')}/{current.tags.get('shots')}-shot, not "
-            f"{backbone}/{shots}-shot: not comparable, left in place (see @{scoped})"
-        )
-    else:
-        best = _float_tag(current, SELECTION_METRIC)
-        promoted = val_acc > best
-        verb = "beats" if promoted else "does not beat"
-        reason = f"val_acc {val_acc:.2f} {verb} champion v{current.version}'s {best:.2f}"
+    promoted, reason, current = _rule(client, name, CHAMPION, tags)
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, str(version))
+    client.update_model_version(name, str(version), description=(
+        f"{description}\n\nChampion rule: {'promoted to @' + CHAMPION if promoted else 'not promoted'} ({reason}); "
+        f"@{scoped}: {'moved here' if move_scoped else 'not moved'} ({scoped_reason})."))
     client.set_model_version_tag(name, str(version), RULE_APPLIED_TAG, "true")
     champion_version = version if promoted else int(current.version)
     logger.info("registered %s v%d (%s); @%s -> v%d", name, version, reason, CHAMPION, champion_version)
     return Registration(name, version, champion_version, promoted, reason, scoped)
 
 
-def _registered_before(client: MlflowClient, name: str, run_id: str, digest: str) -> Any:
-    """The version of ``name`` that already holds these prompts from this run, if any (None for a new model)."""
-    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+def _registered_before(client: MlflowClient, name: str, digest: str) -> Any:
+    """The version of ``name`` that already holds these prompts (from any run), if any (None for a new model)."""
+    found = client.search_model_versions(f"name = '{name}'")
     return next((v for v in found if v.tags.get(PROMPTS_SHA256_KEY) == digest), None)
 
 

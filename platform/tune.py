@@ -19,8 +19,8 @@ waits for resources that other trials hold.
 
 Tracking (from this driver process only): the sweep is an MLflow parent run, each trial a child run
 (``platform/sweep_tracking.py``), with where each trial's time went. At the end the best trial by validation accuracy
-is registered as a new version of ``coop-<dataset>``; ``@champion`` moves to it only if it beats the champion
-(``platform/registry.py``).
+is registered as a new version of ``coop-<dataset>``; ``@champion`` moves to it only if it beats the champion on the
+same images with the same CLIP (``platform/registry.py``).
 
 ``--resume`` finishes an interrupted sweep from its folder under ``--storage-path``: finished trials are kept,
 unfinished and errored ones continue from their last checkpoint, the searcher's state is restored, and the same

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 import torch
 
-from coop_core.backbone import load_clip
+from coop_core.backbone import load_clip, weights_digest
 from coop_core.datasets import DatasetSplits
 from coop_core.distributed import text_sharding_for
 from coop_core.engine import Distributed, NonFiniteLossError, SingleProcess, TrainState, evaluate, train
@@ -196,6 +196,10 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
         "skipped_images": dict(feats.skipped),  # undecodable images left out, per split
         "resumed_from_epoch": resume.epoch if resume is not None else None,
     }
+    if rank == 0:  # what the registry's champion rule checks before it compares two runs (artifacts.REGISTRY_METRIC)
+        resolved[artifacts.REGISTRY_SET_KEY] = feats.registry_set
+        resolved[artifacts.WEIGHTS_DIGEST_KEY] = cache.small(("weights_digest", mkey),
+                                                             lambda: weights_digest(clip.model))[0]
     timing = {"time_model_s": t_model - t_start, "time_features_s": t_setup - t_model,
               "time_train_loop_s": sum(row.get("epoch_time_s", 0.0) for row in history),
               "time_eval_s": sum(row.get("val_time_s", 0.0) for row in history), "time_report_s": 0.0}
@@ -215,6 +219,8 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
             zs = zeroshot_evaluate(clip.model, clip.tokenizer, splits.classnames, splits.template, feats.test)
             metrics.update(test_acc=test["acc"], test_macro_f1=test["macro_f1"], zeroshot_test_acc=zs["acc"],
                            zeroshot_test_macro_f1=zs["macro_f1"])
+            if feats.registry is not None:
+                metrics[artifacts.REGISTRY_METRIC] = evaluate(model, feats.registry, cfg.precision)["acc"]
             for target in spec.eval_targets:
                 metrics.update(_evaluate_target(spec, target, clip, mkey, model, splits.classnames, device))
             timing["time_eval_s"] += time.perf_counter() - t_eval

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from coop_core.backbone import LoadedClip, WeightsUnavailableError, load_clip
+from coop_core.backbone import LoadedClip, WeightsUnavailableError, load_clip, weights_digest
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -46,6 +46,18 @@ def test_random_weights_are_identical_across_loads_and_leave_the_global_rng_alon
     torch.manual_seed(999)  # a different global seed does not change "none" weights
     b = load_clip(tiny_vit_config, "random")
     assert _same_weights(a.model, b.model)
+
+
+def test_weights_digest_names_the_weights_not_where_they_came_from(tiny_vit_config, tmp_path):
+    random_weights = load_clip(tiny_vit_config, "none").model
+    digest = weights_digest(random_weights)
+    assert len(digest) == 64 and digest == weights_digest(load_clip(tiny_vit_config, "none").model)
+    path = tmp_path / "copy-of-random.pt"  # the same weights through a checkpoint file: the same CLIP
+    torch.save(random_weights.state_dict(), path)
+    assert weights_digest(load_clip(tiny_vit_config, str(path)).model) == digest
+    with torch.no_grad():
+        random_weights.logit_scale.add_(1e-3)  # one scalar changed (a 0-d tensor): another CLIP
+    assert weights_digest(random_weights) != digest
 
 
 def test_unknown_architecture_and_missing_config(tmp_path):

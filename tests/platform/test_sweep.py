@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from platform.artifacts import REGISTRY_METRIC, REGISTRY_SET_KEY, WEIGHTS_DIGEST_KEY
 from platform.registry import CHAMPION, scoped_champion_alias
 from platform.sweep_tracking import EARLY_STOPPED_TAG, TRIAL_TAG
 from platform.tune import main
@@ -137,6 +139,13 @@ def test_worse_sweep_adds_version_2_and_leaves_the_champion(sweeps):
     client = _client(sweeps["uri"])
     assert int(client.get_model_version_by_alias("coop-eurosat", CHAMPION).version) == 1
     assert client.get_model_version("coop-eurosat", "2").tags["trial_id"] == worse["best_trial_id"]
+    # Judged on the same images with the same CLIP: the two sweeps' versions carry the same digests of both.
+    v1, v2 = (client.get_model_version("coop-eurosat", v).tags for v in ("1", "2"))
+    for key in (WEIGHTS_DIGEST_KEY, REGISTRY_SET_KEY):
+        assert len(v1[key]) == 64 and v1[key] == v2[key], key
+    assert float(v2[REGISTRY_METRIC]) <= float(v1[REGISTRY_METRIC])
+    assert re.search(r"registry acc [\d.]+ does not beat @champion v1's [\d.]+ on the same images",
+                     sweeps["worse"]["report"])
     worse_children = _children(client, worse["parent_run_id"])
     assert {c.data.params["prompt.ctx_init"] for c in worse_children} == {""}
     assert {float(c.data.params["train.lr"]) for c in worse_children} == {1e-5}

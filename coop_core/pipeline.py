@@ -43,8 +43,8 @@ class RunFeatures:
 
     registry: the dataset's registry evaluation set (``coop_core.fewshot.registry_eval_items``), measured with the
     test split; registry_set: the digest of its items (which images they are), None with it.
-    skipped: how many images of each split (``train``, ``val``, ``test``, ``registry``) were left out because they
-    could not be decoded (corrupt or truncated files; greyscale, palette and RGBA images are converted, not skipped).
+    skipped: how many images of each split (``train``, ``val``, ``test``) were left out because they could not be
+    decoded (corrupt or truncated files; greyscale, palette and RGBA images are converted, not skipped).
     """
 
     train: CachedViews | ExactImages
@@ -190,7 +190,9 @@ def prepare_features(
 
     val = eval_set("val", fewshot.val)
     test = eval_set("test", splits.test) if with_test else None
-    registry = eval_set("registry", registry_items) if registry_items else None
+    registry = None
+    if registry_items:  # validation images (their undecodable ones are warned about, not counted again in skipped)
+        registry, _ = _evaluation_set(clip, splits, "registry", registry_items, **common)
     if cfg.feature_mode == "exact":
         bad = set(unreadable_images(splits.image_dir, fewshot.train))
         readable = tuple(it for it in fewshot.train if it not in bad)

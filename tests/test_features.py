@@ -28,7 +28,7 @@ from coop_core.features import (
     items_digest,
     weights_identity,
 )
-from coop_core.fewshot import build_few_shot
+from coop_core.fewshot import build_few_shot, registry_eval_items
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -273,9 +273,11 @@ def test_prepare_features_computes_each_entry_once_and_reuses_it(tiny_clip, imag
     fewshot = build_few_shot(image_folder, 2, 1, None)
     cfg = TrainConfig(shots=2, n_views=3)
     first = pipeline.prepare_features(tiny_clip, image_folder, fewshot, cfg, cache_dir=tmp_path / "cache")
-    assert sorted(calls) == [6, 6, 6, 6, 6]  # val, test and 3 training views of 6 images each
+    n_registry = len(registry_eval_items(image_folder.val))  # the registry evaluation set: the whole small val split
+    assert n_registry == len(image_folder.val) and first.registry.labels.shape == (n_registry,)
+    assert sorted(calls) == sorted([6, 6, n_registry, 6, 6, 6])  # val, test, registry set, 3 training views of 6
     second = pipeline.prepare_features(tiny_clip, image_folder, fewshot, cfg, cache_dir=tmp_path / "cache")
-    assert len(calls) == 5
+    assert len(calls) == 6 and second.registry_set == first.registry_set
     assert torch.equal(first.train.views, second.train.views)
     assert torch.equal(first.test.features, second.test.features)
 
@@ -285,7 +287,7 @@ def test_prepare_features_computes_each_entry_once_and_reuses_it(tiny_clip, imag
     # ... and are reproducible from the seed without the cache, and change with it.
     fresh = pipeline.prepare_features(tiny_clip, image_folder, fewshot, cfg, cache_dir=None, with_test=False)
     assert torch.equal(fresh.train.views, views)
-    assert fresh.test is None
+    assert fresh.test is None and fresh.registry is None and fresh.registry_set is None
     reseeded = pipeline.prepare_features(tiny_clip, image_folder, fewshot, TrainConfig(shots=2, n_views=3, seed=2),
                                          cache_dir=None, with_test=False)
     assert (reseeded.train.views - views).abs().max() > 1e-3
@@ -313,9 +315,10 @@ def test_prepare_features_reports_progress_in_images_computed_or_cached(tiny_cli
         seen: list[tuple[str, int, int]] = []
         pipeline.prepare_features(tiny_clip, image_folder, fewshot, cfg, cache_dir=tmp_path / "cache",
                                   batch_size=4, progress=lambda *a, seen=seen: seen.append(a))
-        assert {task for task, _, _ in seen} == {"features"} and {t for _, _, t in seen} == {30}  # 6 val+6 test+3x6
+        total = 6 + 6 + 3 * 6 + len(image_folder.val)  # val, test, 3 training views, the registry set (all of val)
+        assert {task for task, _, _ in seen} == {"features"} and {t for _, _, t in seen} == {total}
         done = [d for _, d, _ in seen]
-        assert done == sorted(done) and done[-1] == 30 and done[0] < 30
+        assert done == sorted(done) and done[-1] == total and done[0] < total
 
 
 def test_unreadable_images_are_skipped_and_counted_non_rgb_ones_converted(tiny_clip, image_folder, tmp_path, caplog):

@@ -55,7 +55,7 @@ def test_two_sweeps_at_once_share_the_cache_and_the_store(small_eurosat_root, ti
     computed = Counter(re.findall(r"cached features ([0-9a-f]{64})\.safetensors", logs))
     on_disk = {p.stem for p in (cache / "features").rglob("*.safetensors")}
     assert computed and set(computed) == on_disk and set(computed.values()) == {1}, computed
-    assert len(on_disk) == 2 + 1 + 1  # 2 training views, val and test
+    assert len(on_disk) == 2 + 1 + 1 + 1  # 2 training views, val, test and the registry evaluation set
     assert logs.count("wrote few-shot manifest") == 1
     assert not list(cache.rglob("*.tmp"))
 
@@ -70,7 +70,9 @@ def test_two_sweeps_at_once_share_the_cache_and_the_store(small_eurosat_root, ti
     assert sorted(int(v.version) for v in versions) == [1, 2]
     assert {v.tags["champion_rule_applied"] for v in versions} == {"true"}
     champion = client.get_model_version_by_alias("coop-eurosat", "champion")
-    # The rule ran once per version, one after the other: the champion is the best, the first on a tie.
-    best = max(float(v.tags["val_acc"]) for v in versions)
-    first_best = min(int(v.version) for v in versions if float(v.tags["val_acc"]) == best)
+    # The rule ran once per version, one after the other: the champion is the best on the same images with the
+    # same CLIP (both sweeps: the same random weights, the same registry evaluation set), the first on a tie.
+    assert len({(v.tags["weights_digest"], v.tags["registry_set"]) for v in versions}) == 1
+    best = max(float(v.tags["registry_acc"]) for v in versions)
+    first_best = min(int(v.version) for v in versions if float(v.tags["registry_acc"]) == best)
     assert int(champion.version) == first_best

@@ -36,6 +36,10 @@ class WeightsUnavailableError(RuntimeError):
     """Pretrained weights could not be obtained (no network and nothing cached). The message is one actionable line."""
 
 
+class WeightsDownloadError(WeightsUnavailableError):
+    """A pretrained tag's weights could not be downloaded (no network, or the hub refused) and none are cached."""
+
+
 class CheckpointMismatchError(ValueError):
     """A local checkpoint is not a state dict of the requested architecture (or not a checkpoint at all).
 
@@ -145,10 +149,10 @@ def _ensure_weights(model_name: str, pretrained: str, cache_dir: str | None, tim
         with _hub_offline(offline):
             path = open_clip.download_pretrained(cfg, cache_dir=cache_dir)
     except Exception as err:  # network errors come in many types (socket, requests, huggingface_hub)
-        raise WeightsUnavailableError(
+        raise WeightsDownloadError(
             f"cannot download pretrained weights {model_name}/{pretrained} ({type(err).__name__}); "
             f"download them where there is internet and pass --pretrained /path/to/checkpoint.pt, "
-            f"or pre-populate the open_clip/Hugging Face cache, or use --pretrained none for random weights"
+            f"or pre-populate the open_clip/Hugging Face cache"
         ) from None
     finally:
         socket.setdefaulttimeout(previous)

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from run_format import resolve_tracking_uri
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -37,9 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, draw, print; exit 0, or 2 with one line when the run or store cannot be read."""
     args = build_parser().parse_args(argv)
-    from platform.cli import fail
-    from platform.tracking import resolve_tracking_uri
-
+    # Imported here, not at the top: MLflow, Optuna, matplotlib and the nearest-words reader (coop_core, so torch)
+    # take 13-16 s to import in a fresh process on the 2-core development machine; --help and a usage error need none.
     from mlflow.tracking import MlflowClient
 
     from dashboards.report import build_dashboards
@@ -50,7 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parent = args.parent_run_id or find_sweep(client, args.sweep_name, args.experiment)
         result = build_dashboards(client, parent, Path(args.out), log=not args.no_log)
     except Exception as err:  # unknown run or sweep, unreachable store: one line, no traceback
-        return fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        # The platform CLIs' failure (platform.cli.fail): one "error:" line on stderr, exit 2. Written out here, as the
+        # dashboards import nothing of platform (platform calls them; see run_format).
+        line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        sys.stderr.write(f"error: {line}\n")
+        return 2
     for name, path in result["files"].items():
         print(f"{name:<18} {path}")
     for name, why in result["skipped"].items():

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from platform.artifacts import SELECTION_METRIC
 
 import matplotlib
+
+from run_format import SELECTION_METRIC
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -20,10 +20,11 @@ import math
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from platform.artifacts import DASHBOARDS_ARTIFACT_DIR, NEAREST_WORDS_FILE, SELECTION_METRIC, TEST_METRIC
 from typing import Any
 
 import matplotlib
+
+from run_format import DASHBOARDS_ARTIFACT_DIR, NEAREST_WORDS_FILE, SELECTION_METRIC, TEST_METRIC
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

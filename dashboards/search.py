@@ -11,10 +11,11 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from platform.artifacts import SELECTION_METRIC
 from typing import Any
 
 import matplotlib
+
+from run_format import SELECTION_METRIC
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from platform.artifacts import SELECTION_METRIC, TEST_METRIC, ZEROSHOT_TEST_METRIC
 
 import matplotlib
+
+from run_format import SELECTION_METRIC, TEST_METRIC, ZEROSHOT_TEST_METRIC
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

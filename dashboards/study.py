@@ -43,9 +43,9 @@ def plot_study(results: Mapping[str, Any], path: Path) -> dict[str, dict[str, An
             color = colors[i % len(colors)]
             xs = [k for k in s["shots"] if isinstance(k, int)]
             idx = [s["shots"].index(k) for k in xs]
-            means, stds = [s["coop_mean"][j] for j in idx], [s["coop_std"][j] for j in idx]
+            means, stds = [s["coop_mean"][j] for j in idx], [_spread(s["coop_std"][j]) for j in idx]
             ax.errorbar(xs, means, yerr=stds, marker="o", lw=2, capsize=3, color=color,
-                        label=f"CoOp on {label} (mean ± std, {n_seeds} seeds)")
+                        label=f"CoOp on {label} ({_what(n_seeds)})")
             for k in xs:
                 values = s["seeds"][str(k)]
                 ax.scatter([k] * len(values), values, s=10, color=color, alpha=0.45, zorder=3)
@@ -60,9 +60,9 @@ def plot_study(results: Mapping[str, Any], path: Path) -> dict[str, dict[str, An
         labels = list(series)
         xs = range(len(labels))
         coop = [series[n]["coop_mean"][0] for n in labels]
-        stds = [series[n]["coop_std"][0] for n in labels]
+        stds = [_spread(series[n]["coop_std"][0]) for n in labels]
         zs = [series[n]["zeroshot"][0] or 0.0 for n in labels]
-        ax.bar([x - 0.2 for x in xs], coop, 0.4, yerr=stds, capsize=3, label=f"CoOp (mean ± std, {n_seeds} seeds)")
+        ax.bar([x - 0.2 for x in xs], coop, 0.4, yerr=stds, capsize=3, label=f"CoOp ({_what(n_seeds)})")
         ax.bar([x + 0.2 for x in xs], zs, 0.4, label="zero-shot CLIP")
         ax.set_xticks(list(xs), labels, rotation=20, ha="right", fontsize=8)
         ax.set_title(f"{results['source']}, {results['shots'][0]} shots: CoOp vs zero-shot CLIP "
@@ -74,3 +74,12 @@ def plot_study(results: Mapping[str, Any], path: Path) -> dict[str, dict[str, An
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return series
+
+
+def _spread(std: float | None) -> float:
+    """An error bar's half-height: the standard deviation over seeds, none (0) where there is no spread to show."""
+    return 0.0 if std is None else std
+
+
+def _what(n_seeds: int) -> str:
+    return f"mean ± std, {n_seeds} seeds" if n_seeds > 1 else "one seed: no spread"

@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from platform.artifacts import SELECTION_METRIC
-from platform.tracking import BEST_TRIAL_TAG, EARLY_STOPPED_TAG, PARENT_RUN_TAG, SWEEP_TAG, TRIAL_TAG
 from typing import Any
 
 from mlflow.tracking import MlflowClient
+
+from run_format import BEST_TRIAL_TAG, EARLY_STOPPED_TAG, PARENT_RUN_TAG, SELECTION_METRIC, SWEEP_TAG, TRIAL_TAG
 
 SEARCHED_FIELDS = ("prompt.n_ctx", "prompt.ctx_init", "prompt.class_token_position", "prompt.csc", "train.lr",
                    "train.shots")

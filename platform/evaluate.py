@@ -33,6 +33,7 @@ from platform.cli import Parser, configure_logging, dataset_ref_from_args, fail
 from platform.launch import INPUT_ERRORS, check_writable_dir
 from platform.progress import bars_wanted
 from platform.run_spec import DatasetRef, default_cache_dir, default_data_root
+from platform.tracking_store import limit_http_retries, probe_tracking_store
 from typing import Any
 
 import torch
@@ -310,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
-    tracking.limit_http_retries()
+    limit_http_retries()
     tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
     try:
         if args.max_test_items is not None and args.max_test_items < 1:
@@ -321,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         needs_store = args.model.startswith("models:/") or (RUN_ID_RE.fullmatch(args.model) is not None
                                                             and not Path(args.model).exists())
         if needs_store or not args.no_log:
-            tracking.probe_tracking_store(tracking_uri)
+            probe_tracking_store(tracking_uri)
         with tempfile.TemporaryDirectory() as tmp:
             source = resolve_prompts(args.model, tracking_uri, Path(tmp))
             ctx, meta = load_prompts(source.path)

@@ -17,16 +17,20 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from platform import tracking
+from platform import tracking_store
 from platform.cluster_check import check_shared_paths
 from platform.ray_runtime import init_ray, resolve_use_gpu
 from platform.run_spec import DatasetRef, RunSpec, load_splits, load_target_splits
 
 import open_clip
 
-from coop_core.backbone import NO_WEIGHTS, WeightsUnavailableError, load_clip, resolve_model_name
+from coop_core.backbone import NO_WEIGHTS, WeightsDownloadError, WeightsUnavailableError, load_clip, resolve_model_name
 from coop_core.datasets import DatasetSplits
-from coop_core.datasets.base import check_every_class_has_training_images, check_images_exist
+from coop_core.datasets.base import (
+    check_every_class_has_training_images,
+    check_every_class_readable,
+    check_images_exist,
+)
 from coop_core.fewshot import build_few_shot, check_shots_fit
 from coop_core.prompt_learner import check_prompt_fits
 
@@ -66,6 +70,20 @@ def hub_unreachable_use_cache(spec: RunSpec, timeout_s: float = 5.0) -> bool:
 INPUT_ERRORS = (ValueError, OSError, WeightsUnavailableError)
 
 
+TINY_BACKBONE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tiny-vit.json"
+
+
+def offline_smoke_hint() -> str:
+    """What to run without internet, as the README's Quick start says: the tests' tiny random-weight backbone (random
+    weights for the real backbone would mean encoding every image with a full random ViT on the CPU, for nothing)."""
+    try:
+        tiny = TINY_BACKBONE.relative_to(Path.cwd())
+    except ValueError:
+        tiny = TINY_BACKBONE
+    return (f"or, to try the platform offline, add --backbone {tiny} --pretrained none (a tiny random CLIP: a smoke "
+            "run in seconds, not a result; README, Quick start)")
+
+
 def check_writable_dir(path: str | Path, flag: str) -> None:
     """Prove that ``path`` can be written (or created), with a throw-away file in it or in its nearest existing
     parent; nothing is left behind.
@@ -85,14 +103,17 @@ def check_writable_dir(path: str | Path, flag: str) -> None:
                       ) from None
 
 
-def check_inputs(spec: RunSpec, prompts: Sequence[tuple[int, str]] | None = None) -> DatasetSplits:
+def check_inputs(spec: RunSpec, prompts: Sequence[tuple[int, str]] | None = None,
+                 shots: Sequence[int | str] | None = None) -> DatasetSplits:
     """Fail fast on the driver, before Ray starts, on everything a worker would otherwise fail on minutes later.
 
     In order: the backbone name; the cache folder is writable; the dataset (layout, split file, a training image for
-    every class); the shot count against the smallest class; every prompt the run may build (``prompts``:
+    every class, and at least two classes); every shot count the run may train (``shots``: a sweep's grid or a
+    study's values, default the spec's) against the smallest class; every prompt the run may build (``prompts``:
     ``(n_ctx, ctx_init)`` pairs, default the spec's) against the text context, with the tokenizer only; the weights
-    (a short download, or reading the checkpoint file); the few-shot split (built and cached here, so workers reuse
-    it); and that the images the run reads exist.
+    (a short download, or reading the checkpoint file); the few-shot split of each shot count (built and cached here,
+    so workers reuse it); that the images the run reads exist, and that every class has a training image that
+    opens.
 
     Raises:
         One of :data:`INPUT_ERRORS`, whose message is the line to show.
@@ -101,14 +122,21 @@ def check_inputs(spec: RunSpec, prompts: Sequence[tuple[int, str]] | None = None
     check_writable_dir(spec.cache_dir, "--cache-dir")
     splits = load_splits(spec, download=spec.download)
     check_every_class_has_training_images(splits)
-    check_shots_fit(splits, spec.train.shots)
+    shot_counts = list(shots or [spec.train.shots])
+    for k in shot_counts:
+        check_shots_fit(splits, k)
     tokenizer = open_clip.get_tokenizer(model_name)
     for n_ctx, ctx_init in prompts or [(spec.prompt.n_ctx, spec.prompt.ctx_init)]:
         check_prompt_fits(tokenizer, splits.classnames, n_ctx, ctx_init)
     if spec.model.pretrained.lower() not in NO_WEIGHTS:
-        load_clip(spec.model.backbone, spec.model.pretrained)  # downloads into the open_clip cache, or fails fast
-    fewshot = build_few_shot(splits, spec.train.shots, spec.train.seed, spec.cache_dir)
-    check_images_exist(splits, (*fewshot.train, *fewshot.val, *splits.test))
+        try:
+            load_clip(spec.model.backbone, spec.model.pretrained)  # downloads into the open_clip cache, or fails fast
+        except WeightsDownloadError as err:
+            raise WeightsDownloadError(f"{err}; {offline_smoke_hint()}") from None
+    for k in shot_counts:
+        fewshot = build_few_shot(splits, k, spec.train.seed, spec.cache_dir)
+        check_images_exist(splits, (*fewshot.train, *fewshot.val, *splits.test))
+        check_every_class_readable(splits, fewshot.train)
     for target in spec.eval_targets:
         check_target(spec, splits, target)
     return splits
@@ -145,7 +173,8 @@ class Checked:
 
 
 def check_before_ray(spec: RunSpec, *, tracking_uri: str, storage_path: str,
-                     prompts: Sequence[tuple[int, str]] | None = None) -> Checked:
+                     prompts: Sequence[tuple[int, str]] | None = None,
+                     shots: Sequence[int | str] | None = None) -> Checked:
     """Every check a run or sweep makes before Ray starts, in order: the tracking store answers, ``--storage-path`` is
     writable, the weights' Hub is reachable (or its cache is used), :func:`check_inputs`, and last the store is
     opened (creating a new store takes seconds; a bad input should not wait for it).
@@ -153,12 +182,12 @@ def check_before_ray(spec: RunSpec, *, tracking_uri: str, storage_path: str,
     Raises:
         One of :data:`INPUT_ERRORS`, whose message is the line to show.
     """
-    tracking.probe_tracking_store(tracking_uri)
+    tracking_store.probe_tracking_store(tracking_uri)
     if "://" not in storage_path:
         check_writable_dir(storage_path, "--storage-path")
     offline = hub_unreachable_use_cache(spec)
-    splits = check_inputs(spec, prompts)
-    tracking.open_store(tracking_uri)
+    splits = check_inputs(spec, prompts, shots)
+    tracking_store.open_store(tracking_uri)
     return Checked(splits, offline)
 
 

@@ -44,7 +44,7 @@ from platform.artifacts import (
     WEIGHTS_DIGEST_KEY,
     ZEROSHOT_TEST_METRIC,
 )
-from platform.tracking import store_lock
+from platform.tracking_store import store_lock
 from typing import Any
 
 import mlflow

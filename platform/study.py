@@ -125,6 +125,15 @@ def resolve_targets(args: argparse.Namespace, source: DatasetRef) -> tuple[Datas
     return tuple(DatasetRef(n) for n in names)
 
 
+def resume_flags(protocol: str, targets: Sequence[DatasetRef]) -> tuple[str, ...]:
+    """The study's own flags its ``--resume`` command repeats: the protocol, and the targets of dg and cross (as
+    ``--targets`` takes them: a built-in dataset's key, or the path of your folder or manifest)."""
+    flags = ("--protocol", protocol)
+    if protocol in ("dg", "cross"):
+        flags += ("--targets", *(t.source.path if t.source is not None else t.name for t in targets))
+    return flags
+
+
 def champion_overrides(dataset: str, tracking_uri: str) -> dict[str, Any]:
     """The prompt configuration and learning rate of ``coop-<dataset>@champion`` (``--from-champion``).
 
@@ -132,10 +141,12 @@ def champion_overrides(dataset: str, tracking_uri: str) -> dict[str, Any]:
         ValueError: no champion, or a version without its config tag.
     """
     from platform.registry import CHAMPION, registered_model_name
+    from platform.tracking_store import probe_tracking_store
 
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    probe_tracking_store(tracking_uri)  # an unknown scheme or a missing store: its own line, not "no champion"
     name = registered_model_name(dataset)
     try:
         version = MlflowClient(tracking_uri).get_model_version_by_alias(name, CHAMPION)
@@ -160,9 +171,11 @@ def champion_overrides(dataset: str, tracking_uri: str) -> dict[str, Any]:
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """The mean and the sample standard deviation; the deviation is None below two values (one seed has no spread,
+    and "± 0.00" would claim one)."""
     if not values:
         return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def _harmonic(a: float, b: float) -> float:
@@ -234,8 +247,9 @@ def format_table(results: Mapping[str, Any], markdown: bool = False) -> str:
         seeds = ", ".join(f"{k}: {v:.2f}" for k, v in c["coop_per_seed"].items())
         zs = "-" if c["zeroshot_mean"] is None else f"{c['zeroshot_mean']:.2f}"
         gain = "-" if c["gain"] is None else f"{c['gain']:+.2f}"
-        body.append((str(c["shots"]), c["dataset"], f"{c['coop_mean']:.2f} ± {c['coop_std']:.2f} (n={c['n_seeds']})",
-                     seeds, zs, gain))
+        spread = f" ± {c['coop_std']:.2f}" if c["coop_std"] is not None else ""
+        body.append((str(c["shots"]), c["dataset"], f"{c['coop_mean']:.2f}{spread} (n={c['n_seeds']})", seeds, zs,
+                     gain))
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
@@ -273,7 +287,7 @@ def finish(protocol: str, targets: Sequence[DatasetRef]):
 
         from mlflow.tracking import MlflowClient
 
-        from dashboards.study import plot_study
+        from dashboards.study import plot_study  # lazy for start-up: see log_combined
 
         spec = RunSpec.from_dict(state["base_spec"])
         results = study_results(rows, protocol, spec.data_ref.label, [t.label for t in targets])
@@ -292,8 +306,9 @@ def finish(protocol: str, targets: Sequence[DatasetRef]):
         for c in results["cells"]:
             if isinstance(c["shots"], int):
                 key = f"{STUDY_ARTIFACT_DIR}/{c['dataset']}"
-                metrics += [(f"{key}/test_acc_mean", c["coop_mean"], c["shots"]),
-                            (f"{key}/test_acc_std", c["coop_std"], c["shots"])]
+                metrics.append((f"{key}/test_acc_mean", c["coop_mean"], c["shots"]))
+                if c["coop_std"] is not None:  # one seed: no spread to log
+                    metrics.append((f"{key}/test_acc_std", c["coop_std"], c["shots"]))
                 if c["zeroshot_mean"] is not None:
                     metrics.append((f"{key}/zeroshot_test_acc", c["zeroshot_mean"], c["shots"]))
         for key, value, step in metrics:
@@ -347,9 +362,14 @@ def combine(studies: Sequence[Mapping[str, Any]], protocol: str) -> dict[str, An
             if len(group) != len(studies):
                 continue  # a dataset without this cell: no honest average
             zs = [c["zeroshot_mean"] for c in group]
+            # The spread over seeds of the per-seed averages, where every dataset has the same seeds (an average of
+            # the datasets' deviations would be no deviation of anything).
+            seeds = set(group[0]["coop_per_seed"])
+            per_seed = ({k: statistics.fmean(c["coop_per_seed"][k] for c in group) for k in sorted(seeds)}
+                        if all(set(c["coop_per_seed"]) == seeds for c in group) else {})
             average.append({"shots": shots, "dataset": f"average.{role}" if protocol == "base2new" else "average",
                             "coop_mean": statistics.fmean(c["coop_mean"] for c in group),
-                            "coop_std": statistics.fmean(c["coop_std"] for c in group), "coop_per_seed": {},
+                            "coop_std": _mean_std(list(per_seed.values()))[1], "coop_per_seed": per_seed,
                             "zeroshot_mean": None if None in zs else statistics.fmean(zs),
                             "n_seeds": min(c["n_seeds"] for c in group)})
         if protocol == "base2new" and sum(c["shots"] == shots for c in average) == 2:
@@ -357,7 +377,7 @@ def combine(studies: Sequence[Mapping[str, Any]], protocol: str) -> dict[str, An
             zs = None if None in (base["zeroshot_mean"], new["zeroshot_mean"]) else _harmonic(
                 base["zeroshot_mean"], new["zeroshot_mean"])
             average.append({"shots": shots, "dataset": f"average {HARMONIC}",
-                            "coop_mean": _harmonic(base["coop_mean"], new["coop_mean"]), "coop_std": 0.0,
+                            "coop_mean": _harmonic(base["coop_mean"], new["coop_mean"]), "coop_std": None,
                             "coop_per_seed": {}, "zeroshot_mean": zs, "n_seeds": base["n_seeds"]})
     for c in average:
         c["gain"] = None if c["zeroshot_mean"] is None else c["coop_mean"] - c["zeroshot_mean"]
@@ -374,6 +394,9 @@ def log_combined(results: Mapping[str, Any], parents: Mapping[str, str], trackin
 
     from mlflow.tracking import MlflowClient
 
+    # Imported when drawing, not at the top: after platform.study's own imports, dashboards.study (matplotlib, and
+    # MLflow through dashboards.sweep) adds 2.0-4.4 s (measured on the 2-core development machine), which --help and a
+    # bad input would pay for nothing.
     from dashboards.study import plot_study
 
     run_id = tracking.create_run("coop-studies", run_name=name, tracking_uri=tracking_uri,
@@ -456,7 +479,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         plan = SweepPlan(kind="study", entry_point="platform.study", search=False, early_stopping=False,
                          register=False, describe=describe(args.protocol, targets), finish=finish_and_keep,
-                         report=report, json_keys=("study",), eval_targets=targets)
+                         report=report, json_keys=("study",), eval_targets=targets,
+                         resume_flags=resume_flags(args.protocol, targets))
         codes.append(run_sweep(spec, settings, infra, plan))
         if codes[-1] == 2:
             return 2  # a bad input: the line is printed, the other datasets would likely fail alike

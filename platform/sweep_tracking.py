@@ -139,10 +139,12 @@ class MlflowSweepCallback(Callback):
         epochs: epochs per trial (for progress lines and the early-stopped tag) when a trial's report does not say
             its own (``artifacts.EPOCHS_TOTAL_KEY``).
         sweep_name: tagged on every child run.
+        resume_command: the sweep's ``--resume`` command (``platform.sweep.state.resume_command``), which logs what
+            MLflow missed once it is back.
     """
 
     def __init__(self, *, parent_run_id: str, experiment: str, tracking_uri: str, base_spec: Mapping[str, Any],
-                 storage_path: str, epochs: int, sweep_name: str) -> None:
+                 storage_path: str, epochs: int, sweep_name: str, resume_command: str) -> None:
         self.parent_run_id = parent_run_id
         self.experiment = experiment
         self.tracking_uri = tracking_uri
@@ -150,6 +152,7 @@ class MlflowSweepCallback(Callback):
         self.storage_path = storage_path
         self.epochs = epochs
         self.sweep_name = sweep_name
+        self.resume_command = resume_command
         self.stopping = False  # set when the user interrupts the sweep (Ctrl-C): trials stopped now did not end
         self._reset_caches()
 
@@ -250,8 +253,7 @@ class MlflowSweepCallback(Callback):
     def log_command(self) -> str:
         """The command that logs this sweep's unlogged results once the tracking server is back (``--resume`` of a
         finished sweep runs nothing again: it only logs what is missing and registers the best trial once)."""
-        return (f"python -m platform.tune --dataset {self.base_spec['dataset']} --resume --sweep-name "
-                f"{self.sweep_name} --storage-path {self.storage_path}")
+        return self.resume_command
 
     def _safely(self, trial_id: str, what: str, log: Callable[[], Any]) -> Any:
         """Run ``log`` (MLflow calls for ``trial_id``); if the store fails, note the trial and go on.

@@ -4,9 +4,11 @@ Ray workers never talk to MLflow: they ``ray.train.report`` metrics and write ch
 finished run from the final checkpoint (which carries the whole per-epoch history). One writer per process keeps the
 default store -- a SQLite file -- safe, and a restarted worker cannot log an epoch twice.
 
-Default store: ``sqlite:///<cwd>/mlflow.db`` (MLflow's own default, made absolute), so
+Default store: ``sqlite:///<cwd>/mlflow.db`` (MLflow's own default, made absolute: ``resolve_tracking_uri``, owned by
+``run_format`` with the run tags, since the dashboards read them too), so
 ``mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///mlflow.db`` run in the same directory shows the runs.
-Artifacts of a SQLite store go to ``mlruns/`` beside the database file.
+Artifacts of a SQLite store go to ``mlruns/`` beside the database file. Checking the store before a run (reachable,
+writable, shareable between processes) is ``platform/tracking_store.py``'s.
 
 Every function takes an explicit run id and tracking URI and uses an ``MlflowClient``: nothing here touches MLflow's
 global "active run", so sweeps can log many runs from one process.
@@ -17,27 +19,32 @@ is written up in ``docs/mlflow_ui.md``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from platform import artifacts
+from platform.tracking_store import sqlite_path
 from typing import Any
+
+# The run tags (and the store a command uses when given none) are the run format's, read by the dashboards too; they
+# are imported here so the platform reads them as tracking.TRIAL_TAG and so on.
+from run_format import (  # noqa: F401
+    BEST_TRIAL_TAG,
+    CHECKPOINT_TAG,
+    EARLY_STOPPED_TAG,
+    FAILURE_TAG,
+    PARENT_RUN_TAG,
+    SWEEP_TAG,
+    TRIAL_TAG,
+    resolve_tracking_uri,
+)
 
 logger = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
-PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow nests a run under this run in the runs table
-# Our run tags (written by platform.tune / platform.sweep_tracking, read by dashboards/ and the tests).
-TRIAL_TAG = "coop.trial_id"  # a trial run's Ray Tune trial id
-SWEEP_TAG = "coop.sweep"  # the sweep's name, on its parent run and every trial run
-EARLY_STOPPED_TAG = "coop.stopped_early"  # "true" on a trial ASHA stopped before its last epoch
-BEST_TRIAL_TAG = "coop.best_trial_id"  # on a sweep's parent run: the trial registered as its best
-CHECKPOINT_TAG = "coop.checkpoint"  # where a run's last Ray checkpoint is (a path or URI on the Ray storage)
 NOTE_TAG = "mlflow.note.content"  # the run's (or experiment's) Markdown description in the UI
 # MLflow 3's UI reads this experiment tag to choose the experiment's landing page; "custom_model_development" is its
 # "model training" kind (runs table first), instead of the GenAI overview of traces an untagged experiment may get.
@@ -51,195 +58,12 @@ SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
 DEFAULT_UI_URL = "http://127.0.0.1:5000"  # where ``mlflow ui`` serves by default
 ML_WORKFLOW = "machine_learning"  # the UI's ``workflowType`` URL value of its "Model training" switch
 MAX_TAG_LENGTH = 5000  # what we keep of a long tag value (MLflow's limit is 8000)
-FAILURE_TAG = "coop.failure"  # why a run failed (a diverged loss, or the error that ended it)
 NOT_METRICS = frozenset({"epoch", "done", *artifacts.NOT_LOGGED_KEYS})
-
-
-def resolve_tracking_uri(arg: str | None = None) -> str:
-    """The tracking URI: ``arg``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``.
-
-    A bare filesystem path is accepted and turned into a ``sqlite:///`` URI when it ends in ``.db``.
-    """
-    uri = arg or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    if "://" not in uri and uri.endswith(".db"):
-        return f"sqlite:///{Path(uri).expanduser().resolve()}"
-    return uri
-
-
-PROBE_TIMEOUT_S = 5.0  # the probe's whole budget per attempt: one clear line within seconds, never minutes
-# MLflow's HTTP client retries a failed request 7 times with exponential back-off (about 4.5 minutes against a server
-# that is not there). The CLIs lower that for their own process: a sweep whose server goes away keeps training and
-# keeps its results on disk (platform/sweep_tracking.py) instead of stalling for minutes on every call.
-HTTP_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
-
-
-class TrackingUnavailableError(OSError):
-    """The MLflow tracking store cannot be reached or answers with errors; the message is one actionable line."""
-
-
-def limit_http_retries() -> None:
-    """Apply :data:`HTTP_RETRY_ENV` to this process (values the user set in the environment win)."""
-    for key, value in HTTP_RETRY_ENV.items():
-        os.environ.setdefault(key, value)
-
-
-def probe_tracking_store(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
-    """Check in a few seconds that the tracking store answers, before any training starts.
-
-    An ``http(s)://`` server gets one request to its REST API (no retries); a ``sqlite:///`` file is opened and read
-    (or, when it does not exist yet, its folder must be writable); a ``file:`` store's folder must be writable. Other
-    stores (databricks, SQL servers) are left to MLflow.
-
-    Raises:
-        TrackingUnavailableError: unreachable, timing out, refusing access, answering with errors, or not MLflow.
-    """
-    import sqlite3
-    import urllib.error
-    import urllib.request
-    from urllib.parse import urlparse
-
-    parsed = urlparse(uri)
-    fallback = "or pass another --tracking-uri (e.g. sqlite:///mlflow.db, a file in this folder)"
-    if parsed.scheme in ("http", "https"):
-        request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1",
-                                         headers=_auth_headers())
-        try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                body = response.read(1 << 16)
-            json.loads(body or b"{}")
-        except urllib.error.HTTPError as err:
-            if err.code in (401, 403):
-                why = (f"refuses access (HTTP {err.code}); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
-                       "or MLFLOW_TRACKING_TOKEN")
-            elif err.code == 404:
-                why = "answers, but not as an MLflow tracking server (HTTP 404 for its REST API); check the URL"
-            else:
-                why = f"answers with errors (HTTP {err.code} {err.reason}); check the server's log"
-            raise TrackingUnavailableError(f"MLflow tracking server {uri} {why}, {fallback}") from None
-        except (urllib.error.URLError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            text = (f"no answer within {timeout_s:.0f}s" if isinstance(reason, TimeoutError)
-                    else str(getattr(reason, "strerror", None) or reason).lower())
-            raise TrackingUnavailableError(
-                f"MLflow tracking server {uri} is unreachable ({text}); start it (e.g. mlflow server --host 127.0.0.1 "
-                f"--port 5000) {fallback}") from None
-        except ValueError:
-            raise TrackingUnavailableError(f"{uri} answers, but not as an MLflow tracking server (its REST API "
-                                           f"returned no JSON); check the URL, {fallback}") from None
-        return
-    db = _sqlite_path(uri)
-    if db is not None:
-        if db.exists():
-            try:
-                with contextlib.closing(sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=timeout_s)) as conn:
-                    conn.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
-            except sqlite3.Error as err:
-                raise TrackingUnavailableError(f"tracking store {db} cannot be opened as an SQLite database ({err}); "
-                                               f"{fallback.removeprefix('or ')}") from None
-            return
-        _probe_writable(db.parent, uri, fallback)
-        return
-    if parsed.scheme in ("", "file"):
-        _probe_writable(Path(parsed.path or uri), uri, fallback)
-
-
-SQLITE_BUSY_TIMEOUT_MS = 60_000  # how long a writer waits for another process's write lock (SQLite's default: 5 s)
-_busy_timeout_installed = False
-
-
-def open_store(uri: str) -> None:
-    """Make an SQLite tracking store safe to share between processes (two sweeps at once on one ``mlflow.db``).
-
-    Two things go wrong without this, and each is handled here:
-
-    - creating the store: MLflow builds the tables (and upgrades old stores) when a process first opens the file; two
-      processes doing it at once collide. Serialised: the first open happens under an exclusive lock on
-      ``<db>.lock`` (``fcntl.flock``), so the second process finds the tables made.
-    - writing: SQLite allows one writer at a time and makes the other wait 5 s before "database is locked". Retried:
-      every SQLite connection this process opens waits up to ``SQLITE_BUSY_TIMEOUT_MS`` (SQLite's busy handler
-      retries the lock) -- a CoOp driver's writes are a few milliseconds each, so a minute is never reached.
-
-    Other stores are left alone.
-    """
-    global _busy_timeout_installed
-    if _sqlite_path(uri) is None:
-        return
-    import sqlalchemy
-    from mlflow.tracking import MlflowClient
-
-    if not _busy_timeout_installed:
-        # A listener on the Engine class (public SQLAlchemy API) reaches the engines MLflow creates inside its stores.
-        sqlalchemy.event.listen(sqlalchemy.engine.Engine, "connect", _set_busy_timeout)
-        _busy_timeout_installed = True
-    with store_lock(uri):
-        try:
-            client = MlflowClient(uri, registry_uri=uri)
-            client.search_experiments(max_results=1)  # creates (or upgrades) the tracking tables ...
-            client.search_registered_models(max_results=1)  # ... and opens the registry on them
-        except Exception as err:  # MLflow's own errors for a store it cannot create, read or upgrade
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-            raise TrackingUnavailableError(f"MLflow cannot open the tracking store {uri} ({first}); pass another "
-                                           "--tracking-uri") from None
-
-
-@contextlib.contextmanager
-def store_lock(uri: str) -> Iterator[None]:
-    """One process at a time for a read-modify-write on an SQLite store (creating it, moving the champion alias);
-    a no-op for other stores, whose server serialises its own writes."""
-    db = _sqlite_path(uri)
-    if db is None:
-        yield
-        return
-    from coop_core.atomic import exclusive_lock
-
-    with exclusive_lock(db.with_name(db.name + ".lock")):
-        yield
-
-
-def _set_busy_timeout(dbapi_connection: Any, connection_record: Any) -> None:
-    import sqlite3
-
-    if isinstance(dbapi_connection, sqlite3.Connection):
-        dbapi_connection.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-
-
-def _probe_writable(folder: Path, uri: str, fallback: str) -> None:
-    import tempfile
-
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".coop-write-check-"):
-            pass
-    except OSError as err:
-        raise TrackingUnavailableError(f"tracking store {uri}: cannot write to {folder} ({err.strerror or err}); "
-                                       f"{fallback.removeprefix('or ')}") from None
-
-
-def _auth_headers() -> dict[str, str]:
-    """The credentials MLflow's own client would send (``MLFLOW_TRACKING_TOKEN`` or user name and password)."""
-    import base64
-
-    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
-    if token:
-        return {"Authorization": f"Bearer {token}"}
-    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    if user and password:
-        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
-    return {}
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri[len("sqlite:///"):])
 
 
 def ui_command(tracking_uri: str) -> str:
     """How to open the MLflow UI on ``tracking_uri``."""
-    db = _sqlite_path(tracking_uri)
+    db = sqlite_path(tracking_uri)
     if db is not None:
         if db.is_absolute() and db.parent == Path.cwd():
             return f"mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///{db.name}"
@@ -333,7 +157,7 @@ def get_or_create_experiment(name: str, *, tracking_uri: str | None = None) -> s
     client = _client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        db = _sqlite_path(uri)
+        db = sqlite_path(uri)
         location = (db.resolve().parent / "mlruns").as_uri() if db is not None else None
         tags = {EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND, NOTE_TAG: experiment_description(name)}
         try:

@@ -34,6 +34,7 @@ from platform.cli import (
 )
 from platform.launch import INPUT_ERRORS, check_before_ray, resolve_gpus, start_ray, warn_unshared_paths
 from platform.progress import ConsoleProgress, bars_wanted
+from platform.tracking_store import limit_http_retries
 from platform.trainer import build_trainer
 from typing import Any
 
@@ -106,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parse_run_args(build_parser(), argv)
     configure_logging(args.verbose)
-    tracking.limit_http_retries()
+    limit_http_retries()
     t0 = time.perf_counter()
     tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
     try:

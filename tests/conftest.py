@@ -6,21 +6,17 @@ import os
 from pathlib import Path
 
 import pytest
+from real_data import data_root, missing
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parents[1]
-
-
-def data_root() -> Path:
-    """The shared real-data root: $COOP_DATA_ROOT, else ../shared/data beside the repository."""
-    return Path(os.environ.get("COOP_DATA_ROOT", REPO.parent / "shared" / "data"))
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     root = data_root()
     if not (root / "eurosat" / "2750").is_dir():
-        pytest.skip(f"real EuroSAT data not found under {root} (set COOP_DATA_ROOT)")
+        missing(f"real EuroSAT data not found under {root} (set COOP_DATA_ROOT)")
     return root
 
 

@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import zipfile
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from real_data import data_root, missing
 
 from coop_core.catalog import Catalog
 from coop_core.datasets import (
@@ -33,8 +33,7 @@ from coop_core.datasets import (
     tree_digest,
 )
 
-COOP_SPLITS = Path(os.environ.get("COOP_DATA_ROOT", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-COOP_SPLITS = COOP_SPLITS / "coop_splits"
+COOP_SPLITS = data_root() / "coop_splits"
 
 ALL_DATASETS = [
     "caltech101",
@@ -348,7 +347,7 @@ def _sha256sums() -> dict[str, str]:
 def test_real_coop_split_files_load_through_registry(tmp_path, name, filename, n_classes, first_class):
     source = COOP_SPLITS / filename
     if not source.is_file():
-        pytest.skip(f"CoOp split files not found under {COOP_SPLITS} (set COOP_DATA_ROOT)")
+        missing(f"CoOp split files not found under {COOP_SPLITS} (set COOP_DATA_ROOT)")
     assert hashlib.sha256(source.read_bytes()).hexdigest() == _sha256sums()[f"coop_splits/{filename}"]
     raw = json.loads(source.read_text())
     train, val, test = read_coop_split(source)
@@ -369,7 +368,7 @@ def test_real_coop_split_files_load_through_registry(tmp_path, name, filename, n
 def test_oxford_flowers_names_agree_with_cat_to_name(tmp_path):
     source = COOP_SPLITS / "split_zhou_OxfordFlowers.json"
     if not source.is_file():
-        pytest.skip(f"CoOp split files not found under {COOP_SPLITS} (set COOP_DATA_ROOT)")
+        missing(f"CoOp split files not found under {COOP_SPLITS} (set COOP_DATA_ROOT)")
     cat_to_name = json.loads((COOP_SPLITS / "cat_to_name.json").read_text())
     names = classnames_from_items(*read_coop_split(source))
     assert list(names) == [cat_to_name[str(label + 1)] for label in range(102)]

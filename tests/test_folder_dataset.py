@@ -16,6 +16,7 @@ from coop_core.datasets.base import SPLIT_NAMES
 
 CLASSES = {"AnnualCrop": "annual_crop", "Forest": "Forest", "SeaLake": "sea lake"}  # EuroSAT folder -> our folder
 PER_CLASS = 10
+LOAD_WITHIN_S = 3.0  # the README's "27,000 load in about a second": what the real-tree tests hold loading to
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +160,9 @@ def test_tree_with_coop_split_file(shared_data, tmp_path):
     started = time.perf_counter()
     splits = load_folder_dataset(folder_source(shared_data / "eurosat" / "2750", name="sat", split_file=split_file),
                                  tmp_path)
-    assert time.perf_counter() - started < 20  # listing and stat only: no image is decoded
+    # The README's bound (measured 1.2-1.4 s with the split file's 27,000 existence checks, on 2 shared cores; 0.5-0.8 s
+    # listing the tree): listing and stat only, no image decoded (decoding them all takes about 10 s).
+    assert time.perf_counter() - started < LOAD_WITHIN_S
     assert (len(splits.train), len(splits.val), len(splits.test)) == (13_500, 5_400, 8_100)
     # folder_source resolves paths (a data root reached through a symlink names its real place)
     assert splits.classnames[0] == "Annual Crop Land" and splits.split_source == str(split_file.resolve())
@@ -169,7 +172,7 @@ def test_tree_with_coop_split_file(shared_data, tmp_path):
 def test_the_real_eurosat_tree_loads_fast_without_a_split(shared_data, tmp_path):
     started = time.perf_counter()
     splits = load_folder_dataset(folder_source(shared_data / "eurosat" / "2750", name="sat"), tmp_path)
-    assert time.perf_counter() - started < 20
+    assert time.perf_counter() - started < LOAD_WITHIN_S
     assert (len(splits.train), len(splits.val), len(splits.test)) == (13_500, 5_400, 8_100)
     assert splits.classnames == ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
                                  "PermanentCrop", "Residential", "River", "SeaLake")

@@ -20,6 +20,9 @@ import dataclasses
 import math
 
 import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, f1_score
 
 from coop_core.config import PromptConfig, TrainConfig
 from coop_core.engine import evaluate
@@ -80,13 +83,16 @@ def test_coop_improves_on_its_own_initial_prompt(coop_default, digits_world, dig
         initial = evaluate(untrained, feats.test)
     history = coop_default.history
     trained = coop_default.test["acc"]
-    print(f"\ndigits test accuracy: CoOp at initialisation {initial['acc']:.1f} %, trained {trained:.1f} %")
+    f1, initial_f1 = coop_default.test["macro_f1"], initial["macro_f1"]
+    print(f"\ndigits test accuracy: CoOp at initialisation {initial['acc']:.1f} %, trained {trained:.1f} %; "
+          f"macro-F1 {initial_f1:.1f} % -> {f1:.1f} %")
     assert coop_default.test["acc"] >= initial["acc"] + MARGIN
     assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
     first, last = history[0]["train_loss"], history[-1]["train_loss"]
     assert last < first - 0.3, f"train loss {first:.3f} -> {last:.3f} barely moved"
     assert coop_default.val["acc"] == history[-1]["val_acc"]  # the returned model is the last epoch's
-    assert 0.0 <= coop_default.test["macro_f1"] <= 100.0
+    # Macro-F1 gains too: every class is learned, not only the frequent ones (measured: 31.1 % -> 75.4 %).
+    assert f1 >= initial_f1 + MARGIN, f"macro-F1 {initial_f1:.1f} % -> {f1:.1f} % gained less than {MARGIN} points"
 
 
 @pytest.mark.parametrize(
@@ -106,7 +112,12 @@ def test_other_prompt_variants_also_learn(prompt, coop_default, digits_world, di
 
 
 def test_short_coop_run_on_real_eurosat(shared_data, tiny_clip, tmp_path):
-    """Real EuroSAT JPEGs through the whole pipeline with a tiny random CLIP: the loss goes down, metrics are sane."""
+    """Real EuroSAT JPEGs through the whole pipeline with a tiny random CLIP: the loss goes down, and the reported
+    metrics are those of the returned model (and of the zero-shot prompt) on the images, recomputed with scikit-learn.
+
+    A random CLIP is near chance here (measured: test 15.7 %, zero-shot 11.8 %, val 10.0 %, and test 13.7 % with
+    lr 1e-12), so no accuracy floor would mean anything; the recomputation is what can fail.
+    """
     from coop_core.datasets import load_dataset
 
     splits = load_dataset("eurosat", shared_data)
@@ -118,6 +129,15 @@ def test_short_coop_run_on_real_eurosat(shared_data, tiny_clip, tmp_path):
     losses = [h["train_loss"] for h in result.history]
     assert len(losses) == 5 and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0], f"train loss did not decrease: {losses}"
-    for metrics in (result.val, result.test, result.zeroshot_test):
-        assert 0.0 <= metrics["acc"] <= 100.0 and 0.0 <= metrics["macro_f1"] <= 100.0
+    feats = prepare_features(tiny_clip, splits, fewshot, cfg, cache_dir=tmp_path / "cache")  # read from the cache
+    assert len(feats.test.labels) == len(splits.test)
+    with torch.no_grad():
+        learned = result.model.text_features()  # (n_cls, d)
+        prompts = tiny_clip.tokenizer([splits.template.format(c) for c in splits.classnames])
+        zeroshot = F.normalize(tiny_clip.model.encode_text(prompts), dim=-1)  # (n_cls, d)
+    for metrics, data, text in ((result.val, feats.val, learned), (result.test, feats.test, learned),
+                                (result.zeroshot_test, feats.test, zeroshot)):
+        pred, target = (data.features @ text.t()).argmax(-1).numpy(), data.labels.numpy()
+        assert metrics["acc"] == pytest.approx(100.0 * accuracy_score(target, pred))
+        assert metrics["macro_f1"] == pytest.approx(100.0 * f1_score(target, pred, average="macro"))
     assert len(fewshot.train) == 20 and len(fewshot.val) == 20

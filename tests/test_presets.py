@@ -10,7 +10,9 @@ import pytest
 import coop_core
 from coop_core.config import ModelConfig, PromptConfig, TrainConfig
 from coop_core.presets import (
+    AVERAGE_10_TARGETS,
     AVERAGE_11,
+    DG_TARGETS,
     PROTOCOLS,
     Preset,
     PublishedResult,
@@ -147,11 +149,31 @@ def test_train_config_overrides_apply_on_top_of_the_preset():
     assert (cfg.epochs, cfg.precision, cfg.seed, cfg.lr) == (5, "bf16", 2, 0.002)
 
 
+def _checksum(result) -> tuple[float, float, float] | None:
+    """The table-internal relation a transcribed ``result`` takes part in, as (computed, printed, rounding slack):
+    a base-to-new H is the harmonic mean of its row's base and new accuracies; the ten cross-dataset targets average
+    to the printed average (quoted in another source). None for a number with no such relation (DG's columns)."""
+    if result.protocol == "base2new":
+        row = {r.metric: r.value for r in published_results(protocol="base2new", dataset=result.dataset)
+               if r.method == result.method}
+        base, new = row["base_acc"], row["new_acc"]
+        return 2 * base * new / (base + new), row["harmonic_mean"], 0.01
+    if result.protocol == "cross" and result.target != "imagenet":
+        cross = {r.target: r.value for r in published_results(protocol="cross")}
+        targets = [v for t, v in cross.items() if t not in ("imagenet", AVERAGE_10_TARGETS)]
+        return sum(targets) / len(targets), cross[AVERAGE_10_TARGETS], 0.005
+    return None
+
+
 @pytest.mark.parametrize("result", published_results(), ids=lambda r: f"{r.protocol}-{r.method}-{r.metric}-{r.target}")
-def test_published_results_reference_presets_and_are_sane(result):
+def test_published_results_reference_presets_and_agree_with_their_tables(result):
     preset = get_preset(result.preset)
     assert result.protocol in PROTOCOLS
-    assert 10.0 < result.value < 100.0
+    assert round(result.value, 2) == result.value  # as printed: percent to two decimals
+    check = _checksum(result)
+    if check is not None:  # a mistyped digit breaks the relation (a last-digit slip within the rounding may not)
+        computed, printed, slack = check
+        assert computed == pytest.approx(printed, abs=slack), f"{result.value} does not fit its table: {check}"
     assert result.shots == 16
     assert "Table" in result.source
     if result.protocol in ("dg", "cross"):
@@ -191,6 +213,15 @@ def test_transcribed_tables_check_themselves():
     # CoOp beats zero-shot CLIP on ImageNet itself for both backbones (the claim the table supports).
     for preset in ("coop_rn50_imagenet", "coop_vit_b16_imagenet"):
         assert dg[("coop", preset, "imagenet")] > dg[("zeroshot_clip", preset, "imagenet")]
+
+
+def test_only_the_numbers_without_a_table_checksum_are_pinned_one_by_one():
+    """Every published number is checked by a relation of its table (above), except DG's and the cross-dataset
+    ImageNet accuracy, which no relation ties: those are the ones a reader has to compare with the paper."""
+    unchecked = [r for r in published_results() if _checksum(r) is None]
+    assert {(r.protocol, r.target) for r in unchecked} == {("cross", "imagenet"), *(("dg", t) for t in
+                                                            ("imagenet", *DG_TARGETS))}
+    assert len(unchecked) == 1 + 20
 
 
 def test_published_results_filter():

@@ -347,6 +347,13 @@ def check_every_class_has_training_images(splits: DatasetSplits) -> None:
             f"{splits.name} is an evaluation-only dataset (no training split): train on {spec.train_dataset} and "
             f"evaluate on it (python -m platform.evaluate ... / a study's --protocol dg)"
         )
+    if len(splits.classnames) < 2:
+        only = f" ({splits.classnames[0]!r})" if splits.classnames else ""
+        raise ValueError(
+            f"{splits.name} has {len(splits.classnames)} class{only}: CoOp classifies an image as the class whose "
+            "prompt matches it best, so it needs at least 2 (one class scores 100 % on anything); add the other "
+            "classes' images (one sub-folder per class)"
+        )
     present = {item.label for item in splits.train}
     empty = [name for label, name in enumerate(splits.classnames) if label not in present]
     if empty:
@@ -554,6 +561,40 @@ def read_rgb(path: Path) -> Image.Image:
             return image.convert("RGB")  # decodes every pixel: a truncated file fails here, not later
     except UNREADABLE_IMAGE_ERRORS as err:
         raise UnreadableImageError(f"cannot decode image {path}: {err}") from None
+
+
+def image_header_readable(path: Path) -> bool:
+    """Whether ``path`` opens as an image: its header names a format PIL reads (an empty file, a text file or a
+    truncated header does not). Reads the first bytes only, never the pixels (so a file cut short after its header
+    still passes; the feature extraction skips it and counts it)."""
+    try:
+        with Image.open(path):
+            return True
+    except UNREADABLE_IMAGE_ERRORS:
+        return False
+
+
+def check_every_class_readable(splits: DatasetSplits, items: Sequence[Item]) -> None:
+    """Refuse a run in which a class has no training image that opens (every one empty, or not an image at all).
+
+    Cheap enough for the driver before any worker starts: each class's images are tried in order until one opens, so
+    sound data costs one header read per class. Only the headers are read; an image that is corrupt beyond its
+    header is left to the feature extraction, which skips it and counts it.
+
+    Raises:
+        ValueError: naming the class, how many of its images were tried, the first one, and the fix.
+    """
+    by_class: dict[int, list[Item]] = {}
+    for item in items:
+        by_class.setdefault(item.label, []).append(item)
+    for label in sorted(by_class):
+        tried = by_class[label]
+        if not any(image_header_readable(splits.image_dir / item.path) for item in tried):
+            raise ValueError(
+                f"class {splits.classnames[label]!r} of {splits.name}: none of its {len(tried)} training images the "
+                f"run uses opens as an image (first: {str(splits.image_dir / tried[0].path)!r}; empty files or not "
+                "images): CoOp could never learn it; replace its images, or remove the class"
+            )
 
 
 def unreadable_images(image_dir: Path, items: Sequence[Item]) -> list[Item]:

@@ -119,6 +119,7 @@ class SweepPlan:
     parent run is closed, to log the plan's own results to it; what it returns joins the summary. report:
     ``report(summary) -> str``, printed after the sweep's report. json_keys: summary keys ``--json`` prints too.
     eval_targets: ``RunSpec.eval_targets`` of every trial (``platform.run_spec.DatasetRef``), tested after training.
+    resume_flags: the entry point's own flags its ``--resume`` command needs (a study's ``--protocol``, ``--targets``).
     """
 
     kind: str = "sweep"
@@ -131,6 +132,7 @@ class SweepPlan:
     report: Any = None
     json_keys: tuple[str, ...] = ()
     eval_targets: tuple[Any, ...] = ()
+    resume_flags: tuple[str, ...] = ()
 
 
 def parse_grid(items: Sequence[str], spec: Any) -> dict[str, list[Any]]:
@@ -191,6 +193,14 @@ def prompt_candidates(spec: Any, space: Mapping[str, Any], grid: Mapping[str, Se
 
     return [(n, init) for n in values("prompt.n_ctx", spec.prompt.n_ctx)
             for init in values("prompt.ctx_init", spec.prompt.ctx_init)]
+
+
+def shot_candidates(spec: Any, grid: Mapping[str, Sequence[Any]] | None) -> list[int | str]:
+    """Every shot count a trial of the sweep may train: the grid's (a study's ``--shots``), else the spec's.
+
+    The base spec's own count is not among them when the grid sets it: no trial trains it, so it is not checked.
+    """
+    return list(grid["train.shots"]) if grid and "train.shots" in grid else [spec.train.shots]
 
 
 def resolve_trial_runner(requested: str, spec: Any) -> str:

@@ -12,7 +12,7 @@ JSON_KEYS = ("best_config", "val_acc", "test_acc", "zeroshot_test_acc", "parent_
              "registered_version", "champion_version", "trials", "trials_completed", "trials_finished",
              "trials_early_stopped", "trials_errored", "best_trial_id", "best_run_id", "n_ctx_effective", "sweep_name",
              "sweep_dir", "tracking_uri", "experiment", "resumed", "wall_s", "timing", "trial_runner", "runs_url",
-             "dashboards", "tracking_complete", "tracking_error", "log_command")
+             "dashboards", "tracking_complete", "tracking_error", "log_command", "resume_command")
 
 
 def _pct(value: Any) -> str:
@@ -71,6 +71,7 @@ def format_report(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]])
         f"  open the UI        {summary['ui_command']}",
         f"  trials table       {summary.get('runs_url') or '-'}",
         f"  dashboards         {_dashboards_line(summary)}",
-        f"  sweep folder       {summary['sweep_dir']}  (resume: add --resume --sweep-name {summary['sweep_name']})",
+        f"  sweep folder       {summary['sweep_dir']}",
+        f"  resume             {summary.get('resume_command') or '-'}",
     ]
     return "\n".join(lines)

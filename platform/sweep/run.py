@@ -22,12 +22,14 @@ from platform.sweep.plan import (
     prompt_candidates,
     resolve_max_concurrent,
     resolve_trial_runner,
+    shot_candidates,
     validate_gpus_per_trial,
 )
 from platform.sweep.report import JSON_KEYS, format_report
-from platform.sweep.state import SWEEP_STATE_FILE, latest_sweep, read_sweep_state, sweep_folder
+from platform.sweep.state import SWEEP_STATE_FILE, latest_sweep, read_sweep_state, resume_command, sweep_folder
 from platform.sweep.timing import timing
 from platform.sweep.tuner import build_tuner
+from platform.tracking_store import limit_http_retries
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ def run_sweep(spec: RunSpec, settings: SweepSettings, infra: InfraSettings, plan
     from tune_spaces import space_for
 
     configure_logging(infra.verbose)
-    tracking.limit_http_retries()
+    limit_http_retries()
     t0 = time.perf_counter()
     storage_path = infra.resolved_storage_path
     ref = spec.data_ref
@@ -85,7 +87,7 @@ def run_sweep(spec: RunSpec, settings: SweepSettings, infra: InfraSettings, plan
             runner = resolve_trial_runner(settings.trial_runner, spec)
         tracking_uri = state["tracking_uri"] if state is not None else tracking.resolve_tracking_uri(infra.tracking_uri)
         checked = check_before_ray(spec, tracking_uri=tracking_uri, storage_path=storage_path,
-                                   prompts=prompt_candidates(spec, space, grid))
+                                   prompts=prompt_candidates(spec, space, grid), shots=shot_candidates(spec, grid))
     except INPUT_ERRORS as err:
         return fail(str(err))
 
@@ -126,7 +128,8 @@ def run_sweep(spec: RunSpec, settings: SweepSettings, infra: InfraSettings, plan
 
     callback = MlflowSweepCallback(parent_run_id=state["parent_run_id"], experiment=state["experiment"],
                                    tracking_uri=state["tracking_uri"], base_spec=spec.to_dict(),
-                                   storage_path=storage_path, epochs=epochs, sweep_name=name)
+                                   storage_path=storage_path, epochs=epochs, sweep_name=name,
+                                   resume_command=resume_command(state, name, storage_path))
     bars = ConsoleProgress(bars_wanted(json_output=infra.json, verbose=infra.verbose), labels=BAR_LABELS)
     with bars:
         trial_bar = TrialBar(bars, n_trials, epochs, METRIC)
@@ -145,6 +148,7 @@ def run_sweep(spec: RunSpec, settings: SweepSettings, infra: InfraSettings, plan
 
     rows = trial_rows(grid, epochs)
     summary = summarise(rows, spec, state, name, sweep_dir, resumed)
+    summary["resume_command"] = callback.resume_command
     if interrupt.requested:  # Ctrl-C: Tune stopped the trials and saved its state, fit() returned early
         return interrupted(callback, summary, state, started_ray)
     best = pick_best(rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,3 +43,20 @@ def latest_sweep(storage_path: str, dataset: str, kind: str = "sweep") -> str | 
         if state.get("dataset") == dataset and state.get("kind", "sweep") == kind:
             found.append((state.get("started_at", 0.0), state_file.parent.name))
     return max(found)[1] if found else None
+
+
+def resume_command(state: Mapping[str, Any], name: str, storage_path: str) -> str:
+    """The command that finishes the sweep (or study) ``name`` whose state is ``state``: its CLI, the dataset as that
+    CLI takes it (a built-in dataset's key and data root, or your folder's or manifest's path and name), the plan's own
+    flags (a study's protocol and targets) and ``--resume``; quoted for a POSIX shell.
+
+    ``--resume`` of a finished sweep runs nothing again: it logs what is missing and registers the best trial once.
+    """
+    spec = state["base_spec"]
+    source = spec.get("source")
+    dataset = (["--dataset", source["path"], "--dataset-name", source["name"]] if source
+               else ["--dataset", spec["dataset"], "--data-root", spec["data_root"]])
+    kind = state.get("kind", "sweep")
+    argv = ["python", "-m", state.get("entry_point", "platform.tune"), *dataset, *state.get("resume_flags", ()),
+            "--resume", f"--{'study' if kind == 'study' else 'sweep'}-name", name, "--storage-path", storage_path]
+    return shlex.join(argv)

@@ -8,20 +8,26 @@ The CLIs run in this process (``main(argv)``); ``refused`` times each refusal. I
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import json
 import logging
 import os
+import shlex
+import shutil
 import threading
 import time
 from pathlib import Path
-from platform import train, tune
+from platform import evaluate, study, train, tune
 
 import pytest
 import torch
 from cli_runs import forbid_ray_start
 
-REFUSE_WITHIN_S = 15.0  # the issue's bound for the slowest refusal (an unreachable tracking server)
+# The README's "Bad input": each check takes under 1 s (measured: at most 0.59 s, --shots 100000 reading EuroSAT's
+# 27,000-entry split, with the 2 cores shared, load average 4; an unreachable tracking server 0.003 s); the bound
+# leaves room for a busier machine and is what the README says the tests guard.
+REFUSE_WITHIN_S = 2.0
 
 
 @pytest.fixture
@@ -42,23 +48,26 @@ def with_flag(argv: list[str], flag: str, value: str | None = None) -> list[str]
 
 
 def refused(capsys, argv: list[str], cli=train) -> tuple[str, float]:
-    """Run the CLI on ``argv``; assert it refused the input as the table promises; return the line and the time."""
-    import ray
+    """Run the CLI on ``argv``; assert it refused the input as the table promises; return the line and the time.
 
-    was_running = ray.is_initialized()
-    t0 = time.perf_counter()
-    try:
-        rc = cli.main(argv)
-    except SystemExit as exited:  # argparse's usage errors
-        rc = exited.code
-    seconds = time.perf_counter() - t0
+    Ray is forbidden to start meanwhile (``forbid_ray_start``): the suite's shared Ray may already be up, so whether
+    it is initialised afterwards would prove nothing.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        forbid_ray_start(patch)
+        t0 = time.perf_counter()
+        try:
+            rc = cli.main(argv)
+        except SystemExit as exited:  # argparse's usage errors
+            rc = exited.code
+        seconds = time.perf_counter() - t0
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, err
+    assert "Ray was started" not in err  # forbid_ray_start's error, had a CLI turned it into its one line
     assert seconds < REFUSE_WITHIN_S, seconds
-    assert ray.is_initialized() == was_running  # refused before Ray was started
     return errors[0], seconds
 
 
@@ -246,9 +255,9 @@ def test_search_space_override_naming_an_unknown_field(capsys, base):
 
 
 def test_tracking_server_unreachable(capsys, base):
-    line, seconds = refused(capsys, with_flag(base, "--tracking-uri", "http://127.0.0.1:9"))
+    line, _ = refused(capsys, with_flag(base, "--tracking-uri", "http://127.0.0.1:9"))  # within REFUSE_WITHIN_S
     assert line.startswith("error: MLflow tracking server http://127.0.0.1:9 is unreachable (")
-    assert "mlflow server --host 127.0.0.1" in line and seconds < 15
+    assert "mlflow server --host 127.0.0.1" in line
 
 
 class _Failing(http.server.BaseHTTPRequestHandler):
@@ -361,3 +370,120 @@ def test_sweep_settings_out_of_range_are_refused_before_ray_starts(capsys, monke
     assert line.startswith(f"error: {message}"), line
     assert not (tmp_path / "ray").exists()  # no sweep folder left behind
     assert not (tmp_path / "mlflow.db").exists()  # no MLflow run opened (and left RUNNING)
+
+
+# -- the rows of issue 20: refused before Ray starts, like every other row --------------------------------------------
+
+
+@pytest.mark.parametrize("cli", ["train", "tune", "study", "evaluate"])
+def test_tracking_uri_with_a_scheme_mlflow_has_no_store_for(capsys, base, tmp_path, cli):
+    argv = with_flag(base, "--tracking-uri", "foo://bar")
+    if cli == "evaluate":
+        argv = ["--model", str(tmp_path / "prompts.safetensors"), "--dataset", "eurosat", "--tracking-uri", "foo://bar"]
+    line, _ = refused(capsys, argv, cli={"train": train, "tune": tune, "study": study, "evaluate": evaluate}[cli])
+    assert line.startswith("error: --tracking-uri foo://bar: MLflow has no tracking store for the scheme 'foo' (it "
+                           "opens file://, sqlite://"), line
+    assert "pass e.g. sqlite:///mlflow.db" in line
+    assert not (tmp_path / "ray").exists()
+
+
+def _shots(argv: list[str], *values: str) -> list[str]:
+    i = argv.index("--shots")
+    return [*argv[:i], *argv[i + 2:], "--shots", *values]
+
+
+def test_a_study_checks_every_shot_count_against_the_smallest_class(capsys, base, tmp_path):
+    # The small root has 8 training images per class: 2 shots fit, 100 do not, and no trial may find out.
+    line, _ = refused(capsys, [*_shots(base, "2", "100"), "--seeds", "1"], cli=study)
+    assert line.startswith("error: shots 100 is more than the smallest class has: 'Annual Crop Land' has 8 training "
+                           "images in eurosat; use shots <= 8"), line
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_grid_over_shots_is_checked_value_by_value_and_the_flag_it_overrides_is_not(capsys, base, tmp_path):
+    line, _ = refused(capsys, [*_shots(base, "64"), "--grid", "train.shots=2,100"], cli=tune)
+    assert line.startswith("error: shots 100 is more than the smallest class has"), line
+    # Every grid value fits: the --shots 64 that the grid replaces is no trial's, so it is not held against the data
+    # (the sweep gets past every check and would start Ray, which this test forbids).
+    with pytest.MonkeyPatch.context() as patch:
+        forbid_ray_start(patch)
+        with pytest.raises(AssertionError, match="Ray was started"):
+            tune.main([*_shots(base, "64"), "--grid", "train.shots=2,4"])
+    capsys.readouterr()
+
+
+def _folder(tmp_path: Path, shared_data: Path, classes: dict[str, int], empty: str | None = None) -> Path:
+    """A class-per-folder dataset of real EuroSAT images (``classes``: EuroSAT folder -> images), with ``empty`` a
+    class of zero-byte ``.jpg`` files."""
+    root = tmp_path / "my_land"
+    for name, n in classes.items():
+        (root / name).mkdir(parents=True)
+        for src in sorted((shared_data / "eurosat" / "2750" / name).iterdir())[:n]:
+            shutil.copy(src, root / name / src.name)
+    if empty is not None:
+        (root / empty).mkdir()
+        for i in range(10):
+            (root / empty / f"{empty}_{i}.jpg").write_bytes(b"")
+    return root
+
+
+def test_a_class_whose_images_are_all_unreadable_is_named(capsys, base, tmp_path, shared_data):
+    folder = _folder(tmp_path, shared_data, {"Forest": 10, "River": 10}, empty="Broken")
+    line, _ = refused(capsys, _shots(with_flag(base, "--dataset", str(folder)), "2"))
+    assert line.startswith("error: class 'Broken' of my_land: none of its 2 training images the run uses opens as an "
+                           "image (first: "), line
+    assert "empty files or not images" in line and "replace its images, or remove the class" in line
+
+
+def test_a_dataset_of_one_class(capsys, base, tmp_path, shared_data):
+    folder = _folder(tmp_path, shared_data, {"Forest": 10})
+    line, _ = refused(capsys, with_flag(base, "--dataset", str(folder)))
+    assert line.startswith("error: my_land has 1 class ('Forest'): CoOp classifies an image as the class whose prompt "
+                           "matches it best, so it needs at least 2"), line
+
+
+def test_the_printed_resume_command_names_the_dataset_as_the_cli_takes_it(tmp_path, shared_data, small_eurosat_root):
+    """The ``--resume`` command a sweep prints (interrupted, or MLflow gone) parses back, through the same CLI, to
+    the sweep's own dataset: your folder by its path and name, a built-in dataset by key and data root; a study's
+    command is ``platform.study``'s, with its protocol and targets."""
+    from platform.cli import dataset_ref_from_args, parse_run_args
+    from platform.run_spec import DatasetRef
+    from platform.sweep.state import resume_command
+
+    from coop_core.datasets import folder_source
+
+    folder = _folder(tmp_path, shared_data, {"Forest": 4, "River": 4})
+    own = DatasetRef("my_land", folder_source(folder, name="my_land"))
+    builtin = DatasetRef("eurosat")
+    for ref, kind, flags in ((own, "sweep", ()), (builtin, "sweep", ()), (own, "study", ("--protocol", "base2new")),
+                             (builtin, "study", ("--protocol", "cross", "--targets", str(folder)))):
+        state = {"base_spec": {"dataset": ref.name, "source": ref.source and dataclasses.asdict(ref.source),
+                               "data_root": str(small_eurosat_root)}, "kind": kind, "resume_flags": list(flags),
+                 "entry_point": f"platform.{'study' if kind == 'study' else 'tune'}"}
+        argv = shlex.split(resume_command(state, "sweep-my_land-1", str(tmp_path / "ray dir")))
+        assert argv[:3] == ["python", "-m", state["entry_point"]]
+        cli = study if kind == "study" else tune
+        args = parse_run_args(cli.build_parser(), argv[3:])
+        assert args.resume and args.sweep_name == "sweep-my_land-1" and args.storage_path == str(tmp_path / "ray dir")
+        resolved = dataset_ref_from_args(args, args.dataset[0] if kind == "study" else None)
+        assert resolved == ref, argv
+        if kind == "study":
+            assert args.protocol == flags[1] and (args.targets or []) == list(flags[3:])
+
+
+def test_a_study_of_one_seed_shows_no_spread_it_did_not_measure():
+    """One seed has no standard deviation: the table says "(n=1)", not "± 0.00"; the average over datasets of a
+    several-seed study is the spread of the per-seed averages, not an average of deviations."""
+    def row(seed: int, test: float, zeroshot: float) -> dict:
+        return {"finished": True, "config": {"train.shots": 16, "train.seed": seed},
+                "last_result": {"test_acc": test, "zeroshot_test_acc": zeroshot}}
+
+    one = study.study_results([row(1, 61.25, 40.0)], "fewshot", "eurosat", [])
+    assert one["cells"][0]["coop_std"] is None
+    table = study.format_table(one)
+    assert "61.25 (n=1)" in table and "±" not in table.split("\n", 1)[1]
+    a = study.study_results([row(1, 60.0, 40.0), row(2, 70.0, 40.0)], "fewshot", "a", [])
+    b = study.study_results([row(1, 80.0, 50.0), row(2, 50.0, 50.0)], "fewshot", "b", [])
+    average = study.combine([a, b], "fewshot")["cells"][-1]
+    assert average["dataset"] == "average" and average["coop_per_seed"] == {"1": 70.0, "2": 60.0}
+    assert average["coop_std"] == pytest.approx(7.0710678)  # stdev(70, 60); the datasets' own: 7.07 and 21.2

@@ -3,7 +3,7 @@ built once, and SQLite never fails with "database is locked".
 
 How: cache entries and few-shot manifests are built under a per-entry lock (the second process waits, then reads
 what the first wrote); the SQLite store is created under a lock beside it, writers wait up to a minute for SQLite's
-write lock instead of 5 s, and the champion rule runs under that lock too (``platform/tracking.py: open_store``).
+write lock instead of 5 s, and the champion rule runs under that lock too (``platform/tracking_store.py: open_store``).
 Each sweep is the plain CLI in its own process with its own local Ray, as two users would start them.
 """
 

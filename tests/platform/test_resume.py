@@ -105,7 +105,7 @@ def test_resume_finishes_an_interrupted_sweep_without_rerunning_finished_trials(
     parent_run_id = json.loads((sweep_dir / "coop_sweep.json").read_text())["parent_run_id"]
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     if sig == signal.SIGINT:  # the interrupted driver closed every run itself: KILLED, or FINISHED for done trials
-        assert "Finish the sweep with: python -m platform.tune --dataset eurosat --resume" in first_log
+        assert "Finish the sweep with: python -m platform.tune --dataset eurosat --data-root " in first_log
         parent = client.get_run(parent_run_id)
         assert parent.info.status == "KILLED"
         runs = client.search_runs([parent.info.experiment_id],

@@ -66,7 +66,16 @@ def test_sweep_runs_every_trial_and_reports_the_best_by_validation(sweeps):
     assert s["trials"] == 4 and s["trials_completed"] == 4 and s["trials_errored"] == 0
     assert s["trials_finished"] + s["trials_early_stopped"] == 4 and s["trials_finished"] >= 1
     assert set(s["best_config"]) == set(SEARCHED)
-    assert s["val_acc"] is not None and s["test_acc"] is not None and s["zeroshot_test_acc"] is not None
+    # The reported accuracies are the best trial's, as its MLflow child run holds them, and shares of the 40 test
+    # images (--max-test-items).
+    best = next(c for c in _children(_client(sweeps["uri"]), s["parent_run_id"])
+                if c.data.tags[TRIAL_TAG] == s["best_trial_id"])
+    print(f"\nbest trial: val {s['val_acc']} %, test {s['test_acc']} %, zero-shot {s['zeroshot_test_acc']} %")
+    for key in ("val_acc", "test_acc", "zeroshot_test_acc"):
+        assert s[key] == pytest.approx(best.data.metrics[key]), key
+    for key in ("test_acc", "zeroshot_test_acc"):
+        correct = s[key] * 40 / 100
+        assert correct == pytest.approx(round(correct)) and 0 <= round(correct) <= 40, (key, s[key])
     report = sweeps["good"]["report"]
     assert "best (by val acc)" in report and "zero-shot" in report
     assert "mlflow ui --host 127.0.0.1 --backend-store-uri" in report

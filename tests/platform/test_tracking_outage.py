@@ -96,7 +96,8 @@ def test_a_tracking_server_lost_mid_sweep_loses_nothing(ray_session, small_euros
         assert summary["trials"] == 3 and summary["trials_completed"] == 3 and summary["trials_errored"] == 0
         assert summary["tracking_complete"] is False and summary["registered_version"] is None
         command = summary["log_command"]
-        assert command.startswith("python -m platform.tune --dataset eurosat --resume --sweep-name outage")
+        assert shlex.split(command)[:10] == ["python", "-m", "platform.tune", "--dataset", "eurosat", "--data-root",
+                                             str(small_eurosat_root.resolve()), "--resume", "--sweep-name", "outage"]
         assert "MLflow failed:" in report and command in report
         sweep_dir = tmp_path / "ray" / "outage"
         results_before = {p.parent.name: p.read_text() for p in sweep_dir.glob("*/result.json")}

@@ -290,9 +290,11 @@ def test_cli_offline_weights_fail_fast_with_one_line(tmp_path, small_eurosat_roo
                "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage-path", str(tmp_path / "ray")])
     err = capsys.readouterr().err
     assert rc == 2
-    assert time.perf_counter() - t0 < 15  # not huggingface_hub's minute of retries
+    assert time.perf_counter() - t0 < 2  # measured 0.16 s in-process, not huggingface_hub's minute of retries
     assert err.count("\n") == 1 and err.startswith("error: cannot download pretrained weights RN50/openai")
-    assert "--pretrained none" in err
+    # Not "--pretrained none" for RN50 (a random RN50 encoding every image on the CPU, for nothing): the README's
+    # offline smoke run, the tests' tiny backbone.
+    assert "or, to try the platform offline, add --backbone tests/fixtures/tiny-vit.json --pretrained none" in err
 
 
 def test_cli_missing_checkpoint_file_exits_2(tmp_path, small_eurosat_root, tiny_vit_config, capsys):

@@ -10,7 +10,11 @@ workers' activations are equal (at 1000 ImageNet names, 699 prompts of at most 2
 
 - one worker (``SingleProcess``),
 - two workers, data-sharded (``TrainConfig(text_sharding="data")``),
-- two workers, class-sharded (``text_sharding="class"``),
+- two workers, class-sharded in label order: each takes half of the classes as they come (500 + 500), so each still
+  cuts its prompts at about the one worker's length -- the same prompt grouping as the one worker: what sharding
+  alone buys,
+- two workers, class-sharded as the platform does it (``text_sharding="class"``: sorted by length and cut where the
+  costs are equal): sharding and length grouping together; the difference from the row above is length grouping's,
 
 each worker a fresh subprocess with one torch thread (so a second worker brings its own core: the question is what
 that core buys), gloo over a ``FileStore`` on this machine, running ``coop_core.engine.train`` itself: ViT-B/16 with
@@ -20,8 +24,10 @@ the model (the kernel's mark is reset then, as in ``bench/memory.py``), so it in
 process itself, which sharding cannot split. The runs' final contexts are compared: all three take the same steps.
 Each worker also reports how many classes it encoded and the length its prompts were cut at.
 
-``ratio`` = class-sharded peak RSS per worker (the larger of the two) / one-worker peak RSS. Targets: memory ratio
-<= 0.6 and step-time ratio <= 0.7 at 2 workers.
+``ratio`` = class-sharded peak RSS per worker (the larger of the two) / one-worker peak RSS, for the platform's
+sharding; ``ratio_same_grouping`` the same for label-order shards (sharding alone). Targets: memory ratio <= 0.6 and
+step-time ratio <= 0.7 at 2 workers. The runs alternate over ``--rounds`` rounds (A B C D A B C D ...) and each
+timed figure is the median over the rounds and the timed steps.
 """
 
 from __future__ import annotations
@@ -56,8 +62,22 @@ from bench._common import (  # noqa: E402
 
 TARGET_MEMORY_RATIO = 0.6
 TARGET_STEP_RATIO = 0.7
-# (name, workers, text_sharding): the one-worker baseline first, then the two 2-worker strategies.
-RUNS = (("one worker", 1, "data"), ("2 workers, data-sharded", 2, "data"), ("2 workers, class-sharded", 2, "class"))
+# (name, workers, text_sharding): the one-worker baseline first, then the 2-worker strategies; "class-label-order" is
+# this benchmark's own: class shards in label order (no length grouping), to separate sharding from grouping.
+RUNS = (("one worker", 1, "data"), ("2 workers, data-sharded", 2, "data"),
+        ("2 workers, class-sharded in label order", 2, "class-label-order"),
+        ("2 workers, class-sharded by length", 2, "class"))
+
+
+def label_order_sharding(requested: str, model, dist):
+    """Class shards in label order (contiguous, equal counts): the platform's class sharding without its length
+    grouping; each worker still cuts its prompts at its own longest (``CoOpModel.text_features``)."""
+    import torch
+
+    from coop_core.distributed import ClassSharding
+
+    n_cls = model.prompt_learner.eot_idx.shape[0]
+    return ClassSharding(dist, tuple(torch.arange(n_cls).tensor_split(dist.world_size)))
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -89,14 +109,20 @@ def worker(args: argparse.Namespace) -> dict:
     embed_dim = model.text_encoder.text_projection.shape[-1]
     views = F.normalize(torch.randn(1, args.batch_size, embed_dim, generator=g), dim=-1)  # (1 view, b, d)
     labels = torch.randint(args.n_cls, (args.batch_size,), generator=g)
-    cfg = TrainConfig(epochs=args.steps, batch_size=args.batch_size, warmup_epochs=0, text_sharding=args.text_sharding)
+    label_order = args.text_sharding == "class-label-order"
+    if label_order:
+        import coop_core.engine
+
+        coop_core.engine.text_sharding_for = label_order_sharding  # this process trains once, with these shards
+    cfg = TrainConfig(epochs=args.steps, batch_size=args.batch_size, warmup_epochs=0,
+                      text_sharding="class" if label_order else args.text_sharding)
     baseline_kb = rss_kb("VmRSS")
     reset = reset_peak_rss()
     history = train(model, CachedViews(views, labels), cfg, dist=dist)
     peak_kb = peak_rss_kb(reset)
     if args.rank == 0:
         torch.save(model.prompt_learner.ctx.detach(), args.ctx_out)
-    sharding = text_sharding_for(cfg.text_sharding, model, dist)
+    sharding = (label_order_sharding if label_order else text_sharding_for)(cfg.text_sharding, model, dist)
     own = sharding.shards[args.rank] if sharding.name == "class" else torch.arange(args.n_cls)  # classes it encoded
     auto = text_sharding_for("auto", model, dist).name
     if args.world_size > 1:
@@ -135,13 +161,15 @@ def run(name: str, world_size: int, text_sharding: str, args: argparse.Namespace
             raise RuntimeError(f"{name}: worker {rank} failed ({p.returncode}):\n{err[-3000:]}")
     workers = [json.loads((tmp / f"{rank}.out").read_text().strip().splitlines()[-1]) for rank in range(world_size)]
     timed = [w["step_s"][1:] or w["step_s"] for w in workers]  # the first step is the warm-up
+    step_times = [max(ts) for ts in zip(*timed)]  # a step ends when its slowest worker ends it
     return {
+        "step_times_s": step_times,
         "name": name, "workers": world_size, "text_sharding": workers[0]["text_sharding"],
         "auto_would_pick": workers[0]["auto_would_pick"],
         "peak_mb_per_worker": max(w["peak_mb"] for w in workers),
         "baseline_mb": max(w["baseline_mb"] for w in workers),
         "step_mb_per_worker": max(w["peak_mb"] - w["baseline_mb"] for w in workers),
-        "step_s": max(statistics.median(t) for t in timed),  # a step ends when its slowest worker ends it
+        "step_s": statistics.median(step_times),
         "wall_s": wall, "ctx_file": str(ctx_out), "per_worker": workers,
         "classes_per_worker": [w["classes"] for w in workers], "seq_per_worker": [w["seq"] for w in workers],
     }
@@ -153,7 +181,7 @@ def merge_rounds(rounds: list[dict]) -> dict:
     last = rounds[-1]
     keep = ("name", "workers", "text_sharding", "auto_would_pick", "ctx_file", "classes_per_worker", "seq_per_worker")
     return {k: last[k] for k in keep} | {
-        "step_s": statistics.median(r["step_s"] for r in rounds),
+        "step_s": statistics.median(t for r in rounds for t in r["step_times_s"]),  # every timed step of every round
         "peak_mb_per_worker": max(r["peak_mb_per_worker"] for r in rounds),
         "baseline_mb": max(r["baseline_mb"] for r in rounds),
         "step_mb_per_worker": max(r["step_mb_per_worker"] for r in rounds),
@@ -177,17 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", choices=("unified", "csc"), default="unified",
                    help="unified context (default) or class-specific (CSC: more memory, no shared prefix)")
     p.add_argument("--batch-size", type=int, default=32, help="images (cached features) per global batch (default 32)")
-    p.add_argument("--steps", type=int, default=2,
-                   help="training steps per run; the first is a warm-up, the others are timed (default 2)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="repeat the three runs this many times, alternating, and take the median step time (default 1)")
+    p.add_argument("--steps", type=int, default=3,
+                   help="training steps per run; the first is a warm-up, the others are timed (default 3)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="repeat the four runs this many times, alternating (A B C D A B C D), and take the median step "
+                        "time (default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     p.add_argument("--quick", action="store_true", help="CI smoke run: tiny CLIP, 64 classes (~40 s)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--world-size", type=int, default=1, help=argparse.SUPPRESS)
-    p.add_argument("--text-sharding", choices=("data", "class"), default="data", help=argparse.SUPPRESS)
+    p.add_argument("--text-sharding", choices=("data", "class", "class-label-order"), default="data",
+                   help=argparse.SUPPRESS)
     p.add_argument("--init-file", default="", help=argparse.SUPPRESS)
     p.add_argument("--ctx-out", default="", help=argparse.SUPPRESS)
     return p
@@ -207,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def report(args: argparse.Namespace, arch: str, tmp: Path) -> int:
-    """Run the three configurations one after the other, compare, print."""
+    """Run the four configurations one after the other (alternating over the rounds), compare, print."""
     import torch
 
     info = machine() | {"torch_threads": args.threads}
@@ -232,8 +262,10 @@ def report(args: argparse.Namespace, arch: str, tmp: Path) -> int:
           r["step_s"], r["peak_mb_per_worker"] / one["peak_mb_per_worker"], r["step_s"] / one["step_s"],
           r["max_ctx_diff_vs_one_worker"]] for r in runs],
     )
-    data, cls = runs[1], runs[2]
+    data, plain, cls = runs[1], runs[2], runs[3]
     ratio = cls["peak_mb_per_worker"] / one["peak_mb_per_worker"]
+    plain_ratio = plain["peak_mb_per_worker"] / one["peak_mb_per_worker"]
+    plain_step_ratio = plain["step_s"] / one["step_s"]
     step_ratio = cls["step_s"] / one["step_s"]
     step_memory_ratio = cls["step_mb_per_worker"] / one["step_mb_per_worker"]
     data_ratio = data["peak_mb_per_worker"] / one["peak_mb_per_worker"]
@@ -243,7 +275,13 @@ def report(args: argparse.Namespace, arch: str, tmp: Path) -> int:
     halved = (one["baseline_mb"] + one["step_mb_per_worker"] / 2) / one["peak_mb_per_worker"]
     print(f"class-sharded / one worker: step memory per worker {step_memory_ratio:.3f}; with an exact halving of the "
           f"step, the peak ratio at 2 workers would be (baseline + step / 2) / (baseline + step) = {halved:.3f}")
-    print(f"class-sharded / one worker: peak memory per worker {ratio:.3f} (target <= {TARGET_MEMORY_RATIO}: "
+    print(f"sharding alone (label-order shards, the one worker's prompt grouping) / one worker: peak memory per "
+          f"worker {plain_ratio:.3f}, step time {plain_step_ratio:.3f}; workers encode "
+          f"{' + '.join(map(str, plain['classes_per_worker']))} classes cut at "
+          f"{' and '.join(map(str, plain['seq_per_worker']))} tokens")
+    print(f"length grouping on top (by-length shards vs label-order shards): peak memory {ratio / plain_ratio:.3f}x, "
+          f"step time {step_ratio / plain_step_ratio:.3f}x")
+    print(f"class-sharded by length / one worker: peak memory per worker {ratio:.3f} (target <= {TARGET_MEMORY_RATIO}: "
           f"{'met' if ratio <= TARGET_MEMORY_RATIO else 'NOT met'}), step time {step_ratio:.3f} (target <= "
           f"{TARGET_STEP_RATIO}: {'met' if step_ratio <= TARGET_STEP_RATIO else 'NOT met'})")
     print(f"class-sharded workers encode {' + '.join(map(str, cls['classes_per_worker']))} classes, prompts cut at "
@@ -259,6 +297,10 @@ def report(args: argparse.Namespace, arch: str, tmp: Path) -> int:
             "ratio_definition": f"peak RSS per worker, 2 workers class-sharded / 1 worker, {args.n_cls} classes, "
             f"{args.context} context",
             "step_time_ratio": step_ratio,
+            "ratio_same_grouping": plain_ratio,
+            "step_time_ratio_same_grouping": plain_step_ratio,
+            "length_grouping_memory_factor": ratio / plain_ratio,
+            "length_grouping_step_time_factor": step_ratio / plain_step_ratio,
             "step_memory_ratio": step_memory_ratio,
             "ratio_if_step_halved": halved,
             "data_sharded_memory_ratio": data_ratio,

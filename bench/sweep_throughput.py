@@ -7,12 +7,14 @@ whole run, so no trial is stopped early), ``--concurrent`` at a time, one worker
 ``--trial-runner ray-train`` versus ``--trial-runner in-process``. The disk feature cache is filled before either
 side runs, so neither pays the one-time feature extraction.
 
-Printed per side, from the sweep's own summary: trials per hour while trials run (trials / the window from the first
-trial's creation to the last one's end: the rate a long sweep settles at) and over the whole command (imports, Ray
-start-up and registration included: a sweep's fixed costs, alike on both sides, which a short benchmark sweep cannot
-spread), the median per-trial overhead (the trial's wall time, from its creation to its end, minus
-its training loop and evaluation) and where the time went; then the ratios. ``--json`` prints one JSON line last,
-with ``ratio`` = new / old trials per hour.
+The two sides alternate (old, new, old, new ... for ``--rounds`` rounds, each sweep in fresh folders), so load from
+other processes on a shared machine hits both alike, and every figure is the median over the rounds (each round's own
+figures are in ``--json``). Printed per side, from the sweep's own summary: trials per hour while trials run
+(trials / the window from the first trial's creation to the last one's end: the rate a long sweep settles at) and
+over the whole command (imports, Ray start-up and registration included: a sweep's fixed costs, alike on both sides,
+which a short benchmark sweep cannot spread), the median per-trial overhead (the trial's wall time, from its creation
+to its end, minus its training loop and evaluation) and where the time went; then the ratios. ``--json`` prints one
+JSON line last, with ``ratio`` = new / old trials per hour.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,10 +80,14 @@ def fill_feature_cache(args: argparse.Namespace, work: Path) -> None:
                    cwd=REPO, check=True, timeout=args.timeout)
 
 
-def run_side(args: argparse.Namespace, runner: str, work: Path) -> dict:
+def run_side(args: argparse.Namespace, runner: str, work: Path, round_: int = 0) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    argv = sweep_argv(args, runner, work)
+    for flag in ("--storage-path", "--tracking-uri", "--sweep-name"):  # this round's own folders, store and name
+        i = argv.index(flag) + 1
+        argv[i] = f"{argv[i]}-r{round_}"
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "platform.tune", *sweep_argv(args, runner, work)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "platform.tune", *argv], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=args.timeout)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -99,6 +106,17 @@ def run_side(args: argparse.Namespace, runner: str, work: Path) -> dict:
     }
 
 
+def median_side(rounds: Sequence[dict]) -> dict:
+    """One side over its rounds: the median of every figure (None where a round had none), and the rounds."""
+    out: dict = {"runner": rounds[0]["runner"], "trials": rounds[0]["trials"]}
+    for key in rounds[0]:
+        if key in out:
+            continue
+        values = [r[key] for r in rounds if r[key] is not None]
+        out[key] = statistics.median(values) if values else None
+    return out | {"rounds": list(rounds)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA)
@@ -107,13 +125,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--max-test-items", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="times to run the two sides, alternating (old, new, old, new, ...); medians are reported "
+                             "(default: 2)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per side before giving up")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run (2 trials of 2 epochs): checks the code path, its ratio is not the benchmark's")
     parser.add_argument("--json", action="store_true", help="print one JSON line last")
     args = parser.parse_args(argv)
     if args.quick:
-        args.trials, args.epochs, args.max_test_items = 2, 2, 100
+        args.trials, args.epochs, args.max_test_items, args.rounds = 2, 2, 100, 1
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     if not (args.data_root / "eurosat" / "2750").is_dir():
         parser.error(f"EuroSAT not found under {args.data_root} (see ../shared/data/README.md)")
 
@@ -121,14 +144,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="coop-bench-sweep-") as tmp:
         work = Path(tmp)
         fill_feature_cache(args, work)
-        sides = {runner: run_side(args, runner, work) for runner in RUNNERS}
+        rounds: dict[str, list[dict]] = {runner: [] for runner in RUNNERS}
+        for r in range(args.rounds):
+            for runner in RUNNERS:  # A B A B: each round runs the old path, then ours
+                rounds[runner].append(run_side(args, runner, work, r))
+        sides = {runner: median_side(rounds[runner]) for runner in RUNNERS}
     old, new = sides["ray-train"], sides["in-process"]
     ratio = new["trials_per_hour"] / old["trials_per_hour"]
     command_ratio = new["trials_per_hour_command"] / old["trials_per_hour_command"]
     overhead_ratio = old["median_overhead_s"] / new["median_overhead_s"] if new["median_overhead_s"] else None
 
     print(f"sweep throughput: {args.trials} EuroSAT trials ({args.shots}-shot, {args.epochs} epochs, tiny ViT), "
-          f"{args.concurrent} at a time, each side on its own local Ray")
+          f"{args.concurrent} at a time, each side on its own local Ray; {args.rounds} round(s) alternating the "
+          "sides, medians")
     print(machine_line(info))
     print(f"{'median s per trial':<24}{'ray-train (old)':>16}{'in-process (new)':>18}")
     for key in PHASES:
@@ -149,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         emit_json({"benchmark": "sweep_throughput", "machine": info, "old": old, "new": new,
                    "median_overhead_s": new["median_overhead_s"], "overhead_ratio": overhead_ratio,
-                   "command_ratio": command_ratio, "ratio": ratio})
+                   "rounds": args.rounds, "command_ratio": command_ratio, "ratio": ratio})
     return 0
 
 

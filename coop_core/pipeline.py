@@ -257,6 +257,29 @@ def prompt_model(clip: LoadedClip, ctx: torch.Tensor, prompt: PromptConfig, sour
     return model
 
 
+@dataclass(frozen=True)
+class FinalEvaluation:
+    """A trained run's last-epoch measurements, accuracies in percent (``{"acc", "macro_f1"}`` each): the learned
+    prompts and zero-shot CLIP on the test split, and the prompts on the registry evaluation set (None where the run's
+    features have none)."""
+
+    test: dict[str, float]
+    zeroshot_test: dict[str, float]
+    registry: dict[str, float] | None
+
+
+def evaluate_final(model: CoOpModel, clip: LoadedClip, splits: DatasetSplits, feats: RunFeatures,
+                   precision: str = "fp32") -> FinalEvaluation:
+    """What every run measures after its last epoch (:class:`FinalEvaluation`); ``feats`` must hold the test split
+    (``prepare_features(..., with_test=True)``)."""
+    if feats.test is None:
+        raise ValueError("the final evaluation needs the test split's features (prepare_features with_test=True)")
+    test = evaluate(model, feats.test, precision)
+    zeroshot = zeroshot_evaluate(clip.model, clip.tokenizer, splits.classnames, splits.template, feats.test)
+    registry = evaluate(model, feats.registry, precision) if feats.registry is not None else None
+    return FinalEvaluation(test, zeroshot, registry)
+
+
 @dataclass
 class RunResult:
     """Outcome of one CoOp run; accuracies in percent."""
@@ -292,8 +315,7 @@ def run_coop(
     history = train(model, feats.train, cfg, val=feats.val, dist=dist, report=report, on_epoch_end=on_epoch_end,
                     resume=resume)
     val = evaluate(model, feats.val, cfg.precision)
-    test = evaluate(model, feats.test, cfg.precision) if feats.test is not None else None
-    zs = None
-    if zeroshot and feats.test is not None:
-        zs = zeroshot_evaluate(clip.model, clip.tokenizer, splits.classnames, splits.template, feats.test)
-    return RunResult(model, history, val, test, zs)
+    if feats.test is None:
+        return RunResult(model, history, val, None, None)
+    final = evaluate_final(model, clip, splits, feats, cfg.precision)
+    return RunResult(model, history, val, final.test, final.zeroshot_test if zeroshot else None)

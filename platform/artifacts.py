@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from coop_core.engine import TrainState
+from coop_core import TrainState
 from run_format import (  # noqa: F401 -- the run's names, owned by run_format, read here as artifacts.NAME
     ACCURACY_KEYS,
     CHECKPOINTS_KEPT,

@@ -20,6 +20,7 @@ from platform.run_spec import (
 )
 from typing import Any, NoReturn
 
+from coop_core import get_preset, list_presets
 from coop_core.config import (
     ALL_SHOTS,
     CLASS_TOKEN_POSITIONS,
@@ -31,7 +32,6 @@ from coop_core.config import (
     TrainConfig,
 )
 from coop_core.datasets import CLASS_SUBSETS, DEFAULT_TEMPLATE, folder_source, list_datasets
-from coop_core.presets import get_preset, list_presets
 
 logger = logging.getLogger(__name__)
 
@@ -211,27 +211,35 @@ def dataset_ref(value: str, *, classes: str = "all", name: str | None = None, te
     return DatasetRef(source.name, source, classes)
 
 
-def dataset_ref_from_args(args: argparse.Namespace, value: str | None = None) -> DatasetRef:
-    """:func:`dataset_ref` of ``value`` (default ``args.dataset``) with the data flags of ``args``."""
-    return dataset_ref(args.dataset if value is None else value, classes=getattr(args, "classes", "all"),
+def dataset_ref_from_args(args: argparse.Namespace, value: str | None = None, *, classes: str | None = None
+                          ) -> DatasetRef:
+    """:func:`dataset_ref` of ``value`` (default ``args.dataset``) with the data flags of ``args``; ``classes``
+    (default ``args.classes``, else all) is the class subset."""
+    classes = getattr(args, "classes", "all") if classes is None else classes
+    return dataset_ref(args.dataset if value is None else value, classes=classes,
                        name=args.dataset_name, template=args.template, classnames_file=args.classnames_file,
                        split_file=args.split_file, split_seed=args.split_seed)
 
 
-def spec_from_args(args: argparse.Namespace, *, use_gpu: bool | None = None) -> RunSpec:
+def spec_from_args(args: argparse.Namespace, *, use_gpu: bool | None = None, ref: DatasetRef | None = None,
+                   shots: int | str | None = None, seed: int | None = None) -> RunSpec:
     """Build a :class:`RunSpec` from :func:`add_run_arguments` flags; paths are made absolute for the workers.
 
     Args:
         args: parsed flags.
         use_gpu: the resolved ``--use-gpu`` (pass ``resolve_use_gpu(args.use_gpu)`` after :func:`init_ray`); None
             resolves it now.
+        ref, shots, seed: the dataset, shot count and seed when the flags hold several (a study's ``--dataset``,
+            ``--shots`` and ``--seeds``); default ``args.dataset``, ``args.shots``, ``args.seed``.
 
     Raises:
         ValueError: invalid values (the message names the flag's field and what is allowed).
     """
     if use_gpu is None:
         use_gpu = resolve_use_gpu(args.use_gpu)
-    ref = dataset_ref_from_args(args)
+    ref = dataset_ref_from_args(args) if ref is None else ref
+    shots = args.shots if shots is None else shots
+    seed = args.seed if seed is None else seed
     return RunSpec(
         dataset=ref.name,
         source=ref.source,
@@ -240,7 +248,7 @@ def spec_from_args(args: argparse.Namespace, *, use_gpu: bool | None = None) -> 
         model=ModelConfig(backbone=_abspath_if_exists(args.backbone), pretrained=_abspath_if_exists(args.pretrained)),
         prompt=PromptConfig(n_ctx=args.n_ctx, ctx_init=args.ctx_init, csc=args.csc,
                             class_token_position=args.class_token_position),
-        train=TrainConfig(shots=args.shots, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
+        train=TrainConfig(shots=shots, seed=seed, epochs=args.epochs, batch_size=args.batch_size,
                           lr=args.lr, warmup_epochs=args.warmup_epochs, precision=args.precision,
                           feature_mode=args.feature_mode, n_views=args.n_views, loader_workers=args.loader_workers,
                           text_sharding=args.text_sharding),

@@ -158,7 +158,7 @@ def resolve_prompts(model: str, tracking_uri: str, download_dir: Path) -> Prompt
 
         expected = (version.tags or {}).get(PROMPTS_SHA256_KEY)
         if expected:
-            from coop_core.prompts_io import verified_digest
+            from coop_core import verified_digest
 
             if verified_digest(path) != expected:
                 raise ValueError(f"--model {model}: the prompts artifact of v{version.version} does not match the "
@@ -203,8 +203,8 @@ def resolve_device(value: str) -> torch.device:
 
 def check_transfer(meta: Any, classnames: Sequence[str], target: str) -> None:
     """Refuse a class-specific context and a class list it has no vectors for, before anything is computed."""
-    from coop_core.transfer import PromptTransferError
-    from coop_core.transfer import check_transfer as check_classes
+    from coop_core import PromptTransferError
+    from coop_core import check_transfer as check_classes
 
     try:
         check_classes(meta.classnames, meta.prompt.csc, classnames)
@@ -219,11 +219,8 @@ def evaluate_prompts(ctx: torch.Tensor, meta: Any, ref: DatasetRef, *, split: st
     import dataclasses
     from platform.run_spec import subset_test_items
 
-    from coop_core.backbone import load_clip
-    from coop_core.datasets.base import check_images_exist
-    from coop_core.engine import evaluate
-    from coop_core.pipeline import evaluation_features, prompt_model
-    from coop_core.zeroshot import zeroshot_evaluate
+    from coop_core import evaluate, evaluation_features, load_clip, prompt_model, zeroshot_evaluate
+    from coop_core.datasets import check_images_exist
 
     splits = ref.load(data_root, cache_dir)
     if max_items is not None:
@@ -305,9 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 bad input)."""
     from platform import tracking
 
+    from coop_core import PromptFileError, WeightsUnavailableError, load_prompts, prompt_digest
     from coop_core.atomic import atomic_write_bytes
-    from coop_core.backbone import WeightsUnavailableError
-    from coop_core.prompts_io import PromptFileError, load_prompts, prompt_digest
 
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)

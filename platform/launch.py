@@ -24,15 +24,15 @@ from platform.run_spec import DatasetRef, RunSpec, load_splits, load_target_spli
 
 import open_clip
 
-from coop_core.backbone import NO_WEIGHTS, WeightsDownloadError, WeightsUnavailableError, load_clip, resolve_model_name
-from coop_core.datasets import DatasetSplits
-from coop_core.datasets.base import (
-    check_every_class_has_training_images,
-    check_every_class_readable,
-    check_images_exist,
+from coop_core import (
+    NO_WEIGHTS,
+    WeightsDownloadError,
+    WeightsUnavailableError,
+    check_run_inputs,
+    load_clip,
+    resolve_model_name,
 )
-from coop_core.fewshot import build_few_shot, check_shots_fit
-from coop_core.prompt_learner import check_prompt_fits
+from coop_core.datasets import DatasetSplits, check_images_exist
 
 logger = logging.getLogger(__name__)
 
@@ -107,36 +107,28 @@ def check_inputs(spec: RunSpec, prompts: Sequence[tuple[int, str]] | None = None
                  shots: Sequence[int | str] | None = None) -> DatasetSplits:
     """Fail fast on the driver, before Ray starts, on everything a worker would otherwise fail on minutes later.
 
-    In order: the backbone name; the cache folder is writable; the dataset (layout, split file, a training image for
-    every class, and at least two classes); every shot count the run may train (``shots``: a sweep's grid or a
-    study's values, default the spec's) against the smallest class; every prompt the run may build (``prompts``:
-    ``(n_ctx, ctx_init)`` pairs, default the spec's) against the text context, with the tokenizer only; the weights
-    (a short download, or reading the checkpoint file); the few-shot split of each shot count (built and cached here,
-    so workers reuse it); that the images the run reads exist, and that every class has a training image that
-    opens.
+    In order: the backbone name; the cache folder is writable; the weights (a short download, or reading the
+    checkpoint file: nothing is written before they are there); the dataset loads (layout, split file); the core's
+    checks of the run's inputs (``coop_core.checks.check_run_inputs``: at least two classes, each with training
+    images; every shot count the run may train -- ``shots``: a sweep's grid or a study's values, default the spec's --
+    against the smallest class; every prompt it may build -- ``prompts``: ``(n_ctx, ctx_init)`` pairs, default the
+    spec's -- against the text context; each few-shot split, built and cached here so workers reuse it, with its
+    images there and readable); the evaluation targets.
 
     Raises:
         One of :data:`INPUT_ERRORS`, whose message is the line to show.
     """
     model_name = resolve_model_name(spec.model.backbone)
     check_writable_dir(spec.cache_dir, "--cache-dir")
-    splits = load_splits(spec, download=spec.download)
-    check_every_class_has_training_images(splits)
-    shot_counts = list(shots or [spec.train.shots])
-    for k in shot_counts:
-        check_shots_fit(splits, k)
-    tokenizer = open_clip.get_tokenizer(model_name)
-    for n_ctx, ctx_init in prompts or [(spec.prompt.n_ctx, spec.prompt.ctx_init)]:
-        check_prompt_fits(tokenizer, splits.classnames, n_ctx, ctx_init)
     if spec.model.pretrained.lower() not in NO_WEIGHTS:
         try:
             load_clip(spec.model.backbone, spec.model.pretrained)  # downloads into the open_clip cache, or fails fast
         except WeightsDownloadError as err:
             raise WeightsDownloadError(f"{err}; {offline_smoke_hint()}") from None
-    for k in shot_counts:
-        fewshot = build_few_shot(splits, k, spec.train.seed, spec.cache_dir)
-        check_images_exist(splits, (*fewshot.train, *fewshot.val, *splits.test))
-        check_every_class_readable(splits, fewshot.train)
+    splits = load_splits(spec, download=spec.download)
+    check_run_inputs(splits, tokenizer=open_clip.get_tokenizer(model_name), shots=list(shots or [spec.train.shots]),
+                     prompts=list(prompts or [(spec.prompt.n_ctx, spec.prompt.ctx_init)]), seed=spec.train.seed,
+                     cache_dir=spec.cache_dir)
     for target in spec.eval_targets:
         check_target(spec, splits, target)
     return splits
@@ -149,7 +141,7 @@ def check_target(spec: RunSpec, splits: DatasetSplits, target: DatasetRef) -> No
     Raises:
         ValueError: naming the target and the fix.
     """
-    from coop_core.transfer import classes_without_vectors
+    from coop_core import classes_without_vectors
 
     tsplits = load_target_splits(spec, target)
     if not tsplits.test:

@@ -23,8 +23,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from coop_core.features import CachedViews, FeatureSet, weights_identity
-from coop_core.pipeline import RunFeatures
+from coop_core import CachedViews, FeatureSet, RunFeatures, weights_identity
 
 logger = logging.getLogger(__name__)
 

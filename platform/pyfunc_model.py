@@ -95,10 +95,15 @@ class CoOpClassifier(PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
-        from coop_core.backbone import load_clip
-        from coop_core.model import CoOpModel
-        from coop_core.prompts_io import PromptFileError, check_prompts_fit, load_prompts, prompt_digest
-        from coop_core.transforms import test_transform
+        from coop_core import (
+            CoOpModel,
+            PromptFileError,
+            check_prompts_fit,
+            load_clip,
+            load_prompts,
+            prompt_digest,
+            test_transform,
+        )
 
         config = dict(context.model_config or {})
         ctx, meta = load_prompts(context.artifacts[PROMPTS_ARTIFACT])  # verifies the file's own sha256

@@ -52,7 +52,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import coop_core
-from coop_core.prompts_io import load_prompts, verified_digest
+from coop_core import load_prompts, verified_digest
 
 logger = logging.getLogger(__name__)
 

@@ -27,28 +27,48 @@ import argparse
 import dataclasses
 import json
 import logging
-import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from platform import artifacts
-from platform.run_spec import DatasetRef
+from platform import tracking
+from platform.cli import (
+    Parser,
+    add_infra_arguments,
+    add_run_arguments,
+    configure_logging,
+    dataset_ref,
+    dataset_ref_from_args,
+    fail,
+    parse_run_args,
+    spec_from_args,
+)
+from platform.launch import INPUT_ERRORS
+from platform.registry import CHAMPION, registered_model_name
+from platform.run_spec import DatasetRef, RunSpec
+from platform.study_table import combine, format_table, study_results
+from platform.sweep.flags import add_sweep_arguments, infra_settings_from_args, sweep_settings_from_args
+from platform.sweep.plan import SweepPlan, SweepSettings
+from platform.sweep.report import present
+from platform.sweep.run import run_sweep
+from platform.sweep.state import SweepState
+from platform.tracking import resolve_tracking_uri
+from platform.tracking_store import probe_tracking_store
 from typing import Any
 
-from coop_core.datasets.imagenet_variants import DG_TARGETS
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from coop_core.datasets import DG_TARGETS, get_dataset_spec, list_datasets
 
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("fewshot", "dg", "base2new", "cross")
 STUDY_ARTIFACT_DIR = "study"
-HARMONIC = "harmonic mean"
-AVERAGE = "average over targets"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from platform.cli import Parser, add_infra_arguments, add_run_arguments
-    from platform.sweep.flags import add_sweep_arguments
 
     parser = Parser(
         prog="python -m platform.study",
@@ -87,8 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def present_datasets(data_root: str, names: Sequence[str]) -> list[str]:
     """Those of the registry datasets ``names`` whose image folder exists under ``data_root``."""
-    from coop_core.datasets import get_dataset_spec
-
     return [n for n in names if get_dataset_spec(n).image_path(Path(data_root).expanduser().resolve()).is_dir()]
 
 
@@ -98,10 +116,6 @@ def resolve_targets(args: argparse.Namespace, source: DatasetRef) -> tuple[Datas
     Raises:
         ValueError: a target given for a protocol that takes none, or none found where some are needed.
     """
-    from platform.cli import dataset_ref
-
-    from coop_core.datasets import get_dataset_spec, list_datasets
-
     if args.protocol in ("fewshot", "base2new"):
         if args.targets:
             raise ValueError(f"--targets: the {args.protocol} protocol tests on the training dataset itself; use "
@@ -134,136 +148,39 @@ def resume_flags(protocol: str, targets: Sequence[DatasetRef]) -> tuple[str, ...
     return flags
 
 
-def champion_overrides(dataset: str, tracking_uri: str) -> dict[str, Any]:
-    """The prompt configuration and learning rate of ``coop-<dataset>@champion`` (``--from-champion``).
+def with_champion(spec: RunSpec, tracking_uri: str) -> RunSpec:
+    """``spec`` with the prompt configuration, learning rate and CLIP of ``coop-<dataset>@champion``
+    (``--from-champion``).
 
     Raises:
         ValueError: no champion, or a version without its config tag.
     """
-    from platform.registry import CHAMPION, registered_model_name
-    from platform.tracking_store import probe_tracking_store
-
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
     probe_tracking_store(tracking_uri)  # an unknown scheme or a missing store: its own line, not "no champion"
-    name = registered_model_name(dataset)
+    name = registered_model_name(spec.model_key)
     try:
         version = MlflowClient(tracking_uri).get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         raise ValueError(f"--from-champion: {name} has no @{CHAMPION} in {tracking_uri}; run a sweep first "
-                         f"(python -m platform.tune --dataset {dataset}) or give the configuration as flags") from None
+                         f"(python -m platform.tune --dataset {spec.dataset}) or give the configuration as flags"
+                         ) from None
     try:
         config = json.loads(version.tags["config"])
     except (KeyError, ValueError):
         raise ValueError(f"--from-champion: {name} v{version.version} has no readable config tag") from None
-    prompt, train = config["prompt"], config["train"]
+    prompt, train, model = config["prompt"], config["train"], config["model"]
     logger.info("prompt configuration of %s@%s (v%s): %s", name, CHAMPION, version.version,
                 {**prompt, "lr": train["lr"]})
-    return {"n_ctx": int(prompt["n_ctx"]), "ctx_init": prompt["ctx_init"], "csc": bool(prompt["csc"]),
-            "class_token_position": prompt["class_token_position"], "lr": float(train["lr"]),
-            "backbone": config["model"]["backbone"], "pretrained": config["model"]["pretrained"]}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Results
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """The mean and the sample standard deviation; the deviation is None below two values (one seed has no spread,
-    and "± 0.00" would claim one)."""
-    if not values:
-        return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
-
-
-def _harmonic(a: float, b: float) -> float:
-    return 2 * a * b / (a + b) if a + b > 0 else 0.0
-
-
-def study_results(rows: Sequence[Mapping[str, Any]], protocol: str, source: str, targets: Sequence[str]
-                  ) -> dict[str, Any]:
-    """The study's table from its trials: per shot count and dataset, CoOp's and zero-shot CLIP's test accuracy per
-    seed and their mean ± std over the seeds.
-
-    Only trials that ran every epoch count. ``source`` is the training data's label, ``targets`` the evaluation
-    targets' (``artifacts.target_key``); base-to-new adds the harmonic mean of base and new per seed, dg and cross
-    the average over the targets per seed.
-    """
-    per: dict[tuple[Any, str], dict[str, dict[int, float]]] = {}
-    shots_seen, seeds_seen = set(), set()
-    for row in rows:
-        if not row.get("finished"):
-            continue
-        m, config = row["last_result"], row["config"]
-        shots, seed = config.get("train.shots"), int(config.get("train.seed", 0))
-        shots_seen.add(shots)
-        seeds_seen.add(seed)
-        values = {source: (m.get(artifacts.TEST_METRIC), m.get(artifacts.ZEROSHOT_TEST_METRIC))}
-        found = artifacts.target_results(m)
-        for label in targets:
-            t = found.get(label, {})
-            values[label] = (t.get("test_acc"), t.get("zeroshot_test_acc"))
-        if protocol == "base2new":
-            (b, zb), (n, zn) = values[source], values[targets[0]]
-            if None not in (b, n, zb, zn):
-                values[HARMONIC] = (_harmonic(b, n), _harmonic(zb, zn))
-        elif targets:
-            accs = [values[t] for t in targets]
-            if all(None not in v for v in accs):
-                values[AVERAGE] = (statistics.fmean(a for a, _ in accs), statistics.fmean(z for _, z in accs))
-        for label, (coop, zs) in values.items():
-            if coop is None:
-                continue
-            cell = per.setdefault((shots, label), {"coop": {}, "zeroshot": {}})
-            cell["coop"][seed] = float(coop)
-            if zs is not None:
-                cell["zeroshot"][seed] = float(zs)
-    labels = [source, *targets] + ([HARMONIC] if protocol == "base2new" else [AVERAGE] if targets else [])
-    order = sorted(shots_seen, key=lambda k: (isinstance(k, str), k))
-    cells = []
-    for shots in order:
-        for label in labels:
-            cell = per.get((shots, label))
-            if cell is None:
-                continue
-            mean, std = _mean_std(list(cell["coop"].values()))
-            zmean, _ = _mean_std(list(cell["zeroshot"].values()))
-            cells.append({"shots": shots, "dataset": label, "coop_mean": mean, "coop_std": std,
-                          "coop_per_seed": {str(k): v for k, v in sorted(cell["coop"].items())},
-                          "zeroshot_mean": zmean, "n_seeds": len(cell["coop"]),
-                          "gain": None if zmean is None else mean - zmean})
-    return {"protocol": protocol, "source": source, "targets": list(targets), "datasets": labels,
-            "shots": order, "seeds": sorted(seeds_seen), "cells": cells,
-            "trials_counted": sum(bool(r.get("finished")) for r in rows), "trials": len(rows)}
-
-
-def format_table(results: Mapping[str, Any], markdown: bool = False) -> str:
-    """The study's table: one row per shot count and dataset (Markdown for the MLflow run's description)."""
-    header = ("shots", "dataset", "CoOp test acc % (mean ± std)", "per seed", "zero-shot CLIP %", "CoOp - zero-shot")
-    body = []
-    for c in results["cells"]:
-        seeds = ", ".join(f"{k}: {v:.2f}" for k, v in c["coop_per_seed"].items())
-        zs = "-" if c["zeroshot_mean"] is None else f"{c['zeroshot_mean']:.2f}"
-        gain = "-" if c["gain"] is None else f"{c['gain']:+.2f}"
-        spread = f" ± {c['coop_std']:.2f}" if c["coop_std"] is not None else ""
-        body.append((str(c["shots"]), c["dataset"], f"{c['coop_mean']:.2f}{spread} (n={c['n_seeds']})", seeds, zs,
-                     gain))
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
-    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join("  " + fmt.format(*r) for r in [header, *body])
+    return dataclasses.replace(
+        spec, model=dataclasses.replace(spec.model, backbone=model["backbone"], pretrained=model["pretrained"]),
+        prompt=dataclasses.replace(spec.prompt, n_ctx=int(prompt["n_ctx"]), ctx_init=prompt["ctx_init"],
+                                   csc=bool(prompt["csc"]), class_token_position=prompt["class_token_position"]),
+        train=dataclasses.replace(spec.train, lr=float(train["lr"])))
 
 
 def describe(protocol: str, targets: Sequence[DatasetRef]):
     """The study run's description (a ``SweepPlan.describe``)."""
 
     def text(spec: Any, info: Mapping[str, Any]) -> str:
-        from platform import tracking
-
         what = {"fewshot": "test accuracy against shots", "dg": "domain generalisation",
                 "base2new": "base-to-new generalisation (train on the base classes, test on base and new)",
                 "cross": "cross-dataset transfer"}[protocol]
@@ -281,17 +198,14 @@ def describe(protocol: str, targets: Sequence[DatasetRef]):
 def finish(protocol: str, targets: Sequence[DatasetRef]):
     """Log the study's table, results and figure to its parent run (a ``SweepPlan.finish``)."""
 
-    def log(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], state: Mapping[str, Any]) -> dict:
-        from platform import tracking
-        from platform.run_spec import RunSpec
-
-        from mlflow.tracking import MlflowClient
-
+    def log(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], state: SweepState) -> dict:
         from dashboards.study import plot_study  # lazy for start-up: see log_combined
 
-        spec = RunSpec.from_dict(state["base_spec"])
+
+
+        spec = state.spec
         results = study_results(rows, protocol, spec.data_ref.label, [t.label for t in targets])
-        uri, parent = state["tracking_uri"], state["parent_run_id"]
+        uri, parent = state.tracking_uri, state.parent_run_id
         client = MlflowClient(uri)
         folder = Path(summary["sweep_dir"]) / STUDY_ARTIFACT_DIR if "://" not in summary["sweep_dir"] else None
         with tempfile.TemporaryDirectory() as tmp:
@@ -336,64 +250,8 @@ def report(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def combine(studies: Sequence[Mapping[str, Any]], protocol: str) -> dict[str, Any]:
-    """Several datasets' study results as one table, with their average per shot count (each dataset's mean over
-    seeds, averaged over the datasets; base-to-new's average harmonic mean is that of the average base and new
-    accuracies, as CoCoOp's tables report it)."""
-    cells, by_shots = [], {}
-    for results in studies:
-        for c in results["cells"]:
-            if protocol == "base2new":
-                role = {results["source"]: "base", HARMONIC: HARMONIC}.get(c["dataset"], "new")
-            else:
-                role = "source" if c["dataset"] == results["source"] else None
-            label = c["dataset"] if c["dataset"] != HARMONIC else f"{results['source'].split('.')[0]} {HARMONIC}"
-            cells.append({**c, "dataset": label})
-            if role is not None:
-                by_shots.setdefault(c["shots"], {}).setdefault(role, []).append(c)
-    shots_order = []
-    for results in studies:
-        shots_order += [k for k in results["shots"] if k not in shots_order]
-    average = []
-    for shots in shots_order:
-        roles = by_shots.get(shots, {})
-        for role in (("base", "new") if protocol == "base2new" else ("source",)):
-            group = roles.get(role, [])
-            if len(group) != len(studies):
-                continue  # a dataset without this cell: no honest average
-            zs = [c["zeroshot_mean"] for c in group]
-            # The spread over seeds of the per-seed averages, where every dataset has the same seeds (an average of
-            # the datasets' deviations would be no deviation of anything).
-            seeds = set(group[0]["coop_per_seed"])
-            per_seed = ({k: statistics.fmean(c["coop_per_seed"][k] for c in group) for k in sorted(seeds)}
-                        if all(set(c["coop_per_seed"]) == seeds for c in group) else {})
-            average.append({"shots": shots, "dataset": f"average.{role}" if protocol == "base2new" else "average",
-                            "coop_mean": statistics.fmean(c["coop_mean"] for c in group),
-                            "coop_std": _mean_std(list(per_seed.values()))[1], "coop_per_seed": per_seed,
-                            "zeroshot_mean": None if None in zs else statistics.fmean(zs),
-                            "n_seeds": min(c["n_seeds"] for c in group)})
-        if protocol == "base2new" and sum(c["shots"] == shots for c in average) == 2:
-            base, new = [c for c in average if c["shots"] == shots][-2:]
-            zs = None if None in (base["zeroshot_mean"], new["zeroshot_mean"]) else _harmonic(
-                base["zeroshot_mean"], new["zeroshot_mean"])
-            average.append({"shots": shots, "dataset": f"average {HARMONIC}",
-                            "coop_mean": _harmonic(base["coop_mean"], new["coop_mean"]), "coop_std": None,
-                            "coop_per_seed": {}, "zeroshot_mean": zs, "n_seeds": base["n_seeds"]})
-    for c in average:
-        c["gain"] = None if c["zeroshot_mean"] is None else c["coop_mean"] - c["zeroshot_mean"]
-    seeds = sorted({s for r in studies for s in r["seeds"]})
-    return {"protocol": protocol, "source": ", ".join(r["source"] for r in studies), "targets": [],
-            "datasets": [c["dataset"] for c in cells + average], "shots": shots_order, "seeds": seeds,
-            "cells": cells + average, "trials_counted": sum(r["trials_counted"] for r in studies),
-            "trials": sum(r["trials"] for r in studies)}
-
-
 def log_combined(results: Mapping[str, Any], parents: Mapping[str, str], tracking_uri: str, name: str) -> dict:
     """The several-dataset study as one MLflow run (experiment ``coop-studies``) linking each dataset's study run."""
-    from platform import tracking
-
-    from mlflow.tracking import MlflowClient
-
     # Imported when drawing, not at the top: after platform.study's own imports, dashboards.study (matplotlib, and
     # MLflow through dashboards.sweep) adds 2.0-4.4 s (measured on the 2-core development machine), which --help and a
     # bad input would pay for nothing.
@@ -422,75 +280,74 @@ def log_combined(results: Mapping[str, Any], parents: Mapping[str, str], trackin
     return {"run_id": run_id}
 
 
+def plan_studies(args: argparse.Namespace) -> list[tuple[str, RunSpec, tuple[DatasetRef, ...], SweepSettings]]:
+    """One study per ``--dataset``: the value as given (a key or a path: the study's name in a combined table), its
+    base run (the flags', or the champion's configuration), its evaluation targets, and its sweep settings (a grid
+    over every shot count and seed).
+
+    Raises:
+        ValueError: a flag combination a study cannot take, or a value the configs refuse (one line).
+    """
+    datasets = list(args.dataset)
+    own = [f for f in ("dataset_name", "template", "classnames_file", "split_file") if getattr(args, f)]
+    if len(datasets) > 1 and own:
+        raise ValueError(f"--{own[0].replace('_', '-')} describes one dataset of your own; give one --dataset per "
+                         "study to use it")
+    if len(set(datasets)) != len(datasets):
+        raise ValueError("--dataset names a dataset twice")
+    if len(set(args.shots)) != len(args.shots) or len(set(args.seeds)) != len(args.seeds):
+        raise ValueError("--shots and --seeds must not repeat a value")
+    classes = "base" if args.protocol == "base2new" else "all"
+    # Every shot count and seed, once each: nothing searched, no trial stopped early (the plan's choice).
+    grid = (f"train.shots={','.join(map(str, args.shots))}", f"train.seed={','.join(map(str, args.seeds))}")
+    studies = []
+    for value in datasets:
+        source = dataset_ref_from_args(args, value, classes=classes)
+        # The base run takes the first shot count and seed; the grid sets every trial's. use_gpu is resolved against
+        # the cluster once Ray is up.
+        spec = spec_from_args(args, ref=source, shots=args.shots[0], seed=args.seeds[0], use_gpu=args.use_gpu != "no")
+        if args.from_champion:
+            spec = with_champion(spec, resolve_tracking_uri(args.tracking_uri))
+        name = f"{args.sweep_name}-{source.name}" if args.sweep_name and len(datasets) > 1 else args.sweep_name
+        settings = dataclasses.replace(sweep_settings_from_args(args), grid=grid, num_samples=1, name=name)
+        studies.append((value, spec, resolve_targets(args, source), settings))
+    return studies
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 no trial finished, 2 bad input)."""
-    import copy
-    import time
-    from platform import tracking
-    from platform.cli import configure_logging, dataset_ref_from_args, fail, parse_run_args, spec_from_args
-    from platform.launch import INPUT_ERRORS
-    from platform.sweep.flags import infra_settings_from_args, sweep_settings_from_args
-    from platform.sweep.plan import SweepPlan
-    from platform.sweep.run import run_sweep
-
     args = parse_run_args(build_parser(), argv)
     configure_logging(args.verbose)
-    args.classes = "base" if args.protocol == "base2new" else "all"
-    datasets = list(args.dataset)
-    runs = []
     try:
-        own = [f for f in ("dataset_name", "template", "classnames_file", "split_file") if getattr(args, f)]
-        if len(datasets) > 1 and own:
-            raise ValueError(f"--{own[0].replace('_', '-')} describes one dataset of your own; give one --dataset "
-                             "per study to use it")
-        if len(set(datasets)) != len(datasets):
-            raise ValueError("--dataset names a dataset twice")
-        if len(set(args.shots)) != len(args.shots) or len(set(args.seeds)) != len(args.seeds):
-            raise ValueError("--shots and --seeds must not repeat a value")
-        for value in datasets:
-            run = copy.copy(args)
-            run.dataset = value
-            if args.from_champion:
-                for key, v in champion_overrides(dataset_ref_from_args(run).name,
-                                                 tracking.resolve_tracking_uri(args.tracking_uri)).items():
-                    setattr(run, key, v)
-            source = dataset_ref_from_args(run)
-            targets = resolve_targets(run, source)
-            run.shots, run.seed = args.shots[0], args.seeds[0]  # the base spec's; the grid sets every trial's
-            spec = spec_from_args(run, use_gpu=args.use_gpu != "no")  # resolved against the cluster once Ray is up
-            # Every shot count and seed, once each: nothing searched, no trial stopped early (the plan's choice).
-            grid = (f"train.shots={','.join(map(str, args.shots))}", f"train.seed={','.join(map(str, args.seeds))}")
-            name = f"{args.sweep_name}-{source.name}" if args.sweep_name and len(datasets) > 1 else args.sweep_name
-            settings = dataclasses.replace(sweep_settings_from_args(args), grid=grid, num_samples=1, name=name)
-            runs.append((run, targets, spec, settings))
+        studies = plan_studies(args)
         infra = infra_settings_from_args(args)
     except INPUT_ERRORS as err:
         return fail(str(err))
     collected: dict[str, dict] = {}
     codes = []
-    for run, targets, spec, settings in runs:
+    for value, spec, targets, settings in studies:
         log = finish(args.protocol, targets)
 
-        def finish_and_keep(summary, rows, state, log=log, key=run.dataset):
+        def finish_and_keep(summary, rows, state, log=log, key=value):
             out = log(summary, rows, state)
-            collected[key] = {"results": out["study"], "parent_run_id": state["parent_run_id"],
-                              "tracking_uri": state["tracking_uri"]}
+            collected[key] = {"results": out["study"], "parent_run_id": state.parent_run_id,
+                              "tracking_uri": state.tracking_uri}
             return out
 
         plan = SweepPlan(kind="study", entry_point="platform.study", search=False, early_stopping=False,
                          register=False, describe=describe(args.protocol, targets), finish=finish_and_keep,
                          report=report, json_keys=("study",), eval_targets=targets,
                          resume_flags=resume_flags(args.protocol, targets))
-        codes.append(run_sweep(spec, settings, infra, plan))
+        codes.append(present(run_sweep(spec, settings, infra, plan), plan, json_output=infra.json))
         if codes[-1] == 2:
             return 2  # a bad input: the line is printed, the other datasets would likely fail alike
-    if len(runs) > 1 and len(collected) == len(runs):
+    if len(studies) > 1 and len(collected) == len(studies):
         results = combine([c["results"] for c in collected.values()], args.protocol)
         first = next(iter(collected.values()))
         name = f"study-{args.protocol}-{time.strftime('%Y%m%d-%H%M%S')}"
         logged = log_combined(results, {k: c["parent_run_id"] for k, c in collected.items()}, first["tracking_uri"],
                               name)
-        print(f"\nStudy over {len(runs)} datasets ({args.protocol}), each dataset's mean over its seeds and their "
+        print(f"\nStudy over {len(studies)} datasets ({args.protocol}), each dataset's mean over its seeds and their "
               f"average:\n\n{format_table(results)}\n\n  MLflow run         {logged['run_id']} (experiment "
               "'coop-studies')")
         if args.json:

@@ -44,6 +44,7 @@ from platform.cli import (
 )
 from platform.launch import INPUT_ERRORS
 from platform.sweep.flags import add_sweep_arguments, infra_settings_from_args, sweep_settings_from_args
+from platform.sweep.report import present
 from platform.sweep.run import run_sweep
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = spec_from_args(args, use_gpu=args.use_gpu != "no")  # resolved against the cluster once Ray is up
     except INPUT_ERRORS as err:
         return fail(str(err))
-    return run_sweep(spec, settings, infra)
+    return present(run_sweep(spec, settings, infra), json_output=infra.json)
 
 
 if __name__ == "__main__":

@@ -37,16 +37,30 @@ from typing import Any, Protocol
 
 import torch
 
-from coop_core.backbone import load_clip, weights_digest
+from coop_core import (
+    Distributed,
+    NonFiniteLossError,
+    PromptMeta,
+    SingleProcess,
+    TrainState,
+    build_few_shot,
+    build_model,
+    evaluate,
+    evaluate_final,
+    evaluation_features,
+    load_clip,
+    nearest_words,
+    nearest_words_table,
+    prepare_features,
+    prompt_model,
+    save_prompts,
+    text_sharding_for,
+    text_tower,
+    train,
+    weights_digest,
+    zeroshot_evaluate,
+)
 from coop_core.datasets import DatasetSplits
-from coop_core.distributed import text_sharding_for
-from coop_core.engine import Distributed, NonFiniteLossError, SingleProcess, TrainState, evaluate, train
-from coop_core.fewshot import build_few_shot
-from coop_core.interpret import nearest_words, nearest_words_table
-from coop_core.pipeline import build_model, evaluation_features, prepare_features, prompt_model
-from coop_core.prompts_io import PromptMeta, save_prompts
-from coop_core.text_encoder import text_tower
-from coop_core.zeroshot import zeroshot_evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -215,12 +229,12 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
         final = int(metrics["epoch"]) == epochs
         if final and rank == 0:
             t_eval = time.perf_counter()
-            test = evaluate(model, feats.test, cfg.precision)
-            zs = zeroshot_evaluate(clip.model, clip.tokenizer, splits.classnames, splits.template, feats.test)
-            metrics.update(test_acc=test["acc"], test_macro_f1=test["macro_f1"], zeroshot_test_acc=zs["acc"],
-                           zeroshot_test_macro_f1=zs["macro_f1"])
-            if feats.registry is not None:
-                metrics[artifacts.REGISTRY_METRIC] = evaluate(model, feats.registry, cfg.precision)["acc"]
+            done = evaluate_final(model, clip, splits, feats, cfg.precision)  # as coop_core.run_coop measures
+            metrics.update(test_acc=done.test["acc"], test_macro_f1=done.test["macro_f1"],
+                           zeroshot_test_acc=done.zeroshot_test["acc"],
+                           zeroshot_test_macro_f1=done.zeroshot_test["macro_f1"])
+            if done.registry is not None:
+                metrics[artifacts.REGISTRY_METRIC] = done.registry["acc"]
             for target in spec.eval_targets:
                 metrics.update(_evaluate_target(spec, target, clip, mkey, model, splits.classnames, device))
             timing["time_eval_s"] += time.perf_counter() - t_eval

@@ -16,6 +16,7 @@ from coop_core.datasets.base import (
     ImageListDataset,
     Item,
     UnreadableImageError,
+    check_images_exist,
     class_subset_names,
     classnames_from_items,
     get_dataset_spec,
@@ -31,8 +32,11 @@ from coop_core.datasets.base import (
 from coop_core.datasets.data import imagenet_a_wnids, imagenet_classnames, imagenet_r_wnids
 from coop_core.datasets.download import DownloadError, tree_digest
 from coop_core.datasets.folder import DEFAULT_TEMPLATE, FolderSource, folder_source, load_folder_dataset
+from coop_core.datasets.imagenet_variants import DG_TARGETS
 
 __all__ = [
+    "DG_TARGETS",
+    "check_images_exist",
     "CLASS_SUBSETS",
     "COOP_DATASETS_URL",
     "DEFAULT_TEMPLATE",

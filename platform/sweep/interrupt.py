@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
+import signal
+import threading
 from collections.abc import Mapping
+from platform import tracking
+from platform.sweep.trial_runs import error_line
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -25,9 +28,6 @@ class SweepInterrupt:
         self.requested = False
 
     def __enter__(self) -> SweepInterrupt:
-        import signal
-        import threading
-
         self._active = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
         if self._active:
             self._env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
@@ -36,8 +36,6 @@ class SweepInterrupt:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        import signal
-
         if self.requested or signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
             raise KeyboardInterrupt  # a second Ctrl-C, or Tune's handler is not (yet, or any more) installed
         self.requested = True
@@ -46,8 +44,6 @@ class SweepInterrupt:
         os.kill(os.getpid(), signal.SIGUSR1)  # Ray Tune's graceful stop
 
     def __exit__(self, *exc: Any) -> None:
-        import signal
-
         if not self._active:
             return
         signal.signal(signal.SIGINT, self._previous)
@@ -57,23 +53,16 @@ class SweepInterrupt:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self._env
 
 
-def interrupted(callback: Any, summary: Mapping[str, Any], state: Mapping[str, Any], started_ray: bool) -> int:
+def interrupted(callback: Any, summary: Mapping[str, Any]) -> str:
     """End an interrupted sweep cleanly: the runs of the trials it stopped, and the sweep's run, end KILLED
-    (``--resume`` continues them and sets them running again); nothing is registered; exit status 130."""
-    from platform import tracking
-    from platform.sweep_tracking import error_line
-
-    import ray
-
+    (``--resume`` continues them and sets them running again); nothing is registered. Returns the line that tells
+    the user how to finish the sweep (the CLI prints it; exit status 130)."""
     try:
-        for run in callback.child_runs().values():
+        for run in callback.runs.child_runs().values():
             if run.info.status == "RUNNING":
                 tracking.end_run(run.info.run_id, "KILLED", tracking_uri=callback.tracking_uri)
-        tracking.end_run(state["parent_run_id"], "KILLED", tracking_uri=state["tracking_uri"])
+        tracking.end_run(callback.parent_run_id, "KILLED", tracking_uri=callback.tracking_uri)
     except Exception as err:  # the store is gone too: --resume closes the runs later
         logger.warning("could not mark the interrupted runs in MLflow (%s)", error_line(err))
-    if started_ray:
-        ray.shutdown()
-    sys.stderr.write(f"interrupted: the sweep's {summary['trials']} trials are kept with their checkpoints; their "
-                     f"MLflow runs are marked KILLED. Finish the sweep with: {callback.log_command()}\n")
-    return 130
+    return (f"interrupted: the sweep's {summary['trials']} trials are kept with their checkpoints; their MLflow runs "
+            f"are marked KILLED. Finish the sweep with: {callback.log_command()}")

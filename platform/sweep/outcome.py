@@ -2,16 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from platform import artifacts, tracking
 from platform.artifacts import EPOCHS_TOTAL_KEY, FAILURE_KEY
+from platform.registry import register_prompt, registered_model_name
+from platform.sweep.state import SweepState
+from platform.sweep.trial_runs import checkpoint_dir, error_line, trial_checkpoint_path
+from platform.trials import searched_overrides
 from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepOutcome:
+    """What ``run_sweep`` came to, for the CLI to present (``platform.sweep.report.present``).
+
+    status: the exit status (0 ok, 1 no trial finished or MLflow failed, 2 bad input, 130 interrupted). error: the
+    one line of a refused input (status 2; nothing ran). summary: the sweep's summary (``summarise`` and what the
+    registration, timing and plan added); None when nothing ran. rows: one per trial (:func:`trial_rows`). notice:
+    what an interrupted sweep tells the user (how to finish it).
+    """
+
+    status: int
+    error: str | None = None
+    summary: Mapping[str, Any] | None = None
+    rows: tuple[Mapping[str, Any], ...] = ()
+    notice: str | None = None
 
 
 def trial_rows(grid: Any, epochs: int) -> list[dict[str, Any]]:
     """One summary row per trial of a ResultGrid (status, epochs reached, metrics, config, checkpoint)."""
-    from platform.sweep_tracking import error_line, trial_checkpoint_path
-
     rows = []
     for result in grid:
         m = result.metrics or {}
@@ -45,11 +66,9 @@ def pick_best(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     return max(candidates, key=lambda r: (r["val_acc"], -rows.index(r)))
 
 
-def summarise(rows: Sequence[Mapping[str, Any]], spec: Any, state: Mapping[str, Any], name: str, sweep_dir: str,
+def summarise(rows: Sequence[Mapping[str, Any]], spec: Any, state: SweepState, name: str, sweep_dir: str,
               resumed: bool) -> dict[str, Any]:
     """The sweep's outcome before registration (trial counts, where things are)."""
-    from platform import tracking
-    from platform.registry import registered_model_name
 
     return {
         "sweep_name": name, "sweep_dir": sweep_dir, "dataset": spec.dataset, "epochs": spec.train.resolved_epochs,
@@ -58,41 +77,36 @@ def summarise(rows: Sequence[Mapping[str, Any]], spec: Any, state: Mapping[str, 
         "trials_finished": sum(r["finished"] for r in rows),
         "trials_early_stopped": sum(r["status"] == "TERMINATED" and not r["finished"] for r in rows),
         "trials_errored": sum(r["status"] in ("ERROR", "FAILED") for r in rows),
-        "parent_run_id": state["parent_run_id"], "experiment": state["experiment"],
-        "tracking_uri": state["tracking_uri"], "ui_command": tracking.ui_command(state["tracking_uri"]),
-        "runs_url": state.get("runs_url"),
-        "resumed": resumed, "trial_runner": state["trial_runner"], "best_config": None, "best_trial_id": None,
+        "parent_run_id": state.parent_run_id, "experiment": state.experiment,
+        "tracking_uri": state.tracking_uri, "ui_command": tracking.ui_command(state.tracking_uri),
+        "runs_url": state.runs_url,
+        "resumed": resumed, "trial_runner": state.trial_runner, "best_config": None, "best_trial_id": None,
         "best_run_id": None, "val_acc": None,
         "test_acc": None, "zeroshot_test_acc": None, "registered_model": registered_model_name(spec.model_key),
         "registered_version": None, "champion_version": None, "champion_reason": None,
-        "register": state.get("register", True),
+        "register": state.register,
     }
 
 
 def best_trial_summary(best: Mapping[str, Any], callback: Any) -> dict[str, Any]:
     """The summary fields of the best trial when nothing is registered (a study)."""
-    from platform.trials import searched_overrides
 
     return {"best_config": searched_overrides(best["config"]), "best_trial_id": best["trial_id"],
-            "best_run_id": callback.run_for(best["trial_id"], best["config"]), "val_acc": best["val_acc"],
+            "best_run_id": callback.runs.run_for(best["trial_id"], best["config"]), "val_acc": best["val_acc"],
             "test_acc": best["test_acc"], "zeroshot_test_acc": best["zeroshot_test_acc"],
             "n_ctx_effective": best["last_result"].get("n_ctx_effective")}
 
 
-def register_best(best: Mapping[str, Any], callback: Any, state: Mapping[str, Any], name: str,
+def register_best(best: Mapping[str, Any], callback: Any, state: SweepState, name: str,
                   storage_path: str) -> dict[str, Any]:
     """Register the best trial's final prompts (``platform.registry``); the summary fields it adds."""
-    from platform import artifacts
-    from platform.registry import register_prompt
-    from platform.sweep_tracking import checkpoint_dir
-    from platform.trials import searched_overrides
 
-    best_run_id = callback.run_for(best["trial_id"], best["config"])
+    best_run_id = callback.runs.run_for(best["trial_id"], best["config"])
     with checkpoint_dir(best["checkpoint_path"], storage_path) as d:
         resolved = artifacts.read_config(d)
         registration = register_prompt(
-            d, resolved, best["last_result"], run_id=best_run_id, tracking_uri=state["tracking_uri"],
-            extra_tags={"sweep_run_id": state["parent_run_id"], "trial_id": best["trial_id"], "sweep": name},
+            d, resolved, best["last_result"], run_id=best_run_id, tracking_uri=state.tracking_uri,
+            extra_tags={"sweep_run_id": state.parent_run_id, "trial_id": best["trial_id"], "sweep": name},
         )
     return {
         "best_config": searched_overrides(best["config"]), "best_trial_id": best["trial_id"],

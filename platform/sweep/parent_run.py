@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from platform.artifacts import ACCURACY_KEYS, DASHBOARDS_ARTIFACT_DIR
 from platform.sweep.plan import METRIC, InfraSettings, SweepPlan, SweepSettings, grid_epochs
-from platform.sweep.state import write_sweep_state
+from platform.sweep.state import SweepState, write_sweep_state
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 def open_sweep(settings: SweepSettings, infra: InfraSettings, spec: Any, space: Mapping[str, Any],
                grid: Mapping[str, Sequence[Any]], name: str, sweep_dir: str, max_concurrent: int, runner: str,
-               gpus_per_trial: float, plan: SweepPlan = SweepPlan()) -> dict[str, Any]:
+               gpus_per_trial: float, plan: SweepPlan = SweepPlan()) -> SweepState:
     """Start the sweep's MLflow parent run (base config and sweep settings as params) and write its state file."""
     from platform import tracking
 
@@ -56,13 +56,13 @@ def open_sweep(settings: SweepSettings, infra: InfraSettings, spec: Any, space: 
         f"(again: `python -m dashboards --parent-run-id {parent_run_id}`)\n"
         f"- sweep folder (Ray Tune state, checkpoints): `{sweep_dir}`")
     tracking.set_description(parent_run_id, description, tracking_uri=tracking_uri)
-    state = {"dataset": spec.dataset, "base_spec": spec.to_dict(), "parent_run_id": parent_run_id,
-             "tracking_uri": tracking_uri, "experiment": experiment, "experiment_id": experiment_id,
-             "started_at": time.time(), "runs_url": runs_url,
-             "num_samples": num_samples, "search_seed": search_seed, "epochs": epochs, "trial_runner": runner,
-             "gpus_per_trial": gpus_per_trial, "max_failures": settings.max_failures, "grid": dict(grid),
-             "kind": plan.kind, "early_stopping": plan.early_stopping, "register": plan.register,
-             "entry_point": plan.entry_point, "resume_flags": list(plan.resume_flags)}
+    state = SweepState(dataset=spec.dataset, base_spec=spec.to_dict(), parent_run_id=parent_run_id,
+                       tracking_uri=tracking_uri, experiment=experiment, experiment_id=experiment_id,
+                       started_at=time.time(), runs_url=runs_url, num_samples=num_samples, search_seed=search_seed,
+                       epochs=epochs, trial_runner=runner, gpus_per_trial=gpus_per_trial,
+                       max_failures=settings.max_failures, grid={k: list(v) for k, v in grid.items()}, kind=plan.kind,
+                       entry_point=plan.entry_point, early_stopping=plan.early_stopping, register=plan.register,
+                       resume_flags=tuple(plan.resume_flags))
     if "://" not in sweep_dir:
         write_sweep_state(sweep_dir, state)
     return state
@@ -82,7 +82,7 @@ def close_unclosed_runs(callback: Any, rows: Sequence[Mapping[str, Any]]) -> Non
     """Close the child runs of trials that ended while no driver was watching (a killed or interrupted driver), so
     no run stays RUNNING: finished trials become FINISHED (with their metrics and artifacts from the checkpoint),
     failed and errored ones FAILED with the reason."""
-    runs = callback.child_runs()
+    runs = callback.runs.child_runs()
     for row in rows:
         run = runs.get(row["trial_id"])
         status = run.info.status if run is not None else None
@@ -92,7 +92,7 @@ def close_unclosed_runs(callback: Any, rows: Sequence[Mapping[str, Any]]) -> Non
             callback.mark_failed(row["trial_id"], row["config"], row["failure"] or "error (see the trial's Ray logs)")
 
 
-def draw_dashboards(state: Mapping[str, Any], sweep_dir: str) -> dict[str, str]:
+def draw_dashboards(state: SweepState, sweep_dir: str) -> dict[str, str]:
     """Draw the sweep's dashboards (``dashboards.report``) and log them to its parent run; the files by name.
 
     A failure here costs the pictures, never the sweep: it is logged in one line and the report says how to retry.
@@ -107,24 +107,24 @@ def draw_dashboards(state: Mapping[str, Any], sweep_dir: str) -> dict[str, str]:
     out = Path(sweep_dir) / DASHBOARDS_ARTIFACT_DIR if "://" not in sweep_dir else None
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            result = build_dashboards(MlflowClient(state["tracking_uri"]), state["parent_run_id"], out or Path(tmp),
+            result = build_dashboards(MlflowClient(state.tracking_uri), state.parent_run_id, out or Path(tmp),
                                       log=True)
     except Exception as err:  # a plotting or store error: keep the sweep's outcome
         logger.warning("dashboards not drawn (%s: %s); retry with: python -m dashboards --parent-run-id %s",
                        type(err).__name__, str(err).strip().splitlines()[0] if str(err).strip() else "",
-                       state["parent_run_id"])
+                       state.parent_run_id)
         return {}
     return result["files"] if out is not None else {k: f"{DASHBOARDS_ARTIFACT_DIR}/{Path(v).name}"
                                                     for k, v in result["files"].items()}
 
 
-def close_sweep(summary: Mapping[str, Any], state: Mapping[str, Any]) -> None:
+def close_sweep(summary: Mapping[str, Any], state: SweepState) -> None:
     """Log the sweep's outcome on the parent run and end it (FINISHED, or FAILED when no trial finished)."""
     from platform import tracking
 
     from mlflow.tracking import MlflowClient
 
-    uri, parent = state["tracking_uri"], state["parent_run_id"]
+    uri, parent = state.tracking_uri, state.parent_run_id
     best = {k: summary[k] for k in ACCURACY_KEYS if summary[k] is not None}
     # The best trial's accuracies also go under the trials' own keys, so the sweep's row of the runs table shows them
     # in the same columns as its trials; best_* keep their explicit names for scripts.

@@ -1,16 +1,31 @@
-"""``run_sweep``: the checks before Ray starts, Ray's start-up, the Tuner's run and what follows it."""
+"""``run_sweep``: a sweep from the checks before Ray starts to its outcome, in the order it goes, printing nothing.
+
+1. :func:`resolve_target`: what runs -- the sweep's name and folder, its trials' base run, search space or grid, and
+   trial runner; from the saved state when resuming.
+2. ``platform.launch.check_before_ray``: every input checked (every shot count and prompt a trial may train), the
+   tracking store opened.
+3. Ray's start-up, then :func:`place`: the GPU share and how many trials fit at once.
+4. :func:`start_or_continue`: the sweep's MLflow parent run opened (and its state file written), or the resumed
+   one set running again.
+5. :func:`fit`: the Tuner runs every trial, each logged to its MLflow child run as it goes.
+6. :func:`conclude`: the trials' outcome -- runs the callback missed closed, the best trial registered, the parent
+   run closed, the dashboards drawn -- or, after Ctrl-C, the runs marked KILLED.
+
+The CLIs print the :class:`~platform.sweep.outcome.SweepOutcome` (``platform.sweep.report.present``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import time
+from collections.abc import Mapping, Sequence
+from platform.cli import configure_logging
+from platform.launch import INPUT_ERRORS, Checked, check_before_ray, resolve_gpus, start_ray, warn_unshared_paths
 from platform.progress import ConsoleProgress, TrialBar, bars_wanted
 from platform.run_spec import RunSpec
 from platform.sweep.interrupt import SweepInterrupt, interrupted
-from platform.sweep.outcome import best_trial_summary, pick_best, register_best, summarise, trial_rows
+from platform.sweep.outcome import SweepOutcome, best_trial_summary, pick_best, register_best, summarise, trial_rows
 from platform.sweep.parent_run import close_sweep, close_unclosed_runs, draw_dashboards, open_sweep
 from platform.sweep.plan import (
     METRIC,
@@ -25,11 +40,28 @@ from platform.sweep.plan import (
     shot_candidates,
     validate_gpus_per_trial,
 )
-from platform.sweep.report import JSON_KEYS, format_report
-from platform.sweep.state import SWEEP_STATE_FILE, latest_sweep, read_sweep_state, resume_command, sweep_folder
+from platform.sweep.state import (
+    SWEEP_STATE_FILE,
+    SweepState,
+    latest_sweep,
+    read_sweep_state,
+    resume_command,
+    sweep_folder,
+)
 from platform.sweep.timing import timing
+from platform.sweep.trial_runs import error_line
 from platform.sweep.tuner import build_tuner
+from platform.sweep_tracking import MlflowSweepCallback
+from platform.tracking import resolve_tracking_uri
 from platform.tracking_store import limit_http_retries
+from platform.trial_stopping import CONTROLLERS_ACTOR_NAME, TrialControllersActor
+from typing import Any
+
+import ray
+from mlflow.tracking import MlflowClient
+
+from coop_core.datasets import get_dataset_spec
+from tune_spaces import space_for
 
 logger = logging.getLogger(__name__)
 
@@ -37,129 +69,135 @@ logger = logging.getLogger(__name__)
 BAR_LABELS = {"features": "image features"}
 
 
-def run_sweep(spec: RunSpec, settings: SweepSettings, infra: InfraSettings, plan: SweepPlan = SweepPlan()) -> int:
-    """Run the sweep of ``spec`` (every trial's base run) that ``settings``, ``infra`` and ``plan`` describe; returns
-    the exit status (0 ok, 1 no trial finished or MLflow failed, 2 bad input, 130 interrupted).
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What a sweep runs, resolved from the flags (a new sweep) or from its state file (``saved``: a resumed one).
 
-    With ``settings.resume`` the sweep's saved state replaces ``spec`` and the settings it was started with."""
-    from platform import tracking
-    from platform.cli import configure_logging, fail
-    from platform.launch import INPUT_ERRORS, check_before_ray, resolve_gpus, start_ray, warn_unshared_paths
+    name, sweep_dir: the sweep's folder under the storage path. spec: every trial's base run. space: the searched
+    fields' domains (empty for a grid or a study). grid: ``{field: values}`` (empty for a search). runner: the trial
+    runner. tracking_uri: the MLflow store.
+    """
 
-    from coop_core.datasets import get_dataset_spec
-    from tune_spaces import space_for
+    name: str
+    sweep_dir: str
+    spec: RunSpec
+    space: Mapping[str, Any]
+    grid: Mapping[str, Sequence[Any]]
+    runner: str
+    tracking_uri: str
+    saved: SweepState | None = None
 
-    configure_logging(infra.verbose)
-    limit_http_retries()
-    t0 = time.perf_counter()
+
+def resolve_target(spec: RunSpec, settings: SweepSettings, infra: InfraSettings, plan: SweepPlan) -> Target:
+    """The sweep :func:`run_sweep` runs.
+
+    Raises:
+        ValueError: nothing to resume, a ``--fixed`` field that is not searched, a bad grid (one line each).
+    """
     storage_path = infra.resolved_storage_path
     ref = spec.data_ref
-
-    state = None
-    name = settings.name
+    name, saved = settings.name, None
     if settings.resume:
         name = name or latest_sweep(storage_path, ref.name, plan.kind)
         if name is None:
-            return fail(f"--resume: no sweep of {ref.name!r} under {storage_path} (pass --sweep-name)")
-        state = read_sweep_state(sweep_folder(storage_path, name))
-        if state is None:
-            return fail(f"--resume: {sweep_folder(storage_path, name)}/{SWEEP_STATE_FILE} not found; "
-                        "is this a sweep folder?")
+            raise ValueError(f"--resume: no sweep of {ref.name!r} under {storage_path} (pass --sweep-name)")
+        saved = read_sweep_state(sweep_folder(storage_path, name))
+        if saved is None:
+            raise ValueError(f"--resume: {sweep_folder(storage_path, name)}/{SWEEP_STATE_FILE} not found; "
+                             "is this a sweep folder?")
     name = name or f"{plan.kind}-{ref.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    sweep_dir = sweep_folder(storage_path, name)
-    try:
-        template = ref.source.template if ref.source is not None else get_dataset_spec(ref.name).template
-        space = space_for(ref.name, template) if plan.search else {}
-        unknown = sorted(set(settings.fixed) - set(space))
-        if unknown:
-            raise ValueError(f"--fixed {' '.join(unknown)}: not searched for {ref.name}; "
-                             f"searched fields: {', '.join(space)}")
-        space = {k: v for k, v in space.items() if k not in settings.fixed}
-        if state is not None:
-            spec = RunSpec.from_dict(state["base_spec"])
-            runner = state["trial_runner"]
-            grid = state["grid"]
-        else:
-            spec = dataclasses.replace(spec, eval_targets=plan.eval_targets)
-            grid = parse_grid(settings.grid, spec)
-            if grid:
-                space = {}  # a grid sweep searches nothing else
-            runner = resolve_trial_runner(settings.trial_runner, spec)
-        tracking_uri = state["tracking_uri"] if state is not None else tracking.resolve_tracking_uri(infra.tracking_uri)
-        checked = check_before_ray(spec, tracking_uri=tracking_uri, storage_path=storage_path,
-                                   prompts=prompt_candidates(spec, space, grid), shots=shot_candidates(spec, grid))
-    except INPUT_ERRORS as err:
-        return fail(str(err))
+    template = ref.source.template if ref.source is not None else get_dataset_spec(ref.name).template
+    space = space_for(ref.name, template) if plan.search else {}
+    unknown = sorted(set(settings.fixed) - set(space))
+    if unknown:
+        raise ValueError(f"--fixed {' '.join(unknown)}: not searched for {ref.name}; "
+                         f"searched fields: {', '.join(space)}")
+    space = {k: v for k, v in space.items() if k not in settings.fixed}
+    if saved is not None:
+        return Target(name, sweep_folder(storage_path, name), saved.spec, space, saved.grid, saved.trial_runner,
+                      saved.tracking_uri, saved)
+    spec = dataclasses.replace(spec, eval_targets=plan.eval_targets)
+    grid = parse_grid(settings.grid, spec)
+    return Target(name, sweep_folder(storage_path, name), spec, {} if grid else space, grid,
+                  resolve_trial_runner(settings.trial_runner, spec), resolve_tracking_uri(infra.tracking_uri))
 
-    from platform.sweep_tracking import MlflowSweepCallback, error_line
 
-    import ray
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where the trials run once Ray is up: the base run with ``use_gpu`` resolved, each trial's GPU share, and how
+    many trials run at once."""
 
-    started_ray = start_ray(infra.ray_address, verbose=infra.verbose, offline=checked.offline)
-    try:
-        if state is None:
-            spec = resolve_gpus(spec, infra.use_gpu)
-            gpus_per_trial = validate_gpus_per_trial(settings.gpus_per_trial, spec, runner)
-        else:
-            gpus_per_trial = state["gpus_per_trial"]
-        max_concurrent = resolve_max_concurrent(settings.max_concurrent, spec, ray.cluster_resources(),
-                                                gpus_per_trial)
-        warn_unshared_paths(checked.splits, spec, storage_path)
-    except ValueError as err:
-        return fail(str(err))
-    epochs = grid_epochs(spec, grid)
+    spec: RunSpec
+    gpus_per_trial: float
+    max_concurrent: int
 
-    try:
-        if state is None:
-            state = open_sweep(settings, infra, spec, space, grid, name, sweep_dir, max_concurrent, runner,
-                               gpus_per_trial, plan)
-        else:
-            from mlflow.tracking import MlflowClient
 
-            MlflowClient(state["tracking_uri"]).update_run(state["parent_run_id"], status="RUNNING")
-    except Exception as err:  # the store passed the probe a moment ago and failed now: nothing has run yet
-        return fail(f"MLflow tracking failed before the sweep started ({error_line(err)}); nothing was trained, "
-                    "run the command again once the tracking store works")
-    resumed = settings.resume
-    n_trials = state["num_samples"] * math.prod(len(v) for v in (state.get("grid") or {}).values())
-    logger.info("%s %s: %d trials of %s, %d at once (%s trials); MLflow run %s (%s)", plan.kind, name, n_trials,
-                spec.data_ref.label, max_concurrent, state["trial_runner"], state["parent_run_id"],
-                state["tracking_uri"])
+def place(target: Target, settings: SweepSettings, infra: InfraSettings, checked: Checked) -> Placement:
+    """Fit the trials to the cluster Ray joined (a resumed sweep keeps its GPU share).
 
-    callback = MlflowSweepCallback(parent_run_id=state["parent_run_id"], experiment=state["experiment"],
-                                   tracking_uri=state["tracking_uri"], base_spec=spec.to_dict(),
-                                   storage_path=storage_path, epochs=epochs, sweep_name=name,
-                                   resume_command=resume_command(state, name, storage_path))
+    Raises:
+        ValueError: not one trial fits, or a GPU share that DDP trials cannot take.
+    """
+    if target.saved is None:
+        spec = resolve_gpus(target.spec, infra.use_gpu)
+        gpus_per_trial = validate_gpus_per_trial(settings.gpus_per_trial, spec, target.runner)
+    else:
+        spec, gpus_per_trial = target.spec, target.saved.gpus_per_trial
+    max_concurrent = resolve_max_concurrent(settings.max_concurrent, spec, ray.cluster_resources(), gpus_per_trial)
+    warn_unshared_paths(checked.splits, spec, infra.resolved_storage_path)
+    return Placement(spec, gpus_per_trial, max_concurrent)
+
+
+def start_or_continue(target: Target, settings: SweepSettings, infra: InfraSettings, plan: SweepPlan,
+                      placement: Placement) -> SweepState:
+    """Open the sweep's MLflow parent run and write its state file; a resumed sweep's run is set RUNNING again.
+
+    Raises:
+        Exception: whatever the tracking store raises (it passed the probe a moment ago; nothing has run yet).
+    """
+    if target.saved is not None:
+        MlflowClient(target.saved.tracking_uri).update_run(target.saved.parent_run_id, status="RUNNING")
+        return target.saved
+    return open_sweep(settings, infra, placement.spec, target.space, target.grid, target.name, target.sweep_dir,
+                      placement.max_concurrent, target.runner, placement.gpus_per_trial, plan)
+
+
+def fit(target: Target, settings: SweepSettings, infra: InfraSettings, state: SweepState, placement: Placement,
+        callback: MlflowSweepCallback) -> tuple[list[dict[str, Any]], bool]:
+    """Run the Tuner (restored when resuming) with the MLflow callback and the console's bars; the trials' rows and
+    whether Ctrl-C stopped it."""
+    spec, epochs = placement.spec, grid_epochs(placement.spec, state.grid)
     bars = ConsoleProgress(bars_wanted(json_output=infra.json, verbose=infra.verbose), labels=BAR_LABELS)
     with bars:
-        trial_bar = TrialBar(bars, n_trials, epochs, METRIC)
-        tuner = build_tuner(settings, infra.verbose, spec, space, state, name, storage_path, sweep_dir, max_concurrent,
-                            [callback, trial_bar], restore=resumed, progress_board=bars.board)
+        trial_bar = TrialBar(bars, state.n_trials, epochs, METRIC)
+        tuner = build_tuner(settings, infra.verbose, spec, target.space, state, target.name,
+                            infra.resolved_storage_path, target.sweep_dir, placement.max_concurrent,
+                            [callback, trial_bar], restore=settings.resume, progress_board=bars.board)
         controllers = None
-        if state["trial_runner"] == "ray-train":
-            from platform.trial_stopping import CONTROLLERS_ACTOR_NAME, TrialControllersActor
-
+        if state.trial_runner == "ray-train":
             controllers = TrialControllersActor.options(name=CONTROLLERS_ACTOR_NAME, get_if_exists=True).remote()
         with SweepInterrupt(callback) as interrupt:
-            grid = tuner.fit()
+            results = tuner.fit()
     if controllers is not None:
         logger.info("trial controllers: %s", ray.get(controllers.stats.remote()))
         ray.kill(controllers)  # the sweep is over: nothing is left to stop or reap
+    return trial_rows(results, epochs), interrupt.requested
 
-    rows = trial_rows(grid, epochs)
-    summary = summarise(rows, spec, state, name, sweep_dir, resumed)
-    summary["resume_command"] = callback.resume_command
-    if interrupt.requested:  # Ctrl-C: Tune stopped the trials and saved its state, fit() returned early
-        return interrupted(callback, summary, state, started_ray)
+
+def conclude(rows: Sequence[Mapping[str, Any]], summary: dict[str, Any], state: SweepState, plan: SweepPlan,
+             callback: MlflowSweepCallback, target: Target, storage_path: str, t0: float) -> int:
+    """Log what the trials came to and register the best (``summary`` gains the outcome); the exit status.
+
+    Everything here writes to MLflow. If the server went away, the trials' results stay in their checkpoints and the
+    summary holds the command that logs them (and registers the best trial, once) when it is back.
+    """
     best = pick_best(rows)
-    # Everything below writes to MLflow. If the server went away, the trials' results stay in their checkpoints and
-    # the report says which command logs them (and registers the best trial, once) when it is back.
     tracking_error = None
     try:
         callback.setup()
         close_unclosed_runs(callback, rows)
-        if best is not None and state.get("register", True):
-            summary.update(register_best(best, callback, state, name, storage_path))
+        if best is not None and state.register:
+            summary.update(register_best(best, callback, state, target.name, storage_path))
         elif best is not None:
             summary.update(best_trial_summary(best, callback))
     except Exception as err:  # whatever the store raises; the sweep's results are safe on disk
@@ -171,17 +209,59 @@ def run_sweep(spec: RunSpec, settings: SweepSettings, infra: InfraSettings, plan
             if plan.finish is not None:
                 summary.update(plan.finish(summary, rows, state))
             close_sweep(summary, state)
-            summary["dashboards"] = draw_dashboards(state, sweep_dir)
+            summary["dashboards"] = draw_dashboards(state, target.sweep_dir)
         except Exception as err:
             tracking_error = error_line(err)
     summary.update(tracking_complete=tracking_error is None, tracking_error=tracking_error,
                    log_command=None if tracking_error is None else callback.log_command())
-    if started_ray:
-        ray.shutdown()  # stops forwarding worker logs, so nothing can follow the report and the JSON line on stdout
-
-    print(format_report(summary, rows))
-    if plan.report is not None and tracking_error is None:
-        print(plan.report(summary))
-    if infra.json:
-        print(json.dumps({k: summary.get(k) for k in (*JSON_KEYS, *plan.json_keys)}, sort_keys=True))
     return 0 if best is not None and tracking_error is None else 1
+
+
+def run_sweep(spec: RunSpec, settings: SweepSettings, infra: InfraSettings, plan: SweepPlan = SweepPlan()
+              ) -> SweepOutcome:
+    """Run the sweep of ``spec`` (every trial's base run) that ``settings``, ``infra`` and ``plan`` describe.
+
+    With ``settings.resume`` the sweep's saved state replaces ``spec`` and the settings it was started with. Prints
+    nothing (log records aside); the outcome's status is 0 ok, 1 no trial finished or MLflow failed, 2 bad input,
+    130 interrupted.
+    """
+    configure_logging(infra.verbose)
+    limit_http_retries()
+    t0 = time.perf_counter()
+    storage_path = infra.resolved_storage_path
+    try:
+        target = resolve_target(spec, settings, infra, plan)
+        checked = check_before_ray(target.spec, tracking_uri=target.tracking_uri, storage_path=storage_path,
+                                   prompts=prompt_candidates(target.spec, target.space, target.grid),
+                                   shots=shot_candidates(target.spec, target.grid))
+    except INPUT_ERRORS as err:
+        return SweepOutcome(status=2, error=str(err))
+    started_ray = start_ray(infra.ray_address, verbose=infra.verbose, offline=checked.offline)
+    try:  # Ray stops before the outcome is printed: no worker log can follow the report and the JSON line
+        try:
+            placement = place(target, settings, infra, checked)
+        except ValueError as err:
+            return SweepOutcome(status=2, error=str(err))
+        try:
+            state = start_or_continue(target, settings, infra, plan, placement)
+        except Exception as err:
+            return SweepOutcome(status=2, error=f"MLflow tracking failed before the sweep started ({error_line(err)}); "
+                                "nothing was trained, run the command again once the tracking store works")
+        logger.info("%s %s: %d trials of %s, %d at once (%s trials); MLflow run %s (%s)", plan.kind, target.name,
+                    state.n_trials, placement.spec.data_ref.label, placement.max_concurrent, state.trial_runner,
+                    state.parent_run_id, state.tracking_uri)
+        callback = MlflowSweepCallback(parent_run_id=state.parent_run_id, experiment=state.experiment,
+                                       tracking_uri=state.tracking_uri, base_spec=placement.spec.to_dict(),
+                                       storage_path=storage_path, epochs=grid_epochs(placement.spec, state.grid),
+                                       sweep_name=target.name,
+                                       resume_command=resume_command(state, target.name, storage_path))
+        rows, stopped = fit(target, settings, infra, state, placement, callback)
+        summary = summarise(rows, placement.spec, state, target.name, target.sweep_dir, settings.resume)
+        summary["resume_command"] = callback.resume_command
+        if stopped:  # Ctrl-C: Tune stopped the trials and saved its state, fit() returned early
+            return SweepOutcome(status=130, summary=summary, rows=tuple(rows), notice=interrupted(callback, summary))
+        status = conclude(rows, summary, state, plan, callback, target, storage_path, t0)
+        return SweepOutcome(status=status, summary=summary, rows=tuple(rows))
+    finally:
+        if started_ray:
+            ray.shutdown()

@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping, Sequence
 from platform.artifacts import CHECKPOINTS_KEPT
 from platform.sweep.plan import METRIC, MODE, SweepSettings, grid_epochs
+from platform.sweep.state import SweepState
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def to_tune_space(space: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_tuner(settings: SweepSettings, verbose: bool, spec: Any, space: Mapping[str, Any], state: Mapping[str, Any],
+def build_tuner(settings: SweepSettings, verbose: bool, spec: Any, space: Mapping[str, Any], state: SweepState,
                 name: str, storage_path: str, sweep_dir: str, max_concurrent: int, callbacks: Sequence[Any], *,
                 restore: bool, epoch_hooks: Sequence[Any] = (), progress_board: Any = None) -> Any:
     """The Tuner: restored from ``sweep_dir`` (searcher, scheduler, trial states) or new (Optuna TPE + ASHA).
@@ -55,9 +56,9 @@ def build_tuner(settings: SweepSettings, verbose: bool, spec: Any, space: Mappin
     log_level = "INFO" if verbose else "WARNING"
     if not verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory ..."
-    max_failures = state["max_failures"]
-    if state["trial_runner"] == "in-process":
-        resources = {"cpu": spec.cpus_per_worker, "gpu": state["gpus_per_trial"] if spec.use_gpu else 0}
+    max_failures = state.max_failures
+    if state.trial_runner == "in-process":
+        resources = {"cpu": spec.cpus_per_worker, "gpu": state.gpus_per_trial if spec.use_gpu else 0}
         trainable = tune.with_resources(tune.with_parameters(
             in_process_trial, base_spec=spec.to_dict(), log_level=log_level, epoch_hooks=list(epoch_hooks),
             progress_board=progress_board),
@@ -85,25 +86,25 @@ def build_tuner(settings: SweepSettings, verbose: bool, spec: Any, space: Mappin
     if restore and tune.Tuner.can_restore(sweep_dir):
         logger.info("resuming sweep %s from %s", name, sweep_dir)
         return tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    epochs = grid_epochs(spec, state.get("grid"))
+    epochs = grid_epochs(spec, state.grid)
     asha = dict(time_attr="epoch", max_t=epochs, grace_period=min(settings.grace_period, epochs),
                 reduction_factor=settings.reduction_factor)
-    if not state.get("early_stopping", True):
+    if not state.early_stopping:
         from ray.tune.schedulers import FIFOScheduler
 
         scheduler = FIFOScheduler()  # a study: every trial runs all its epochs
-    elif state["trial_runner"] == "ray-train":
+    elif state.trial_runner == "ray-train":
         from platform.trial_stopping import GracefulASHA
 
         scheduler = GracefulASHA(**asha)
     else:
         scheduler = ASHAScheduler(**asha)
-    if state.get("grid"):
-        param_space = {k: tune.grid_search(list(v)) for k, v in state["grid"].items()}
+    if state.grid:
+        param_space = {k: tune.grid_search(list(v)) for k, v in state.grid.items()}
         search_alg = None  # Tune's own variant generator walks the grid
     else:
         param_space = to_tune_space(space)
-        search_alg = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=state["search_seed"]))
+        search_alg = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=state.search_seed))
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -112,13 +113,13 @@ def build_tuner(settings: SweepSettings, verbose: bool, spec: Any, space: Mappin
             mode=MODE,
             search_alg=search_alg,
             scheduler=scheduler,
-            num_samples=state["num_samples"],
+            num_samples=state.num_samples,
             max_concurrent_trials=max_concurrent,
             # Warm processes: the next trial runs in the previous trial's actor, whose warm cache holds CLIP and the
             # features. Safe for our function trainable: every trial builds its own context, optimiser and RNG state
             # (tests/platform/test_warm_trials.py), and ray_runtime raises Tune's wait for a stopped trial's thread so
             # a reuse never fails mid-epoch. Multi-worker trials hold no model in their actor, so nothing to reuse.
-            reuse_actors=state["trial_runner"] == "in-process",
+            reuse_actors=state.trial_runner == "in-process",
         ),
         run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=trial_failures),

@@ -8,7 +8,6 @@ The CLIs run in this process (``main(argv)``); ``refused`` times each refusal. I
 
 from __future__ import annotations
 
-import dataclasses
 import http.server
 import json
 import logging
@@ -447,8 +446,8 @@ def test_the_printed_resume_command_names_the_dataset_as_the_cli_takes_it(tmp_pa
     the sweep's own dataset: your folder by its path and name, a built-in dataset by key and data root; a study's
     command is ``platform.study``'s, with its protocol and targets."""
     from platform.cli import dataset_ref_from_args, parse_run_args
-    from platform.run_spec import DatasetRef
-    from platform.sweep.state import resume_command
+    from platform.run_spec import DatasetRef, RunSpec
+    from platform.sweep.state import SweepState, resume_command
 
     from coop_core.datasets import folder_source
 
@@ -457,11 +456,14 @@ def test_the_printed_resume_command_names_the_dataset_as_the_cli_takes_it(tmp_pa
     builtin = DatasetRef("eurosat")
     for ref, kind, flags in ((own, "sweep", ()), (builtin, "sweep", ()), (own, "study", ("--protocol", "base2new")),
                              (builtin, "study", ("--protocol", "cross", "--targets", str(folder)))):
-        state = {"base_spec": {"dataset": ref.name, "source": ref.source and dataclasses.asdict(ref.source),
-                               "data_root": str(small_eurosat_root)}, "kind": kind, "resume_flags": list(flags),
-                 "entry_point": f"platform.{'study' if kind == 'study' else 'tune'}"}
+        spec = RunSpec(dataset=ref.name, source=ref.source, data_root=str(small_eurosat_root))
+        state = SweepState(dataset=ref.name, base_spec=spec.to_dict(), parent_run_id="p", tracking_uri="sqlite:///x.db",
+                           experiment="e", experiment_id="1", started_at=0.0, num_samples=1, search_seed=1, epochs=1,
+                           trial_runner="in-process", gpus_per_trial=0.0, max_failures=2, kind=kind,
+                           entry_point=f"platform.{'study' if kind == 'study' else 'tune'}", resume_flags=flags)
+        assert SweepState.from_dict(json.loads(json.dumps(state.to_dict()))) == state  # as the state file holds it
         argv = shlex.split(resume_command(state, "sweep-my_land-1", str(tmp_path / "ray dir")))
-        assert argv[:3] == ["python", "-m", state["entry_point"]]
+        assert argv[:3] == ["python", "-m", state.entry_point]
         cli = study if kind == "study" else tune
         args = parse_run_args(cli.build_parser(), argv[3:])
         assert args.resume and args.sweep_name == "sweep-my_land-1" and args.storage_path == str(tmp_path / "ray dir")

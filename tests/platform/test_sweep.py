@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from platform.artifacts import REGISTRY_METRIC, REGISTRY_SET_KEY, WEIGHTS_DIGEST_KEY
 from platform.registry import CHAMPION, scoped_champion_alias
-from platform.sweep_tracking import EARLY_STOPPED_TAG, TRIAL_TAG
+from platform.tracking import EARLY_STOPPED_TAG, TRIAL_TAG
 from platform.tune import main
 
 import pytest

@@ -13,7 +13,8 @@ from platform import tune
 from platform.run_spec import RunSpec
 from platform.sweep import plan
 from platform.sweep import run as sweep_run
-from platform.sweep_tracking import TRIAL_TAG, trial_timing
+from platform.sweep.trial_runs import trial_timing
+from platform.tracking import TRIAL_TAG
 
 import faults
 import pytest

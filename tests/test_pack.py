@@ -1,0 +1,126 @@
+"""A pack (``coop_core.pack.train_pack``): many configurations trained in one text step per batch on one CLIP, each
+member's trajectory its solo run's (``coop_core.engine.train``) up to float rounding in another order."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from numerics import TRAJECTORY, assert_reordered, assert_reordered_scalar
+
+from coop_core.config import PromptConfig, TrainConfig
+from coop_core.engine import NonFiniteLossError, train
+from coop_core.features import CachedViews, FeatureSet
+from coop_core.model import CoOpModel
+from coop_core.pack import PackMember, train_pack
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+CLASSNAMES = ["annual_crop_land", "forest", "highway", "sea_or_lake", "herbaceous_vegetation_land"]
+D = 32  # the tiny CLIP's embedding width
+
+
+def _views(n: int, n_cls: int, seed: int) -> CachedViews:
+    g = torch.Generator().manual_seed(seed)
+    return CachedViews(F.normalize(torch.randn(2, n, D, generator=g), dim=-1), torch.randint(n_cls, (n,), generator=g),
+                       seed=seed)
+
+
+def _val(n_cls: int, seed: int) -> FeatureSet:
+    g = torch.Generator().manual_seed(100 + seed)
+    return FeatureSet(F.normalize(torch.randn(15, D, generator=g), dim=-1), torch.randint(n_cls, (15,), generator=g))
+
+
+# A heterogeneous pack: unified and class-specific contexts, the three class positions, n_ctx 4 and 16 (and one set by
+# ctx_init), two learning rates, two "shot counts" (training sets of 20 and 10 items), other class lists, batch sizes,
+# seeds and epoch counts.
+CONFIGS = [
+    dict(prompt=PromptConfig(n_ctx=4), train=TrainConfig(lr=0.002, epochs=4, batch_size=5, seed=1, warmup_epochs=1),
+         n=20, classes=5),
+    dict(prompt=PromptConfig(n_ctx=16, csc=True, class_token_position="middle"),
+         train=TrainConfig(lr=0.05, epochs=3, batch_size=4, seed=2, warmup_epochs=0), n=10, classes=5),
+    dict(prompt=PromptConfig(n_ctx=16, class_token_position="front"),
+         train=TrainConfig(lr=0.05, epochs=4, batch_size=5, seed=3, warmup_epochs=1), n=20, classes=3),
+    dict(prompt=PromptConfig(n_ctx=4, csc=True, class_token_position="end"),
+         train=TrainConfig(lr=0.002, epochs=2, batch_size=3, seed=4, warmup_epochs=0), n=10, classes=4),
+    dict(prompt=PromptConfig(ctx_init="a centered satellite photo of", class_token_position="middle"),
+         train=TrainConfig(lr=0.05, epochs=3, batch_size=5, seed=5, warmup_epochs=0), n=20, classes=5),
+]
+
+
+def _member(clip, config: dict, i: int, **overrides) -> PackMember:
+    names = CLASSNAMES[: config["classes"]]
+    model = CoOpModel(clip.model, clip.tokenizer, names, config["prompt"], generator=torch.Generator().manual_seed(i))
+    cfg = dataclasses.replace(config["train"], **overrides)
+    return PackMember(model, _views(config["n"], len(names), seed=i), cfg, val=_val(len(names), i))
+
+
+def _solo(member: PackMember) -> tuple[list[dict], torch.Tensor]:
+    model = copy.deepcopy(member.model)  # the same initial context, trained alone
+    history = train(model, member.data, member.cfg, val=member.val)
+    return history, model.prompt_learner.ctx.detach()
+
+
+def _same(pack_history, pack_ctx, solo_history, solo_ctx, what: str) -> None:
+    assert [h["epoch"] for h in pack_history] == [h["epoch"] for h in solo_history], what
+    for p, s in zip(pack_history, solo_history):
+        assert p["lr"] == s["lr"], what  # the member's own schedule, exactly
+        assert_reordered_scalar(p["train_loss"], s["train_loss"], TRAJECTORY, f"{what} epoch {p['epoch']} loss")
+        assert p["train_acc"] == pytest.approx(s["train_acc"]), what
+        assert ("val_acc" in p) == ("val_acc" in s), what
+    assert_reordered(pack_ctx, solo_ctx, TRAJECTORY, f"{what} context")
+
+
+def test_every_member_of_a_heterogeneous_pack_follows_its_solo_trajectory(tiny_clip):
+    members = [_member(tiny_clip, c, i) for i, c in enumerate(CONFIGS)]
+    solos = [_solo(m) for m in members]  # before the pack trains the members' own models in place
+    results = train_pack(members)
+    for i, (m, r, (history, ctx)) in enumerate(zip(members, results, solos)):
+        assert r.failure is None
+        _same(r.history, m.model.prompt_learner.ctx.detach(), history, ctx, f"member {i}")
+        assert len(r.history) == m.cfg.resolved_epochs  # each its own epoch count
+
+
+def test_a_diverging_member_fails_alone_with_its_solo_message(tiny_clip):
+    members = [_member(tiny_clip, CONFIGS[0], 0), _member(tiny_clip, CONFIGS[1], 1, lr=1e30),
+               _member(tiny_clip, CONFIGS[2], 2)]
+    bad = copy.deepcopy(members[1].model)
+    with pytest.raises(NonFiniteLossError) as solo_failure:
+        train(bad, members[1].data, members[1].cfg)
+    solos = [_solo(members[0]), _solo(members[2])]
+    before = members[1].model.prompt_learner.ctx.detach().clone()
+    results = train_pack(members)
+    assert results[1].failure == str(solo_failure.value)
+    assert torch.isfinite(members[1].model.prompt_learner.ctx).all()  # stopped before the step that would poison it
+    assert not torch.equal(members[1].model.prompt_learner.ctx, before) or results[1].history == []
+    for i, (history, ctx) in zip((0, 2), solos):
+        _same(results[i].history, members[i].model.prompt_learner.ctx.detach(), history, ctx, f"member {i}")
+
+
+def test_a_member_resumed_from_its_checkpoint_continues_its_trajectory(tiny_clip):
+    straight = [_member(tiny_clip, c, i) for i, c in enumerate(CONFIGS[:3])]
+    resumed = [_member(tiny_clip, c, i) for i, c in enumerate(CONFIGS[:3])]
+    kept = {}
+    straight[0].on_epoch_end = lambda state, metrics: kept.setdefault(state.epoch, state)
+    train_pack(straight)
+    resumed[0].resume = kept[2]  # member 0 continues after its epoch 2; the others start from scratch
+    results = train_pack(resumed)
+    assert [h["epoch"] for h in results[0].history] == [3, 4]
+    assert torch.equal(resumed[0].model.prompt_learner.ctx, straight[0].model.prompt_learner.ctx)
+
+
+def test_a_pack_needs_one_clip_and_one_precision(tiny_clip, tiny_vit_config):
+    from coop_core.backbone import load_clip
+
+    other = load_clip(tiny_vit_config, "none")
+    members = [_member(tiny_clip, CONFIGS[0], 0), _member(other, CONFIGS[1], 1)]
+    with pytest.raises(ValueError, match="pack member 1 is built on another CLIP"):
+        train_pack(members)
+    members = [_member(tiny_clip, CONFIGS[0], 0), _member(tiny_clip, CONFIGS[1], 1, precision="bf16")]
+    with pytest.raises(ValueError, match="pack member 1 trains in bf16, member 0 in fp32"):
+        train_pack(members)
+    with pytest.raises(ValueError, match="at least one member"):
+        train_pack([])

@@ -137,7 +137,9 @@ def worker(args: argparse.Namespace) -> dict:
 
 def run(name: str, world_size: int, text_sharding: str, args: argparse.Namespace, arch: str, tmp: Path) -> dict:
     """Start the run's workers as subprocesses at once, wait for all, and summarise them."""
-    init_file = tmp / f"store-{text_sharding}-{world_size}"
+    # A fresh rendezvous file per run: gloo's FileStore cannot be joined again once a group has used it (a second
+    # round on the same file waits forever).
+    init_file = tmp / f"store-{text_sharding}-{world_size}-{time.monotonic_ns()}"
     ctx_out = tmp / f"ctx-{text_sharding}-{world_size}.pt"
     procs = []
     for rank in range(world_size):

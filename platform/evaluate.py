@@ -19,6 +19,7 @@ This runs in the calling process (on a GPU when there is one), not on Ray: one f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import re
@@ -28,21 +29,45 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from platform import artifacts
+from platform import artifacts, tracking
 from platform.cli import Parser, configure_logging, dataset_ref_from_args, fail
 from platform.launch import INPUT_ERRORS, check_writable_dir
 from platform.progress import bars_wanted
-from platform.run_spec import DatasetRef, default_cache_dir, default_data_root
+from platform.registry import PROMPTS_SHA256_KEY, record_measurement
+from platform.run_spec import DatasetRef, default_cache_dir, default_data_root, subset_test_items
 from platform.tracking_store import limit_http_retries, probe_tracking_store
 from typing import Any
 
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from tqdm import tqdm
+
+from coop_core import (
+    PromptFileError,
+    PromptTransferError,
+    WeightsUnavailableError,
+    evaluate,
+    evaluation_features,
+    load_clip,
+    load_prompts,
+    prompt_digest,
+    prompt_model,
+    verified_digest,
+    weights_digest,
+    zeroshot_evaluate,
+)
+from coop_core import check_transfer as check_classes
+from coop_core.atomic import atomic_write_bytes
+from coop_core.datasets import CLASS_SUBSETS, check_images_exist
+from coop_core.features import items_digest
+from coop_core.fewshot import registry_eval_items
 
 logger = logging.getLogger(__name__)
 
 MODEL_URI_RE = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 RUN_ID_RE = re.compile(r"[0-9a-f]{32}")
-SPLITS = ("test", "val", "train")
+SPLITS = ("test", "val", "train", "registry")  # registry: the dataset's registry evaluation set (of val)
 
 
 class _FeatureBar:
@@ -58,8 +83,6 @@ class _FeatureBar:
         if not self.enabled:
             return
         if self._bar is None:
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total, desc="image features", unit="img", file=sys.stderr, dynamic_ncols=True)
         self._bar.update(done - self._bar.n)
 
@@ -80,8 +103,6 @@ class PromptSource:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from coop_core.datasets import CLASS_SUBSETS
-
     parser = Parser(
         prog="python -m platform.evaluate",
         description="Evaluate learned CoOp prompts on a dataset or split (another dataset, a domain-shifted "
@@ -107,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset", required=True, metavar="NAME|PATH",
                       help="a dataset registry key under --data-root, or a path to your own folder / manifest")
     data.add_argument("--data-root", default=default_data_root(), help="folder holding <dataset>/ (CoOp's layout)")
-    data.add_argument("--split", default="test", choices=SPLITS, help="which split to evaluate on (default: test)")
+    data.add_argument("--split", default="test", choices=SPLITS,
+                      help="which split to evaluate on (default: test); registry: the dataset's registry evaluation "
+                           "set, the validation images the champion rule compares every version on")
     data.add_argument("--classes", default="all", choices=CLASS_SUBSETS,
                       help="all classes, or CoCoOp's base / new half of the sorted labels (default: all)")
     data.add_argument("--max-test-items", type=int, default=None,
@@ -125,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)")
     run.add_argument("--experiment", default=None, help="MLflow experiment (default: coop-<target dataset>)")
     run.add_argument("--no-log", action="store_true", help="print the result only; log nothing to MLflow")
+    run.add_argument("--record", action="store_true",
+                     help="with --split registry and a registered version (--model models:/...): record the accuracy "
+                          "on the version, so the champion rule can compare a version registered before it measured "
+                          "one (a version that holds a measurement keeps it)")
     run.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
     run.add_argument("-v", "--verbose", action="store_true", help="show the libraries' INFO logs")
     return parser
@@ -136,8 +163,6 @@ def resolve_prompts(model: str, tracking_uri: str, download_dir: Path) -> Prompt
     Raises:
         ValueError: nothing of that name (one line, with what was looked for).
     """
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     artifact = f"{artifacts.PROMPTS_ARTIFACT_DIR}/{artifacts.PROMPTS_FILE}"
     m = MODEL_URI_RE.fullmatch(model)
@@ -154,12 +179,9 @@ def resolve_prompts(model: str, tracking_uri: str, download_dir: Path) -> Prompt
             raise ValueError(f"--model {model}: not in the registry of {tracking_uri} ({_first_line(err)}); list the "
                              "models in the MLflow UI (Models), or pass --tracking-uri") from None
         path = _download(client, version.run_id, artifact, download_dir, model)
-        from platform.registry import PROMPTS_SHA256_KEY
 
         expected = (version.tags or {}).get(PROMPTS_SHA256_KEY)
         if expected:
-            from coop_core import verified_digest
-
             if verified_digest(path) != expected:
                 raise ValueError(f"--model {model}: the prompts artifact of v{version.version} does not match the "
                                  "digest the registry recorded for it; refusing it")
@@ -176,8 +198,6 @@ def resolve_prompts(model: str, tracking_uri: str, download_dir: Path) -> Prompt
 
 
 def _download(client: Any, run_id: str, artifact: str, download_dir: Path, what: str) -> Path:
-    from mlflow.exceptions import MlflowException
-
     try:
         return Path(client.download_artifacts(run_id, artifact, str(download_dir)))
     except (MlflowException, OSError) as err:
@@ -203,8 +223,6 @@ def resolve_device(value: str) -> torch.device:
 
 def check_transfer(meta: Any, classnames: Sequence[str], target: str) -> None:
     """Refuse a class-specific context and a class list it has no vectors for, before anything is computed."""
-    from coop_core import PromptTransferError
-    from coop_core import check_transfer as check_classes
 
     try:
         check_classes(meta.classnames, meta.prompt.csc, classnames)
@@ -216,14 +234,14 @@ def evaluate_prompts(ctx: torch.Tensor, meta: Any, ref: DatasetRef, *, split: st
                      max_items: int | None, backbone: str, pretrained: str, device: torch.device, batch_size: int,
                      progress: Any = None) -> dict[str, Any]:
     """The prompts' and zero-shot CLIP's accuracy on one split of ``ref`` (the numbers :func:`main` logs)."""
-    import dataclasses
-    from platform.run_spec import subset_test_items
-
-    from coop_core import evaluate, evaluation_features, load_clip, prompt_model, zeroshot_evaluate
-    from coop_core.datasets import check_images_exist
 
     splits = ref.load(data_root, cache_dir)
-    if max_items is not None:
+    measured = {}
+    if split == "registry":  # a fixed set of the validation images (coop_core.fewshot.registry_eval_items)
+        items = tuple(registry_eval_items(splits.val))
+        splits, split = dataclasses.replace(splits, val=items), "val"
+        measured = {"split_name": "registry", "registry_set": items_digest(items)}
+    elif max_items is not None:
         splits = dataclasses.replace(splits, **{split: subset_test_items(splits.split(split), max_items)})
     check_transfer(meta, splits.classnames, ref.label)
     check_images_exist(splits, splits.split(split))
@@ -234,17 +252,33 @@ def evaluate_prompts(ctx: torch.Tensor, meta: Any, ref: DatasetRef, *, split: st
     model = prompt_model(clip, ctx, meta.prompt, meta.classnames, splits.classnames, device)
     coop = evaluate(model, feats)
     zs = zeroshot_evaluate(clip.model, clip.tokenizer, splits.classnames, splits.template, feats)
-    return {"dataset": ref.label, "split": split, "n_classes": len(splits.classnames), "n_images": len(feats.labels),
+    if measured:
+        split = measured.pop("split_name")
+        measured["weights_digest"] = weights_digest(clip.model)
+    return measured | {
+            "dataset": ref.label, "split": split, "n_classes": len(splits.classnames), "n_images": len(feats.labels),
             "skipped_images": skipped, "template": splits.template, "acc": coop["acc"], "macro_f1": coop["macro_f1"],
             "zeroshot_acc": zs["acc"], "zeroshot_macro_f1": zs["macro_f1"], "image_dir": str(splits.image_dir)}
+
+
+def record(source: PromptSource, result: Mapping[str, Any], tracking_uri: str) -> str:
+    """Record the registry evaluation of ``source`` (a registered version) on the version; one line of what was done.
+
+    Raises:
+        ValueError: the version is another dataset's, or the classes evaluated are not all of the dataset's.
+    """
+    version = MlflowClient(tracking_uri).get_model_version(MODEL_URI_RE.fullmatch(source.model_uri)["name"],
+                                                           source.version)
+    if version.tags.get("dataset") != result["dataset"]:
+        raise ValueError(f"{source.description} was trained on {version.tags.get('dataset')}, not "
+                         f"{result['dataset']}: its registry measurement is on its own dataset (all classes)")
+    return record_measurement(version, registry_acc=result["acc"], weights=result["weights_digest"],
+                              images=result["registry_set"], tracking_uri=tracking_uri)
 
 
 def log_result(result: Mapping[str, Any], source: PromptSource, meta: Any, *, tracking_uri: str, experiment: str,
                backbone: str, pretrained: str) -> dict[str, str]:
     """One MLflow run for the evaluation, tagged with and linked to the source run; its id and address."""
-    from platform import tracking
-
-    from mlflow.tracking import MlflowClient
 
     split = result["split"]
     name = f"eval-{result['dataset']}-{split}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -293,6 +327,8 @@ def format_result(result: Mapping[str, Any], source: PromptSource) -> str:
              f"  zero-shot CLIP {result['zeroshot_acc']:7.2f}   {result['zeroshot_macro_f1']:9.2f}"]
     if result.get("skipped_images"):
         lines.append(f"  ({result['skipped_images']} images could not be decoded and were left out)")
+    if result.get("recorded"):
+        lines += ["", f"  {result['recorded']}"]
     if result.get("run_url"):
         lines += ["", f"  MLflow run     {result['run_id']}  {result['run_url']}"]
     return "\n".join(lines)
@@ -300,10 +336,6 @@ def format_result(result: Mapping[str, Any], source: PromptSource) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 bad input)."""
-    from platform import tracking
-
-    from coop_core import PromptFileError, WeightsUnavailableError, load_prompts, prompt_digest
-    from coop_core.atomic import atomic_write_bytes
 
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
@@ -312,6 +344,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.max_test_items is not None and args.max_test_items < 1:
             raise ValueError(f"--max-test-items must be >= 1, got {args.max_test_items}")
+        if args.split == "registry" and args.max_test_items is not None:
+            raise ValueError("--max-test-items does not apply to --split registry: the registry evaluation set is "
+                             "fixed (every version is compared on all of it)")
+        if args.record and (args.split != "registry" or not args.model.startswith("models:/")):
+            raise ValueError("--record takes --split registry and a registered version (--model models:/<name>/<v> "
+                             "or models:/<name>@<alias>): it records the version's accuracy on the registry "
+                             "evaluation set")
         device = resolve_device(args.device)
         ref = dataset_ref_from_args(args)
         check_writable_dir(args.cache_dir, "--cache-dir")
@@ -337,6 +376,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       device=device, batch_size=args.batch_size, progress=bar.update)
     except (*INPUT_ERRORS, PromptFileError, WeightsUnavailableError) as err:
         return fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+    if args.record:
+        try:
+            result["recorded"] = record(source, result, tracking_uri)
+        except (ValueError, MlflowException) as err:
+            return fail(f"--record: {_first_line(err)}")
     if not args.no_log:
         experiment = args.experiment or tracking.default_experiment(ref.name)
         try:

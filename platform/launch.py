@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import logging
 import os
+import socket
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +22,9 @@ from platform import tracking_store
 from platform.cluster_check import check_shared_paths
 from platform.ray_runtime import init_ray, resolve_use_gpu
 from platform.run_spec import DatasetRef, RunSpec, load_splits, load_target_splits
+from urllib.parse import urlparse
 
+import huggingface_hub.constants as hub
 import open_clip
 
 from coop_core import (
@@ -29,6 +32,7 @@ from coop_core import (
     WeightsDownloadError,
     WeightsUnavailableError,
     check_run_inputs,
+    classes_without_vectors,
     load_clip,
     resolve_model_name,
 )
@@ -47,12 +51,9 @@ def hub_unreachable_use_cache(spec: RunSpec, timeout_s: float = 5.0) -> bool:
     Returns:
         True when offline mode was switched on (pass ``HF_HUB_OFFLINE=1`` to the workers too).
     """
-    import socket
-    from urllib.parse import urlparse
 
     if spec.model.pretrained.lower() in NO_WEIGHTS or os.path.isfile(spec.model.pretrained):
         return False
-    import huggingface_hub.constants as hub
 
     if hub.HF_HUB_OFFLINE:
         return True
@@ -141,7 +142,6 @@ def check_target(spec: RunSpec, splits: DatasetSplits, target: DatasetRef) -> No
     Raises:
         ValueError: naming the target and the fix.
     """
-    from coop_core import classes_without_vectors
 
     tsplits = load_target_splits(spec, target)
     if not tsplits.test:

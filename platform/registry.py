@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from platform import tracking
 from platform.artifacts import (
     ACCURACY_KEYS,
     N_CTX_EFFECTIVE_KEY,
@@ -44,12 +45,15 @@ from platform.artifacts import (
     WEIGHTS_DIGEST_KEY,
     ZEROSHOT_TEST_METRIC,
 )
+from platform.cli import Parser, fail
 from platform.tracking_store import store_lock
 from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, DataType, Schema
 
 import coop_core
 from coop_core import load_prompts, verified_digest
@@ -152,8 +156,6 @@ def version_tags(spec: Mapping[str, Any], classnames: list[str], metrics: Mappin
 def model_signature(classnames: list[str]):
     """The served model's signature: one ``image`` column in (a path, image bytes, or base64 text of them), the most
     probable class, its probability and one probability column per class out."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, DataType, Schema
 
     outputs = [ColSpec(DataType.string, "class_name"), ColSpec(DataType.double, "probability")]
     outputs += [ColSpec(DataType.double, f"prob_{name}") for name in classnames]
@@ -268,14 +270,36 @@ def comparison_blocker(champion: Any, challenger_tags: Mapping[str, str]) -> str
     if held.get("backbone") != challenger_tags["backbone"]:
         return f"its backbone is {held.get('backbone')}, not {challenger_tags['backbone']}"
     if REGISTRY_METRIC not in held or REGISTRY_METRIC not in challenger_tags:
-        side = "it was" if REGISTRY_METRIC not in held else "this version was"
-        return f"{side} not measured on the registry evaluation set (registered before the rule measured it)"
+        if REGISTRY_METRIC in held:
+            return "this version was not measured on the registry evaluation set"
+        return (f"it was not measured on the registry evaluation set (registered before the rule measured it; measure "
+                f"it with python -m platform.evaluate --model models:/{champion.name}/{champion.version} --dataset "
+                f"{held.get('dataset', '<dataset>')} --split registry --record)")
     if held.get(WEIGHTS_DIGEST_KEY) != challenger_tags.get(WEIGHTS_DIGEST_KEY):
         return (f"it uses other CLIP weights (digest {str(held.get(WEIGHTS_DIGEST_KEY))[:12]}, not "
                 f"{str(challenger_tags.get(WEIGHTS_DIGEST_KEY))[:12]})")
     if held.get(REGISTRY_SET_KEY) != challenger_tags.get(REGISTRY_SET_KEY):
         return "it was measured on other images (another validation split under this dataset's name)"
     return None
+
+
+def record_measurement(version: Any, *, registry_acc: float, weights: str, images: str, tracking_uri: str) -> str:
+    """Record on a model version (registered before the rule measured it) its accuracy on the dataset's registry
+    evaluation set and the digests of those images and of the CLIP weights it was measured with
+    (``platform.evaluate --split registry --record``): the champion rule can then compare it. A version that holds a
+    measurement keeps it (a version is measured once, by the run that trained it or by this). Returns what was done,
+    one line.
+    """
+    if REGISTRY_METRIC in version.tags:
+        return (f"{version.name} v{version.version} already holds registry acc {version.tags[REGISTRY_METRIC]}: "
+                "left as it is")
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    with store_lock(tracking_uri):  # the champion rule reads these tags under the same lock
+        for key, value in ((WEIGHTS_DIGEST_KEY, weights), (REGISTRY_SET_KEY, images),
+                           (REGISTRY_METRIC, f"{float(registry_acc):.4f}")):  # the metric last: it marks it measured
+            client.set_model_version_tag(version.name, version.version, key, value)
+    return (f"recorded on {version.name} v{version.version}: registry acc {registry_acc:.2f} on the registry "
+            "evaluation set; the champion rule compares it from the next registration on")
 
 
 def _rule(client: MlflowClient, name: str, alias: str, tags: Mapping[str, str]) -> tuple[bool, str, Any]:
@@ -364,8 +388,6 @@ def set_champion(dataset: str, version: int, *, tracking_uri: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m platform.registry set-champion --dataset D --version V``: promote a version by hand."""
-    from platform import tracking
-    from platform.cli import Parser, fail
 
     parser = Parser(prog="python -m platform.registry",
                     description="Manage the registered CoOp prompts (coop-<dataset>).")

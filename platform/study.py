@@ -48,9 +48,8 @@ from platform.launch import INPUT_ERRORS
 from platform.registry import CHAMPION, registered_model_name
 from platform.run_spec import DatasetRef, RunSpec
 from platform.study_table import combine, format_table, study_results
-from platform.sweep.flags import add_sweep_arguments, infra_settings_from_args, sweep_settings_from_args
+from platform.sweep.flags import add_sweep_arguments, infra_settings_from_args, present, sweep_settings_from_args
 from platform.sweep.plan import SweepPlan, SweepSettings
-from platform.sweep.report import present
 from platform.sweep.run import run_sweep
 from platform.sweep.state import SweepState
 from platform.tracking import resolve_tracking_uri

@@ -29,6 +29,9 @@ from platform import artifacts
 from platform.tracking_store import sqlite_path
 from typing import Any
 
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
 # The run tags (and the store a command uses when given none) are the run format's, read by the dashboards too; they
 # are imported here so the platform reads them as tracking.TRIAL_TAG and so on.
 from run_format import (  # noqa: F401
@@ -114,8 +117,6 @@ def default_experiment(dataset: str) -> str:
 
 
 def _client(tracking_uri: str | None):
-    from mlflow.tracking import MlflowClient
-
     return MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
 
 
@@ -234,7 +235,6 @@ def end_run(run_id: str, status: str = "FINISHED", *, tracking_uri: str | None =
 
 def log_params(run_id: str, spec_or_params: Any, *, tracking_uri: str | None = None) -> None:
     """Log a ``RunSpec``'s resolved config (or a nested mapping) as flattened params."""
-    from mlflow.entities import Param
 
     params = [Param(k, v) for k, v in sorted(flatten_params(spec_or_params).items())]
     client = _client(tracking_uri)
@@ -243,8 +243,6 @@ def log_params(run_id: str, spec_or_params: Any, *, tracking_uri: str | None = N
 
 
 def _metrics(row: Mapping[str, Any], step: int, timestamp: int) -> list:
-    from mlflow.entities import Metric
-
     out = []
     for key, value in row.items():
         if key in NOT_METRICS or isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from platform import artifacts
+from platform import artifacts, tracking
 from platform.cli import (
     Parser,
     add_infra_arguments,
@@ -37,6 +37,8 @@ from platform.progress import ConsoleProgress, bars_wanted
 from platform.tracking_store import limit_http_retries
 from platform.trainer import build_trainer
 from typing import Any
+
+import ray
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +88,6 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 
 def run_description(spec: Any, final: Mapping[str, Any], experiment_id: str, run_id: str, checkpoint: str) -> str:
     """The run's Markdown description in the MLflow UI: what was trained, how well, links to its config and files."""
-    from platform import tracking
 
     accs = ", ".join(f"{k} {final[k]:.2f} %" for k in artifacts.ACCURACY_KEYS if final.get(k) is not None)
     config_link = tracking.artifact_link(experiment_id, run_id, artifacts.CONFIG_FILE)
@@ -103,7 +104,6 @@ def run_description(spec: Any, final: Mapping[str, Any], experiment_id: str, run
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 training failed, 2 bad input / data / weights)."""
-    from platform import tracking
 
     args = parse_run_args(build_parser(), argv)
     configure_logging(args.verbose)
@@ -176,8 +176,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"its checkpoint, metrics and prompts are in {result.checkpoint.path}\n")
         return 1
     if started_ray:
-        import ray
-
         ray.shutdown()  # stops forwarding worker logs, so nothing can follow the summary on stdout
 
     summary: dict[str, Any] = {

@@ -21,9 +21,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from platform.progress import board_reporter
 from platform.run_spec import RunSpec
+from platform.trainer import build_trainer
+from platform.trial_stopping import TrialControllerCallback, TrialReportCallback, was_stopped_by_scheduler
 from platform.worker import EpochHook, RaySession, configure_worker_logging, run_training
 from typing import Any
 
+import ray
+import ray.tune
 import torch
 
 
@@ -44,7 +48,6 @@ def in_process_trial(config: dict[str, Any], *, base_spec: dict[str, Any], log_l
     ``progress_board``: the driver's ``platform.progress.ProgressBoard`` for the feature-extraction bar (the
     driver's trial bar counts the epochs), or None.
     """
-    import ray
 
     spec = trial_spec(base_spec, config)
     configure_worker_logging(0, log_level, progress_lines=False)  # the driver logs the trial's progress
@@ -63,10 +66,6 @@ def in_process_trial(config: dict[str, Any], *, base_spec: dict[str, Any], log_l
 def ray_train_trial(config: dict[str, Any], *, base_spec: dict[str, Any], train_storage: str, max_failures: int,
                     log_level: str = "WARNING", epoch_hooks: Sequence[EpochHook] = ()) -> None:
     """Tune function trainable: one Ray Train run of ``spec.num_workers`` DDP workers (see the module docstring)."""
-    from platform.trainer import build_trainer
-    from platform.trial_stopping import TrialControllerCallback, TrialReportCallback, was_stopped_by_scheduler
-
-    import ray.tune
 
     spec = trial_spec(base_spec, config)
     trial_id = ray.tune.get_context().get_trial_id()

@@ -43,8 +43,7 @@ from platform.cli import (
     spec_from_args,
 )
 from platform.launch import INPUT_ERRORS
-from platform.sweep.flags import add_sweep_arguments, infra_settings_from_args, sweep_settings_from_args
-from platform.sweep.report import present
+from platform.sweep.flags import add_sweep_arguments, infra_settings_from_args, present, sweep_settings_from_args
 from platform.sweep.run import run_sweep
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""The sweep flags, declared once for ``platform.tune`` and ``platform.study``, and the frozen settings they become.
+"""The sweep's command-line side, shared by ``platform.tune`` and ``platform.study``: the sweep flags (declared once),
+the frozen settings they become, and :func:`present`, how a CLI prints a sweep's outcome.
 
 A study runs a fixed grid of shots and seeds with nothing searched and no trial stopped early, so it takes only the
 flags that decide where and how its trials run; ``platform.tune`` takes them all.
@@ -7,7 +8,12 @@ flags that decide where and how its trials run; ``platform.tune`` takes them all
 from __future__ import annotations
 
 import argparse
-from platform.sweep.plan import TRIAL_RUNNERS, InfraSettings, SweepSettings
+import json
+import sys
+from platform.cli import fail
+from platform.sweep.outcome import SweepOutcome
+from platform.sweep.plan import TRIAL_RUNNERS, InfraSettings, SweepPlan, SweepSettings
+from platform.sweep.report import JSON_KEYS, format_report
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser, *, study: bool = False) -> None:
@@ -75,3 +81,21 @@ def infra_settings_from_args(args: argparse.Namespace) -> InfraSettings:
     """:class:`InfraSettings` of ``platform.cli.add_infra_arguments``'s flags and ``--use-gpu``."""
     return InfraSettings(storage_path=args.storage_path, tracking_uri=args.tracking_uri, experiment=args.experiment,
                          ray_address=args.ray_address, use_gpu=args.use_gpu, verbose=args.verbose, json=args.json)
+
+
+def present(outcome: SweepOutcome, plan: SweepPlan = SweepPlan(), *, json_output: bool = False) -> int:
+    """Print ``outcome`` as a CLI does and return its exit status: a refused input as one ``error:`` line on stderr;
+    an interrupted sweep's notice on stderr; otherwise the report (and the plan's own, once MLflow has everything)
+    on stdout, with ``--json``'s line last."""
+    if outcome.error is not None:
+        return fail(outcome.error)
+    if outcome.notice is not None:
+        sys.stderr.write(outcome.notice + "\n")
+        return outcome.status
+    summary = outcome.summary or {}
+    print(format_report(summary, outcome.rows))
+    if plan.report is not None and summary.get("tracking_error") is None:
+        print(plan.report(summary))
+    if json_output:
+        print(json.dumps({k: summary.get(k) for k in (*JSON_KEYS, *plan.json_keys)}, sort_keys=True))
+    return outcome.status

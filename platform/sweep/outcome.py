@@ -16,7 +16,7 @@ from typing import Any
 
 @dataclasses.dataclass(frozen=True)
 class SweepOutcome:
-    """What ``run_sweep`` came to, for the CLI to present (``platform.sweep.report.present``).
+    """What ``run_sweep`` came to, for the CLI to present (``platform.sweep.flags.present``).
 
     status: the exit status (0 ok, 1 no trial finished or MLflow failed, 2 bad input, 130 interrupted). error: the
     one line of a refused input (status 2; nothing ran). summary: the sweep's summary (``summarise`` and what the

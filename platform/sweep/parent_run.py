@@ -8,10 +8,13 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from platform import tracking
 from platform.artifacts import ACCURACY_KEYS, DASHBOARDS_ARTIFACT_DIR
 from platform.sweep.plan import METRIC, InfraSettings, SweepPlan, SweepSettings, grid_epochs
 from platform.sweep.state import SweepState, write_sweep_state
 from typing import Any
+
+from mlflow.tracking import MlflowClient
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +23,6 @@ def open_sweep(settings: SweepSettings, infra: InfraSettings, spec: Any, space: 
                grid: Mapping[str, Sequence[Any]], name: str, sweep_dir: str, max_concurrent: int, runner: str,
                gpus_per_trial: float, plan: SweepPlan = SweepPlan()) -> SweepState:
     """Start the sweep's MLflow parent run (base config and sweep settings as params) and write its state file."""
-    from platform import tracking
 
     tracking_uri = tracking.resolve_tracking_uri(infra.tracking_uri)
     experiment = infra.experiment or tracking.default_experiment(spec.dataset)
@@ -71,7 +73,6 @@ def open_sweep(settings: SweepSettings, infra: InfraSettings, spec: Any, space: 
 def save_sweep_view(experiment_id: str, name: str, searched: Sequence[str], tracking_uri: str) -> str:
     """Save the sweep's view of the runs table: accuracies and searched parameters as columns
     (``platform.tracking.save_runs_view``); returns the view key."""
-    from platform import tracking
     columns = [*(tracking.metric_column(k) for k in ACCURACY_KEYS), *(tracking.param_column(k) for k in searched),
                f"tags.`{tracking.EARLY_STOPPED_TAG}`"]
     key = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
@@ -97,7 +98,6 @@ def draw_dashboards(state: SweepState, sweep_dir: str) -> dict[str, str]:
 
     A failure here costs the pictures, never the sweep: it is logged in one line and the report says how to retry.
     """
-    from mlflow.tracking import MlflowClient
 
     # Imported when drawing, not at the top: after platform.tune's own imports, dashboards.report (matplotlib, Optuna's
     # plots, MLflow) adds 2.2-4.6 s (measured on the 2-core development machine), which --help and a bad input that
@@ -120,9 +120,6 @@ def draw_dashboards(state: SweepState, sweep_dir: str) -> dict[str, str]:
 
 def close_sweep(summary: Mapping[str, Any], state: SweepState) -> None:
     """Log the sweep's outcome on the parent run and end it (FINISHED, or FAILED when no trial finished)."""
-    from platform import tracking
-
-    from mlflow.tracking import MlflowClient
 
     uri, parent = state.tracking_uri, state.parent_run_id
     best = {k: summary[k] for k in ACCURACY_KEYS if summary[k] is not None}

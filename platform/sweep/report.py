@@ -1,16 +1,10 @@
-"""The end-of-sweep report a person reads, the keys of the ``--json`` line, and :func:`present`, which prints a
-sweep's outcome as the CLIs do."""
+"""The end-of-sweep report a person reads, and the keys of the ``--json`` line."""
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from platform.artifacts import DASHBOARDS_ARTIFACT_DIR
-from platform.cli import fail
-from platform.sweep.outcome import SweepOutcome
-from platform.sweep.plan import SweepPlan
 from platform.sweep.timing import format_timing
 from platform.sweep.trial_runs import describe_config
 from typing import Any
@@ -82,20 +76,3 @@ def format_report(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]])
     ]
     return "\n".join(lines)
 
-
-def present(outcome: SweepOutcome, plan: SweepPlan = SweepPlan(), *, json_output: bool = False) -> int:
-    """Print ``outcome`` as a CLI does and return its exit status: a refused input as one ``error:`` line on stderr;
-    an interrupted sweep's notice on stderr; otherwise the report (and the plan's own, once MLflow has everything)
-    on stdout, with ``--json``'s line last."""
-    if outcome.error is not None:
-        return fail(outcome.error)
-    if outcome.notice is not None:
-        sys.stderr.write(outcome.notice + "\n")
-        return outcome.status
-    summary = outcome.summary or {}
-    print(format_report(summary, outcome.rows))
-    if plan.report is not None and summary.get("tracking_error") is None:
-        print(plan.report(summary))
-    if json_output:
-        print(json.dumps({k: summary.get(k) for k in (*JSON_KEYS, *plan.json_keys)}, sort_keys=True))
-    return outcome.status

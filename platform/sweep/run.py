@@ -11,7 +11,8 @@
 6. :func:`conclude`: the trials' outcome -- runs the callback missed closed, the best trial registered, the parent
    run closed, the dashboards drawn -- or, after Ctrl-C, the runs marked KILLED.
 
-The CLIs print the :class:`~platform.sweep.outcome.SweepOutcome` (``platform.sweep.report.present``).
+The CLIs (which set up logging) print the :class:`~platform.sweep.outcome.SweepOutcome`
+(``platform.sweep.flags.present``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from platform.cli import configure_logging
 from platform.launch import INPUT_ERRORS, Checked, check_before_ray, resolve_gpus, start_ray, warn_unshared_paths
 from platform.progress import ConsoleProgress, TrialBar, bars_wanted
 from platform.run_spec import RunSpec
@@ -225,7 +225,6 @@ def run_sweep(spec: RunSpec, settings: SweepSettings, infra: InfraSettings, plan
     nothing (log records aside); the outcome's status is 0 ok, 1 no trial finished or MLflow failed, 2 bad input,
     130 interrupted.
     """
-    configure_logging(infra.verbose)
     limit_http_retries()
     t0 = time.perf_counter()
     storage_path = infra.resolved_storage_path

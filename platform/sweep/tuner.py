@@ -9,7 +9,16 @@ from collections.abc import Mapping, Sequence
 from platform.artifacts import CHECKPOINTS_KEPT
 from platform.sweep.plan import METRIC, MODE, SweepSettings, grid_epochs
 from platform.sweep.state import SweepState
+from platform.trial_stopping import GracefulASHA
+from platform.trials import in_process_trial, ray_train_trial
 from typing import Any
+
+import optuna
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from tune_spaces import Choice, LogUniform
 
 logger = logging.getLogger(__name__)
 
@@ -20,9 +29,6 @@ TRIAL_MEMORY_BYTES = 256 * 1024**2  # a multi-worker trial's own reservation: it
 
 def to_tune_space(space: Mapping[str, Any]) -> dict[str, Any]:
     """Ray Tune domains for a ``tune_spaces`` space: ``Choice`` -> ``tune.choice``, ``LogUniform`` -> ``loguniform``."""
-    from ray import tune
-
-    from tune_spaces import Choice, LogUniform
 
     out: dict[str, Any] = {}
     for key, domain in space.items():
@@ -46,12 +52,6 @@ def build_tuner(settings: SweepSettings, verbose: bool, spec: Any, space: Mappin
     ``epoch_hooks`` reach every trial's training function (see ``platform.worker.run_training``);
     ``progress_board`` (``platform.progress``) receives the trials' feature-extraction progress for the driver's bars.
     """
-    from platform.trials import in_process_trial, ray_train_trial
-
-    import optuna
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     log_level = "INFO" if verbose else "WARNING"
     if not verbose:
@@ -90,12 +90,8 @@ def build_tuner(settings: SweepSettings, verbose: bool, spec: Any, space: Mappin
     asha = dict(time_attr="epoch", max_t=epochs, grace_period=min(settings.grace_period, epochs),
                 reduction_factor=settings.reduction_factor)
     if not state.early_stopping:
-        from ray.tune.schedulers import FIFOScheduler
-
         scheduler = FIFOScheduler()  # a study: every trial runs all its epochs
     elif state.trial_runner == "ray-train":
-        from platform.trial_stopping import GracefulASHA
-
         scheduler = GracefulASHA(**asha)
     else:
         scheduler = ASHAScheduler(**asha)

@@ -7,6 +7,7 @@ prompt file written the way a trial writes it; only the accuracies and digests a
 
 from __future__ import annotations
 
+import json
 from platform import artifacts
 from platform.registry import CHAMPION, register_prompt, scoped_champion_alias
 
@@ -122,3 +123,77 @@ def test_the_registry_set_is_the_same_images_for_every_seed_and_shot_count():
     assert len(chosen) == 3 * REGISTRY_EVAL_PER_CLASS and chosen == registry_eval_items(list(reversed(val)))
     small = [it for it in val if int(it.path[-7:-4]) < 5]
     assert registry_eval_items(small) == sorted(small, key=lambda it: (it.label, it.path))  # all of a small class
+
+
+def test_a_champion_registered_before_the_rule_is_measured_by_evaluate_and_then_compared(
+        tmp_path, small_eurosat_root, tiny_vit_config, capsys):
+    """Re-evaluating the incumbent: ``platform.evaluate --split registry --record`` measures a version registered
+    without a registry accuracy on the dataset's registry evaluation set (real EuroSAT images, the tiny ViT), records it
+    with the digests of those images and of the CLIP weights, and from then on the champion rule compares challengers
+    against it on the same images with the same CLIP."""
+    from platform import evaluate, tracking
+    from platform.run_spec import RunSpec, load_splits
+
+    from coop_core import load_clip, weights_digest
+    from coop_core.features import items_digest
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("coop-eurosat")
+    splits = load_splits(RunSpec(dataset="eurosat", data_root=str(small_eurosat_root), cache_dir=str(tmp_path / "c")))
+    images = items_digest(tuple(registry_eval_items(splits.val)))
+    weights = weights_digest(load_clip(tiny_vit_config, "none").model)
+
+    def register(n: int, registry_acc: float | None):
+        d = tmp_path / f"ckpt{n}"
+        d.mkdir()
+        ctx = torch.randn(4, 64, generator=torch.Generator().manual_seed(n))  # the tiny ViT's text width
+        save_prompts(d / artifacts.PROMPTS_FILE, ctx, PromptMeta(backbone=tiny_vit_config, pretrained="none",
+                                                                 classnames=splits.classnames,
+                                                                 prompt=PromptConfig(n_ctx=4)))
+        spec = {"dataset": "eurosat", "model": {"backbone": tiny_vit_config, "pretrained": "none"},
+                "prompt": {"n_ctx": 4, "ctx_init": "", "csc": False, "class_token_position": "end"},
+                "train": {"shots": 2, "seed": n}}
+        metrics = {"val_acc": 50.0, "test_acc": 50.0}
+        if registry_acc is not None:  # a measured run records what it was measured with, as the worker does
+            spec |= {artifacts.WEIGHTS_DIGEST_KEY: weights, artifacts.REGISTRY_SET_KEY: images}
+            metrics[artifacts.REGISTRY_METRIC] = registry_acc
+        run_id = client.create_run(experiment).info.run_id
+        tracking.log_run_artifacts(run_id, d, tracking_uri=uri)  # as a trial's run holds them (prompts/...)
+        return register_prompt(d, spec, metrics, run_id=run_id, tracking_uri=uri)
+
+    register(1, None)  # registered before the rule measured it
+    blocked = register(2, 99.0)
+    assert not blocked.promoted and "--split registry --record" in blocked.reason
+    assert "python -m platform.evaluate --model models:/coop-eurosat/1 --dataset eurosat" in blocked.reason
+
+    argv = ["--model", "models:/coop-eurosat/1", "--dataset", "eurosat", "--data-root", str(small_eurosat_root),
+            "--split", "registry", "--record", "--cache-dir", str(tmp_path / "c"), "--tracking-uri", uri, "--no-log",
+            "--json"]
+    assert evaluate.main(argv) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["split"] == "registry" and result["n_images"] == len(registry_eval_items(splits.val))
+    assert "recorded on coop-eurosat v1: registry acc" in out
+    tags = client.get_model_version("coop-eurosat", "1").tags
+    assert float(tags[artifacts.REGISTRY_METRIC]) == pytest.approx(result["acc"], abs=5e-5)
+    assert (tags[artifacts.WEIGHTS_DIGEST_KEY], tags[artifacts.REGISTRY_SET_KEY]) == (weights, images)
+    assert evaluate.main(argv) == 0 and "already holds registry acc" in capsys.readouterr().out  # measured once
+
+    incumbent = float(tags[artifacts.REGISTRY_METRIC])
+    weaker = register(3, max(incumbent - 1.0, 0.0))
+    assert not weaker.promoted and "does not beat @champion v1" in weaker.reason
+    stronger = register(4, incumbent + 1.0)
+    assert stronger.promoted and "on the same images" in stronger.reason
+    assert int(client.get_model_version_by_alias("coop-eurosat", CHAMPION).version) == 4
+
+
+def test_record_takes_a_registered_version_and_the_registry_split(capsys, tmp_path):
+    from platform import evaluate
+
+    for extra in (["--split", "test"], ["--split", "registry", "--max-test-items", "5"]):
+        argv = ["--model", "models:/coop-eurosat/1", "--dataset", "eurosat", "--record", "--tracking-uri",
+                f"sqlite:///{tmp_path / 'm.db'}", *extra]
+        assert evaluate.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: --")

@@ -1,13 +1,14 @@
 """The sweep engine's data, without Ray: the state file ``--resume`` reads (``SweepState``), and how a CLI presents a
-``SweepOutcome`` (``platform.sweep.report.present``): a refused input, an interrupted sweep, a finished one."""
+``SweepOutcome`` (``platform.sweep.flags.present``): a refused input, an interrupted sweep, a finished one."""
 
 from __future__ import annotations
 
 import json
 from platform.run_spec import RunSpec
+from platform.sweep.flags import present
 from platform.sweep.outcome import SweepOutcome
 from platform.sweep.plan import SweepPlan
-from platform.sweep.report import JSON_KEYS, present
+from platform.sweep.report import JSON_KEYS
 from platform.sweep.state import SWEEP_STATE_FILE, SweepState, read_sweep_state, write_sweep_state
 
 import pytest

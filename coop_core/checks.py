@@ -44,7 +44,8 @@ def check_run_inputs(splits: DatasetSplits, *, tokenizer: Callable, shots: Seque
     fewshots = []
     for k in shots:
         fewshot = build_few_shot(splits, k, seed, cache_dir)
-        check_images_exist(splits, (*fewshot.train, *fewshot.val, *splits.test))
+        # The test split is the same for every shot count: its images are checked with the first one only.
+        check_images_exist(splits, (*fewshot.train, *fewshot.val, *(splits.test if not fewshots else ())))
         check_every_class_readable(splits, fewshot.train)
         fewshots.append(fewshot)
     return fewshots

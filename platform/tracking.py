@@ -39,6 +39,7 @@ from run_format import (  # noqa: F401
     CHECKPOINT_TAG,
     EARLY_STOPPED_TAG,
     FAILURE_TAG,
+    LOST_TAG,
     PARENT_RUN_TAG,
     SWEEP_TAG,
     TRIAL_TAG,

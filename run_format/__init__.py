@@ -96,6 +96,7 @@ EARLY_STOPPED_TAG = "coop.stopped_early"  # "true" on a trial ASHA stopped befor
 BEST_TRIAL_TAG = "coop.best_trial_id"  # on a sweep's parent run: the trial registered as its best
 CHECKPOINT_TAG = "coop.checkpoint"  # where a run's last Ray checkpoint is (a path or URI on the Ray storage)
 FAILURE_TAG = "coop.failure"  # why a run failed (a diverged loss, or the error that ended it)
+LOST_TAG = "coop.lost"  # why a trial run was deleted: its trial was lost with a killed driver
 
 
 def target_key(label: str, key: str) -> str:

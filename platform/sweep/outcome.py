@@ -31,14 +31,27 @@ class SweepOutcome:
     notice: str | None = None
 
 
+def _trial_ids(grid: Any) -> list[str]:
+    """The Tune trial id of each result of a ResultGrid, in its order.
+
+    A result's metrics carry its trial id once the trial reported; one that errored before its first report has none,
+    and its folder name (``<trainable>_<trial id>_<tag>_<date>``) is no safe parse (a grid's ids hold underscores).
+    The grid's trials, which Ray's ``ResultGrid`` builds its results from in order, give every id.
+    """
+    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None)
+    if trials is not None and len(trials) == len(grid):
+        return [t.trial_id for t in trials]
+    return [(r.metrics or {}).get("trial_id") or Path(r.path).name for r in grid]
+
+
 def trial_rows(grid: Any, epochs: int) -> list[dict[str, Any]]:
     """One summary row per trial of a ResultGrid (status, epochs reached, metrics, config, checkpoint)."""
     rows = []
-    for result in grid:
+    for result, trial_id in zip(grid, _trial_ids(grid), strict=True):
         m = result.metrics or {}
         status = "ERROR" if result.error is not None else "FAILED" if m.get(FAILURE_KEY) else "TERMINATED"
         rows.append({
-            "trial_id": m.get("trial_id") or Path(result.path).name,
+            "trial_id": trial_id,
             "status": status,
             "epochs": int(m.get("epoch", 0)),
             "finished": status == "TERMINATED" and int(m.get("epoch", 0)) >= int(m.get(EPOCHS_TOTAL_KEY, epochs))

@@ -82,8 +82,17 @@ def save_sweep_view(experiment_id: str, name: str, searched: Sequence[str], trac
 def close_unclosed_runs(callback: Any, rows: Sequence[Mapping[str, Any]]) -> None:
     """Close the child runs of trials that ended while no driver was watching (a killed or interrupted driver), so
     no run stays RUNNING: finished trials become FINISHED (with their metrics and artifacts from the checkpoint),
-    failed and errored ones FAILED with the reason."""
+    failed and errored ones FAILED with the reason.
+
+    A run whose trial the sweep no longer has is a trial Tune started after its last experiment-state save before the
+    driver was killed: ``--resume`` restores that state, so the trial is gone (its search space point is suggested
+    again). Its run is ended KILLED, tagged why and moved to MLflow's trash (``TrialRuns.discard_lost``), so the sweep
+    keeps one run per trial."""
     runs = callback.runs.child_runs()
+    known = {row["trial_id"] for row in rows}
+    for trial_id, run in runs.items():
+        if trial_id not in known:
+            callback.runs.discard_lost(trial_id, run)
     for row in rows:
         run = runs.get(row["trial_id"])
         status = run.info.status if run is not None else None

@@ -290,6 +290,22 @@ class TrialRuns:
                     f", test_acc {final['test_acc']:.2f}" if "test_acc" in final else "")
         return final
 
+    def discard_lost(self, trial_id: str, run: Any) -> None:
+        """Retire the run of a trial that a killed driver started but never saved in Tune's experiment state (so a
+        resumed sweep does not have it): ended KILLED unless already ended, tagged ``coop.lost`` with the reason, and
+        deleted (MLflow's trash: ``mlflow gc`` removes it for good, the UI's deleted runs view restores it)."""
+        run_id = run.info.run_id
+        client = self.client()
+        reason = ("its trial was started after the sweep's last saved state and lost when the driver was killed; "
+                  "--resume ran the sweep's trials without it")
+        client.set_tag(run_id, tracking.LOST_TAG, reason)
+        if run.info.status == "RUNNING":
+            tracking.end_run(run_id, "KILLED", tracking_uri=self.tracking_uri)
+        client.delete_run(run_id)
+        self._runs.pop(trial_id, None)
+        self._logged.pop(trial_id, None)
+        logger.warning("MLflow run %s of trial %s deleted: %s", run_id, trial_id, reason)
+
     def mark_failed(self, trial_id: str, config: Mapping[str, Any], reason: str) -> str:
         """End a trial's run FAILED, with ``reason`` as its ``coop.failure`` tag; returns the run id."""
         run_id = self.run_for(trial_id, config)

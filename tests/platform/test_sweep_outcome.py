@@ -78,3 +78,55 @@ def test_a_finished_sweep_prints_its_report_the_plans_and_the_json_line_last(cap
     # MLflow failed: the plan's report (which reads what MLflow was to hold) is left out, the report says why
     present(SweepOutcome(status=1, summary=summary | {"tracking_error": "gone", "log_command": "cmd"}), plan)
     assert "PLAN REPORT" not in capsys.readouterr().out
+
+
+def test_closing_a_resumed_sweep_retires_the_run_of_a_trial_tune_lost_and_keeps_the_others(tmp_path):
+    """A driver killed after a trial's run was opened but before Tune saved the trial: the resumed sweep's trials do
+    not include it. Closing the sweep ends that run KILLED, tags why and deletes it (one run per trial remains); the
+    runs of the sweep's own trials -- an errored one included, whose result has no trial id in its metrics -- stay."""
+    from platform import tracking
+    from platform.sweep.outcome import trial_rows
+    from platform.sweep.parent_run import close_unclosed_runs
+    from platform.sweep.trial_runs import TrialRuns
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = tracking.create_run("coop-eurosat", run_name="sweep", tracking_uri=uri)
+    runs = TrialRuns(parent_run_id=parent, experiment="coop-eurosat", tracking_uri=uri,
+                     base_spec=RunSpec(dataset="eurosat", data_root="/data").to_dict(), storage_path=str(tmp_path),
+                     epochs=2, sweep_name="sweep")
+    config = {"prompt.n_ctx": 4}
+    for trial_id in ("a1b2c_00000", "a1b2c_00001", "lost0001"):
+        runs.set_running(trial_id, config)
+    runs.mark_failed("a1b2c_00000", config, "done elsewhere")  # already ended: left as it is
+
+    # A ResultGrid as Ray builds it: results in the order of its trials; the errored trial never reported.
+    results = [SimpleNamespace(metrics={"trial_id": "a1b2c_00000", "failure": "done elsewhere", "epoch": 1},
+                               error=None, config=config, path=str(tmp_path / "in_process_trial_a1b2c_00000_0_x"),
+                               checkpoint=None),
+               SimpleNamespace(metrics={}, error=RuntimeError("worker died"), config=config,
+                               path=str(tmp_path / "in_process_trial_a1b2c_00001_1_x"), checkpoint=None)]
+
+    class Grid(list):
+        _experiment_analysis = SimpleNamespace(trials=[SimpleNamespace(trial_id="a1b2c_00000"),
+                                                       SimpleNamespace(trial_id="a1b2c_00001")])
+
+    rows = trial_rows(Grid(results), epochs=2)
+    assert [r["trial_id"] for r in rows] == ["a1b2c_00000", "a1b2c_00001"]
+    callback = SimpleNamespace(runs=runs, mark_failed=runs.mark_failed,
+                               finish_from_result=lambda *a: pytest.fail("nothing here finished unrecorded"))
+    close_unclosed_runs(callback, rows)
+
+    client = MlflowClient(uri)
+    active = {r.data.tags["coop.trial_id"]: r for r in client.search_runs(
+        [client.get_run(parent).info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")}
+    assert sorted(active) == ["a1b2c_00000", "a1b2c_00001"]
+    assert active["a1b2c_00001"].info.status == "FAILED"
+    assert active["a1b2c_00001"].data.tags[tracking.FAILURE_TAG] == "worker died"
+    lost = runs.child_runs().get("lost0001") or next(
+        r for r in client.search_runs([client.get_run(parent).info.experiment_id], run_view_type=3)
+        if r.data.tags.get("coop.trial_id") == "lost0001")
+    assert lost.info.status == "KILLED" and lost.info.lifecycle_stage == "deleted"
+    assert "lost when the driver was killed" in lost.data.tags[tracking.LOST_TAG]

@@ -84,6 +84,15 @@ def resolve_model_name(backbone: str) -> str:
     return backbone
 
 
+def text_dims(backbone: str) -> tuple[int, int, int]:
+    """(width, layers, context length) of ``backbone``'s text transformer, from its open_clip config (no weights)."""
+    cfg = open_clip.get_model_config(resolve_model_name(backbone))
+    if cfg is None:
+        raise ValueError(f"no open_clip model config for {backbone!r}")
+    text = cfg.get("text_cfg", {})
+    return int(text.get("width", 512)), int(text.get("layers", 12)), int(text.get("context_length", 77))
+
+
 def _download_host_reachable(cfg: dict, timeout_s: float) -> bool:
     """One short TCP probe of the host the weights come from.
 

@@ -50,6 +50,8 @@ class PackMember:
     model: its CoOp model, built on the pack's CLIP (``coop_core.pipeline.build_model`` with the same ``LoadedClip``).
     data, cfg, val: its training features, recipe and validation features. report, on_epoch_end, resume: as in
     ``train`` (the metrics of each of its epochs; its resumable state after each epoch; the state to continue from).
+    should_stop: asked with each epoch's metrics after ``report``; True ends the member's training there (an
+    early-stopping decision such as ASHA's), the other members go on.
     """
 
     model: CoOpModel
@@ -59,14 +61,21 @@ class PackMember:
     report: Callable[[dict[str, float]], None] | None = None
     on_epoch_end: Callable[[TrainState, dict[str, float]], None] | None = None
     resume: TrainState | None = None
+    should_stop: Callable[[dict[str, float]], bool] | None = None
 
 
 @dataclass
 class MemberResult:
-    """How a member's training ended: its per-epoch metrics, and why it stopped early (a diverged loss) or None."""
+    """How a member's training ended: its per-epoch metrics, why it stopped early (a diverged loss) or None, and
+    the epoch after which ``should_stop`` stopped it (an early-stopping rule) or None."""
 
     history: list[dict[str, float]] = field(default_factory=list)
     failure: str | None = None
+    stopped_after: int | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.failure is not None or self.stopped_after is not None
 
 
 @dataclass
@@ -122,23 +131,31 @@ def _text_features(members: Sequence[_Member]) -> list[torch.Tensor]:
     return list(text.split([pl.n_cls for pl in learners]))
 
 
-def train_pack(members: Sequence[PackMember]) -> list[MemberResult]:
+def train_pack(members: Sequence[PackMember], *,
+               after_epoch: Callable[[int, Sequence[MemberResult]], None] | None = None,
+               stopped: Sequence[int] = ()) -> list[MemberResult]:
     """Train every member of the pack to its last epoch (see the module docstring); one result per member.
 
     Members run their epochs in lockstep (epoch ``e`` of every member still training, step by step); a member with
     fewer epochs or steps per epoch sits out the rest. ``epoch_time_s`` in a member's metrics is the wall time of the
     pack's epoch it took part in (shared by the members), ``val_time_s`` its own validation.
 
+    ``after_epoch(epoch, results)`` is called once the members of the pack's epoch ``epoch`` (1-based) all ended it,
+    with every member's result so far (a pack's checkpoint; a diverged member's ``failure`` is set).
+    ``stopped``: members that an early-stopping rule already ended (a resumed pack): they do not train.
+
     Raises:
         ValueError: members on different CLIPs, devices or precisions.
     """
     _check_pack(members)
     states = [_start(m) for m in members]
+    for i in stopped:
+        states[i].result.stopped_after = states[i].start
     device = members[0].model.prompt_learner.ctx.device
     precision = members[0].cfg.precision
     _autocast(precision, device)  # validates the precision for this device before any work
     for epoch in range(min(s.start for s in states), max(s.epochs for s in states)):
-        active = [s for s in states if s.start <= epoch < s.epochs and s.result.failure is None]
+        active = [s for s in states if s.start <= epoch < s.epochs and not s.result.done]
         if not active:
             continue
         t0 = time.perf_counter()
@@ -176,6 +193,8 @@ def train_pack(members: Sequence[PackMember]) -> list[MemberResult]:
         for s in active:
             if s.result.failure is None:
                 _end_epoch(s, epoch, lrs[id(s)], elapsed, precision)
+        if after_epoch is not None:
+            after_epoch(epoch + 1, [s.result for s in states])
     return [s.result for s in states]
 
 
@@ -199,3 +218,5 @@ def _end_epoch(s: _Member, epoch: int, lr: float, elapsed: float, precision: str
         m.on_epoch_end(state, metrics)
     if m.report is not None:
         m.report(metrics)
+    if m.should_stop is not None and epoch + 1 < s.epochs and m.should_stop(metrics):
+        s.result.stopped_after = epoch + 1

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from platform.artifacts import EPOCHS_TOTAL_KEY
+from platform.sweep import packs
 from typing import Any
 
 import ray
@@ -199,7 +200,7 @@ class TrialBar(Callback):
         return (Callback, ())
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._running.add(trial.trial_id)
+        self._running.update(_configuration_ids(trial))
         self._refresh()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -210,11 +211,19 @@ class TrialBar(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
+        if packs.is_packed(trial.config):  # each member counts as the trial it stands for
+            reports = packs.member_reports(result)
+            for mid in _configuration_ids(trial):
+                status = reports.get(mid, {}).get(packs.STATUS_KEY)
+                self._end(mid, "finished" if status == packs.FINISHED else "errored" if status == packs.FAILED
+                          else "stopped")
+            return
         epochs = int(result.get(EPOCHS_TOTAL_KEY, self.epochs))  # the trial's own (a study's differ by shots)
         self._end(trial.trial_id, "finished" if int(result.get("epoch", 0)) >= epochs else "stopped")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._end(trial.trial_id, "errored")
+        for tid in _configuration_ids(trial):
+            self._end(tid, "errored")
 
     def _end(self, trial_id: str, how: str) -> None:
         self._running.discard(trial_id)
@@ -226,3 +235,10 @@ class TrialBar(Callback):
         best = f" · best {self.metric} {self.best:.2f}" if self.best is not None else ""
         self._bar.set_postfix_str(f"running {len(self._running)} · done {self.counts['finished']} · stopped "
                                   f"{self.counts['stopped']} · errored {self.counts['errored']}{best}")
+
+
+def _configuration_ids(trial: Any) -> list[str]:
+    """The configurations a trial trains: itself, or a packed trial's members (``platform/sweep/packs.py``)."""
+    if packs.is_packed(trial.config):
+        return [mid for mid, _ in packs.members(trial.trial_id, trial.config)]
+    return [trial.trial_id]

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from platform import artifacts
+from platform.sweep import packs
 from platform.sweep.trial_runs import TrialRuns, describe_config, error_line, trial_checkpoint_path, trial_timing
 from typing import Any
 
@@ -148,31 +149,45 @@ class MlflowSweepCallback(Callback):
         for trial in trials:
             self._created.setdefault(trial.trial_id, now)
 
+    @staticmethod
+    def _configurations(trial: Any, result: Mapping[str, Any] | None = None) -> list[tuple[str, dict, dict]]:
+        """(id, config, latest report) of each configuration a trial trains: the trial itself, or each member of a
+        packed trial (``platform/sweep/packs.py``; its report from the pack's ``result``)."""
+        if not packs.is_packed(trial.config):
+            return [(trial.trial_id, trial.config, dict(result or {}))]
+        reports = packs.member_reports(result)
+        return [(mid, cfg, reports.get(mid, {})) for mid, cfg in packs.members(trial.trial_id, trial.config)]
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._created.setdefault(trial.trial_id, time.time())
+        for tid, config, _ in self._configurations(trial):
+            self._created.setdefault(tid, time.time())
 
-        def start() -> None:
-            with self._tracking(trial.trial_id):
-                self.runs.set_running(trial.trial_id, trial.config)
+            def start(tid: str = tid, config: dict = config) -> None:
+                with self._tracking(tid):
+                    self.runs.set_running(tid, config)
 
-        self._safely(trial.trial_id, "the start", start)
-        logger.info("trial %s started: %s", trial.trial_id, describe_config(trial.config))
+            self._safely(tid, "the start", start)
+            logger.info("trial %s started: %s", tid, describe_config(config))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        for tid, config, report in self._configurations(trial, result):
+            self._log_result(tid, config, report)
+
+    def _log_result(self, trial_id: str, config: Mapping[str, Any], result: Mapping[str, Any]) -> None:
         if "epoch" not in result or artifacts.FAILURE_KEY in result:
             return  # a diverged trial's last report: closed by on_trial_complete
         epoch = int(result["epoch"])
-        if self.runs.epoch_logged(trial.trial_id, epoch):
+        if self.runs.epoch_logged(trial_id, epoch):
             return  # a retried trial that resumed from an earlier checkpoint repeats an epoch: logged once
 
         def log_epoch() -> None:  # not done when MLflow failed: finish_from_result logs it from the checkpoint
-            with self._tracking(trial.trial_id):
-                self.runs.log_epoch(trial.trial_id, trial.config, result)
+            with self._tracking(trial_id):
+                self.runs.log_epoch(trial_id, config, result)
 
-        self._safely(trial.trial_id, f"epoch {epoch}", log_epoch)
+        self._safely(trial_id, f"epoch {epoch}", log_epoch)
         val = f" val_acc {result['val_acc']:.2f}" if "val_acc" in result else ""
         test = f" test_acc {result['test_acc']:.2f}" if "test_acc" in result else ""
-        logger.info("trial %s epoch %d/%d: loss %.4f%s%s", trial.trial_id, epoch,
+        logger.info("trial %s epoch %d/%d: loss %.4f%s%s", trial_id, epoch,
                     int(result.get(artifacts.EPOCHS_TOTAL_KEY, self.epochs)),
                     result.get("train_loss", math.nan), val, test)
 
@@ -180,13 +195,24 @@ class MlflowSweepCallback(Callback):
         if self.stopping:
             return  # stopped by Ctrl-C, not ended: the CLI marks its run KILLED and --resume continues it
         last = trial.last_result or {}
-        self._safely(trial.trial_id, "the results", lambda: self.finish_from_result(
-            trial.trial_id, trial.config, last, trial_checkpoint_path(trial, last)))
+        checkpoint = trial_checkpoint_path(trial, last)
+        packed = packs.is_packed(trial.config)
+        for tid, config, report in self._configurations(trial, last):
+            path = packs.member_checkpoint(checkpoint, tid) if packed else checkpoint
+            self._safely(tid, "the results", lambda tid=tid, config=config, report=report, path=path:
+                         self.finish_from_result(tid, config, report, path))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         reason = error_line(trial.get_error())
         logger.warning("trial %s failed: %s (see its Ray logs)", trial.trial_id, reason)
-        run_id = self._safely(trial.trial_id, "the failure", lambda: self.mark_failed(trial.trial_id, trial.config,
-                                                                                     reason))
-        if run_id is not None:
-            logger.warning("MLflow run %s of trial %s marked FAILED", run_id, trial.trial_id)
+        last = trial.last_result or {}
+        checkpoint = trial_checkpoint_path(trial, last)
+        for tid, config, report in self._configurations(trial, last):
+            if report.get(packs.STATUS_KEY) in (packs.FINISHED, packs.STOPPED):  # a pack's member that had ended
+                self._safely(tid, "the results", lambda tid=tid, config=config, report=report: self.finish_from_result(
+                    tid, config, report, packs.member_checkpoint(checkpoint, tid)))
+                continue
+            run_id = self._safely(tid, "the failure", lambda tid=tid, config=config: self.mark_failed(tid, config,
+                                                                                                   reason))
+            if run_id is not None:
+                logger.warning("MLflow run %s of trial %s marked FAILED", run_id, tid)

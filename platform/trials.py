@@ -6,6 +6,9 @@
   Ray Train controller, worker group, process group or placement-group cleaner is started. The trial reserves the
   worker's CPUs (and its GPU share); Tune reuses the actor for the next trial, and the process's warm cache
   (``platform/process_cache.py``) keeps CLIP and the features loaded between trials.
+- :func:`packed_trial` (``--pack-size K > 1``): like an in-process trial, but the trial trains up to K of the sweep's
+  configurations together on one CLIP (``platform.pack_worker.run_pack``, ``platform/sweep/packs.py``), each with
+  its own report, checkpoint, MLflow run and ASHA decision (``platform/sweep/halving.py``).
 - :func:`ray_train_trial` (``--workers-per-trial N > 1``): the trial drives one Ray Train run of N DDP workers, as
   ``platform.train`` does, named by the trial id so that a retried or resumed trial continues from its last
   checkpoint. Its epoch reports reach Tune through ``TrialReportCallback``, and ``GracefulASHA`` stops it through
@@ -19,8 +22,10 @@ on a small machine. DDP only pays off when one trial needs several devices.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from platform.pack_worker import run_pack
 from platform.progress import board_reporter
 from platform.run_spec import RunSpec
+from platform.sweep import packs
 from platform.trainer import build_trainer
 from platform.trial_stopping import TrialControllerCallback, TrialReportCallback, was_stopped_by_scheduler
 from platform.worker import EpochHook, RaySession, configure_worker_logging, run_training
@@ -52,7 +57,7 @@ def in_process_trial(config: dict[str, Any], *, base_spec: dict[str, Any], log_l
     spec = trial_spec(base_spec, config)
     configure_worker_logging(0, log_level, progress_lines=False)  # the driver logs the trial's progress
     torch.set_num_threads(max(1, int(spec.cpus_per_worker)))  # the CPUs this trial reserved
-    device = torch.device("cuda", 0) if spec.use_gpu and ray.get_gpu_ids() else torch.device("cpu")
+    device = _device(spec)
     report = board_reporter(progress_board)
 
     def features_only(task: str, done: int, total: int) -> None:
@@ -61,6 +66,33 @@ def in_process_trial(config: dict[str, Any], *, base_spec: dict[str, Any], log_l
 
     run_training(spec, RaySession("tune"), device=device, epoch_hooks=epoch_hooks, log_epochs=False,
                  progress=features_only)
+
+
+def _device(spec: RunSpec) -> torch.device:
+    return torch.device("cuda", 0) if spec.use_gpu and ray.get_gpu_ids() else torch.device("cpu")
+
+
+def packed_trial(config: dict[str, Any], *, base_spec: dict[str, Any], log_level: str = "WARNING",
+                 rungs_actor: str | None = None, progress_board: Any = None) -> None:
+    """Tune function trainable: a pack of configurations (``config["pack"]``) trained together in this trial's
+    process (see the module docstring). ``rungs_actor``: the name of the sweep's ``RungsActor`` (ASHA's records for
+    every configuration), or None when the sweep does not stop early (a study)."""
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    members = packs.members(trial_id, config)
+    specs = [trial_spec(base_spec, cfg) for _, cfg in members]
+    configure_worker_logging(0, log_level, progress_lines=False)
+    torch.set_num_threads(max(1, int(specs[0].cpus_per_worker)))
+    stop = None
+    if rungs_actor is not None:
+        actor = ray.get_actor(rungs_actor)
+
+        def stop(mid: str, epoch: int, value: float | None) -> bool:
+            return ray.get(actor.stop.remote(mid, epoch, value))
+
+    report = board_reporter(progress_board)
+    run_pack([mid for mid, _ in members], specs, RaySession("tune"), device=_device(specs[0]), stop=stop,
+             progress=lambda task, done, total: report(task, done, total) if task == "features" else None)
 
 
 def ray_train_trial(config: dict[str, Any], *, base_spec: dict[str, Any], train_storage: str, max_failures: int,

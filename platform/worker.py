@@ -107,6 +107,10 @@ class RaySession:
     def restored(self) -> tuple[TrainState, list[dict[str, Any]]] | None:
         return _restore(self._module().get_checkpoint())
 
+    def checkpoint(self) -> Any:
+        """The raw checkpoint to resume from (a packed trial's folder of member checkpoints), or None."""
+        return self._module().get_checkpoint()
+
     def report(self, metrics: Mapping[str, Any], checkpoint_dir: Path | None) -> None:
         ray_api = self._module()
         checkpoint = ray_api.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir is not None else None
@@ -167,28 +171,9 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
     checkpoint_interval = spec.checkpoint_interval()
     torch.manual_seed(cfg.seed)  # nothing below draws from it, but no trial may inherit the previous one's RNG
 
-    cache = process_cache()
-    mkey = model_key(spec.model.backbone, spec.model.pretrained, device)
-    clip, hit_model = cache.model(mkey, lambda: load_clip(spec.model.backbone, spec.model.pretrained, device=device))
-    t_model = time.perf_counter()
-    data_key = (json.dumps(spec.data_ref.to_dict(), sort_keys=True), spec.data_root, spec.max_test_items)
-    splits, hit_splits = cache.small(("splits", *data_key), lambda: load_splits(spec))
-    fewshot, _ = cache.small(("fewshot", *data_key, cfg.shots, cfg.seed),
-                             lambda: build_few_shot(splits, cfg.shots, cfg.seed, spec.cache_dir))
-    with_test = rank == 0
-    feature_key = (mkey, *data_key, cfg.shots, cfg.seed, cfg.feature_mode, cfg.n_views, with_test)
     progress = progress if rank == 0 else None
-    if cfg.feature_mode == "exact":  # an on-the-fly image source holds a dataset and RNG use: never shared
-        feats, hit_feats = prepare_features(clip, splits, fewshot, cfg, cache_dir=spec.cache_dir, device=device,
-                                            with_test=with_test, progress=progress), False
-    else:
-        feats, hit_feats = cache.features(feature_key, lambda: prepare_features(
-            clip, splits, fewshot, cfg, cache_dir=spec.cache_dir, device=device, with_test=with_test,
-            progress=progress))
-    model = build_model(clip, splits.classnames, spec.prompt, cfg.seed, device)
-    n_ctx_effective = model.prompt_learner.ctx.shape[-2]
-    text_sharding = text_sharding_for(cfg.text_sharding, model, dist).name  # what engine.train will use
-    t_setup = time.perf_counter()
+    prep = prepare_run(spec, device, dist, progress)
+    clip, splits, fewshot, feats, model = prep.clip, prep.splits, prep.fewshot, prep.feats, prep.model
 
     resume, history = None, []
     restored = session.restored()
@@ -201,25 +186,13 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
                     spec.dataset, cfg.shots, epochs, dist.world_size, device, len(fewshot.train), len(fewshot.val),
                     len(splits.test))
 
-    resolved = spec.resolved_config() | {
-        "world_size": dist.world_size, "classnames": list(splits.classnames), "template": splits.template,
-        "n_train": len(fewshot.train), "n_val": len(fewshot.val), "n_test": len(splits.test),
-        artifacts.N_CTX_EFFECTIVE_KEY: n_ctx_effective, artifacts.TEXT_SHARDING_USED_KEY: text_sharding,
-        "split": splits.split_source,  # the split file (or how the split was made) the run used
-        "fewshot_manifest": str(fewshot.manifest_path) if fewshot.manifest_path else None,
-        "skipped_images": dict(feats.skipped),  # undecodable images left out, per split
-        "resumed_from_epoch": resume.epoch if resume is not None else None,
-    }
-    if rank == 0:  # what the registry's champion rule checks before it compares two runs (artifacts.REGISTRY_METRIC)
-        resolved[artifacts.REGISTRY_SET_KEY] = feats.registry_set
-        resolved[artifacts.WEIGHTS_DIGEST_KEY] = cache.small(("weights_digest", mkey),
-                                                             lambda: weights_digest(clip.model))[0]
-    timing = {"time_model_s": t_model - t_start, "time_features_s": t_setup - t_model,
+    resolved = prep.resolved | {"resumed_from_epoch": resume.epoch if resume is not None else None}
+    timing = {"time_model_s": prep.time_model_s, "time_features_s": prep.time_features_s,
               "time_train_loop_s": sum(row.get("epoch_time_s", 0.0) for row in history),
               "time_eval_s": sum(row.get("val_time_s", 0.0) for row in history), "time_report_s": 0.0}
-    fixed = {artifacts.N_CTX_EFFECTIVE_KEY: n_ctx_effective, artifacts.TEXT_SHARDING_USED_KEY: text_sharding,
+    fixed = {artifacts.N_CTX_EFFECTIVE_KEY: prep.n_ctx_effective, artifacts.TEXT_SHARDING_USED_KEY: prep.text_sharding,
              artifacts.ENTERED_AT_KEY: entered_at, artifacts.EPOCHS_TOTAL_KEY: epochs,
-             artifacts.WARM_HITS_KEY: int(hit_model) + int(hit_splits) + int(hit_feats)}
+             artifacts.WARM_HITS_KEY: prep.warm_hits}
     if process_created_at is not None:
         fixed[artifacts.PROCESS_CREATED_AT_KEY] = process_created_at
 
@@ -229,14 +202,7 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
         final = int(metrics["epoch"]) == epochs
         if final and rank == 0:
             t_eval = time.perf_counter()
-            done = evaluate_final(model, clip, splits, feats, cfg.precision)  # as coop_core.run_coop measures
-            metrics.update(test_acc=done.test["acc"], test_macro_f1=done.test["macro_f1"],
-                           zeroshot_test_acc=done.zeroshot_test["acc"],
-                           zeroshot_test_macro_f1=done.zeroshot_test["macro_f1"])
-            if done.registry is not None:
-                metrics[artifacts.REGISTRY_METRIC] = done.registry["acc"]
-            for target in spec.eval_targets:
-                metrics.update(_evaluate_target(spec, target, clip, mkey, model, splits.classnames, device))
+            metrics.update(final_metrics(spec, prep, device))
             timing["time_eval_s"] += time.perf_counter() - t_eval
         history.append(dict(metrics))
         t_report = time.perf_counter()
@@ -250,7 +216,7 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
                 d = Path(tmp)
                 artifacts.write_checkpoint(d, state, history, resolved)
                 if final:
-                    _write_final_artifacts(d, spec, clip, splits, model, report)
+                    write_final_artifacts(d, spec, clip, splits, model, report)
                 artifacts.seal(d)
                 session.report(report, d)
         if rank == 0 and log_epochs:
@@ -276,6 +242,81 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
             session.report(report, Path(tmp))
 
 
+@dataclasses.dataclass
+class PreparedRun:
+    """What a run trains with, loaded through the process's warm cache: CLIP, the splits, the few-shot split, the
+    image features, the model, and the run's resolved config (``config.json``) before it knows whether it resumed."""
+
+    clip: Any
+    mkey: Any
+    splits: DatasetSplits
+    fewshot: Any
+    feats: Any
+    model: Any
+    n_ctx_effective: int
+    text_sharding: str
+    resolved: dict[str, Any]
+    warm_hits: int
+    time_model_s: float
+    time_features_s: float
+
+
+def prepare_run(spec: RunSpec, device: torch.device, dist: Distributed, progress: ProgressFn | None) -> PreparedRun:
+    """Load (or take from the warm cache) what ``spec`` trains with on ``device``, and build its model."""
+    t_start = time.perf_counter()
+    rank, cfg = dist.rank, spec.train
+    cache = process_cache()
+    mkey = model_key(spec.model.backbone, spec.model.pretrained, device)
+    clip, hit_model = cache.model(mkey, lambda: load_clip(spec.model.backbone, spec.model.pretrained, device=device))
+    t_model = time.perf_counter()
+    data_key = (json.dumps(spec.data_ref.to_dict(), sort_keys=True), spec.data_root, spec.max_test_items)
+    splits, hit_splits = cache.small(("splits", *data_key), lambda: load_splits(spec))
+    fewshot, _ = cache.small(("fewshot", *data_key, cfg.shots, cfg.seed),
+                             lambda: build_few_shot(splits, cfg.shots, cfg.seed, spec.cache_dir))
+    with_test = rank == 0
+    feature_key = (mkey, *data_key, cfg.shots, cfg.seed, cfg.feature_mode, cfg.n_views, with_test)
+    if cfg.feature_mode == "exact":  # an on-the-fly image source holds a dataset and RNG use: never shared
+        feats, hit_feats = prepare_features(clip, splits, fewshot, cfg, cache_dir=spec.cache_dir, device=device,
+                                            with_test=with_test, progress=progress), False
+    else:
+        feats, hit_feats = cache.features(feature_key, lambda: prepare_features(
+            clip, splits, fewshot, cfg, cache_dir=spec.cache_dir, device=device, with_test=with_test,
+            progress=progress))
+    model = build_model(clip, splits.classnames, spec.prompt, cfg.seed, device)
+    n_ctx_effective = model.prompt_learner.ctx.shape[-2]
+    text_sharding = text_sharding_for(cfg.text_sharding, model, dist).name  # what engine.train will use
+    t_setup = time.perf_counter()
+
+    resolved = spec.resolved_config() | {
+        "world_size": dist.world_size, "classnames": list(splits.classnames), "template": splits.template,
+        "n_train": len(fewshot.train), "n_val": len(fewshot.val), "n_test": len(splits.test),
+        artifacts.N_CTX_EFFECTIVE_KEY: n_ctx_effective, artifacts.TEXT_SHARDING_USED_KEY: text_sharding,
+        "split": splits.split_source,  # the split file (or how the split was made) the run used
+        "fewshot_manifest": str(fewshot.manifest_path) if fewshot.manifest_path else None,
+        "skipped_images": dict(feats.skipped),  # undecodable images left out, per split
+    }
+    if rank == 0:  # what the registry's champion rule checks before it compares two runs (artifacts.REGISTRY_METRIC)
+        resolved[artifacts.REGISTRY_SET_KEY] = feats.registry_set
+        resolved[artifacts.WEIGHTS_DIGEST_KEY] = cache.small(("weights_digest", mkey),
+                                                             lambda: weights_digest(clip.model))[0]
+    return PreparedRun(clip, mkey, splits, fewshot, feats, model, n_ctx_effective, text_sharding, resolved,
+                       int(hit_model) + int(hit_splits) + int(hit_feats), t_model - t_start, t_setup - t_model)
+
+
+def final_metrics(spec: RunSpec, prep: PreparedRun, device: torch.device) -> dict[str, float]:
+    """The last epoch's measures (rank 0): test and zero-shot accuracy, the registry set's accuracy, and every
+    evaluation target's (``target/<label>/...``), as ``coop_core.run_coop`` measures them."""
+    done = evaluate_final(prep.model, prep.clip, prep.splits, prep.feats, spec.train.precision)
+    metrics = {"test_acc": done.test["acc"], "test_macro_f1": done.test["macro_f1"],
+               "zeroshot_test_acc": done.zeroshot_test["acc"], "zeroshot_test_macro_f1": done.zeroshot_test["macro_f1"]}
+    if done.registry is not None:
+        metrics[artifacts.REGISTRY_METRIC] = done.registry["acc"]
+    for target in spec.eval_targets:
+        metrics.update(_evaluate_target(spec, target, prep.clip, prep.mkey, prep.model, prep.splits.classnames,
+                                        device))
+    return metrics
+
+
 def _evaluate_target(spec: RunSpec, target: DatasetRef, clip: Any, mkey: Any, model: Any,
                      classnames: Sequence[str], device: torch.device) -> dict[str, float]:
     """The learned prompts and zero-shot CLIP on an evaluation target's test split, as ``target/<label>/...``."""
@@ -295,7 +336,7 @@ def _evaluate_target(spec: RunSpec, target: DatasetRef, clip: Any, mkey: Any, mo
     return {artifacts.target_key(target.label, k): v for k, v in values.items()}
 
 
-def _write_final_artifacts(d: Path, spec: RunSpec, clip: Any, splits: DatasetSplits, model: Any,
+def write_final_artifacts(d: Path, spec: RunSpec, clip: Any, splits: DatasetSplits, model: Any,
                            metrics: Mapping[str, Any]) -> None:
     """The learned prompts (+ JSON), the nearest-words table and the final metrics, next to the last state."""
     ctx = model.prompt_learner.ctx.detach().cpu()

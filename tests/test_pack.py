@@ -124,3 +124,29 @@ def test_a_pack_needs_one_clip_and_one_precision(tiny_clip, tiny_vit_config):
         train_pack(members)
     with pytest.raises(ValueError, match="at least one member"):
         train_pack([])
+
+
+def test_a_member_stopped_by_its_rule_ends_alone_and_the_pack_checkpoints_after_each_epoch(tiny_clip):
+    members = [_member(tiny_clip, c, i) for i, c in enumerate(CONFIGS[:3])]
+    solos = [_solo(m) for m in members]
+    asked = []
+    members[1].should_stop = lambda metrics: asked.append(metrics["epoch"]) or metrics["epoch"] == 2
+    ends = []
+    results = train_pack(members, after_epoch=lambda epoch, rs: ends.append((epoch, [r.stopped_after for r in rs])))
+    assert asked == [1, 2]  # asked after each epoch until it said stop (never at its last epoch)
+    assert results[1].stopped_after == 2 and [h["epoch"] for h in results[1].history] == [1, 2]
+    _same(results[1].history, members[1].model.prompt_learner.ctx.detach(), solos[1][0][:2],
+          members[1].model.prompt_learner.ctx.detach(), "member 1 up to its stop")
+    for i in (0, 2):  # the others run on, their trajectories untouched
+        assert results[i].stopped_after is None
+        _same(results[i].history, members[i].model.prompt_learner.ctx.detach(), *solos[i], f"member {i}")
+    assert ends == [(1, [None, None, None]), (2, [None, 2, None]), (3, [None, 2, None]), (4, [None, 2, None])]
+
+
+def test_a_resumed_pack_leaves_its_stopped_members_stopped(tiny_clip):
+    members = [_member(tiny_clip, c, i) for i, c in enumerate(CONFIGS[:2])]
+    before = members[1].model.prompt_learner.ctx.detach().clone()
+    results = train_pack(members, stopped=[1])
+    assert results[1].history == [] and results[1].stopped_after == 0
+    assert torch.equal(members[1].model.prompt_learner.ctx, before)
+    assert len(results[0].history) == members[0].cfg.resolved_epochs

@@ -50,6 +50,12 @@ def add_sweep_arguments(parser: argparse.ArgumentParser, *, study: bool = False)
                            help="epochs every trial runs before ASHA may stop it (default: 1)")
         group.add_argument("--reduction-factor", type=float, default=2.0,
                            help="ASHA keeps the top 1/factor of trials at each rung (default: 2)")
+    group.add_argument("--pack-size", default="1", metavar="N|auto",
+                       help="configurations trained together in one trial on one copy of CLIP, one text-encoder "
+                            "batch per step (each keeps its own MLflow run, checkpoint, early-stopping decision and "
+                            "result); auto: the sweep's configurations spread over the trials that run at once, as "
+                            "many per trial as the text step's memory allows; 1: one configuration per trial "
+                            "(default: 1)")
     group.add_argument(f"--{what}-name", dest="sweep_name", default=None,
                        help=f"folder of the {what} under --storage-path (default: {what}-<dataset>-<time>)")
     group.add_argument("--resume", action="store_true",
@@ -74,7 +80,7 @@ def sweep_settings_from_args(args: argparse.Namespace) -> SweepSettings:
 
 # The settings whose flag has the field's own name (grid and fixed become tuples; --sweep/--study-name is ``name``).
 _SETTING_FLAGS = ("num_samples", "max_concurrent", "gpus_per_trial", "trial_runner", "search_seed", "grace_period",
-                  "reduction_factor", "max_failures", "resume")
+                  "reduction_factor", "max_failures", "resume", "pack_size")
 
 
 def infra_settings_from_args(args: argparse.Namespace) -> InfraSettings:

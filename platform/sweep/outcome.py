@@ -8,6 +8,7 @@ from pathlib import Path
 from platform import artifacts, tracking
 from platform.artifacts import EPOCHS_TOTAL_KEY, FAILURE_KEY
 from platform.registry import register_prompt, registered_model_name
+from platform.sweep import packs
 from platform.sweep.state import SweepState
 from platform.sweep.trial_runs import checkpoint_dir, error_line, trial_checkpoint_path
 from platform.trials import searched_overrides
@@ -45,26 +46,43 @@ def _trial_ids(grid: Any) -> list[str]:
 
 
 def trial_rows(grid: Any, epochs: int) -> list[dict[str, Any]]:
-    """One summary row per trial of a ResultGrid (status, epochs reached, metrics, config, checkpoint)."""
+    """One summary row per configuration of a ResultGrid (status, epochs reached, metrics, config, checkpoint): a
+    trial's, or each member's of a packed trial (``platform/sweep/packs.py``)."""
     rows = []
     for result, trial_id in zip(grid, _trial_ids(grid), strict=True):
         m = result.metrics or {}
-        status = "ERROR" if result.error is not None else "FAILED" if m.get(FAILURE_KEY) else "TERMINATED"
-        rows.append({
-            "trial_id": trial_id,
-            "status": status,
-            "epochs": int(m.get("epoch", 0)),
-            "finished": status == "TERMINATED" and int(m.get("epoch", 0)) >= int(m.get(EPOCHS_TOTAL_KEY, epochs))
-            and "test_acc" in m,
-            "config": dict(result.config or {}),
-            "val_acc": m.get("val_acc"),
-            "test_acc": m.get("test_acc"),
-            "zeroshot_test_acc": m.get("zeroshot_test_acc"),
-            "checkpoint_path": trial_checkpoint_path(result, m),
-            "failure": m.get(FAILURE_KEY) or (error_line(result.error) if result.error is not None else None),
-            "last_result": m,
-        })
+        error = error_line(result.error) if result.error is not None else None
+        checkpoint = trial_checkpoint_path(result, m)
+        if not packs.is_packed(result.config):
+            status = "ERROR" if error else "FAILED" if m.get(FAILURE_KEY) else "TERMINATED"
+            rows.append(_row(trial_id, status, m, dict(result.config or {}), checkpoint, error, epochs))
+            continue
+        reports = packs.member_reports(m)
+        for mid, config in packs.members(trial_id, result.config):
+            r = reports.get(mid, {})
+            ended = r.get(packs.STATUS_KEY) in (packs.FINISHED, packs.STOPPED)
+            status = "FAILED" if r.get(FAILURE_KEY) else "ERROR" if error and not ended else "TERMINATED"
+            rows.append(_row(mid, status, r, config, packs.member_checkpoint(checkpoint, mid),
+                             None if ended else error, epochs))
     return rows
+
+
+def _row(trial_id: str, status: str, m: Mapping[str, Any], config: dict[str, Any], checkpoint: str | None,
+         error: str | None, epochs: int) -> dict[str, Any]:
+    return {
+        "trial_id": trial_id,
+        "status": status,
+        "epochs": int(m.get("epoch", 0)),
+        "finished": status == "TERMINATED" and int(m.get("epoch", 0)) >= int(m.get(EPOCHS_TOTAL_KEY, epochs))
+        and "test_acc" in m,
+        "config": config,
+        "val_acc": m.get("val_acc"),
+        "test_acc": m.get("test_acc"),
+        "zeroshot_test_acc": m.get("zeroshot_test_acc"),
+        "checkpoint_path": checkpoint,
+        "failure": m.get(FAILURE_KEY) or error,
+        "last_result": dict(m),
+    }
 
 
 def pick_best(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
@@ -93,7 +111,8 @@ def summarise(rows: Sequence[Mapping[str, Any]], spec: Any, state: SweepState, n
         "parent_run_id": state.parent_run_id, "experiment": state.experiment,
         "tracking_uri": state.tracking_uri, "ui_command": tracking.ui_command(state.tracking_uri),
         "runs_url": state.runs_url,
-        "resumed": resumed, "trial_runner": state.trial_runner, "best_config": None, "best_trial_id": None,
+        "resumed": resumed, "trial_runner": state.trial_runner, "pack_size": state.pack_size, "best_config": None,
+        "best_trial_id": None,
         "best_run_id": None, "val_acc": None,
         "test_acc": None, "zeroshot_test_acc": None, "registered_model": registered_model_name(spec.model_key),
         "registered_version": None, "champion_version": None, "champion_reason": None,

@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 def open_sweep(settings: SweepSettings, infra: InfraSettings, spec: Any, space: Mapping[str, Any],
                grid: Mapping[str, Sequence[Any]], name: str, sweep_dir: str, max_concurrent: int, runner: str,
-               gpus_per_trial: float, plan: SweepPlan = SweepPlan()) -> SweepState:
+               gpus_per_trial: float, plan: SweepPlan = SweepPlan(), *,
+               pack_size: int = 1) -> SweepState:
     """Start the sweep's MLflow parent run (base config and sweep settings as params) and write its state file."""
 
     tracking_uri = tracking.resolve_tracking_uri(infra.tracking_uri)
@@ -40,7 +41,8 @@ def open_sweep(settings: SweepSettings, infra: InfraSettings, spec: Any, space: 
                                        else "none (every trial runs all its epochs)",
                     "sweep.space": json.dumps({k: repr(v) for k, v in space.items()}),
                     "sweep.fixed": " ".join(settings.fixed) or "-", "sweep.trial_runner": runner,
-                    "sweep.gpus_per_trial": gpus_per_trial, "sweep.max_failures": settings.max_failures}
+                    "sweep.gpus_per_trial": gpus_per_trial, "sweep.max_failures": settings.max_failures,
+                    "sweep.pack_size": pack_size}
     tracking.log_params(parent_run_id, tracking.flatten_params(spec) | sweep_params, tracking_uri=tracking_uri)
     experiment_id = tracking.get_or_create_experiment(experiment, tracking_uri=tracking_uri)
     searched = list(grid) if grid else list(space)
@@ -64,7 +66,7 @@ def open_sweep(settings: SweepSettings, infra: InfraSettings, spec: Any, space: 
                        epochs=epochs, trial_runner=runner, gpus_per_trial=gpus_per_trial,
                        max_failures=settings.max_failures, grid={k: list(v) for k, v in grid.items()}, kind=plan.kind,
                        entry_point=plan.entry_point, early_stopping=plan.early_stopping, register=plan.register,
-                       resume_flags=tuple(plan.resume_flags))
+                       resume_flags=tuple(plan.resume_flags), pack_size=pack_size)
     if "://" not in sweep_dir:
         write_sweep_state(sweep_dir, state)
     return state

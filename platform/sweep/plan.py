@@ -30,6 +30,39 @@ def check_gpu_share(value: float) -> None:
         raise ValueError(f"--gpus-per-trial must be in (0, 1] (a share of one GPU per trial), got {value}")
 
 
+def check_pack_size(value: str) -> None:
+    if value == "auto":
+        return
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise ValueError(f"--pack-size must be 'auto' or a whole number >= 1 (configurations trained together per "
+                         f"trial; 1: one per trial), got {value!r}")
+
+
+def resolve_pack_size(requested: str, *, n_configs: int, max_concurrent: int, runner: str,
+                      member_bytes: int, budget_bytes: int) -> int:
+    """Configurations per trial: ``requested``, or for ``auto`` enough to give every concurrent trial slot an equal
+    share of the sweep's configurations, capped by how many members' text steps fit ``budget_bytes`` (each
+    ``member_bytes``, ``coop_core.distributed.text_activation_bytes``). Packs need one worker per trial.
+
+    Raises:
+        ValueError: a pack size above 1 for multi-worker (Ray Train) trials.
+    """
+    if requested != "auto":
+        size = int(requested)
+        if size > 1 and runner != "in-process":
+            raise ValueError(f"--pack-size {size}: packs run in one process per trial; they cannot be combined with "
+                             "--workers-per-trial above 1 or --trial-runner ray-train")
+        return size
+    if runner != "in-process":
+        return 1
+    fits = max(1, budget_bytes // max(member_bytes, 1))
+    return int(max(1, min(math.ceil(n_configs / max(max_concurrent, 1)), fits)))
+
+
 def check_max_concurrent(value: int | None) -> None:
     if value is not None and value < 1:
         raise ValueError(f"--max-concurrent must be >= 1, got {value}")
@@ -44,7 +77,8 @@ class SweepSettings:
     once (None: as many as fit the cluster). gpus_per_trial: the GPU share of a one-worker trial. trial_runner: one
     of :data:`TRIAL_RUNNERS`. fixed: searched fields held at their flag value. search_seed: TPE's seed (None: the
     run's seed). grace_period, reduction_factor: ASHA's. max_failures: recoveries per trial. name: the sweep folder's
-    name (None: made from the kind, dataset and time). resume: finish the interrupted sweep ``name``.
+    name (None: made from the kind, dataset and time). resume: finish the interrupted sweep ``name``. pack_size:
+    configurations per trial, trained together on one CLIP (``"auto"`` or a whole number; ``"1"``: a trial each).
     """
 
     grid: tuple[str, ...] = ()
@@ -59,8 +93,10 @@ class SweepSettings:
     max_failures: int = 2
     name: str | None = None
     resume: bool = False
+    pack_size: str = "1"
 
     def __post_init__(self) -> None:
+        check_pack_size(self.pack_size)
         check_trial_runner(self.trial_runner)
         check_gpu_share(self.gpus_per_trial)
         check_max_concurrent(self.max_concurrent)

@@ -12,8 +12,8 @@ from typing import Any
 JSON_KEYS = ("best_config", "val_acc", "test_acc", "zeroshot_test_acc", "parent_run_id", "registered_model",
              "registered_version", "champion_version", "trials", "trials_completed", "trials_finished",
              "trials_early_stopped", "trials_errored", "best_trial_id", "best_run_id", "n_ctx_effective", "sweep_name",
-             "sweep_dir", "tracking_uri", "experiment", "resumed", "wall_s", "timing", "trial_runner", "runs_url",
-             "dashboards", "tracking_complete", "tracking_error", "log_command", "resume_command")
+             "sweep_dir", "tracking_uri", "experiment", "resumed", "wall_s", "timing", "trial_runner", "pack_size",
+             "runs_url", "dashboards", "tracking_complete", "tracking_error", "log_command", "resume_command")
 
 
 def _pct(value: Any) -> str:

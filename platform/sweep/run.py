@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import os
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from platform.launch import INPUT_ERRORS, Checked, check_before_ray, resolve_gpus, start_ray, warn_unshared_paths
 from platform.progress import ConsoleProgress, TrialBar, bars_wanted
 from platform.run_spec import RunSpec
+from platform.sweep.halving import RUNGS_ACTOR_PREFIX, RungsActor
 from platform.sweep.interrupt import SweepInterrupt, interrupted
 from platform.sweep.outcome import SweepOutcome, best_trial_summary, pick_best, register_best, summarise, trial_rows
 from platform.sweep.parent_run import close_sweep, close_unclosed_runs, draw_dashboards, open_sweep
@@ -36,6 +40,7 @@ from platform.sweep.plan import (
     parse_grid,
     prompt_candidates,
     resolve_max_concurrent,
+    resolve_pack_size,
     resolve_trial_runner,
     shot_candidates,
     validate_gpus_per_trial,
@@ -58,9 +63,12 @@ from platform.trial_stopping import CONTROLLERS_ACTOR_NAME, TrialControllersActo
 from typing import Any
 
 import ray
+import torch
 from mlflow.tracking import MlflowClient
 
+from coop_core.backbone import text_dims
 from coop_core.datasets import get_dataset_spec
+from coop_core.distributed import text_activation_bytes
 from tune_spaces import space_for
 
 logger = logging.getLogger(__name__)
@@ -130,6 +138,48 @@ class Placement:
     spec: RunSpec
     gpus_per_trial: float
     max_concurrent: int
+    pack_size: int = 1
+
+
+# The memory a packed trial's text steps may take, as a share of the node's free memory per concurrent trial (CPU) or
+# of the trial's GPU share of a GPU (GPU); the rest is CLIP, the features and the framework.
+PACK_MEMORY_SHARE = 0.5
+
+
+ASSUMED_GPU_BYTES = 16 * 1024**3  # a GPU's memory when the driver has none to ask (a CPU head node)
+
+
+def available_memory_bytes() -> int:
+    """This node's available memory (``MemAvailable`` of ``/proc/meminfo``; total pages elsewhere)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def gpu_memory_bytes() -> int:
+    """The memory of this node's first GPU, or :data:`ASSUMED_GPU_BYTES` when the driver has no GPU."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    return ASSUMED_GPU_BYTES
+
+
+def pack_size_for(requested: str, target: Target, settings: SweepSettings, spec: RunSpec, n_classes: int,
+                  max_concurrent: int, gpus_per_trial: float) -> int:
+    """The sweep's configurations per trial (``platform.sweep.plan.resolve_pack_size``), the text step's memory
+    estimated at the full prompt length for one member (``coop_core.distributed.text_activation_bytes``)."""
+    width, layers, seq = text_dims(spec.model.backbone)
+    member = text_activation_bytes(n_classes, seq, 0, width, layers)
+    if spec.use_gpu:
+        budget = int(PACK_MEMORY_SHARE * gpus_per_trial * gpu_memory_bytes())
+    else:
+        budget = int(PACK_MEMORY_SHARE * available_memory_bytes() / max(max_concurrent, 1))
+    n_configs = (settings.resolved_num_samples(target.grid) * math.prod(len(v) for v in target.grid.values()))
+    return resolve_pack_size(requested, n_configs=n_configs, max_concurrent=max_concurrent, runner=target.runner,
+                             member_bytes=member, budget_bytes=budget)
 
 
 def place(target: Target, settings: SweepSettings, infra: InfraSettings, checked: Checked) -> Placement:
@@ -145,7 +195,12 @@ def place(target: Target, settings: SweepSettings, infra: InfraSettings, checked
         spec, gpus_per_trial = target.spec, target.saved.gpus_per_trial
     max_concurrent = resolve_max_concurrent(settings.max_concurrent, spec, ray.cluster_resources(), gpus_per_trial)
     warn_unshared_paths(checked.splits, spec, infra.resolved_storage_path)
-    return Placement(spec, gpus_per_trial, max_concurrent)
+    if target.saved is not None:
+        pack_size = target.saved.pack_size
+    else:
+        pack_size = pack_size_for(settings.pack_size, target, settings, spec, len(checked.splits.classnames),
+                                  max_concurrent, gpus_per_trial)
+    return Placement(spec, gpus_per_trial, max_concurrent, pack_size)
 
 
 def start_or_continue(target: Target, settings: SweepSettings, infra: InfraSettings, plan: SweepPlan,
@@ -159,7 +214,8 @@ def start_or_continue(target: Target, settings: SweepSettings, infra: InfraSetti
         MlflowClient(target.saved.tracking_uri).update_run(target.saved.parent_run_id, status="RUNNING")
         return target.saved
     return open_sweep(settings, infra, placement.spec, target.space, target.grid, target.name, target.sweep_dir,
-                      placement.max_concurrent, target.runner, placement.gpus_per_trial, plan)
+                      placement.max_concurrent, target.runner, placement.gpus_per_trial, plan,
+                      pack_size=placement.pack_size)
 
 
 def fit(target: Target, settings: SweepSettings, infra: InfraSettings, state: SweepState, placement: Placement,
@@ -170,9 +226,15 @@ def fit(target: Target, settings: SweepSettings, infra: InfraSettings, state: Sw
     bars = ConsoleProgress(bars_wanted(json_output=infra.json, verbose=infra.verbose), labels=BAR_LABELS)
     with bars:
         trial_bar = TrialBar(bars, state.n_trials, epochs, METRIC)
+        rungs = None
+        if state.pack_size > 1 and state.early_stopping:  # ASHA's records for every configuration of the sweep
+            rungs = ray.remote(RungsActor).options(name=RUNGS_ACTOR_PREFIX + target.name, num_cpus=0,
+                                                   get_if_exists=True).remote(
+                epochs, min(settings.grace_period, epochs), settings.reduction_factor, target.sweep_dir)
         tuner = build_tuner(settings, infra.verbose, spec, target.space, state, target.name,
                             infra.resolved_storage_path, target.sweep_dir, placement.max_concurrent,
-                            [callback, trial_bar], restore=settings.resume, progress_board=bars.board)
+                            [callback, trial_bar], restore=settings.resume, progress_board=bars.board,
+                            rungs_actor=RUNGS_ACTOR_PREFIX + target.name if rungs is not None else None)
         controllers = None
         if state.trial_runner == "ray-train":
             controllers = TrialControllersActor.options(name=CONTROLLERS_ACTOR_NAME, get_if_exists=True).remote()
@@ -181,6 +243,8 @@ def fit(target: Target, settings: SweepSettings, infra: InfraSettings, state: Sw
     if controllers is not None:
         logger.info("trial controllers: %s", ray.get(controllers.stats.remote()))
         ray.kill(controllers)  # the sweep is over: nothing is left to stop or reap
+    if rungs is not None:
+        ray.kill(rungs)
     return trial_rows(results, epochs), interrupt.requested
 
 

@@ -28,6 +28,7 @@ class SweepState:
     grid: ``{field: values}`` of a grid sweep (empty: a search). kind, entry_point: ``sweep`` by ``platform.tune``,
     or ``study`` by ``platform.study``. early_stopping: ASHA on validation accuracy. register: register the best
     trial. resume_flags: the entry point's own flags its resume command repeats (:func:`resume_command`).
+    pack_size: configurations trained together per trial (``platform/sweep/packs.py``; 1: a trial each).
     """
 
     dataset: str
@@ -50,6 +51,7 @@ class SweepState:
     early_stopping: bool = True
     register: bool = True
     resume_flags: tuple[str, ...] = ()
+    pack_size: int = 1
 
     @property
     def spec(self) -> RunSpec:

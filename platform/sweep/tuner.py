@@ -7,10 +7,12 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from platform.artifacts import CHECKPOINTS_KEPT
+from platform.sweep.pack_search import PackedOptunaSearch
+from platform.sweep.packs import PACK_KEY, chunk, grid_configs
 from platform.sweep.plan import METRIC, MODE, SweepSettings, grid_epochs
 from platform.sweep.state import SweepState
 from platform.trial_stopping import GracefulASHA
-from platform.trials import in_process_trial, ray_train_trial
+from platform.trials import in_process_trial, packed_trial, ray_train_trial
 from typing import Any
 
 import optuna
@@ -43,7 +45,8 @@ def to_tune_space(space: Mapping[str, Any]) -> dict[str, Any]:
 
 def build_tuner(settings: SweepSettings, verbose: bool, spec: Any, space: Mapping[str, Any], state: SweepState,
                 name: str, storage_path: str, sweep_dir: str, max_concurrent: int, callbacks: Sequence[Any], *,
-                restore: bool, epoch_hooks: Sequence[Any] = (), progress_board: Any = None) -> Any:
+                restore: bool, epoch_hooks: Sequence[Any] = (), progress_board: Any = None,
+                rungs_actor: str | None = None) -> Any:
     """The Tuner: restored from ``sweep_dir`` (searcher, scheduler, trial states) or new (Optuna TPE + ASHA).
 
     Single-worker trials (``in-process``) reserve their worker's CPUs and GPU share, reuse their actor for the next
@@ -51,13 +54,23 @@ def build_tuner(settings: SweepSettings, verbose: bool, spec: Any, space: Mappin
     reserve only a little memory — their Ray Train workers hold the CPUs — and recover lost workers inside Ray Train.
     ``epoch_hooks`` reach every trial's training function (see ``platform.worker.run_training``);
     ``progress_board`` (``platform.progress``) receives the trials' feature-extraction progress for the driver's bars.
+
+    Packed sweeps (``state.pack_size > 1``, ``platform/sweep/packs.py``): each trial trains a pack of configurations
+    (``packed_trial``), asked from Optuna together (``PackedOptunaSearch``) or cut from the grid; Tune's scheduler is
+    FIFO and ASHA's rule is applied to each configuration by the sweep's ``RungsActor`` (``rungs_actor``, its name).
     """
 
     log_level = "INFO" if verbose else "WARNING"
     if not verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory ..."
     max_failures = state.max_failures
-    if state.trial_runner == "in-process":
+    if state.pack_size > 1:
+        trainable = tune.with_resources(tune.with_parameters(
+            packed_trial, base_spec=spec.to_dict(), log_level=log_level, rungs_actor=rungs_actor,
+            progress_board=progress_board),
+            {"cpu": spec.cpus_per_worker, "gpu": state.gpus_per_trial if spec.use_gpu else 0})
+        trial_failures = max_failures
+    elif state.trial_runner == "in-process":
         resources = {"cpu": spec.cpus_per_worker, "gpu": state.gpus_per_trial if spec.use_gpu else 0}
         trainable = tune.with_resources(tune.with_parameters(
             in_process_trial, base_spec=spec.to_dict(), log_level=log_level, epoch_hooks=list(epoch_hooks),
@@ -89,13 +102,22 @@ def build_tuner(settings: SweepSettings, verbose: bool, spec: Any, space: Mappin
     epochs = grid_epochs(spec, state.grid)
     asha = dict(time_attr="epoch", max_t=epochs, grace_period=min(settings.grace_period, epochs),
                 reduction_factor=settings.reduction_factor)
-    if not state.early_stopping:
-        scheduler = FIFOScheduler()  # a study: every trial runs all its epochs
+    if not state.early_stopping or state.pack_size > 1:
+        scheduler = FIFOScheduler()  # a study: every trial runs all its epochs; a pack: ASHA per member (halving.py)
     elif state.trial_runner == "ray-train":
         scheduler = GracefulASHA(**asha)
     else:
         scheduler = ASHAScheduler(**asha)
-    if state.grid:
+    num_samples = state.num_samples
+    if state.pack_size > 1 and state.grid:  # every grid point, num_samples times, cut into packs
+        packs = chunk(grid_configs(state.grid) * state.num_samples, state.pack_size)
+        param_space, search_alg, num_samples = {PACK_KEY: tune.grid_search(packs)}, None, 1
+    elif state.pack_size > 1:
+        param_space = {}
+        search_alg = PackedOptunaSearch(space, pack_size=state.pack_size, num_configs=state.num_samples,
+                                        seed=state.search_seed, metric=METRIC, mode=MODE)
+        num_samples = len(chunk([{}] * state.num_samples, state.pack_size))
+    elif state.grid:
         param_space = {k: tune.grid_search(list(v)) for k, v in state.grid.items()}
         search_alg = None  # Tune's own variant generator walks the grid
     else:
@@ -109,13 +131,13 @@ def build_tuner(settings: SweepSettings, verbose: bool, spec: Any, space: Mappin
             mode=MODE,
             search_alg=search_alg,
             scheduler=scheduler,
-            num_samples=state.num_samples,
+            num_samples=num_samples,
             max_concurrent_trials=max_concurrent,
             # Warm processes: the next trial runs in the previous trial's actor, whose warm cache holds CLIP and the
             # features. Safe for our function trainable: every trial builds its own context, optimiser and RNG state
             # (tests/platform/test_warm_trials.py), and ray_runtime raises Tune's wait for a stopped trial's thread so
             # a reuse never fails mid-epoch. Multi-worker trials hold no model in their actor, so nothing to reuse.
-            reuse_actors=state.trial_runner == "in-process",
+            reuse_actors=state.trial_runner == "in-process" or state.pack_size > 1,
         ),
         run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=trial_failures),

@@ -1,0 +1,165 @@
+"""The training function of a packed trial: several configurations trained together on one CLIP in one process
+(``coop_core.pack.train_pack``), each reported, checkpointed, early-stopped and finished as its own run.
+
+Each member is prepared exactly as a solo run prepares (``platform.worker.prepare_run``: the warm cache loads CLIP,
+the splits and each shots/seed's features once), so a member's checkpoint folder holds what a solo trial's holds --
+its state, history and ``config.json``, and at its last epoch its prompts and final metrics -- and the driver logs,
+registers and serves it the same way. The pack's checkpoint is one folder per member (named by member id) plus
+``pack.json`` (each member's status); every checkpoint holds every member's latest state, so a retried or resumed pack
+continues each member from its own last epoch and leaves stopped, failed and finished members as they were.
+
+A pack checkpoints at the members' checkpoint interval and whenever a member ended (its last epoch, an ASHA stop, a
+diverged loss): a member's final artifacts are always in a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from platform import artifacts
+from platform.progress import ProgressFn
+from platform.run_spec import RunSpec
+from platform.sweep.packs import FAILED, FINISHED, MEMBERS_KEY, PACK_FILE, RUNNING, STATUS_KEY, STOPPED
+from platform.worker import PreparedRun, final_metrics, prepare_run, write_final_artifacts
+from typing import Any
+
+import torch
+
+from coop_core import SingleProcess, TrainState
+from coop_core.pack import MemberResult, PackMember, train_pack
+
+logger = logging.getLogger(__name__)
+
+# ASHA's decision for a member: stop(member id, epoch, val_acc) -> True to stop it there.
+StopRule = Callable[[str, int, float | None], bool]
+
+
+class _Member:
+    """One configuration of the pack: its spec, what it trains with, its history, state and status."""
+
+    def __init__(self, mid: str, spec: RunSpec, prep: PreparedRun) -> None:
+        self.mid, self.spec, self.prep = mid, spec, prep
+        self.history: list[dict[str, Any]] = []
+        self.state: TrainState | None = None
+        self.status = RUNNING
+        self.failure: str | None = None
+        self.report: dict[str, Any] = {}
+        self.ended_now = False  # ended in the pack's current epoch: the pack checkpoints
+
+    @property
+    def epochs(self) -> int:
+        return self.spec.train.resolved_epochs
+
+    def write(self, d: Path) -> None:
+        """This member's checkpoint folder, as a solo trial's (sealed)."""
+        d.mkdir()
+        resolved = self.prep.resolved | {"resumed_from_epoch": None}
+        if self.status == FAILED:
+            artifacts.write_failure(d, self.failure or "failed", self.history, resolved)
+        else:
+            artifacts.write_checkpoint(d, self.state, self.history, resolved)
+            if self.status == FINISHED:
+                write_final_artifacts(d, self.spec, self.prep.clip, self.prep.splits, self.prep.model, self.report)
+        artifacts.seal(d)
+
+
+def _restore(session: Any, members: Sequence[_Member]) -> None:
+    """Each member's state, history and status from the pack's last checkpoint, if the trial was restarted."""
+    checkpoint = session.checkpoint()
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as root:
+        artifacts.verify(root)
+        saved = json.loads((Path(root) / PACK_FILE).read_text())
+        for m in members:
+            d = Path(root) / m.mid
+            m.status, m.failure = saved[m.mid]["status"], saved[m.mid].get("failure")
+            m.report = saved[m.mid].get("report", {})
+            m.history = artifacts.read_history(d)
+            if m.status != FAILED:
+                m.state = artifacts.read_train_state(d)
+    logger.info("resuming a pack of %d: %s", len(members),
+                ", ".join(f"{m.mid} {m.status} after epoch {m.state.epoch if m.state else '-'}" for m in members))
+
+
+def run_pack(member_ids: Sequence[str], specs: Sequence[RunSpec], session: Any, *, device: torch.device,
+             stop: StopRule | None = None, progress: ProgressFn | None = None) -> None:
+    """Train the configurations ``specs`` (member ids ``member_ids``) as one pack, reporting every pack epoch to
+    ``session`` (a Tune session: ``report(metrics, checkpoint_dir)`` and ``checkpoint()``), each member's latest
+    report under ``"members"``; ``stop`` is ASHA's decision per member (None: no early stopping)."""
+    t_start, entered_at = time.perf_counter(), time.time()
+    members = []
+    for mid, spec in zip(member_ids, specs, strict=True):
+        torch.manual_seed(spec.train.seed)
+        members.append(_Member(mid, spec, prepare_run(spec, device, SingleProcess(), progress)))
+    t_setup = time.perf_counter() - t_start
+    _restore(session, members)
+    by_id = {m.mid: m for m in members}
+    interval = min(m.spec.checkpoint_interval() for m in members)
+    epochs_total = max(m.epochs for m in members)
+    timing = {"time_model_s": sum(m.prep.time_model_s for m in members),
+              "time_features_s": sum(m.prep.time_features_s for m in members), "time_report_s": 0.0}
+
+    def member_hooks(m: _Member) -> dict[str, Any]:
+        def on_epoch_end(state: TrainState, metrics: dict[str, float]) -> None:
+            m.state = state
+            final = int(metrics["epoch"]) == m.epochs
+            if final:
+                metrics.update(final_metrics(m.spec, m.prep, device))
+                m.status, m.ended_now = FINISHED, True
+            m.history.append(dict(metrics))
+            m.report = {**metrics, artifacts.EPOCHS_TOTAL_KEY: m.epochs,
+                        artifacts.N_CTX_EFFECTIVE_KEY: m.prep.n_ctx_effective,
+                        artifacts.TEXT_SHARDING_USED_KEY: m.prep.text_sharding,
+                        artifacts.WARM_HITS_KEY: m.prep.warm_hits,
+                        "time_model_s": m.prep.time_model_s, "time_features_s": m.prep.time_features_s,
+                        "time_train_loop_s": sum(r.get("epoch_time_s", 0.0) for r in m.history),
+                        "time_eval_s": sum(r.get("val_time_s", 0.0) for r in m.history),
+                        "time_report_s": timing["time_report_s"], artifacts.ENTERED_AT_KEY: entered_at,
+                        "time_worker_s": time.perf_counter() - t_start}
+
+        def should_stop(metrics: dict[str, float]) -> bool:
+            if stop is None or not stop(m.mid, int(metrics["epoch"]), metrics.get("val_acc")):
+                return False
+            m.status, m.ended_now = STOPPED, True
+            return True
+
+        return {"on_epoch_end": on_epoch_end, "should_stop": should_stop}
+
+    pack = [PackMember(m.prep.model, m.prep.feats.train, m.spec.train, val=m.prep.feats.val,
+                       resume=m.state, **member_hooks(m)) for m in members]
+
+    def after_epoch(epoch: int, results: Sequence[MemberResult]) -> None:
+        t0 = time.perf_counter()
+        for m, result in zip(members, results, strict=True):
+            if result.failure and m.status == RUNNING:
+                m.status, m.failure, m.ended_now = FAILED, result.failure, True
+                m.report = {artifacts.FAILURE_KEY: result.failure, "epoch": len(m.history)}
+        reports = {m.mid: m.report | {STATUS_KEY: m.status} for m in members if m.report}
+        vals = [r["val_acc"] for r in reports.values() if "val_acc" in r and r.get("epoch") == epoch]
+        report = {"epoch": epoch, artifacts.EPOCHS_TOTAL_KEY: epochs_total, MEMBERS_KEY: reports,
+                  **({"val_acc": max(vals)} if vals else {}), **timing, "time_setup_s": t_setup}
+        ended = any(m.ended_now for m in members)
+        if epoch % interval and not ended and epoch != epochs_total:
+            session.report(report, None)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                root = Path(tmp)
+                for m in members:
+                    if m.state is not None or m.status == FAILED:
+                        m.write(root / m.mid)
+                (root / PACK_FILE).write_text(json.dumps({m.mid: {"status": m.status, "failure": m.failure,
+                                                                  "report": m.report} for m in members}))
+                artifacts.seal(root)
+                session.report(report, root)
+        for m in members:
+            m.ended_now = False
+        timing["time_report_s"] += time.perf_counter() - t0
+
+    stopped = [j for j, m in enumerate(members) if m.status != RUNNING]
+    logger.info("training a pack of %d configurations (%s) on %s", len(members), ", ".join(by_id), device)
+    train_pack(pack, after_epoch=after_epoch, stopped=stopped)

@@ -1,0 +1,72 @@
+"""Optuna's TPE for packed sweeps: a pack of configurations asked at a time, each told its own result."""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from platform.sweep.packs import PACK_KEY, chunk, member_id, member_reports
+from typing import Any
+
+import optuna
+from ray.tune.search import Searcher
+
+from tune_spaces import Choice, LogUniform
+
+
+def _distribution(domain: Any) -> optuna.distributions.BaseDistribution:
+    if isinstance(domain, Choice):
+        return optuna.distributions.CategoricalDistribution(list(domain.values))
+    if isinstance(domain, LogUniform):
+        return optuna.distributions.FloatDistribution(domain.low, domain.high, log=True)
+    raise ValueError(f"search-space value is not a tune_spaces domain: {domain!r}")
+
+
+class PackedOptunaSearch(Searcher):
+    """Optuna's seeded TPE asked for a pack of configurations at a time (ask-and-tell), told each one's result.
+
+    ``num_configs`` configurations in all, at most ``pack_size`` per Tune trial; then it is finished. Each member is
+    told as Ray's ``OptunaSearch`` tells a trial: its last validation accuracy as COMPLETE (an ASHA-stopped member's
+    too), PRUNED without one, FAIL without one when its pack errored.
+    """
+
+    def __init__(self, space: Mapping[str, Any], *, pack_size: int, num_configs: int, seed: int, metric: str,
+                 mode: str) -> None:
+        super().__init__(metric=metric, mode=mode)
+        self._distributions = {k: _distribution(v) for k, v in space.items()}
+        direction = "maximize" if mode == "max" else "minimize"
+        self._study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed), direction=direction)
+        self._sizes = [len(p) for p in chunk([{}] * num_configs, pack_size)]  # the packs' sizes, as a grid's
+        self._asked: dict[str, list[optuna.trial.Trial]] = {}
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if not self._sizes:
+            return Searcher.FINISHED
+        k = self._sizes.pop(0)
+        asked = [self._study.ask(self._distributions) for _ in range(k)]
+        self._asked[trial_id] = asked
+        return {PACK_KEY: [dict(t.params) for t in asked]}
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        asked = self._asked.pop(trial_id, None)
+        if asked is None:
+            return
+        reports = member_reports(result)
+        for j, ot_trial in enumerate(asked):
+            value = reports.get(member_id(trial_id, j), {}).get(self.metric)
+            if value is not None and not math.isnan(value):
+                self._study.tell(ot_trial, value, state=optuna.trial.TrialState.COMPLETE)
+            else:
+                state = optuna.trial.TrialState.FAIL if error else optuna.trial.TrialState.PRUNED
+                self._study.tell(ot_trial, None, state=state)
+
+    @property
+    def study(self) -> optuna.Study:
+        return self._study
+
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_bytes(pickle.dumps(self.__dict__))
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.__dict__.update(pickle.loads(Path(checkpoint_path).read_bytes()))

@@ -1,0 +1,66 @@
+"""Packed trials: a Tune trial that trains several configurations of a sweep at once on one CLIP
+(``coop_core.pack``), and what the driver needs to treat each configuration as its own trial.
+
+A packed trial's config is ``{"pack": [member config, ...]}``, each member config the searched values a solo
+trial's config would hold. Member ``j`` of Tune trial ``T`` is configuration ``T-m<j>`` (:func:`member_id`): its own
+MLflow child run (tagged with that id), its own checkpoint folder inside the pack's checkpoint, its own ASHA decision
+(``platform.sweep.halving``) and its own Optuna trial (``platform.sweep.pack_search``). Each report of a packed trial
+carries every member's latest report under ``"members"`` (member id -> the keys a solo trial reports, plus
+``"pack_status"``), so everything downstream -- the trial rows, the best trial, registration, the report -- sees one
+row per configuration.
+
+Which members share a pack: configurations differ only in ``prompt.*`` and ``train.*`` fields, and one pack runs on one
+CLIP, one device and one precision (``train.precision`` is never searched).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+PACK_KEY = "pack"  # a packed trial's config: {"pack": [member config, ...]}
+MEMBERS_KEY = "members"  # a packed trial's report: {"members": {member id: member report}}
+STATUS_KEY = "pack_status"  # in a member's report: running | finished | stopped | failed
+PACK_FILE = "pack.json"  # in a pack's checkpoint: the members' ids, configs and statuses
+RUNNING, FINISHED, STOPPED, FAILED = "running", "finished", "stopped", "failed"
+
+
+def member_id(trial_id: str, index: int) -> str:
+    """The id of member ``index`` of Tune trial ``trial_id``: its MLflow ``coop.trial_id`` tag and checkpoint folder."""
+    return f"{trial_id}-m{index}"
+
+
+def is_packed(config: Mapping[str, Any] | None) -> bool:
+    return bool(config) and PACK_KEY in config
+
+
+def members(trial_id: str, config: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(member id, member config) of a packed trial's config, in pack order."""
+    return [(member_id(trial_id, j), dict(cfg)) for j, cfg in enumerate(config[PACK_KEY])]
+
+
+def member_reports(result: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """The members' latest reports in a packed trial's report (empty before the first)."""
+    return {k: dict(v) for k, v in ((result or {}).get(MEMBERS_KEY) or {}).items()}
+
+
+def member_checkpoint(pack_checkpoint: str | None, mid: str) -> str | None:
+    """Where member ``mid``'s checkpoint is inside its pack's checkpoint."""
+    return f"{pack_checkpoint.rstrip('/')}/{mid}" if pack_checkpoint else None
+
+
+def chunk(configs: Sequence[Mapping[str, Any]], pack_size: int) -> list[list[dict[str, Any]]]:
+    """``configs`` in packs of at most ``pack_size``, sized as evenly as possible (7 in packs of 4: 4 and 3)."""
+    if not configs:
+        return []
+    n_packs = math.ceil(len(configs) / pack_size)
+    size = math.ceil(len(configs) / n_packs)
+    return [[dict(c) for c in configs[i:i + size]] for i in range(0, len(configs), size)]
+
+
+def grid_configs(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """Every point of a grid (``{field: values}``), the last field varying fastest."""
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]

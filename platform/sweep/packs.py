@@ -42,8 +42,18 @@ def members(trial_id: str, config: Mapping[str, Any]) -> list[tuple[str, dict[st
 
 
 def member_reports(result: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
-    """The members' latest reports in a packed trial's report (empty before the first)."""
-    return {k: dict(v) for k, v in ((result or {}).get(MEMBERS_KEY) or {}).items()}
+    """The members' latest reports in a packed trial's report (empty before the first), nested as reported or
+    flattened as Tune hands results to its searchers (``members/<member id>/<key>``)."""
+    result = result or {}
+    if MEMBERS_KEY in result:
+        return {k: dict(v) for k, v in (result[MEMBERS_KEY] or {}).items()}
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in result.items():
+        head, _, rest = key.partition("/")
+        if head == MEMBERS_KEY and "/" in rest:
+            mid, _, field = rest.partition("/")
+            out.setdefault(mid, {})[field] = value
+    return out
 
 
 def member_checkpoint(pack_checkpoint: str | None, mid: str) -> str | None:
@@ -52,12 +62,18 @@ def member_checkpoint(pack_checkpoint: str | None, mid: str) -> str | None:
 
 
 def chunk(configs: Sequence[Mapping[str, Any]], pack_size: int) -> list[list[dict[str, Any]]]:
-    """``configs`` in packs of at most ``pack_size``, sized as evenly as possible (7 in packs of 4: 4 and 3)."""
+    """``configs`` in the fewest packs of at most ``pack_size``, their sizes differing by one at most (7 in packs of
+    4: 4 and 3; 32 in packs of 5: 5, 5, 5, 5, 4, 4, 4)."""
     if not configs:
         return []
     n_packs = math.ceil(len(configs) / pack_size)
-    size = math.ceil(len(configs) / n_packs)
-    return [[dict(c) for c in configs[i:i + size]] for i in range(0, len(configs), size)]
+    base, extra = divmod(len(configs), n_packs)
+    out, start = [], 0
+    for i in range(n_packs):
+        size = base + (1 if i < extra else 0)
+        out.append([dict(c) for c in configs[start:start + size]])
+        start += size
+    return out
 
 
 def grid_configs(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:

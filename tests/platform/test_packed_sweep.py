@@ -1,0 +1,164 @@
+"""Packed sweeps (``--pack-size``): several configurations trained in one Tune trial on one CLIP, each still a trial
+of its own -- its own MLflow child run, ASHA decision at ASHA's rungs, Optuna result, checkpoint and registration --
+and a packed grid giving each configuration the results of its solo trial.
+
+The ASHA rule for packs (``platform.sweep.halving``) is checked against Ray's own bracket on random result
+sequences; the sweeps run on real EuroSAT with the tests' ridge-aligned tiny ViT (so configurations differ).
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+from platform.sweep.halving import AshaRungs
+from platform.sweep.packs import chunk
+from platform.tracking import EARLY_STOPPED_TAG, TRIAL_TAG
+from platform.tune import main
+from types import SimpleNamespace
+
+import pytest
+from aligned import aligned_tiny_checkpoint
+from cli_runs import child_runs, mlflow_client, run_cli
+from numerics import TRAJECTORY, assert_reordered_scalar
+
+EPOCHS = 4
+
+
+@pytest.mark.parametrize(("max_t", "grace", "rf"), [(9, 1, 2), (9, 2, 3), (4, 1, 2), (20, 3, 2.5)])
+def test_the_pack_rule_decides_as_rays_asha_bracket(max_t, grace, rf):
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    rng = random.Random(max_t * 100 + grace)
+    for _ in range(20):
+        ours, rays = AshaRungs(max_t, grace, rf), _Bracket(grace, max_t, rf, 0)
+        epoch = {f"t{i}": 0 for i in range(rng.randint(2, 12))}
+        stopped: set[str] = set()
+        while running := [t for t in epoch if t not in stopped and epoch[t] < max_t]:
+            t = rng.choice(running)  # the trials report in an interleaved order, as concurrent packs do
+            epoch[t] += 1
+            value = rng.choice([rng.random() * 100, round(rng.random() * 10) * 10.0])  # ties too
+            ray_stop = epoch[t] >= max_t or _Bracket.on_result(rays, SimpleNamespace(trial_id=t), epoch[t],
+                                                                value) == "STOP"
+            assert ours.stop(t, epoch[t], value) == ray_stop, (t, epoch[t], value)
+            if ray_stop:
+                stopped.add(t)
+        restored = AshaRungs.from_dict(ours.to_dict())  # what a resumed sweep reads back
+        assert restored.rungs == ours.rungs
+
+
+def test_packs_are_cut_evenly():
+    assert [len(p) for p in chunk([{}] * 7, 4)] == [4, 3]
+    assert [len(p) for p in chunk([{}] * 32, 5)] == [5, 5, 5, 5, 4, 4, 4]
+    assert [len(p) for p in chunk([{"i": i} for i in range(6)], 1)] == [1] * 6
+    assert chunk([{"i": i} for i in range(5)], 2) == [[{"i": 0}, {"i": 1}], [{"i": 2}, {"i": 3}], [{"i": 4}]]
+    assert chunk([], 3) == []
+
+
+@pytest.fixture(scope="module")
+def packed(ray_session, small_eurosat_root, shared_data, feature_cache, tiny_vit_config, tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("packed")
+    checkpoint = aligned_tiny_checkpoint(tiny_vit_config, shared_data, tmp / "tiny-vit-eurosat.pt")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    common = ["--dataset", "eurosat", "--data-root", str(small_eurosat_root), "--backbone", tiny_vit_config,
+              "--pretrained", str(checkpoint), "--shots", "2", "--batch-size", "8", "--n-views", "1",
+              "--max-test-items", "40", "--cache-dir", str(feature_cache), "--storage-path", str(tmp / "ray"),
+              "--tracking-uri", uri, "--warmup-epochs", "0", "--json"]
+    # One pack at a time, so ASHA's records fill in a known order that the test replays.
+    search = run_cli(main, [*common, "--epochs", str(EPOCHS), "--num-samples", "6", "--pack-size", "3",
+                            "--max-concurrent", "1", "--sweep-name", "search"])
+    grid = ["--epochs", "2", "--grace-period", "2", "--grid", "prompt.n_ctx=4,8",
+            "prompt.class_token_position=end,front", "--experiment", "grids"]
+    solo = run_cli(main, [*common, *grid, "--pack-size", "1", "--sweep-name", "grid-solo"])
+    together = run_cli(main, [*common, *grid, "--pack-size", "4", "--sweep-name", "grid-packed"])
+    return {"uri": uri, "tmp": tmp, "search": search, "solo": solo, "together": together}
+
+
+def _runs(packed: dict, sweep: str) -> list:
+    return child_runs(mlflow_client(packed["uri"]), packed[sweep]["summary"]["parent_run_id"])
+
+
+def test_a_packed_sweep_has_one_child_run_per_configuration_and_registers_a_member(packed):
+    s = packed["search"]["summary"]
+    assert s["pack_size"] == 3 and s["trials"] == 6 and s["trials_errored"] == 0
+    assert s["trials_finished"] + s["trials_early_stopped"] == 6 and s["trials_finished"] >= 1
+    runs = _runs(packed, "search")
+    ids = sorted(r.data.tags[TRIAL_TAG] for r in runs)
+    assert len(ids) == 6 and len({i.rsplit("-m", 1)[0] for i in ids}) == 2  # two packs of three
+    assert {i.rsplit("-m", 1)[1] for i in ids} == {"0", "1", "2"}
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    client = mlflow_client(packed["uri"])
+    for r in runs:  # each configuration's own epochs, and the finished ones their own prompts and test accuracy
+        epochs = [int(m.step) for m in client.get_metric_history(r.info.run_id, "val_acc")]
+        finished = r.data.tags[EARLY_STOPPED_TAG] == "false"
+        assert epochs == list(range(1, (EPOCHS if finished else len(epochs)) + 1)), r.data.tags[TRIAL_TAG]
+        if finished:
+            assert "test_acc" in r.data.metrics and "registry_acc" in r.data.metrics
+            assert "prompts" in {a.path for a in client.list_artifacts(r.info.run_id)}
+    best = next(r for r in runs if r.data.tags[TRIAL_TAG] == s["best_trial_id"])
+    assert s["registered_version"] == 1 and best.info.run_id == s["best_run_id"]
+    assert s["val_acc"] == pytest.approx(max(r.data.metrics["val_acc"] for r in runs
+                                             if r.data.tags[EARLY_STOPPED_TAG] == "false"))
+    version = client.get_model_version("coop-eurosat", "1")
+    assert version.tags["trial_id"] == s["best_trial_id"] and version.run_id == best.info.run_id
+
+
+def test_each_configuration_of_a_pack_is_stopped_by_ashas_rule_at_ashas_rungs(packed):
+    """Replay the sweep's validation accuracies through ASHA's rule in the order they were decided (packs one after
+    the other, epoch by epoch, member by member): the configurations it stops are exactly those the sweep stopped,
+    after the same epoch."""
+    client = mlflow_client(packed["uri"])
+    runs = sorted(_runs(packed, "search"), key=lambda r: (r.info.start_time, r.data.tags[TRIAL_TAG]))
+    history = {r.data.tags[TRIAL_TAG]: {int(m.step): m.value for m in client.get_metric_history(r.info.run_id,
+                                                                                                  "val_acc")}
+               for r in runs}
+    packs: dict[str, list[str]] = {}
+    for r in runs:
+        packs.setdefault(r.data.tags[TRIAL_TAG].rsplit("-m", 1)[0], []).append(r.data.tags[TRIAL_TAG])
+    rungs, expected = AshaRungs(EPOCHS, 1, 2.0), {}
+    for members in packs.values():
+        running = sorted(members)
+        for epoch in range(1, EPOCHS):
+            for mid in list(running):
+                if rungs.stop(mid, epoch, history[mid][epoch]):
+                    expected[mid] = epoch
+                    running.remove(mid)
+    stopped = {mid: max(h) for mid, h in history.items() if max(h) < EPOCHS}
+    assert stopped == expected and stopped, (stopped, expected)
+    assert {r.data.tags[TRIAL_TAG] for r in runs if r.data.tags[EARLY_STOPPED_TAG] == "true"} == set(stopped)
+    assert packed["search"]["summary"]["trials_early_stopped"] == len(stopped)
+
+
+def test_optuna_is_told_every_configurations_result(packed):
+    sweep_dir = packed["tmp"] / "ray" / "search"
+    state = pickle.loads(next(sweep_dir.glob("searcher-state-*.pkl")).read_bytes())
+    study = state["_study"]
+    client = mlflow_client(packed["uri"])
+    last = sorted(client.get_metric_history(r.info.run_id, "val_acc")[-1].value for r in _runs(packed, "search"))
+    assert len(study.trials) == 6 and {t.state.name for t in study.trials} == {"COMPLETE"}
+    assert sorted(t.value for t in study.trials) == pytest.approx(last)
+
+
+def test_a_packed_grid_gives_every_configuration_its_solo_trials_results(packed):
+    """The same four configurations as one pack of four and as four trials: the same epochs, losses (up to float
+    rounding in another order), accuracies; one run each either way."""
+    client = mlflow_client(packed["uri"])
+
+    def by_config(sweep: str) -> dict:
+        out = {}
+        for r in _runs(packed, sweep):
+            key = (r.data.params["prompt.n_ctx"], r.data.params["prompt.class_token_position"])
+            assert key not in out, key
+            out[key] = {k: [m.value for m in client.get_metric_history(r.info.run_id, k)]
+                        for k in ("train_loss", "val_acc", "test_acc")}
+        return out
+
+    solo, together = by_config("solo"), by_config("together")
+    assert len(solo) == 4 and solo.keys() == together.keys()
+    assert packed["together"]["summary"]["pack_size"] == 4 and packed["solo"]["summary"]["pack_size"] == 1
+    for key in solo:
+        assert len(together[key]["train_loss"]) == len(solo[key]["train_loss"]) == 2, key
+        for a, b in zip(together[key]["train_loss"], solo[key]["train_loss"]):
+            assert_reordered_scalar(a, b, TRAJECTORY, f"{key} train loss")
+        for metric in ("val_acc", "test_acc"):  # a share of 20 validation / 40 test images: one may flip
+            for a, b in zip(together[key][metric], solo[key][metric]):
+                assert abs(a - b) <= 100 / 20 + 1e-9, (key, metric, a, b)

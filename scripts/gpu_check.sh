@@ -12,8 +12,10 @@
 # 3. two sweeps (python -m platform.tune, tiny ViT, real EuroSAT): 4 trials at --gpus-per-trial 0.25, 8 at
 #    --pack-size 4; pass when no trial errored. 5 (run before 4, so the time budget never starves it): with 2 GPUs
 #    or more, a 2-worker NCCL DDP run (python -m platform.train --num-workers 2 --use-gpu yes).
-# 4. benchmarks (bench.step_time, bench.many_classes, bench.packed_trials if present), shortened; their ratio keys.
-#    step_time and many_classes have no device flag: they measure the CPU side of this machine.
+# 4. benchmarks (bench.step_time, bench.packed_trials if present, bench.many_classes), shortened; their ratio keys.
+#    None has a device flag (--device cuda is added where one appears): step_time and many_classes measure this
+#    machine's CPUs; packed_trials runs platform.tune sweeps, which use the GPU. Overrides: $PACKED_TRIALS_ARGS,
+#    $MANY_CLASSES_ARGS.
 #
 # Data: $COOP_DATA_ROOT, else ../shared/data, else ./shared/data. Each check runs under `timeout` and within an
 # overall budget ($GPU_CHECK_BUDGET_S, default 450 s after setup; a check that no longer fits is SKIPped). Logs go
@@ -28,7 +30,9 @@ LOG=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
 echo "logs: $LOG"
 export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
 DATA_ROOT=${COOP_DATA_ROOT:-../shared/data}
-[ -z "${COOP_DATA_ROOT:-}" ] && [ ! -d "$DATA_ROOT/eurosat/2750" ] && [ -d shared/data/eurosat/2750 ] && DATA_ROOT=shared/data
+if [ -z "${COOP_DATA_ROOT:-}" ] && [ ! -d "$DATA_ROOT/eurosat/2750" ] && [ -d shared/data/eurosat/2750 ]; then
+  DATA_ROOT=shared/data  # note: Ray ships the repository (working_dir) to its workers, this folder included
+fi
 DATA_ROOT=$(cd "$DATA_ROOT" 2>/dev/null && pwd || echo "$DATA_ROOT")
 HAVE_DATA=0; [ -d "$DATA_ROOT/eurosat/2750" ] && HAVE_DATA=1
 BUDGET_S=$(( SECONDS + ${GPU_CHECK_BUDGET_S:-450} ))
@@ -56,7 +60,7 @@ step() {  # step SLUG CAP CMD...: CMD under min(CAP, budget left) s; sets RC (20
 }
 finish() {  # finish NAME SLUG OK NUMBERS: PASS when OK=1 and rc 0, else FAIL with the reason; SKIP when out of time
   if [ "$RC" -eq 200 ]; then record "$1" SKIP "time budget spent"
-  elif [ "$RC" -eq 124 ] || [ "$RC" -eq 137 ]; then record "$1" FAIL "timed out after ${TLIM}s${4:+; $4}"
+  elif [ "$RC" -eq 124 ] || [ "$RC" -eq 137 ]; then record "$1" FAIL "timed out after ${TLIM}s (rest of budget or cap)"
   elif [ "$RC" -eq 0 ] && [ "$3" = 1 ]; then record "$1" PASS "$4"
   else record "$1" FAIL "rc $RC: $(last_err "$LOG/$2")${4:+; $4}"; fi
 }
@@ -91,7 +95,7 @@ print(f"bf16 supported: {torch.cuda.is_bf16_supported()}")
 EOF
 rc=$?
 if [ "$rc" -ne 0 ]; then
-  [ "$rc" -eq 3 ] && echo "torch.cuda.is_available() is False: no usable CUDA GPU here (driver, CUDA build of torch?)" >&2
+  [ "$rc" -eq 3 ] && echo "torch.cuda.is_available() is False: no usable CUDA GPU (driver? CPU-only torch?)" >&2
   exit 2
 fi
 record "cuda" PASS "$NGPU GPU(s) from nvidia-smi -L; data root $DATA_ROOT$([ $HAVE_DATA = 1 ] || echo ' (no EuroSAT)')"
@@ -177,7 +181,8 @@ sweep() {  # sweep SLUG NAME TRIALS FLAGS...: pass when rc 0, TRIALS trials and 
   step "$slug" 150 "$PY" -m platform.tune "${RUN_ARGS[@]}" --storage-path "$LOG/$slug/ray" \
     --tracking-uri "sqlite:///$LOG/$slug/mlflow.db" --num-samples "$n" "$@"
   local nums; nums=$(jget "$LOG/$slug.out" trials trials_errored wall_s pack_size)
-  finish "$name" "$slug" "$([[ " $nums " == *" trials=$n "* && " $nums " == *" trials_errored=0 "* ]] && echo 1)" "$nums"
+  local ok; [[ " $nums " == *" trials=$n "* && " $nums " == *" trials_errored=0 "* ]] && ok=1
+  finish "$name" "$slug" "${ok:-0}" "$nums"
 }
 sweep sweep-gpu-share "sweep: 4 trials, --gpus-per-trial 0.25" 4 --gpus-per-trial 0.25
 sweep sweep-packed "sweep: 8 trials, --pack-size 4" 8 --pack-size 4
@@ -198,14 +203,19 @@ bench() {  # bench NAME CAP ARGS...: python -m bench.NAME --json ARGS (+ --devic
   if [ ! -f "bench/$name.py" ]; then record "bench.$name" SKIP "not present"; return; fi
   local extra=(); grep -q -- '"--device"' "bench/$name.py" && extra=(--device cuda)
   step "bench-$name" "$cap" "$PY" -m "bench.$name" --json "$@" ${extra[@]+"${extra[@]}"}
-  finish "bench.$name $*" "bench-$name" 1 "$(jget "$LOG/bench-$name.out" '*ratio*' '*diff*')"
+  local label="bench.$name ${*//"$DATA_ROOT"/DATA}"
+  finish "$label" "bench-$name" 1 "$(jget "$LOG/bench-$name.out" '*ratio*' '*diff*')"
 }
 bench step_time 120 --reps 2
-# shortened: 250 classes, one round of 2 steps (the README's 1000 classes x 2 rounds x 3 steps is ~14 min on 2 cores)
-read -r -a MC_ARGS <<< "${MANY_CLASSES_ARGS:---n-cls 250 --rounds 1 --steps 2}"
+# packed_trials (real EuroSAT): the tiny ViT only, 2 shots x 2 epochs, one round (default: both backbones, 16 x 20)
+if [ "$HAVE_DATA" = 0 ] && [ -f bench/packed_trials.py ]; then record "bench.packed_trials" SKIP "no EuroSAT"
+else
+  read -r -a PT_ARGS <<< "${PACKED_TRIALS_ARGS:---models tiny --shots 2 --epochs 2 --rounds 1 --timeout 120}"
+  bench packed_trials 150 --data-root "$DATA_ROOT" "${PT_ARGS[@]}"
+fi
+# many_classes: 200 classes, one round of 2 steps (the README's 1000 x 2 rounds x 3 steps is ~14 min on 2 cores)
+read -r -a MC_ARGS <<< "${MANY_CLASSES_ARGS:---n-cls 200 --rounds 1 --steps 2}"
 bench many_classes 150 "${MC_ARGS[@]}"
-PT_ARGS=(); grep -qs -- '"--rounds"' bench/packed_trials.py && PT_ARGS=(--rounds 1)
-bench packed_trials 150 ${PT_ARGS[@]+"${PT_ARGS[@]}"}
 
 # --- summary --------------------------------------------------------------------------------------------------------
 echo

@@ -37,7 +37,9 @@ def studies(ray_session, small_eurosat_root, feature_cache, tiny_vit_config, ali
     fewshot = _run(study, [*common, "--shots", "1", "2", "--seeds", "1", "2", "--epochs", "3", "--study-name", "curve"])
     b2n = _run(study, [*common, "--protocol", "base2new", "--shots", "2", "--seeds", "1", "--epochs", "2",
                        "--study-name", "b2n"])
-    return {"uri": uri, "tmp": tmp, "fewshot": fewshot, "b2n": b2n, "common": common}
+    packed = _run(study, [*common, "--shots", "1", "2", "--seeds", "1", "2", "--epochs", "3", "--pack-size", "4",
+                          "--study-name", "curve-packed"])
+    return {"uri": uri, "tmp": tmp, "fewshot": fewshot, "b2n": b2n, "common": common, "packed": packed}
 
 
 def test_study_trains_every_shot_count_and_seed_to_the_end(studies):
@@ -48,6 +50,27 @@ def test_study_trains_every_shot_count_and_seed_to_the_end(studies):
     assert grid == [("1", "1"), ("1", "2"), ("2", "1"), ("2", "2")]
     assert all(r.info.status == "FINISHED" for r in runs)
     assert all(r.data.params["train.epochs"] == "3" for r in runs)
+
+
+def test_a_packed_study_trains_the_same_grid_in_one_trial_with_the_same_results(studies):
+    """shots x seeds as one pack of four (members of different shots train their own epochs and data): one run per
+    cell, and each cell's accuracies those of the unpacked study's trial (one test image may flip)."""
+    s = studies["packed"]["summary"]
+    assert s["pack_size"] == 4 and s["trials"] == 4 and s["trials_finished"] == 4
+    client = _client(studies["uri"])
+    runs = _children(client, s["parent_run_id"])
+    assert len({r.data.tags["coop.trial_id"].rsplit("-m", 1)[0] for r in runs}) == 1  # one Tune trial
+    solo = {(r.data.params["train.shots"], r.data.params["train.seed"]): r.data.metrics
+            for r in _children(client, studies["fewshot"]["summary"]["parent_run_id"])}
+    packed = {(r.data.params["train.shots"], r.data.params["train.seed"]): r.data.metrics for r in runs}
+    assert packed.keys() == solo.keys()
+    for cell, metrics in packed.items():
+        n_test = metrics["n_test"] if "n_test" in metrics else None
+        flip = 100.0 / n_test if n_test else 5.0
+        assert abs(metrics["test_acc"] - solo[cell]["test_acc"]) <= flip + 1e-9, cell
+        assert metrics["zeroshot_test_acc"] == pytest.approx(solo[cell]["zeroshot_test_acc"]), cell
+    assert [c["coop_mean"] for c in s["study"]["cells"]] == pytest.approx(
+        [c["coop_mean"] for c in studies["fewshot"]["summary"]["study"]["cells"]], abs=5.0)
 
 
 def test_study_table_is_the_mean_and_std_of_the_trials_runs(studies):

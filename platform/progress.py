@@ -211,7 +211,7 @@ class TrialBar(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
-        if packs.is_packed(trial.config):  # each member counts as the trial it stands for
+        if packs.is_packed(getattr(trial, "config", None)):  # each member counts as the trial it stands for
             reports = packs.member_reports(result)
             for mid in _configuration_ids(trial):
                 status = reports.get(mid, {}).get(packs.STATUS_KEY)
@@ -239,6 +239,7 @@ class TrialBar(Callback):
 
 def _configuration_ids(trial: Any) -> list[str]:
     """The configurations a trial trains: itself, or a packed trial's members (``platform/sweep/packs.py``)."""
-    if packs.is_packed(trial.config):
-        return [mid for mid, _ in packs.members(trial.trial_id, trial.config)]
+    config = getattr(trial, "config", None)
+    if packs.is_packed(config):
+        return [mid for mid, _ in packs.members(trial.trial_id, config)]
     return [trial.trial_id]

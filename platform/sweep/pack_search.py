@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import json
 import math
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from platform.sweep.packs import PACK_KEY, chunk, member_id, member_reports
@@ -36,6 +36,7 @@ class PackedOptunaSearch(Searcher):
         super().__init__(metric=metric, mode=mode)
         self._distributions = {k: _distribution(v) for k, v in space.items()}
         direction = "maximize" if mode == "max" else "minimize"
+        self._seed, self._direction = seed, direction
         self._study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed), direction=direction)
         self._sizes = [len(p) for p in chunk([{}] * num_configs, pack_size)]  # the packs' sizes, as a grid's
         self._asked: dict[str, list[optuna.trial.Trial]] = {}
@@ -66,7 +67,27 @@ class PackedOptunaSearch(Searcher):
         return self._study
 
     def save(self, checkpoint_path: str) -> None:
-        Path(checkpoint_path).write_bytes(pickle.dumps(self.__dict__))
+        """The searcher's state as JSON (no pickle): the packs still to ask, every told configuration's values and
+        result, and the packs asked but not yet told."""
+        told = [{"params": t.params, "state": t.state.name, "value": t.value} for t in self._study.trials
+                if t.state.is_finished()]
+        state = {"sizes": self._sizes, "told": told,
+                 "asked": {tid: [t.params for t in trials] for tid, trials in self._asked.items()}}
+        Path(checkpoint_path).write_text(json.dumps(state))
 
     def restore(self, checkpoint_path: str) -> None:
-        self.__dict__.update(pickle.loads(Path(checkpoint_path).read_bytes()))
+        """Rebuild the study from :meth:`save`'s JSON: the told configurations added as finished trials (TPE learns
+        from them), the asked ones asked again with the same values (their packs are still running)."""
+        state = json.loads(Path(checkpoint_path).read_text())
+        self._sizes = list(state["sizes"])
+        self._study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=self._seed),
+                                          direction=self._direction)
+        for t in state["told"]:
+            self._study.add_trial(optuna.trial.create_trial(
+                params=t["params"], distributions=self._distributions, state=optuna.trial.TrialState[t["state"]],
+                value=t["value"]))
+        self._asked = {}
+        for tid, params in state["asked"].items():
+            for p in params:
+                self._study.enqueue_trial(p)
+            self._asked[tid] = [self._study.ask(self._distributions) for _ in params]

@@ -8,9 +8,10 @@ sequences; the sweeps run on real EuroSAT with the tests' ridge-aligned tiny ViT
 
 from __future__ import annotations
 
-import pickle
+import json
 import random
 from platform.sweep.halving import AshaRungs
+from platform.sweep.pack_search import PackedOptunaSearch
 from platform.sweep.packs import chunk
 from platform.tracking import EARLY_STOPPED_TAG, TRIAL_TAG
 from platform.tune import main
@@ -20,6 +21,9 @@ import pytest
 from aligned import aligned_tiny_checkpoint
 from cli_runs import child_runs, mlflow_client, run_cli
 from numerics import TRAJECTORY, assert_reordered_scalar
+from ray.tune.search import Searcher
+
+from tune_spaces import space_for
 
 EPOCHS = 4
 
@@ -130,12 +134,19 @@ def test_each_configuration_of_a_pack_is_stopped_by_ashas_rule_at_ashas_rungs(pa
 
 def test_optuna_is_told_every_configurations_result(packed):
     sweep_dir = packed["tmp"] / "ray" / "search"
-    state = pickle.loads(next(sweep_dir.glob("searcher-state-*.pkl")).read_bytes())
-    study = state["_study"]
+    saved = next(sweep_dir.glob("searcher-state-*.pkl"))  # Tune's name; PackedOptunaSearch writes JSON in it
     client = mlflow_client(packed["uri"])
     last = sorted(client.get_metric_history(r.info.run_id, "val_acc")[-1].value for r in _runs(packed, "search"))
-    assert len(study.trials) == 6 and {t.state.name for t in study.trials} == {"COMPLETE"}
-    assert sorted(t.value for t in study.trials) == pytest.approx(last)
+    state = json.loads(saved.read_text())
+    assert len(state["told"]) == 6 and {t["state"] for t in state["told"]} == {"COMPLETE"}
+    assert sorted(t["value"] for t in state["told"]) == pytest.approx(last)
+    assert state["asked"] == {} and state["sizes"] == []
+    # what a resumed sweep's searcher rebuilds: TPE's study with every configuration told
+    space = space_for("eurosat", "a centered satellite photo of {}.")
+    searcher = PackedOptunaSearch(space, pack_size=3, num_configs=6, seed=1, metric="val_acc", mode="max")
+    searcher.restore(str(saved))
+    assert sorted(t.value for t in searcher.study.trials) == pytest.approx(last)
+    assert searcher.suggest("next") == Searcher.FINISHED
 
 
 def test_a_packed_grid_gives_every_configuration_its_solo_trials_results(packed):

@@ -11,6 +11,8 @@ import json
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -70,6 +72,30 @@ def reset_peak_rss() -> bool:
 def peak_rss_kb(reset: bool) -> int:
     """Peak RSS (KiB) since :func:`reset_peak_rss` returned ``reset``; without a reset, since the process started."""
     return rss_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+_FILL_CACHE = """
+import sys
+from platform.run_spec import RunSpec, load_splits
+from coop_core.backbone import load_clip
+from coop_core.config import TrainConfig
+from coop_core.fewshot import build_few_shot
+from coop_core.pipeline import prepare_features
+data_root, cache_dir, max_test, shots, epochs, n_views, backbone = sys.argv[1:]
+spec = RunSpec(dataset="eurosat", data_root=data_root, cache_dir=cache_dir, max_test_items=int(max_test),
+               train=TrainConfig(shots=int(shots), epochs=int(epochs), n_views=int(n_views)))
+splits = load_splits(spec)
+fewshot = build_few_shot(splits, spec.train.shots, spec.train.seed, spec.cache_dir)
+prepare_features(load_clip(backbone, "none"), splits, fewshot, spec.train, cache_dir=spec.cache_dir)
+"""
+
+
+def fill_eurosat_feature_cache(data_root: str | Path, cache_dir: str | Path, *, max_test_items: int, shots: int,
+                               epochs: int, n_views: int, backbone: str, timeout: float) -> None:
+    """Compute a EuroSAT sweep's image features (random-weight ``backbone``) into the disk cache once, in a child
+    process where ``platform`` is ours, so that neither side of a sweep benchmark pays the one-time extraction."""
+    subprocess.run([sys.executable, "-c", _FILL_CACHE, str(data_root), str(cache_dir), str(max_test_items),
+                    str(shots), str(epochs), str(n_views), backbone], cwd=REPO, check=True, timeout=timeout)
 
 
 def imagenet_subset(n: int, tokenizer) -> list[str]:

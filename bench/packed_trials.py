@@ -35,7 +35,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import emit_json, machine, machine_line  # noqa: E402
+from bench._common import emit_json, fill_eurosat_feature_cache, machine, machine_line  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -44,22 +44,6 @@ GRID = ("prompt.n_ctx=4,8,16", "prompt.class_token_position=end,middle,front", "
         "train.lr=0.002,0.02")
 N_CONFIGS = 3 * 3 * 2 * 2
 SIDES = ("1", "auto")  # --pack-size: solo, packed
-
-FILL_CACHE = """
-import sys
-from platform.run_spec import RunSpec, load_splits
-from coop_core.backbone import load_clip
-from coop_core.config import TrainConfig
-from coop_core.fewshot import build_few_shot
-from coop_core.pipeline import prepare_features
-data_root, cache_dir, max_test, shots, epochs, backbone = sys.argv[1:]
-spec = RunSpec(dataset="eurosat", data_root=data_root, cache_dir=cache_dir, max_test_items=int(max_test),
-               train=TrainConfig(shots=int(shots), epochs=int(epochs), n_views=1))
-splits = load_splits(spec)
-fewshot = build_few_shot(splits, spec.train.shots, spec.train.seed, spec.cache_dir)
-prepare_features(load_clip(backbone, "none"), splits, fewshot, spec.train, cache_dir=spec.cache_dir)
-"""
-
 
 class TreeMemory:
     """Peak resident memory of a process and all its descendants, sampled every ``interval`` seconds."""
@@ -174,9 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for model in args.models:
         with tempfile.TemporaryDirectory(prefix=f"coop-bench-packed-{model}-") as tmp:
             work = Path(tmp)
-            subprocess.run([sys.executable, "-c", FILL_CACHE, str(args.data_root), str(work / "cache"),
-                            str(args.max_test_items), str(args.shots), str(args.epochs), BACKBONES[model]],
-                           cwd=REPO, check=True, timeout=args.timeout)
+            fill_eurosat_feature_cache(args.data_root, work / "cache", max_test_items=args.max_test_items,
+                                       shots=args.shots, epochs=args.epochs, n_views=1, backbone=BACKBONES[model],
+                                       timeout=args.timeout)
             rounds: dict[str, list[dict]] = {side: [] for side in SIDES}
             for r in range(args.rounds):
                 for side in SIDES:

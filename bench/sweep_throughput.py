@@ -33,7 +33,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import emit_json, machine, machine_line  # noqa: E402
+from bench._common import emit_json, fill_eurosat_feature_cache, machine, machine_line  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -56,28 +56,10 @@ def sweep_argv(args: argparse.Namespace, runner: str, work: Path) -> list[str]:
     ]
 
 
-FILL_CACHE = """
-import sys
-from platform.run_spec import RunSpec, load_splits
-from coop_core.backbone import load_clip
-from coop_core.config import TrainConfig
-from coop_core.fewshot import build_few_shot
-from coop_core.pipeline import prepare_features
-data_root, cache_dir, max_test, shots, epochs, backbone = sys.argv[1:]
-spec = RunSpec(dataset="eurosat", data_root=data_root, cache_dir=cache_dir, max_test_items=int(max_test),
-               train=TrainConfig(shots=int(shots), epochs=int(epochs), n_views=2))
-splits = load_splits(spec)
-fewshot = build_few_shot(splits, spec.train.shots, spec.train.seed, spec.cache_dir)
-prepare_features(load_clip(backbone, "none"), splits, fewshot, spec.train, cache_dir=spec.cache_dir)
-"""
-
-
 def fill_feature_cache(args: argparse.Namespace, work: Path) -> None:
-    """Compute the sweep's image features into the disk cache once (in a child, where ``platform`` is ours), so
-    neither side pays for the one-time extraction."""
-    subprocess.run([sys.executable, "-c", FILL_CACHE, str(args.data_root), str(work / "cache"),
-                    str(args.max_test_items), str(args.shots), str(args.epochs), str(REPO / TINY_VIT)],
-                   cwd=REPO, check=True, timeout=args.timeout)
+    """Fill the disk feature cache once, so neither side pays for the one-time extraction."""
+    fill_eurosat_feature_cache(args.data_root, work / "cache", max_test_items=args.max_test_items, shots=args.shots,
+                               epochs=args.epochs, n_views=2, backbone=str(REPO / TINY_VIT), timeout=args.timeout)
 
 
 def run_side(args: argparse.Namespace, runner: str, work: Path, round_: int = 0) -> dict:

@@ -9,13 +9,15 @@ registers and serves it the same way. The pack's checkpoint is one folder per me
 continues each member from its own last epoch and leaves stopped, failed and finished members as they were.
 
 A pack checkpoints at the members' checkpoint interval and whenever a member ended (its last epoch, an ASHA stop, a
-diverged loss): a member's final artifacts are always in a checkpoint.
+diverged loss): a member's final artifacts are always in a checkpoint. An ended member's folder is written once and
+copied into the pack's later checkpoints (its prompts, nearest words and final metrics do not change).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -49,13 +51,18 @@ class _Member:
         self.failure: str | None = None
         self.report: dict[str, Any] = {}
         self.ended_now = False  # ended in the pack's current epoch: the pack checkpoints
+        self.frozen: Path | None = None  # an ended member's folder, written once and copied into later checkpoints
 
     @property
     def epochs(self) -> int:
         return self.spec.train.resolved_epochs
 
-    def write(self, d: Path) -> None:
-        """This member's checkpoint folder, as a solo trial's (sealed)."""
+    def write(self, d: Path, keep: Path) -> None:
+        """This member's checkpoint folder, as a solo trial's (sealed); an ended member's is kept under ``keep`` and
+        copied from there ever after."""
+        if self.frozen is not None:
+            shutil.copytree(self.frozen, d)
+            return
         d.mkdir()
         resolved = self.prep.resolved | {"resumed_from_epoch": None}
         if self.status == FAILED:
@@ -65,10 +72,13 @@ class _Member:
             if self.status == FINISHED:
                 write_final_artifacts(d, self.spec, self.prep.clip, self.prep.splits, self.prep.model, self.report)
         artifacts.seal(d)
+        if self.status != RUNNING:
+            self.frozen = Path(shutil.copytree(d, keep / self.mid))
 
 
-def _restore(session: Any, members: Sequence[_Member]) -> None:
-    """Each member's state, history and status from the pack's last checkpoint, if the trial was restarted."""
+def _restore(session: Any, members: Sequence[_Member], keep: Path) -> None:
+    """Each member's state, history and status from the pack's last checkpoint, if the trial was restarted (an ended
+    member's folder kept under ``keep`` as it was)."""
     checkpoint = session.checkpoint()
     if checkpoint is None:
         return
@@ -82,6 +92,8 @@ def _restore(session: Any, members: Sequence[_Member]) -> None:
             m.history = artifacts.read_history(d)
             if m.status != FAILED:
                 m.state = artifacts.read_train_state(d)
+            if m.status != RUNNING:
+                m.frozen = Path(shutil.copytree(d, keep / m.mid))
     logger.info("resuming a pack of %d: %s", len(members),
                 ", ".join(f"{m.mid} {m.status} after epoch {m.state.epoch if m.state else '-'}" for m in members))
 
@@ -97,8 +109,9 @@ def run_pack(member_ids: Sequence[str], specs: Sequence[RunSpec], session: Any, 
         torch.manual_seed(spec.train.seed)
         members.append(_Member(mid, spec, prepare_run(spec, device, SingleProcess(), progress)))
     t_setup = time.perf_counter() - t_start
-    _restore(session, members)
-    by_id = {m.mid: m for m in members}
+    keep_dir = tempfile.TemporaryDirectory(prefix="coop-pack-")  # ended members' folders, for every later checkpoint
+    keep = Path(keep_dir.name)
+    _restore(session, members, keep)
     interval = min(m.spec.checkpoint_interval() for m in members)
     epochs_total = max(m.epochs for m in members)
     timing = {"time_model_s": sum(m.prep.time_model_s for m in members),
@@ -151,7 +164,7 @@ def run_pack(member_ids: Sequence[str], specs: Sequence[RunSpec], session: Any, 
                 root = Path(tmp)
                 for m in members:
                     if m.state is not None or m.status == FAILED:
-                        m.write(root / m.mid)
+                        m.write(root / m.mid, keep)
                 (root / PACK_FILE).write_text(json.dumps({m.mid: {"status": m.status, "failure": m.failure,
                                                                   "report": m.report} for m in members}))
                 artifacts.seal(root)
@@ -161,5 +174,6 @@ def run_pack(member_ids: Sequence[str], specs: Sequence[RunSpec], session: Any, 
         timing["time_report_s"] += time.perf_counter() - t0
 
     stopped = [j for j, m in enumerate(members) if m.status != RUNNING]
-    logger.info("training a pack of %d configurations (%s) on %s", len(members), ", ".join(by_id), device)
-    train_pack(pack, after_epoch=after_epoch, stopped=stopped)
+    logger.info("training a pack of %d configurations (%s) on %s", len(members), ", ".join(member_ids), device)
+    with keep_dir:
+        train_pack(pack, after_epoch=after_epoch, stopped=stopped)

@@ -239,7 +239,4 @@ class TrialBar(Callback):
 
 def _configuration_ids(trial: Any) -> list[str]:
     """The configurations a trial trains: itself, or a packed trial's members (``platform/sweep/packs.py``)."""
-    config = getattr(trial, "config", None)
-    if packs.is_packed(config):
-        return [mid for mid, _ in packs.members(trial.trial_id, config)]
-    return [trial.trial_id]
+    return [cid for cid, *_ in packs.configurations(trial.trial_id, getattr(trial, "config", None))]

@@ -149,17 +149,8 @@ class MlflowSweepCallback(Callback):
         for trial in trials:
             self._created.setdefault(trial.trial_id, now)
 
-    @staticmethod
-    def _configurations(trial: Any, result: Mapping[str, Any] | None = None) -> list[tuple[str, dict, dict]]:
-        """(id, config, latest report) of each configuration a trial trains: the trial itself, or each member of a
-        packed trial (``platform/sweep/packs.py``; its report from the pack's ``result``)."""
-        if not packs.is_packed(trial.config):
-            return [(trial.trial_id, trial.config, dict(result or {}))]
-        reports = packs.member_reports(result)
-        return [(mid, cfg, reports.get(mid, {})) for mid, cfg in packs.members(trial.trial_id, trial.config)]
-
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        for tid, config, _ in self._configurations(trial):
+        for tid, config, _, _ in packs.configurations(trial.trial_id, trial.config):
             self._created.setdefault(tid, time.time())
 
             def start(tid: str = tid, config: dict = config) -> None:
@@ -170,7 +161,7 @@ class MlflowSweepCallback(Callback):
             logger.info("trial %s started: %s", tid, describe_config(config))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        for tid, config, report in self._configurations(trial, result):
+        for tid, config, report, _ in packs.configurations(trial.trial_id, trial.config, result):
             self._log_result(tid, config, report)
 
     def _log_result(self, trial_id: str, config: Mapping[str, Any], result: Mapping[str, Any]) -> None:
@@ -195,10 +186,8 @@ class MlflowSweepCallback(Callback):
         if self.stopping:
             return  # stopped by Ctrl-C, not ended: the CLI marks its run KILLED and --resume continues it
         last = trial.last_result or {}
-        checkpoint = trial_checkpoint_path(trial, last)
-        packed = packs.is_packed(trial.config)
-        for tid, config, report in self._configurations(trial, last):
-            path = packs.member_checkpoint(checkpoint, tid) if packed else checkpoint
+        for tid, config, report, path in packs.configurations(trial.trial_id, trial.config, last,
+                                                              trial_checkpoint_path(trial, last)):
             self._safely(tid, "the results", lambda tid=tid, config=config, report=report, path=path:
                          self.finish_from_result(tid, config, report, path))
 
@@ -206,11 +195,11 @@ class MlflowSweepCallback(Callback):
         reason = error_line(trial.get_error())
         logger.warning("trial %s failed: %s (see its Ray logs)", trial.trial_id, reason)
         last = trial.last_result or {}
-        checkpoint = trial_checkpoint_path(trial, last)
-        for tid, config, report in self._configurations(trial, last):
+        for tid, config, report, path in packs.configurations(trial.trial_id, trial.config, last,
+                                                              trial_checkpoint_path(trial, last)):
             if report.get(packs.STATUS_KEY) in (packs.FINISHED, packs.STOPPED):  # a pack's member that had ended
-                self._safely(tid, "the results", lambda tid=tid, config=config, report=report: self.finish_from_result(
-                    tid, config, report, packs.member_checkpoint(checkpoint, tid)))
+                self._safely(tid, "the results", lambda tid=tid, config=config, report=report, path=path:
+                             self.finish_from_result(tid, config, report, path))
                 continue
             run_id = self._safely(tid, "the failure", lambda tid=tid, config=config: self.mark_failed(tid, config,
                                                                                                    reason))

@@ -57,19 +57,24 @@ def in_process_trial(config: dict[str, Any], *, base_spec: dict[str, Any], log_l
     spec = trial_spec(base_spec, config)
     configure_worker_logging(0, log_level, progress_lines=False)  # the driver logs the trial's progress
     torch.set_num_threads(max(1, int(spec.cpus_per_worker)))  # the CPUs this trial reserved
-    device = _device(spec)
+    run_training(spec, RaySession("tune"), device=_device(spec), epoch_hooks=epoch_hooks, log_epochs=False,
+                 progress=_features_progress(progress_board))
+
+
+def _device(spec: RunSpec) -> torch.device:
+    return torch.device("cuda", 0) if spec.use_gpu and ray.get_gpu_ids() else torch.device("cpu")
+
+
+def _features_progress(progress_board: Any) -> Any:
+    """A trial's progress callback for the driver's bars: the feature extraction only (the driver's trial bar counts
+    the epochs)."""
     report = board_reporter(progress_board)
 
     def features_only(task: str, done: int, total: int) -> None:
         if task == "features":
             report(task, done, total)
 
-    run_training(spec, RaySession("tune"), device=device, epoch_hooks=epoch_hooks, log_epochs=False,
-                 progress=features_only)
-
-
-def _device(spec: RunSpec) -> torch.device:
-    return torch.device("cuda", 0) if spec.use_gpu and ray.get_gpu_ids() else torch.device("cpu")
+    return features_only
 
 
 def packed_trial(config: dict[str, Any], *, base_spec: dict[str, Any], log_level: str = "WARNING",
@@ -90,9 +95,8 @@ def packed_trial(config: dict[str, Any], *, base_spec: dict[str, Any], log_level
         def stop(mid: str, epoch: int, value: float | None) -> bool:
             return ray.get(actor.stop.remote(mid, epoch, value))
 
-    report = board_reporter(progress_board)
     run_pack([mid for mid, _ in members], specs, RaySession("tune"), device=_device(specs[0]), stop=stop,
-             progress=lambda task, done, total: report(task, done, total) if task == "features" else None)
+             progress=_features_progress(progress_board))
 
 
 def ray_train_trial(config: dict[str, Any], *, base_spec: dict[str, Any], train_storage: str, max_failures: int,

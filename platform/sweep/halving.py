@@ -32,8 +32,8 @@ class AshaRungs:
     """ASHA's rungs for one bracket (see the module docstring); ``stop(key, epoch, value)`` is its decision."""
 
     def __init__(self, max_t: int, grace_period: int, reduction_factor: float) -> None:
-        if grace_period < 1 or reduction_factor < 2 or max_t < grace_period:
-            raise ValueError(f"ASHA needs 1 <= grace_period <= max_t and reduction_factor >= 2, got grace_period "
+        if grace_period < 1 or reduction_factor <= 1 or max_t < grace_period:
+            raise ValueError(f"ASHA needs 1 <= grace_period <= max_t and reduction_factor > 1, got grace_period "
                              f"{grace_period}, max_t {max_t}, reduction_factor {reduction_factor}")
         self.max_t, self.grace_period, self.rf = max_t, grace_period, reduction_factor
         n_rungs = int(np.log(max_t / grace_period) / np.log(reduction_factor) + 1)
@@ -73,7 +73,7 @@ class AshaRungs:
 
 class RungsActor:
     """The sweep's :class:`AshaRungs`, shared by its packs (wrapped with ``ray.remote`` by the driver); saved to
-    ``save_dir/pack_rungs.json`` after each decision when the sweep folder is local."""
+    ``save_dir/pack_rungs.json`` whenever a rung records a result, when the sweep folder is local."""
 
     def __init__(self, max_t: int, grace_period: int, reduction_factor: float, save_dir: str | None) -> None:
         self.path = Path(save_dir) / RUNGS_FILE if save_dir and "://" not in save_dir else None
@@ -87,8 +87,9 @@ class RungsActor:
             self.rungs = AshaRungs(max_t, grace_period, reduction_factor)
 
     def stop(self, key: str, epoch: int, value: float | None) -> bool:
+        recorded = sum(len(r) for _, r in self.rungs.rungs)
         decision = self.rungs.stop(key, epoch, None if value is None or math.isnan(value) else value)
-        if self.path is not None:
+        if self.path is not None and sum(len(r) for _, r in self.rungs.rungs) != recorded:  # saved when it changed
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.rungs.to_dict()))
             os.replace(tmp, self.path)

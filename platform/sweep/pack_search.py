@@ -6,39 +6,30 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from platform.sweep.packs import PACK_KEY, chunk, member_id, member_reports
+from platform.sweep.packs import PACK_KEY, member_id, member_reports, pack_sizes
 from typing import Any
 
 import optuna
 from ray.tune.search import Searcher
 
-from tune_spaces import Choice, LogUniform
-
-
-def _distribution(domain: Any) -> optuna.distributions.BaseDistribution:
-    if isinstance(domain, Choice):
-        return optuna.distributions.CategoricalDistribution(list(domain.values))
-    if isinstance(domain, LogUniform):
-        return optuna.distributions.FloatDistribution(domain.low, domain.high, log=True)
-    raise ValueError(f"search-space value is not a tune_spaces domain: {domain!r}")
-
 
 class PackedOptunaSearch(Searcher):
     """Optuna's seeded TPE asked for a pack of configurations at a time (ask-and-tell), told each one's result.
 
-    ``num_configs`` configurations in all, at most ``pack_size`` per Tune trial; then it is finished. Each member is
-    told as Ray's ``OptunaSearch`` tells a trial: its last validation accuracy as COMPLETE (an ASHA-stopped member's
-    too), PRUNED without one, FAIL without one when its pack errored.
+    ``distributions``: the searched fields' Optuna distributions (the sweep's space as Ray's ``OptunaSearch``
+    converts it). ``num_configs`` configurations in all, at most ``pack_size`` per Tune trial; then it is finished.
+    Each member is told as Ray's ``OptunaSearch`` tells a trial: its last validation accuracy as COMPLETE (an
+    ASHA-stopped member's too), PRUNED without one, FAIL without one when its pack errored.
     """
 
-    def __init__(self, space: Mapping[str, Any], *, pack_size: int, num_configs: int, seed: int, metric: str,
-                 mode: str) -> None:
+    def __init__(self, distributions: Mapping[str, optuna.distributions.BaseDistribution], *, pack_size: int,
+                 num_configs: int, seed: int, metric: str, mode: str) -> None:
         super().__init__(metric=metric, mode=mode)
-        self._distributions = {k: _distribution(v) for k, v in space.items()}
+        self._distributions = dict(distributions)
         direction = "maximize" if mode == "max" else "minimize"
         self._seed, self._direction = seed, direction
         self._study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed), direction=direction)
-        self._sizes = [len(p) for p in chunk([{}] * num_configs, pack_size)]  # the packs' sizes, as a grid's
+        self._sizes = pack_sizes(num_configs, pack_size)  # the packs' sizes, as a grid's
         self._asked: dict[str, list[optuna.trial.Trial]] = {}
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:

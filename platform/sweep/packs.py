@@ -61,16 +61,32 @@ def member_checkpoint(pack_checkpoint: str | None, mid: str) -> str | None:
     return f"{pack_checkpoint.rstrip('/')}/{mid}" if pack_checkpoint else None
 
 
-def chunk(configs: Sequence[Mapping[str, Any]], pack_size: int) -> list[list[dict[str, Any]]]:
-    """``configs`` in the fewest packs of at most ``pack_size``, their sizes differing by one at most (7 in packs of
-    4: 4 and 3; 32 in packs of 5: 5, 5, 5, 5, 4, 4, 4)."""
-    if not configs:
+def configurations(trial_id: str, config: Mapping[str, Any] | None, result: Mapping[str, Any] | None = None,
+                   checkpoint: str | None = None) -> list[tuple[str, dict[str, Any], dict[str, Any], str | None]]:
+    """(id, config, latest report, checkpoint) of each configuration a Tune trial trains: the trial itself (its
+    result and checkpoint), or each member of a packed trial (its report in the pack's result, its folder in the
+    pack's checkpoint)."""
+    if not is_packed(config):
+        return [(trial_id, dict(config or {}), dict(result or {}), checkpoint)]
+    reports = member_reports(result)
+    return [(mid, cfg, reports.get(mid, {}), member_checkpoint(checkpoint, mid))
+            for mid, cfg in members(trial_id, config)]
+
+
+def pack_sizes(n_configs: int, pack_size: int) -> list[int]:
+    """The sizes of the fewest packs of at most ``pack_size`` holding ``n_configs`` configurations, differing by one
+    at most (7 in packs of 4: 4 and 3; 32 in packs of 5: 5, 5, 5, 5, 4, 4, 4)."""
+    if n_configs <= 0:
         return []
-    n_packs = math.ceil(len(configs) / pack_size)
-    base, extra = divmod(len(configs), n_packs)
+    n_packs = math.ceil(n_configs / pack_size)
+    base, extra = divmod(n_configs, n_packs)
+    return [base + (1 if i < extra else 0) for i in range(n_packs)]
+
+
+def chunk(configs: Sequence[Mapping[str, Any]], pack_size: int) -> list[list[dict[str, Any]]]:
+    """``configs`` cut into packs of :func:`pack_sizes`, in order."""
     out, start = [], 0
-    for i in range(n_packs):
-        size = base + (1 if i < extra else 0)
+    for size in pack_sizes(len(configs), pack_size):
         out.append([dict(c) for c in configs[start:start + size]])
         start += size
     return out

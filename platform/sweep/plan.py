@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from platform.artifacts import SELECTION_METRIC
 from platform.ray_runtime import USE_GPU_VALUES
@@ -43,10 +43,10 @@ def check_pack_size(value: str) -> None:
 
 
 def resolve_pack_size(requested: str, *, n_configs: int, max_concurrent: int, runner: str,
-                      member_bytes: int, budget_bytes: int) -> int:
+                      members_that_fit: Callable[[], int]) -> int:
     """Configurations per trial: ``requested``, or for ``auto`` enough to give every concurrent trial slot an equal
-    share of the sweep's configurations, capped by how many members' text steps fit ``budget_bytes`` (each
-    ``member_bytes``, ``coop_core.distributed.text_activation_bytes``). Packs need one worker per trial.
+    share of the sweep's configurations, capped by ``members_that_fit()`` (how many members' text steps fit a trial's
+    memory; asked only for ``auto``). Packs need one worker per trial.
 
     Raises:
         ValueError: a pack size above 1 for multi-worker (Ray Train) trials.
@@ -59,8 +59,7 @@ def resolve_pack_size(requested: str, *, n_configs: int, max_concurrent: int, ru
         return size
     if runner != "in-process":
         return 1
-    fits = max(1, budget_bytes // max(member_bytes, 1))
-    return int(max(1, min(math.ceil(n_configs / max(max_concurrent, 1)), fits)))
+    return int(max(1, min(math.ceil(n_configs / max(max_concurrent, 1)), members_that_fit())))
 
 
 def check_max_concurrent(value: int | None) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -49,6 +48,7 @@ from platform.sweep.state import (
     SWEEP_STATE_FILE,
     SweepState,
     latest_sweep,
+    n_configurations,
     read_sweep_state,
     resume_command,
     sweep_folder,
@@ -169,17 +169,21 @@ def gpu_memory_bytes() -> int:
 
 def pack_size_for(requested: str, target: Target, settings: SweepSettings, spec: RunSpec, n_classes: int,
                   max_concurrent: int, gpus_per_trial: float) -> int:
-    """The sweep's configurations per trial (``platform.sweep.plan.resolve_pack_size``), the text step's memory
-    estimated at the full prompt length for one member (``coop_core.distributed.text_activation_bytes``)."""
-    width, layers, seq = text_dims(spec.model.backbone)
-    member = text_activation_bytes(n_classes, seq, 0, width, layers)
-    if spec.use_gpu:
-        budget = int(PACK_MEMORY_SHARE * gpus_per_trial * gpu_memory_bytes())
-    else:
-        budget = int(PACK_MEMORY_SHARE * available_memory_bytes() / max(max_concurrent, 1))
-    n_configs = (settings.resolved_num_samples(target.grid) * math.prod(len(v) for v in target.grid.values()))
+    """The sweep's configurations per trial (``platform.sweep.plan.resolve_pack_size``); for ``auto``, the text step's
+    memory estimated at the full prompt length for one member (``coop_core.distributed.text_activation_bytes``)."""
+
+    def members_that_fit() -> int:
+        width, layers, seq = text_dims(spec.model.backbone)
+        member = text_activation_bytes(n_classes, seq, 0, width, layers)
+        if spec.use_gpu:
+            budget = int(PACK_MEMORY_SHARE * gpus_per_trial * gpu_memory_bytes())
+        else:
+            budget = int(PACK_MEMORY_SHARE * available_memory_bytes() / max(max_concurrent, 1))
+        return max(1, budget // max(member, 1))
+
+    n_configs = n_configurations(settings.resolved_num_samples(target.grid), target.grid)
     return resolve_pack_size(requested, n_configs=n_configs, max_concurrent=max_concurrent, runner=target.runner,
-                             member_bytes=member, budget_bytes=budget)
+                             members_that_fit=members_that_fit)
 
 
 def place(target: Target, settings: SweepSettings, infra: InfraSettings, checked: Checked) -> Placement:

@@ -15,6 +15,11 @@ from typing import Any
 SWEEP_STATE_FILE = "coop_sweep.json"  # in the sweep folder: what --resume needs (parent run, base spec, tracking)
 
 
+def n_configurations(num_samples: int, grid: Mapping[str, Any]) -> int:
+    """How many configurations a sweep trains: its samples, times the grid's combinations."""
+    return num_samples * math.prod(len(v) for v in grid.values())
+
+
 @dataclasses.dataclass(frozen=True)
 class SweepState:
     """A started sweep, as its state file holds it: written once when the sweep's MLflow parent run is opened, read
@@ -61,7 +66,7 @@ class SweepState:
     @property
     def n_trials(self) -> int:
         """How many trials the sweep runs: its samples, times the grid's combinations."""
-        return self.num_samples * math.prod(len(v) for v in self.grid.values())
+        return n_configurations(self.num_samples, self.grid)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"resume_flags": list(self.resume_flags)}

@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping, Sequence
 from platform.artifacts import CHECKPOINTS_KEPT
 from platform.sweep.pack_search import PackedOptunaSearch
-from platform.sweep.packs import PACK_KEY, chunk, grid_configs
+from platform.sweep.packs import PACK_KEY, chunk, grid_configs, pack_sizes
 from platform.sweep.plan import METRIC, MODE, SweepSettings, grid_epochs
 from platform.sweep.state import SweepState
 from platform.trial_stopping import GracefulASHA
@@ -114,9 +114,10 @@ def build_tuner(settings: SweepSettings, verbose: bool, spec: Any, space: Mappin
         param_space, search_alg, num_samples = {PACK_KEY: tune.grid_search(packs)}, None, 1
     elif state.pack_size > 1:
         param_space = {}
-        search_alg = PackedOptunaSearch(space, pack_size=state.pack_size, num_configs=state.num_samples,
+        search_alg = PackedOptunaSearch(OptunaSearch.convert_search_space(to_tune_space(space)),
+                                        pack_size=state.pack_size, num_configs=state.num_samples,
                                         seed=state.search_seed, metric=METRIC, mode=MODE)
-        num_samples = len(chunk([{}] * state.num_samples, state.pack_size))
+        num_samples = len(pack_sizes(state.num_samples, state.pack_size))
     elif state.grid:
         param_space = {k: tune.grid_search(list(v)) for k, v in state.grid.items()}
         search_alg = None  # Tune's own variant generator walks the grid

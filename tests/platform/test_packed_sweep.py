@@ -12,7 +12,8 @@ import json
 import random
 from platform.sweep.halving import AshaRungs
 from platform.sweep.pack_search import PackedOptunaSearch
-from platform.sweep.packs import chunk
+from platform.sweep.packs import chunk, pack_sizes
+from platform.sweep.tuner import to_tune_space
 from platform.tracking import EARLY_STOPPED_TAG, TRIAL_TAG
 from platform.tune import main
 from types import SimpleNamespace
@@ -22,6 +23,7 @@ from aligned import aligned_tiny_checkpoint
 from cli_runs import child_runs, mlflow_client, run_cli
 from numerics import TRAJECTORY, assert_reordered_scalar
 from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
 
 from tune_spaces import space_for
 
@@ -56,6 +58,7 @@ def test_packs_are_cut_evenly():
     assert [len(p) for p in chunk([{"i": i} for i in range(6)], 1)] == [1] * 6
     assert chunk([{"i": i} for i in range(5)], 2) == [[{"i": 0}, {"i": 1}], [{"i": 2}, {"i": 3}], [{"i": 4}]]
     assert chunk([], 3) == []
+    assert pack_sizes(7, 4) == [4, 3] and pack_sizes(0, 4) == []
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +145,7 @@ def test_optuna_is_told_every_configurations_result(packed):
     assert sorted(t["value"] for t in state["told"]) == pytest.approx(last)
     assert state["asked"] == {} and state["sizes"] == []
     # what a resumed sweep's searcher rebuilds: TPE's study with every configuration told
-    space = space_for("eurosat", "a centered satellite photo of {}.")
+    space = OptunaSearch.convert_search_space(to_tune_space(space_for("eurosat", "a centered satellite photo of {}.")))
     searcher = PackedOptunaSearch(space, pack_size=3, num_configs=6, seed=1, metric="val_acc", mode="max")
     searcher.restore(str(saved))
     assert sorted(t.value for t in searcher.study.trials) == pytest.approx(last)

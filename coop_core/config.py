@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,8 @@ CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
 PRECISIONS = ("fp32", "bf16", "amp")
 FEATURE_MODES = ("cached", "exact")
 TEXT_SHARDINGS = ("auto", "data", "class")
+# The prompt learners: CoOp and its successors that keep CLIP frozen and learn only vectors (coop_core.methods).
+METHODS = ("coop", "kgcoop", "prograd", "cocoop")
 
 # CoOp's schedule: epochs by number of shots (Zhou et al., Sec. 4.1 / configs/trainers/CoOp/*.yaml).
 EPOCHS_BY_SHOTS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
@@ -47,16 +50,20 @@ def default_epochs(shots: int | str) -> int:
 class PromptConfig:
     """How the learnable prompt is built.
 
-    n_ctx: number of learnable context vectors (ignored when ``ctx_init`` is given: its word-token count wins).
+    n_ctx: number of learnable context vectors (ignored when ``ctx_init`` is given: its word-token count wins, unless
+        ``pad_ctx_init``).
     ctx_init: words to initialise the context from (e.g. "a photo of a"); "" means random N(0, 0.02^2).
     csc: class-specific context (one context per class) instead of one unified context.
     class_token_position: where the class name sits relative to the context: end, middle or front.
+    pad_ctx_init: keep ``n_ctx`` when ``ctx_init`` has fewer tokens: its words fill the last context slots and the
+        first ones start at zero (ProGrad's initialisation, ``n_ctx=16`` around "a centered satellite photo of").
     """
 
     n_ctx: int = 16
     ctx_init: str = ""
     csc: bool = False
     class_token_position: str = "end"
+    pad_ctx_init: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.n_ctx, int) or isinstance(self.n_ctx, bool) or self.n_ctx < 1:
@@ -71,6 +78,8 @@ class PromptConfig:
             )
         if not isinstance(self.csc, bool):
             raise ValueError(f"csc must be a bool, got {self.csc!r}")
+        if not isinstance(self.pad_ctx_init, bool):
+            raise ValueError(f"pad_ctx_init must be a bool, got {self.pad_ctx_init!r}")
 
 
 @dataclass(frozen=True)
@@ -139,6 +148,63 @@ class TrainConfig:
     def resolved_epochs(self) -> int:
         """Epochs to run: the explicit value, or CoOp's schedule for ``shots``."""
         return self.epochs if self.epochs is not None else default_epochs(self.shots)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Which prompt learner trains the prompts, and its own hyper-parameters (``coop_core.methods``).
+
+    name: ``coop`` (cross-entropy), ``kgcoop`` (plus a pull of each class's text feature toward its hand-crafted
+        prompt's), ``prograd`` (the cross-entropy gradient projected off the direction that conflicts with the
+        zero-shot prediction's) or ``cocoop`` (the context shifted per image by a small meta-net).
+    kg_weight: KgCoOp's weight of ``1 - mean_c cos(w_c, w_c^clip)`` (``TRAINER.COOP.W``; 8.0 in its base-to-new script).
+    prograd_lambda: ProGrad's lambda, how much of the conflicting component is removed (``LOSS.LAMBDA``: 1.0; its
+        README uses 0.8 for 8 and 16 shots on Flowers102, DTD and EuroSAT).
+    prograd_temperature: ProGrad's temperature T of the distillation toward zero-shot CLIP (``LOSS.T``, 1.0).
+    meta_net_ratio: CoCoOp's meta-net bottleneck, ``embed_dim -> embed_dim // ratio -> width`` (16).
+    The fields of the methods not chosen are kept (and recorded) but unused.
+    """
+
+    name: str = "coop"
+    kg_weight: float = 8.0
+    prograd_lambda: float = 1.0
+    prograd_temperature: float = 1.0
+    meta_net_ratio: int = 16
+
+    def __post_init__(self) -> None:
+        if self.name not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.name!r}")
+        for name in ("kg_weight", "prograd_lambda", "prograd_temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.kg_weight < 0:
+            raise ValueError(f"kg_weight (KgCoOp's weight of its text-feature term) must be >= 0, got {self.kg_weight}")
+        if self.prograd_lambda < 0:
+            raise ValueError(f"prograd_lambda must be >= 0 (1.0 removes the whole conflicting component), got "
+                             f"{self.prograd_lambda}")
+        if not self.prograd_temperature > 0:
+            raise ValueError(f"prograd_temperature must be > 0, got {self.prograd_temperature}")
+        ratio = self.meta_net_ratio
+        if not isinstance(ratio, int) or isinstance(ratio, bool) or ratio < 1:
+            raise ValueError(f"meta_net_ratio must be a positive integer (CoCoOp uses 16), got {ratio!r}")
+
+
+def check_method_prompt(method: MethodConfig, prompt: PromptConfig) -> None:
+    """Refuse a prompt the method cannot train: CoCoOp shifts one shared context per image, so it needs a unified
+    context with the class name at the end (its reference builds only that prompt).
+
+    Raises:
+        ValueError: which setting does not fit, and what to use.
+    """
+    if method.name != "cocoop":
+        return
+    if prompt.csc:
+        raise ValueError("cocoop shifts one shared context by each image's meta-net output: it has no class-specific "
+                         "context (use csc false)")
+    if prompt.class_token_position != "end":
+        raise ValueError(f"cocoop puts the class name at the end (as its reference does), got class_token_position "
+                         f"{prompt.class_token_position!r}")
 
 
 @dataclass(frozen=True)

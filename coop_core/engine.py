@@ -16,15 +16,15 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from coop_core.config import TrainConfig
 from coop_core.distributed import Distributed, SingleProcess, text_sharding_for
 from coop_core.features import FeatureSet, TrainSource
+from coop_core.methods import Objective
 from coop_core.model import CoOpModel
 
 logger = logging.getLogger(__name__)
@@ -100,11 +100,17 @@ def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContex
 def evaluate(model: CoOpModel, data: FeatureSet, precision: str = "fp32", batch_size: int = 4096) -> dict[str, float]:
     """Accuracy (%) and macro-F1 (%) from cached features: one text forward, then one matrix product per chunk."""
     device = model.prompt_learner.ctx.device
-    with _autocast(precision, device):
-        text = model.text_features()
     preds = []
-    for chunk in data.features.split(batch_size):
-        preds.append(model.logits(chunk.to(device).float(), text.float()).argmax(dim=-1).cpu())
+    if model.conditional:  # each image has its own prompts (CoCoOp): the model encodes them in bounded chunks
+        for chunk in data.features.split(batch_size):
+            with _autocast(precision, device):
+                logits = model.forward_features(chunk.to(device).float())  # (b, n_cls)
+            preds.append(logits.float().argmax(dim=-1).cpu())
+    else:
+        with _autocast(precision, device):
+            text = model.text_features()
+        for chunk in data.features.split(batch_size):
+            preds.append(model.logits(chunk.to(device).float(), text.float()).argmax(dim=-1).cpu())
     pred = torch.cat(preds)
     target = data.labels.cpu()
     return {
@@ -115,7 +121,8 @@ def evaluate(model: CoOpModel, data: FeatureSet, precision: str = "fp32", batch_
 
 @dataclass
 class TrainState:
-    """Everything needed to resume: epochs completed, context, optimiser, scheduler, RNG."""
+    """Everything needed to resume: epochs completed, context, optimiser, scheduler, RNG, and what else the model
+    learns (``CoOpModel.learned_state``: CoCoOp's meta-net; empty for CoOp)."""
 
     epoch: int
     ctx: torch.Tensor
@@ -123,22 +130,25 @@ class TrainState:
     scheduler: dict[str, Any]
     grad_scaler: dict[str, Any] | None
     rng: torch.Tensor
+    learned: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch, "ctx": self.ctx, "optimizer": self.optimizer, "scheduler": self.scheduler,
-            "grad_scaler": self.grad_scaler, "rng": self.rng,
+            "grad_scaler": self.grad_scaler, "rng": self.rng, "learned": self.learned,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
-        return cls(d["epoch"], d["ctx"], d["optimizer"], d["scheduler"], d.get("grad_scaler"), d["rng"])
+        return cls(d["epoch"], d["ctx"], d["optimizer"], d["scheduler"], d.get("grad_scaler"), d["rng"],
+                   d.get("learned") or {})
 
 
 def make_optimizer(
     model: CoOpModel, cfg: TrainConfig
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """SGD over the context only (as CoOp builds it with Dassl's ``build_optimizer``), and its schedule.
+    """SGD over the context (and CoCoOp's meta-net: the prompt learner, as the references build it with Dassl's
+    ``build_optimizer``), and its schedule.
 
     The scheduler is stepped once per epoch by :func:`train`; it is a ``LambdaLR`` over :func:`lr_at`, so its state
     is just the epoch count, and a run resumed from a :class:`TrainState` continues the schedule exactly.
@@ -160,6 +170,7 @@ def train(
     report: Callable[[dict[str, float]], None] | None = None,
     on_epoch_end: Callable[[TrainState, dict[str, float]], None] | None = None,
     resume: TrainState | None = None,
+    objective: Objective | None = None,
 ) -> list[dict[str, float]]:
     """Train the context with CoOp's recipe; the final model is the last epoch's.
 
@@ -174,6 +185,8 @@ def train(
             ``epoch_time_s`` is the epoch's training steps, ``val_time_s`` its validation).
         on_epoch_end: called with the resumable state after each epoch (checkpointing).
         resume: continue from this state.
+        objective: the method's loss and gradient (``coop_core.methods``); CoOp's cross-entropy by default. Its extra
+            terms are reported per epoch as ``train_<term>`` (their mean over the epoch's steps).
 
     Returns:
         The per-epoch metrics.
@@ -182,6 +195,8 @@ def train(
         NonFiniteLossError: the loss or the context gradient became NaN or infinite (the run diverged).
     """
     dist = dist or SingleProcess()
+    objective = objective or Objective()
+    params = model.trainable_parameters()
     device = model.prompt_learner.ctx.device
     epochs = cfg.resolved_epochs
     opt, sched = make_optimizer(model, cfg)
@@ -191,6 +206,7 @@ def train(
     if resume is not None:
         with torch.no_grad():
             model.prompt_learner.ctx.copy_(resume.ctx.to(device))
+        model.load_learned_state({k: v.to(device) for k, v in resume.learned.items()})
         opt.load_state_dict(resume.optimizer)
         sched.load_state_dict(resume.scheduler)
         if scaler is not None and resume.grad_scaler:
@@ -203,12 +219,22 @@ def train(
     labels = data.labels
     n = labels.shape[0]
     history = []
+
+    def reduce(grad: torch.Tensor) -> None:
+        if dist.world_size > 1:
+            dist.all_reduce_sum_(grad)
+
+    scale = scaler.scale if scaler is not None else (lambda loss: loss)
+    for p in params:  # every worker all-reduces every gradient, including a step whose shard of images is empty
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         model.train()
         loss_sum = torch.zeros((), dtype=torch.float64)
         correct = torch.zeros((), dtype=torch.float64)
-        seen = 0
+        extra_sums: dict[str, float] = {}
+        seen = steps = 0
         lr = opt.param_groups[0]["lr"]
         for step, batch in enumerate(global_batches(n, cfg.batch_size, cfg.seed, epoch)):
             shard = batch[dist.rank :: dist.world_size]
@@ -216,24 +242,36 @@ def train(
             feats = data.batch(shard, epoch).to(device) if len(shard) else None  # (b_shard, d)
             y = labels[shard].to(device)
             with _autocast(cfg.precision, device):
-                # Every worker runs the text step, even with no images in its shard: a class-sharded one owes the
-                # others its features (and the gather's backward); the loss of an empty shard is 0.
-                text = sharding.text_features(model)  # (n_cls, d)
-                if feats is None:
-                    feats = text.new_zeros(0, text.shape[1])  # (0, d)
-                logits = model.logits(feats, text)  # (b_shard, n_cls)
-            loss = F.cross_entropy(logits.float(), y, reduction="sum") / len(batch)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            loss_sum += float(loss.detach()) * len(batch)
-            correct += float((logits.argmax(-1) == y).sum())
-            grad = model.prompt_learner.ctx.grad  # set by every backward: the text features depend on the context
-            if dist.world_size > 1:
-                dist.all_reduce_sum_(grad)
+                if model.conditional:
+                    # Each image has its own prompts (CoCoOp), so the text step is per image: data sharding only.
+                    text = None
+                    logits = model.forward_features(feats) if feats is not None else None  # (b_shard, n_cls)
+                else:
+                    # Every worker runs the text step, even with no images in its shard: a class-sharded one owes the
+                    # others its features (and the gather's backward); the loss of an empty shard is 0.
+                    text = sharding.text_features(model)  # (n_cls, d)
+                    if feats is None:
+                        feats = text.new_zeros(0, text.shape[1])  # (0, d)
+                    logits = model.logits(feats, text)  # (b_shard, n_cls)
+            if logits is not None:
+                terms = objective.terms(model, logits.float(), y, feats, text, len(batch), dist.world_size)
+                objective.backward(terms, params, scale, reduce)
+                loss_sum += float(terms["ce"].detach()) * len(batch)
+                correct += float((logits.argmax(-1) == y).sum())
+                for k, v in terms.items():
+                    if k != "ce":
+                        extra_sums[k] = extra_sums.get(k, 0.0) + float(v.detach())
+            else:  # an image-conditioned model's empty shard: no loss, zero gradients, still reduced with the others
+                for p in params:
+                    reduce(p.grad)
+            steps += 1
             # With loss scaling an infinite gradient is the scaler's business (it skips the step and lowers the
             # scale); otherwise a non-finite gradient would poison the context. The summed gradient is the same on
             # every worker, so all of them stop here together.
-            if scaler is None and not bool(torch.isfinite(grad).all()):
-                raise _diverged("loss gradient", grad, epoch, step, lr, cfg.precision)
+            if scaler is None:
+                for p in params:
+                    if not bool(torch.isfinite(p.grad).all()):
+                        raise _diverged("loss gradient", p.grad, epoch, step, lr, cfg.precision)
             if scaler is not None:
                 scaler.step(opt)
                 scaler.update()
@@ -241,7 +279,9 @@ def train(
                 opt.step()
             seen += len(batch)
         sched.step()
-        stats = torch.stack([loss_sum, correct]).to(device)
+        extra_names = sorted(extra_sums)
+        stats = torch.stack([loss_sum, correct, *(torch.tensor(extra_sums[k], dtype=torch.float64)
+                                                  for k in extra_names)]).to(device)
         if dist.world_size > 1:
             dist.all_reduce_sum_(stats)
         if not bool(torch.isfinite(stats[0])):
@@ -253,6 +293,7 @@ def train(
             "lr": lr,
             "epoch_time_s": time.perf_counter() - t0,
         }
+        metrics.update({f"train_{k}": float(v) / max(steps, 1) for k, v in zip(extra_names, stats[2:])})
         if val is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == epochs):
             t_val = time.perf_counter()
             v = evaluate(model, val, cfg.precision)
@@ -264,7 +305,8 @@ def train(
             # deepcopy: opt.state_dict() holds the live momentum buffers, which the next step would overwrite
             state = TrainState(epoch + 1, model.prompt_learner.ctx.detach().cpu().clone(),
                                copy.deepcopy(opt.state_dict()), sched.state_dict(),
-                               scaler.state_dict() if scaler is not None else None, torch.get_rng_state())
+                               scaler.state_dict() if scaler is not None else None, torch.get_rng_state(),
+                               model.learned_state())
             on_epoch_end(state, metrics)
         if report is not None:
             report(metrics)

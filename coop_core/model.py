@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
@@ -14,6 +16,8 @@ from coop_core.text_encoder import TextEncoder, text_tower
 
 
 class CoOpModel(nn.Module):
+    conditional = False  # the class text features depend on the image (CoCoOp); CoOp's are one matrix per step
+
     """Image -> class logits with learnable prompts; everything but ``prompt_learner.ctx`` is frozen.
 
     Logits are ``logit_scale.exp() * cosine(image_feature, text_feature)`` as in CLIP and CoOp. Training works on
@@ -52,6 +56,7 @@ class CoOpModel(nn.Module):
             csc=prompt.csc,
             class_token_position=prompt.class_token_position,
             generator=generator,
+            pad_ctx_init=prompt.pad_ctx_init,
         )
         self.text_encoder = TextEncoder(clip, truncate=truncate_text)
         self.image_encoder = clip.visual
@@ -113,3 +118,117 @@ class CoOpModel(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters CoOp optimises: only the context."""
         return [self.prompt_learner.ctx]
+
+    def learned_state(self) -> dict[str, torch.Tensor]:
+        """What training learned besides the context (CoCoOp's meta-net), detached copies on the CPU; {} for CoOp."""
+        return {}
+
+    def load_learned_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`learned_state` (nothing for CoOp).
+
+        Raises:
+            ValueError: ``state`` holds tensors this model does not learn.
+        """
+        if state:
+            raise ValueError(f"{type(self).__name__} learns only its context; got other tensors {sorted(state)}")
+
+
+def _init_linear(layer: nn.Linear, generator: torch.Generator | None) -> None:
+    """``nn.Linear``'s default initialisation (U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias), seeded."""
+    bound = 1.0 / math.sqrt(layer.in_features)
+    with torch.no_grad():
+        layer.weight.copy_(torch.empty(layer.weight.shape).uniform_(-bound, bound, generator=generator))
+        layer.bias.copy_(torch.empty(layer.bias.shape).uniform_(-bound, bound, generator=generator))
+
+
+def image_embed_dim(clip: nn.Module) -> int:
+    """Width of CLIP's (normalised) image features: the joint embedding, the text projection's output."""
+    projection = text_tower(clip).text_projection
+    if isinstance(projection, nn.Linear):
+        return projection.out_features
+    if projection is None:
+        return text_tower(clip).ln_final.weight.shape[0]
+    return projection.shape[1]
+
+
+class CoCoOpModel(CoOpModel):
+    """CoCoOp (Zhou et al., CVPR'22): CoOp's unified context shifted, for each image, by a meta-net of its feature.
+
+    ``ctx_i = ctx + meta_net(f_i)`` for the normalised image feature ``f_i``; image ``i``'s logits are its scaled
+    cosines to the text features of *its own* prompts ``[SOS, ctx_i, class, ".", EOS]``, so the text encoder runs for
+    every image x class pair. The meta-net is ``Linear(d, d // ratio) -> ReLU -> Linear(d // ratio, width)`` as in the
+    reference's ``trainers/cocoop.py``, initialised as ``nn.Linear`` initialises (from ``generator``).
+
+    Fast where it counts: the images' prompts go through the text encoder together, truncated at the longest
+    end-of-text token, in chunks of at most ``max_prompts`` prompts; under ``no_grad`` (evaluation) each chunk's
+    activations are freed before the next, so memory stays bounded whatever the number of images. Training keeps the
+    graph of its batch (the reference's recipe trains one image per step).
+
+    Args:
+        meta_net_ratio: the bottleneck ratio (16 in the reference).
+        max_prompts: most prompts per text-encoder call.
+        (the others as :class:`CoOpModel`; the prompt must be a unified context with the class name at the end)
+    """
+
+    conditional = True
+
+    def __init__(self, clip: nn.Module, tokenizer: Callable, classnames: Sequence[str], prompt: PromptConfig,
+                 meta_net_ratio: int = 16, truncate_text: bool = True, generator: torch.Generator | None = None,
+                 max_prompts: int = 4096) -> None:
+        if prompt.csc or prompt.class_token_position != "end":
+            raise ValueError("CoCoOp needs a unified context with the class name at the end (csc false, "
+                             f"class_token_position 'end'), got csc {prompt.csc}, {prompt.class_token_position!r}")
+        super().__init__(clip, tokenizer, classnames, prompt, truncate_text=truncate_text, generator=generator)
+        vis_dim = image_embed_dim(clip)
+        width = self.prompt_learner.ctx.shape[-1]
+        hidden = vis_dim // meta_net_ratio
+        if hidden < 1:
+            raise ValueError(f"meta_net_ratio {meta_net_ratio} leaves no hidden unit for image features of width "
+                             f"{vis_dim}; use a ratio of at most {vis_dim}")
+        self.meta_net = nn.Sequential(OrderedDict([
+            ("linear1", nn.Linear(vis_dim, hidden)),
+            ("relu", nn.ReLU(inplace=True)),
+            ("linear2", nn.Linear(hidden, width)),
+        ])).to(self.prompt_learner.ctx.device)
+        _init_linear(self.meta_net.linear1, generator)
+        _init_linear(self.meta_net.linear2, generator)
+        self.meta_net_ratio = meta_net_ratio
+        self.max_prompts = max_prompts
+
+    def conditional_text_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        """L2-normalised text features ``(b, n_cls, embed_dim)``: image ``i``'s own prompts for every class."""
+        pl = self.prompt_learner
+        b, n = image_features.shape[0], pl.n_cls
+        bias = self.meta_net(image_features.to(self.meta_net.linear1.weight.dtype))  # (b, width)
+        ctx = pl.ctx.unsqueeze(0) + bias.unsqueeze(1)  # (b, n_ctx, width)
+        per_chunk = max(1, self.max_prompts // n)  # images per text-encoder call
+        out = []
+        for start in range(0, b, per_chunk):
+            c = ctx[start:start + per_chunk]  # (m, n_ctx, width)
+            m = c.shape[0]
+            prompts = torch.cat([
+                pl.token_prefix.unsqueeze(0).expand(m, -1, -1, -1),  # (m, n_cls, 1, width)
+                c.to(pl.token_prefix.dtype).unsqueeze(1).expand(-1, n, -1, -1),  # (m, n_cls, n_ctx, width)
+                pl.token_suffix.unsqueeze(0).expand(m, -1, -1, -1),  # (m, n_cls, *, width)
+            ], dim=2).flatten(0, 1)  # (m * n_cls, seq, width)
+            text = self.text_encoder(prompts, pl.eot_idx.repeat(m))  # (m * n_cls, embed_dim)
+            out.append(F.normalize(text, dim=-1).view(m, n, -1))
+        return torch.cat(out)  # (b, n_cls, embed_dim)
+
+    def forward_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Logits ``(b, n_cls)`` for normalised image features, each against its own conditioned prompts."""
+        text = self.conditional_text_features(image_features)  # (b, n_cls, d)
+        return self.logit_scale.exp() * torch.einsum("bd,bcd->bc", image_features, text.to(image_features.dtype))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The context and the meta-net (CoCoOp optimises the whole prompt learner)."""
+        return [self.prompt_learner.ctx, *self.meta_net.parameters()]
+
+    def learned_state(self) -> dict[str, torch.Tensor]:
+        return {f"meta_net.{k}": v.detach().cpu().clone() for k, v in self.meta_net.state_dict().items()}
+
+    def load_learned_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = {k.removeprefix("meta_net."): v for k, v in state.items() if k.startswith("meta_net.")}
+        if len(own) != len(state) or set(own) != set(self.meta_net.state_dict()):
+            raise ValueError(f"a CoCoOp meta-net state needs {sorted(self.learned_state())}, got {sorted(state)}")
+        self.meta_net.load_state_dict(own)

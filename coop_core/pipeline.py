@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from coop_core.backbone import LoadedClip
-from coop_core.config import PromptConfig, TrainConfig
+from coop_core.config import MethodConfig, PromptConfig, TrainConfig, check_method_prompt
 from coop_core.datasets import DatasetSplits, ImageListDataset, Item
 from coop_core.datasets.base import unreadable_images
 from coop_core.engine import Distributed, TrainState, evaluate, train
@@ -29,10 +29,11 @@ from coop_core.features import (
     weights_identity,
 )
 from coop_core.fewshot import FewShotSplits, registry_eval_items
-from coop_core.model import CoOpModel
+from coop_core.methods import Objective, make_objective
+from coop_core.model import CoCoOpModel, CoOpModel
 from coop_core.transfer import transfer_context
 from coop_core.transforms import describe, test_transform, train_transform
-from coop_core.zeroshot import zeroshot_evaluate
+from coop_core.zeroshot import zeroshot_evaluate, zeroshot_text_features
 
 logger = logging.getLogger(__name__)
 
@@ -232,11 +233,31 @@ def prepare_features(
 
 
 def build_model(clip: LoadedClip, classnames: tuple[str, ...] | list[str], prompt: PromptConfig, seed: int,
-                device: str | torch.device = "cpu", truncate_text: bool = True) -> CoOpModel:
-    """A CoOp model with its context initialised from ``seed`` (identical on every worker)."""
+                device: str | torch.device = "cpu", truncate_text: bool = True,
+                method: MethodConfig | None = None) -> CoOpModel:
+    """The method's model (a ``CoCoOpModel`` for CoCoOp, else a ``CoOpModel``) with its learned vectors initialised
+    from ``seed`` (identical on every worker).
+
+    Raises:
+        ValueError: the prompt does not fit the method (``coop_core.config.check_method_prompt``).
+    """
+    method = method or MethodConfig()
+    check_method_prompt(method, prompt)
     g = torch.Generator().manual_seed(seed)
+    if method.name == "cocoop":
+        return CoCoOpModel(clip.model, clip.tokenizer, classnames, prompt, meta_net_ratio=method.meta_net_ratio,
+                           truncate_text=truncate_text, generator=g).to(device)
     return CoOpModel(clip.model, clip.tokenizer, classnames, prompt, truncate_text=truncate_text,
                      generator=g).to(device)
+
+
+def build_objective(method: MethodConfig, model: CoOpModel, clip: LoadedClip, template: str) -> Objective:
+    """The method's training objective for ``model``; KgCoOp's and ProGrad's anchors are zero-shot CLIP's text
+    features of ``template`` (the dataset's hand-crafted prompt) for the model's classes."""
+    anchors = None
+    if method.name in ("kgcoop", "prograd"):
+        anchors = zeroshot_text_features(clip.model, clip.tokenizer, model.classnames, template)  # (n_cls, d)
+    return make_objective(method, model, anchors)
 
 
 def prompt_model(clip: LoadedClip, ctx: torch.Tensor, prompt: PromptConfig, source_classnames: Sequence[str],
@@ -306,14 +327,18 @@ def run_coop(
     resume: TrainState | None = None,
     with_test: bool = True,
     zeroshot: bool = True,
+    method: MethodConfig | None = None,
 ) -> RunResult:
-    """Train CoOp on the few-shot split and evaluate the last epoch on val and test (plus the zero-shot baseline)."""
+    """Train the prompts with ``method`` (CoOp by default) on the few-shot split and evaluate the last epoch on val and
+    test (plus the zero-shot baseline)."""
     device = torch.device(device)
+    method = method or MethodConfig()
     clip.model.to(device)
     feats = prepare_features(clip, splits, fewshot, cfg, cache_dir=cache_dir, device=device, with_test=with_test)
-    model = build_model(clip, splits.classnames, prompt, cfg.seed, device)
+    model = build_model(clip, splits.classnames, prompt, cfg.seed, device, method=method)
+    objective = build_objective(method, model, clip, splits.template)
     history = train(model, feats.train, cfg, val=feats.val, dist=dist, report=report, on_epoch_end=on_epoch_end,
-                    resume=resume)
+                    resume=resume, objective=objective)
     val = evaluate(model, feats.val, cfg.precision)
     if feats.test is None:
         return RunResult(model, history, val, None, None)

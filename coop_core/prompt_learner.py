@@ -48,11 +48,13 @@ def _quoted(text: str, limit: int = 40) -> str:
     return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
-def check_prompt_fits(tokenizer: Callable, classnames: Sequence[str], n_ctx: int, ctx_init: str = "") -> int:
+def check_prompt_fits(tokenizer: Callable, classnames: Sequence[str], n_ctx: int, ctx_init: str = "",
+                      pad_ctx_init: bool = False) -> int:
     """Check that every class's prompt fits the text context; return the effective context length.
 
     A prompt is start + context + class-name tokens + "." + end. ``ctx_init`` (when given) sets the context length to
-    its token count. Cheap (tokenizer only), so the platform calls it before any worker starts.
+    its token count, unless ``pad_ctx_init`` keeps ``n_ctx`` (which must then hold its tokens). Cheap (tokenizer
+    only), so the platform calls it before any worker starts.
 
     Raises:
         ValueError: ``ctx_init`` or a class name tokenizes to nothing, or the longest prompt overflows the context;
@@ -61,10 +63,14 @@ def check_prompt_fits(tokenizer: Callable, classnames: Sequence[str], n_ctx: int
     seq_len = int(tokenizer(["x"]).shape[1])
     ctx_init = normalise_ctx_init(ctx_init)
     if ctx_init:
-        n_ctx = _n_word_tokens(tokenizer, ctx_init)
-        if n_ctx < 1:
+        n_words = _n_word_tokens(tokenizer, ctx_init)
+        if n_words < 1:
             raise ValueError(f"ctx_init {_quoted(ctx_init)} tokenizes to no tokens; give words (e.g. 'a photo of "
                              "a') or '' for a random context")
+        if pad_ctx_init and n_words > n_ctx:
+            raise ValueError(f"ctx_init {_quoted(ctx_init)} is {n_words} tokens, more than n_ctx {n_ctx}: with "
+                             "pad_ctx_init the words fill the last context slots; raise --n-ctx or shorten it")
+        n_ctx = n_ctx if pad_ctx_init else n_words
     if n_ctx < 1:
         raise ValueError(f"n_ctx must be a positive integer, got {n_ctx}")
     names = [clean_classname(c) for c in classnames]
@@ -123,6 +129,8 @@ class PromptLearner(nn.Module):
         csc: one context per class ``(n_cls, n_ctx, width)`` instead of a shared ``(n_ctx, width)``.
         class_token_position: "end", "middle" or "front".
         generator: RNG for the random initialisation (deterministic runs pass a seeded one).
+        pad_ctx_init: keep ``n_ctx`` when ``ctx_init`` is shorter: its words fill the last slots, the first start at
+            zero (ProGrad's initialisation).
 
     Only ``ctx`` is a parameter; the fixed token embeddings are non-persistent buffers, so ``state_dict()`` is just
     ``{"ctx": ...}``.
@@ -138,6 +146,7 @@ class PromptLearner(nn.Module):
         csc: bool = False,
         class_token_position: str = "end",
         generator: torch.Generator | None = None,
+        pad_ctx_init: bool = False,
     ) -> None:
         super().__init__()
         if not classnames:
@@ -154,11 +163,13 @@ class PromptLearner(nn.Module):
         device = token_embedding.weight.device
 
         ctx_init = normalise_ctx_init(ctx_init)
-        n_ctx = check_prompt_fits(tokenizer, self.classnames, n_ctx, ctx_init)
+        n_ctx = check_prompt_fits(tokenizer, self.classnames, n_ctx, ctx_init, pad_ctx_init)
         if ctx_init:
             init_ids = tokenizer([ctx_init]).to(device)
+            k = _n_word_tokens(tokenizer, ctx_init)
+            ctx_vectors = torch.zeros(n_ctx, width, device=device)  # (n_ctx, width); k < n_ctx only when padded
             with torch.no_grad():
-                ctx_vectors = token_embedding(init_ids)[0, 1 : 1 + n_ctx].float().clone()  # (n_ctx, width)
+                ctx_vectors[n_ctx - k:] = token_embedding(init_ids)[0, 1 : 1 + k].float()  # (k, width)
             if csc:
                 ctx_vectors = ctx_vectors.unsqueeze(0).repeat(n_cls, 1, 1)  # (n_cls, n_ctx, width)
         else:

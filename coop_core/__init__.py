@@ -14,7 +14,7 @@ from coop_core.backbone import (
     weights_digest,
 )
 from coop_core.checks import check_run_inputs
-from coop_core.config import ModelConfig, PromptConfig, TrainConfig, default_epochs
+from coop_core.config import MethodConfig, ModelConfig, PromptConfig, TrainConfig, default_epochs
 from coop_core.datasets import (
     DatasetSplits,
     FolderSource,
@@ -35,12 +35,14 @@ from coop_core.engine import NonFiniteLossError, TrainState, evaluate, train
 from coop_core.features import CachedViews, ExactImages, FeatureCache, FeatureSet, weights_identity
 from coop_core.fewshot import FewShotSplits, build_few_shot, sample_few_shot
 from coop_core.interpret import nearest_words, nearest_words_table
-from coop_core.model import CoOpModel
+from coop_core.methods import Objective, make_objective
+from coop_core.model import CoCoOpModel, CoOpModel
 from coop_core.pack import MemberResult, PackMember, train_pack
 from coop_core.pipeline import (
     FinalEvaluation,
     RunFeatures,
     build_model,
+    build_objective,
     evaluate_final,
     evaluation_features,
     prepare_features,
@@ -77,6 +79,8 @@ __all__ = [
     "check_prompts_fit", "check_run_inputs", "check_transfer", "classes_without_vectors", "evaluation_features",
     "prompt_digest", "prompt_model", "resolve_model_name", "test_transform", "text_tower", "verified_digest",
     "weights_digest", "weights_identity", "FinalEvaluation", "evaluate_final",
+    # the methods after CoOp on the same engine (coop_core.methods)
+    "CoCoOpModel", "MethodConfig", "Objective", "build_objective", "make_objective",
     # many configurations in one text step on one CLIP (coop_core.pack)
     "MemberResult", "PackMember", "train_pack",
 ]

@@ -22,13 +22,14 @@ from coop_core.prompt_learner import check_prompt_fits
 
 
 def check_run_inputs(splits: DatasetSplits, *, tokenizer: Callable, shots: Sequence[int | str],
-                     prompts: Sequence[tuple[int, str]], seed: int, cache_dir: str | Path | None
+                     prompts: Sequence[tuple[int, str] | tuple[int, str, bool]], seed: int,
+                     cache_dir: str | Path | None
                      ) -> list[FewShotSplits]:
     """Refuse inputs no training run could use, in order: fewer than two classes, or a class without training
     images; a shot count above the smallest class (each of ``shots``); a prompt that does not fit the text context
-    (each ``(n_ctx, ctx_init)`` of ``prompts``, with the class names); then, for each shot count, the few-shot split
-    (built and cached under ``cache_dir``, so workers reuse it), whose images (and the test split's) must exist, with
-    an image that opens for every class.
+    (each ``(n_ctx, ctx_init[, pad_ctx_init])`` of ``prompts``, with the class names); then, for each shot count, the
+    few-shot split (built and cached under ``cache_dir``, so workers reuse it), whose images (and the test split's)
+    must exist, with an image that opens for every class.
 
     Returns:
         The few-shot splits, one per shot count.
@@ -39,8 +40,8 @@ def check_run_inputs(splits: DatasetSplits, *, tokenizer: Callable, shots: Seque
     check_every_class_has_training_images(splits)
     for k in shots:
         check_shots_fit(splits, k)
-    for n_ctx, ctx_init in prompts:
-        check_prompt_fits(tokenizer, splits.classnames, n_ctx, ctx_init)
+    for n_ctx, ctx_init, *pad in prompts:
+        check_prompt_fits(tokenizer, splits.classnames, n_ctx, ctx_init, bool(pad and pad[0]))
     fewshots = []
     for k in shots:
         fewshot = build_few_shot(splits, k, seed, cache_dir)

@@ -19,6 +19,7 @@ FEATURE_MODES = ("cached", "exact")
 TEXT_SHARDINGS = ("auto", "data", "class")
 # The prompt learners: CoOp and its successors that keep CLIP frozen and learn only vectors (coop_core.methods).
 METHODS = ("coop", "kgcoop", "prograd", "cocoop")
+METHOD_TITLES = {"coop": "CoOp", "kgcoop": "KgCoOp", "prograd": "ProGrad", "cocoop": "CoCoOp"}  # how tables name them
 
 # CoOp's schedule: epochs by number of shots (Zhou et al., Sec. 4.1 / configs/trainers/CoOp/*.yaml).
 EPOCHS_BY_SHOTS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}

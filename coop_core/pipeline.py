@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -261,20 +261,25 @@ def build_objective(method: MethodConfig, model: CoOpModel, clip: LoadedClip, te
 
 
 def prompt_model(clip: LoadedClip, ctx: torch.Tensor, prompt: PromptConfig, source_classnames: Sequence[str],
-                 classnames: Sequence[str], device: str | torch.device = "cpu") -> CoOpModel:
-    """A CoOp model for ``classnames`` carrying a learned context (trained for ``source_classnames``).
+                 classnames: Sequence[str], device: str | torch.device = "cpu", method: MethodConfig | None = None,
+                 learned: Mapping[str, torch.Tensor] | None = None) -> CoOpModel:
+    """The method's model for ``classnames`` carrying learned prompts (trained for ``source_classnames``).
 
     A unified context serves any class list; a class-specific one is mapped to the target classes by name
-    (:func:`coop_core.transfer.transfer_context`, which refuses classes it has no vector for).
+    (:func:`coop_core.transfer.transfer_context`, which refuses classes it has no vector for). ``learned`` is what the
+    method learned besides (CoCoOp's meta-net, ``CoOpModel.learned_state``).
 
     Raises:
         PromptTransferError: a class-specific context and a class it was not trained on.
+        ValueError: ``learned`` does not fit the method's model.
     """
     ctx = transfer_context(ctx, source_classnames, prompt.csc, classnames)
-    prompt = dataclasses.replace(prompt, n_ctx=ctx.shape[-2], ctx_init="")  # the learned vectors replace any init
-    model = build_model(clip, tuple(classnames), prompt, seed=0, device=device)
+    # the learned vectors replace any initialisation
+    prompt = dataclasses.replace(prompt, n_ctx=ctx.shape[-2], ctx_init="", pad_ctx_init=False)
+    model = build_model(clip, tuple(classnames), prompt, seed=0, device=device, method=method)
     with torch.no_grad():
         model.prompt_learner.ctx.copy_(ctx.to(model.prompt_learner.ctx.device))
+    model.load_learned_state({k: v.to(model.prompt_learner.ctx.device) for k, v in (learned or {}).items()})
     return model
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coop_core.catalog import Catalog
-from coop_core.config import ModelConfig, PromptConfig, TrainConfig
+from coop_core.config import MethodConfig, ModelConfig, PromptConfig, TrainConfig, check_method_prompt
 from coop_core.datasets import list_datasets
 from coop_core.datasets.imagenet_variants import DG_TARGETS
 
@@ -57,9 +57,11 @@ class Preset:
     name: lowercase registry key == the CLI's ``--preset`` value.
     description: one line saying what the configuration is.
     model: backbone and pretrained tag, spelled as open_clip spells them.
-    prompt: the prompt; with ``ctx_init`` set, ``n_ctx`` must equal its word count (the reference derives it so).
+    prompt: the prompt; with ``ctx_init`` set, ``n_ctx`` must equal its word count (the reference derives it so),
+        unless ``pad_ctx_init``.
     train: only the :class:`TrainConfig` fields that differ from its defaults (never ``shots`` or ``seed``).
     source: the reference config file and script arguments (or paper section) the preset reproduces.
+    method: the prompt learner and its hyper-parameters (CoOp by default).
     """
 
     name: str
@@ -68,6 +70,7 @@ class Preset:
     prompt: PromptConfig
     train: Mapping[str, Any] = field(default_factory=dict, hash=False)
     source: str = ""
+    method: MethodConfig = field(default_factory=MethodConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _KEY_RE.fullmatch(self.name):
@@ -78,11 +81,15 @@ class Preset:
             raise ValueError(f"preset {self.name!r}: model must be a ModelConfig, got {type(self.model).__name__}")
         if not isinstance(self.prompt, PromptConfig):
             raise ValueError(f"preset {self.name!r}: prompt must be a PromptConfig, got {type(self.prompt).__name__}")
-        if self.prompt.ctx_init and self.prompt.n_ctx != len(self.prompt.ctx_init.split()):
+        if self.prompt.ctx_init and not self.prompt.pad_ctx_init and self.prompt.n_ctx != len(
+                self.prompt.ctx_init.split()):
             raise ValueError(
                 f"preset {self.name!r}: n_ctx ({self.prompt.n_ctx}) must equal the word count of ctx_init "
                 f"{self.prompt.ctx_init!r} ({len(self.prompt.ctx_init.split())}), as the prompt learner uses"
             )
+        if not isinstance(self.method, MethodConfig):
+            raise ValueError(f"preset {self.name!r}: method must be a MethodConfig, got {type(self.method).__name__}")
+        check_method_prompt(self.method, self.prompt)
         if not isinstance(self.train, Mapping):
             raise ValueError(f"preset {self.name!r}: train must be a mapping of TrainConfig fields")
         unknown = sorted(set(self.train) - set(_TRAIN_FIELDS))

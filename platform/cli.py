@@ -25,8 +25,10 @@ from coop_core.config import (
     ALL_SHOTS,
     CLASS_TOKEN_POSITIONS,
     FEATURE_MODES,
+    METHODS,
     PRECISIONS,
     TEXT_SHARDINGS,
+    MethodConfig,
     ModelConfig,
     PromptConfig,
     TrainConfig,
@@ -61,9 +63,10 @@ def _abspath_if_exists(value: str) -> str:
     return str(p.resolve()) if p.exists() else value
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, *, study: bool = False) -> None:
+def add_run_arguments(parser: argparse.ArgumentParser, *, study: bool = False, sweep: bool = False) -> None:
     """The data, backbone, prompt, recipe and worker flags shared by ``platform.train``, ``platform.tune`` and
-    ``platform.study`` (``study=True``: ``--shots`` and ``--seeds`` take several values, the study's grid)."""
+    ``platform.study`` (``study=True``: ``--shots`` and ``--seeds`` take several values, the study's grid; ``study``
+    or ``sweep``: ``--method`` takes several, compared in one study or sweep)."""
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", required=True, metavar="NAME|PATH", nargs="+" if study else None,
                       help=f"a dataset registry key ({', '.join(list_datasets())}) under --data-root, or a path to "
@@ -125,6 +128,28 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, study: bool = False) -
     prompt.add_argument("--class-token-position", default="end", choices=CLASS_TOKEN_POSITIONS,
                         help="class name after (end), inside (middle) or before (front) the context")
     prompt.add_argument("--csc", action="store_true", help="class-specific context instead of one shared context")
+    prompt.add_argument("--pad-ctx-init", action="store_true",
+                        help="keep --n-ctx when --ctx-init is shorter: its words fill the last slots, zeros before "
+                             "(ProGrad's initialisation)")
+    method = parser.add_argument_group("method")
+    several = study or sweep
+    method.add_argument("--method", default=["coop"] if several else "coop", choices=METHODS,
+                        nargs="+" if several else None,
+                        help="the prompt learner: coop; kgcoop (pulls the text features toward the hand-crafted "
+                             "prompt's); prograd (the gradient projected off its conflict with zero-shot CLIP); "
+                             "cocoop (the context shifted per image by a meta-net)"
+                             + ("; several compare the methods in one table" if study else "")
+                             + ("; several make the method a searched dimension (with --grid: a grid one)"
+                                if sweep else "") + " (default: coop)")
+    method.add_argument("--kg-weight", type=float, default=8.0,
+                        help="KgCoOp's weight of its text-feature term (default: 8.0, its base-to-new setting)")
+    method.add_argument("--prograd-lambda", type=float, default=1.0,
+                        help="ProGrad's lambda: how much of the conflicting gradient component is removed "
+                             "(default: 1.0)")
+    method.add_argument("--prograd-temperature", type=float, default=1.0,
+                        help="ProGrad's distillation temperature (default: 1.0)")
+    method.add_argument("--meta-net-ratio", type=int, default=16,
+                        help="CoCoOp's meta-net bottleneck: embed_dim -> embed_dim // ratio -> width (default: 16)")
     recipe = parser.add_argument_group("training recipe")
     recipe.add_argument("--epochs", type=int, default=None,
                         help="epochs (default: CoOp's schedule: 1 shot 50, 2-4 shots 100, 8-16 shots 200)")
@@ -168,7 +193,10 @@ def preset_defaults(name: str) -> dict[str, Any]:
     preset = get_preset(name)
     return {"backbone": preset.model.backbone, "pretrained": preset.model.pretrained,
             "n_ctx": preset.prompt.n_ctx, "ctx_init": preset.prompt.ctx_init, "csc": preset.prompt.csc,
-            "class_token_position": preset.prompt.class_token_position, **dict(preset.train)}
+            "class_token_position": preset.prompt.class_token_position, "pad_ctx_init": preset.prompt.pad_ctx_init,
+            "method": preset.method.name, "kg_weight": preset.method.kg_weight,
+            "prograd_lambda": preset.method.prograd_lambda, "prograd_temperature": preset.method.prograd_temperature,
+            "meta_net_ratio": preset.method.meta_net_ratio, **dict(preset.train)}
 
 
 def parse_run_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
@@ -221,16 +249,26 @@ def dataset_ref_from_args(args: argparse.Namespace, value: str | None = None, *,
                        split_file=args.split_file, split_seed=args.split_seed)
 
 
+def method_from_args(args: argparse.Namespace, name: str | None = None) -> MethodConfig:
+    """The ``--method`` flags as a :class:`MethodConfig` (``name``: one of a study's ``--method`` values)."""
+    name = name if name is not None else args.method
+    if not isinstance(name, str):  # a sweep's or study's several --method values: the run's own is the first
+        name = name[0]
+    return MethodConfig(name=name, kg_weight=args.kg_weight, prograd_lambda=args.prograd_lambda,
+                        prograd_temperature=args.prograd_temperature, meta_net_ratio=args.meta_net_ratio)
+
+
 def spec_from_args(args: argparse.Namespace, *, use_gpu: bool | None = None, ref: DatasetRef | None = None,
-                   shots: int | str | None = None, seed: int | None = None) -> RunSpec:
+                   shots: int | str | None = None, seed: int | None = None, method: str | None = None) -> RunSpec:
     """Build a :class:`RunSpec` from :func:`add_run_arguments` flags; paths are made absolute for the workers.
 
     Args:
         args: parsed flags.
         use_gpu: the resolved ``--use-gpu`` (pass ``resolve_use_gpu(args.use_gpu)`` after :func:`init_ray`); None
             resolves it now.
-        ref, shots, seed: the dataset, shot count and seed when the flags hold several (a study's ``--dataset``,
-            ``--shots`` and ``--seeds``); default ``args.dataset``, ``args.shots``, ``args.seed``.
+        ref, shots, seed, method: the dataset, shot count, seed and method when the flags hold several (a study's
+            ``--dataset``, ``--shots``, ``--seeds`` and ``--method``); default ``args.dataset``, ``args.shots``,
+            ``args.seed``, ``args.method``.
 
     Raises:
         ValueError: invalid values (the message names the flag's field and what is allowed).
@@ -247,7 +285,8 @@ def spec_from_args(args: argparse.Namespace, *, use_gpu: bool | None = None, ref
         data_root=str(Path(args.data_root).expanduser().resolve()),
         model=ModelConfig(backbone=_abspath_if_exists(args.backbone), pretrained=_abspath_if_exists(args.pretrained)),
         prompt=PromptConfig(n_ctx=args.n_ctx, ctx_init=args.ctx_init, csc=args.csc,
-                            class_token_position=args.class_token_position),
+                            class_token_position=args.class_token_position, pad_ctx_init=args.pad_ctx_init),
+        method=method_from_args(args, method),
         train=TrainConfig(shots=shots, seed=seed, epochs=args.epochs, batch_size=args.batch_size,
                           lr=args.lr, warmup_epochs=args.warmup_epochs, precision=args.precision,
                           feature_mode=args.feature_mode, n_views=args.n_views, loader_workers=args.loader_workers,

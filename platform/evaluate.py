@@ -249,7 +249,8 @@ def evaluate_prompts(ctx: torch.Tensor, meta: Any, ref: DatasetRef, *, split: st
     feats, skipped = evaluation_features(clip, splits, split, cache_dir=cache_dir, device=device,
                                          batch_size=batch_size, progress=progress)
     feats = feats.to(device)
-    model = prompt_model(clip, ctx, meta.prompt, meta.classnames, splits.classnames, device)
+    model = prompt_model(clip, ctx, meta.prompt, meta.classnames, splits.classnames, device, method=meta.method,
+                         learned=meta.learned)
     coop = evaluate(model, feats)
     zs = zeroshot_evaluate(clip.model, clip.tokenizer, splits.classnames, splits.template, feats)
     if measured:
@@ -362,7 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             source = resolve_prompts(args.model, tracking_uri, Path(tmp))
             ctx, meta = load_prompts(source.path)
             if source.path.is_relative_to(tmp):  # downloaded: keep a copy the logged run can name
-                keep = Path(args.cache_dir).expanduser() / "evaluated_prompts" / prompt_digest(ctx, meta.to_header())
+                digest = prompt_digest(ctx, meta.to_header(), meta.learned)
+                keep = Path(args.cache_dir).expanduser() / "evaluated_prompts" / digest
                 keep.mkdir(parents=True, exist_ok=True)
                 atomic_write_bytes(keep / artifacts.PROMPTS_FILE, source.path.read_bytes())
                 source = PromptSource(keep / artifacts.PROMPTS_FILE, source.description, source.run_id,

@@ -127,9 +127,9 @@ def check_inputs(spec: RunSpec, prompts: Sequence[tuple[int, str]] | None = None
         except WeightsDownloadError as err:
             raise WeightsDownloadError(f"{err}; {offline_smoke_hint()}") from None
     splits = load_splits(spec, download=spec.download)
+    own_prompt = (spec.prompt.n_ctx, spec.prompt.ctx_init, spec.prompt.pad_ctx_init)
     check_run_inputs(splits, tokenizer=open_clip.get_tokenizer(model_name), shots=list(shots or [spec.train.shots]),
-                     prompts=list(prompts or [(spec.prompt.n_ctx, spec.prompt.ctx_init)]), seed=spec.train.seed,
-                     cache_dir=spec.cache_dir)
+                     prompts=list(prompts or [own_prompt]), seed=spec.train.seed, cache_dir=spec.cache_dir)
     for target in spec.eval_targets:
         check_target(spec, splits, target)
     return splits

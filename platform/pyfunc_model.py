@@ -84,7 +84,7 @@ def _read_image(index: int, value: Any, count: int) -> Image.Image:
 
 
 class CoOpClassifier(PythonModel):
-    """CLIP with a learned CoOp context: images -> class names and probabilities."""
+    """CLIP with learned prompts (CoOp, KgCoOp, ProGrad or CoCoOp): images -> class names and probabilities."""
 
     # MLflow wraps a PythonModel's ``predict`` for type-hint validation when the class is defined, and warns on every
     # console that saves, loads or serves the model that ``predict`` has no type hints. This model's input is
@@ -96,19 +96,19 @@ class CoOpClassifier(PythonModel):
 
     def load_context(self, context) -> None:
         from coop_core import (
-            CoOpModel,
             PromptFileError,
             check_prompts_fit,
             load_clip,
             load_prompts,
             prompt_digest,
+            prompt_model,
             test_transform,
         )
 
         config = dict(context.model_config or {})
         ctx, meta = load_prompts(context.artifacts[PROMPTS_ARTIFACT])  # verifies the file's own sha256
         expected = config.get(PROMPTS_SHA256_KEY)
-        if expected and prompt_digest(ctx, meta.to_header()) != expected:
+        if expected and prompt_digest(ctx, meta.to_header(), meta.learned) != expected:
             raise PromptFileError(f"the prompts artifact is not the one this model was logged with (sha256 "
                                   f"{expected[:12]}...); refusing it, re-register the model")
         backbone = context.artifacts.get(BACKBONE_ARTIFACT) or meta.backbone
@@ -116,11 +116,12 @@ class CoOpClassifier(PythonModel):
         self.device = torch.device(config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = int(config.get("batch_size", DEFAULT_BATCH_SIZE))
         clip = load_clip(backbone, pretrained, device=self.device)
-        model = CoOpModel(clip.model, clip.tokenizer, meta.classnames, meta.prompt).to(self.device)
+        # the method's model (CoCoOp's carries its meta-net: its prompts are built per image at predict time)
+        model = prompt_model(clip, ctx, meta.prompt, meta.classnames, meta.classnames, self.device,
+                             method=meta.method, learned=meta.learned)
         check_prompts_fit(ctx, meta, model.classnames, model.prompt_learner.ctx.shape)
-        with torch.no_grad():
-            model.prompt_learner.ctx.copy_(ctx.to(self.device))
-            self.text_features = model.text_features().float()  # (n_cls, d), fixed: computed once
+        with torch.no_grad():  # a CoOp-style model's class features are fixed: computed once
+            self.text_features = None if model.conditional else model.text_features().float()  # (n_cls, d)
         model.eval()
         self.model = model
         self.classnames = list(meta.classnames)
@@ -160,7 +161,10 @@ class CoOpClassifier(PythonModel):
         out = [np.zeros((0, len(self.classnames)), dtype=np.float32)]
         for chunk in pixels.split(self.batch_size):
             feats = self.model.encode_images(chunk.to(self.device))  # (b, d)
-            logits = self.model.logits(feats, self.text_features)  # (b, n_cls)
+            if self.text_features is None:  # CoCoOp: each image's own prompts through the meta-net
+                logits = self.model.forward_features(feats)  # (b, n_cls)
+            else:
+                logits = self.model.logits(feats, self.text_features)  # (b, n_cls)
             out.append(logits.float().softmax(dim=-1).cpu().numpy())
         return np.concatenate(out)
 

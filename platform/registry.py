@@ -57,6 +57,7 @@ from mlflow.types import ColSpec, DataType, Schema
 
 import coop_core
 from coop_core import load_prompts, verified_digest
+from coop_core.config import METHOD_TITLES
 
 logger = logging.getLogger(__name__)
 
@@ -133,13 +134,15 @@ def _float_tag(version, key: str) -> float:
 
 def version_tags(spec: Mapping[str, Any], classnames: list[str], metrics: Mapping[str, float],
                  extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The tags of a prompt version: what it is (backbone, weights, shots, seed, classes, config) and how it did."""
+    """The tags of a prompt version: what it is (method, backbone, weights, shots, seed, classes, config) and how it
+    did."""
     tags = {
         "dataset": str(spec["dataset"]),
         "backbone": str(spec["model"]["backbone"]),
         "weights": str(spec["model"]["pretrained"]),
         "shots": str(spec["train"]["shots"]),
         "seed": str(spec["train"]["seed"]),
+        "method": str(spec.get("method", {}).get("name", "coop")),  # specs written before methods were CoOp's
         "classnames": json.dumps(list(classnames)),
         "config": json.dumps(spec, sort_keys=True),
     }
@@ -179,11 +182,13 @@ def version_description(spec: Mapping[str, Any], classnames: list[str], metrics:
            ((SELECTION_METRIC, "validation"), (TEST_METRIC, "test"), (ZEROSHOT_TEST_METRIC, "zero-shot CLIP on test"))
            if metrics.get(key) is not None]
     n_test = f" ({spec['n_test']} test images)" if spec.get("n_test") else ""
+    method = spec.get("method", {}).get("name", "coop")
     origin = ""
     if extra and extra.get("sweep"):
         origin = f" Best trial (`{extra.get('trial_id')}`) of sweep `{extra['sweep']}` by validation accuracy."
     return "\n".join([
-        f"CoOp prompt for CLIP `{spec['model']['backbone']}` (weights `{spec['model']['pretrained']}`) on "
+        f"{METHOD_TITLES.get(method, method)} prompt for CLIP `{spec['model']['backbone']}` "
+        f"(weights `{spec['model']['pretrained']}`) on "
         f"{spec['dataset']} ({len(classnames)} classes), {train['shots']}-shot, seed {train['seed']}: {n_ctx} learned "
         f"context vectors, {context}, {init}, class name at the {prompt['class_token_position']}.{origin}",
         "",

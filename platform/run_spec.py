@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coop_core.config import ModelConfig, PromptConfig, TrainConfig
+from coop_core.config import MethodConfig, ModelConfig, PromptConfig, TrainConfig, check_method_prompt
 from coop_core.datasets import (
     CLASS_SUBSETS,
     DatasetSplits,
@@ -27,7 +27,7 @@ from coop_core.datasets import (
     select_classes,
 )
 
-_SECTIONS = {"model": ModelConfig, "prompt": PromptConfig, "train": TrainConfig}
+_SECTIONS = {"model": ModelConfig, "prompt": PromptConfig, "train": TrainConfig, "method": MethodConfig}
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement-group strategies
 # A checkpoint every epoch costs more than the epoch itself on cached features (a few milliseconds of training, a
 # state file, a manifest and Ray's checkpoint bookkeeping): long runs checkpoint about this many times.
@@ -105,7 +105,8 @@ class RunSpec:
     """Everything that defines one CoOp training run on the platform.
 
     dataset: registry key (``coop_core.datasets.list_datasets()``). data_root: folder holding ``<dataset_dir>/``;
-    it must be readable at this path on every node. model / prompt / train: the core configs (``train.batch_size``
+    it must be readable at this path on every node. model / prompt / train / method: the core configs (method: CoOp
+    or a successor, ``coop_core.methods``) (``train.batch_size``
     is the *global* batch, split over workers). num_workers: Ray Train workers (DDP world size). use_gpu: one GPU per
     worker. cache_dir: feature and few-shot cache shared by all workers and trials. max_test_items: evaluate on a
     deterministic, class-balanced subset of this many test items (quick runs); None = the full test split.
@@ -126,6 +127,7 @@ class RunSpec:
     model: ModelConfig = field(default_factory=ModelConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     num_workers: int = 1
     use_gpu: bool = False
     cache_dir: str = field(default_factory=default_cache_dir)
@@ -150,6 +152,7 @@ class RunSpec:
         for name, cls in _SECTIONS.items():
             if not isinstance(getattr(self, name), cls):
                 raise ValueError(f"RunSpec.{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+        check_method_prompt(self.method, self.prompt)
         if not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool) or self.num_workers < 1:
             raise ValueError(f"num_workers (Ray Train workers) must be a positive integer, got {self.num_workers!r}")
         if not isinstance(self.use_gpu, bool):
@@ -221,8 +224,8 @@ class RunSpec:
     def with_overrides(self, overrides: Mapping[str, Any]) -> RunSpec:
         """A copy with fields replaced, e.g. ``{"train.lr": 0.01, "prompt.n_ctx": 4}`` (validated).
 
-        Keys are ``section.field`` (``model``, ``prompt``, ``train``), a top-level field (``num_workers``), or a bare
-        field name that exists in exactly one place (``lr``, ``n_ctx``, ``csc``).
+        Keys are ``section.field`` (``model``, ``prompt``, ``train``, ``method``), a top-level field (``num_workers``),
+        or a bare field name that exists in exactly one place (``lr``, ``n_ctx``, ``csc``).
 
         Raises:
             ValueError: unknown or ambiguous keys, or values the configs reject.

@@ -59,6 +59,7 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from coop_core.config import MethodConfig
 from coop_core.datasets import DG_TARGETS, get_dataset_spec, list_datasets
 
 logger = logging.getLogger(__name__)
@@ -167,16 +168,18 @@ def with_champion(spec: RunSpec, tracking_uri: str) -> RunSpec:
     except (KeyError, ValueError):
         raise ValueError(f"--from-champion: {name} v{version.version} has no readable config tag") from None
     prompt, train, model = config["prompt"], config["train"], config["model"]
+    method = MethodConfig(**config["method"]) if "method" in config else MethodConfig()  # older versions: CoOp
     logger.info("prompt configuration of %s@%s (v%s): %s", name, CHAMPION, version.version,
-                {**prompt, "lr": train["lr"]})
+                {**prompt, "lr": train["lr"], "method": method.name})
     return dataclasses.replace(
         spec, model=dataclasses.replace(spec.model, backbone=model["backbone"], pretrained=model["pretrained"]),
         prompt=dataclasses.replace(spec.prompt, n_ctx=int(prompt["n_ctx"]), ctx_init=prompt["ctx_init"],
-                                   csc=bool(prompt["csc"]), class_token_position=prompt["class_token_position"]),
-        train=dataclasses.replace(spec.train, lr=float(train["lr"])))
+                                   csc=bool(prompt["csc"]), class_token_position=prompt["class_token_position"],
+                                   pad_ctx_init=bool(prompt.get("pad_ctx_init", False))),
+        train=dataclasses.replace(spec.train, lr=float(train["lr"])), method=method)
 
 
-def describe(protocol: str, targets: Sequence[DatasetRef]):
+def describe(protocol: str, targets: Sequence[DatasetRef], methods: Sequence[str] = ()):
     """The study run's description (a ``SweepPlan.describe``)."""
 
     def text(spec: Any, info: Mapping[str, Any]) -> str:
@@ -184,7 +187,9 @@ def describe(protocol: str, targets: Sequence[DatasetRef]):
                 "base2new": "base-to-new generalisation (train on the base classes, test on base and new)",
                 "cross": "cross-dataset transfer"}[protocol]
         on = f" to {', '.join(t.label for t in targets)}" if protocol in ("dg", "cross") else ""
-        return (f"**Study `{info['name']}`**: {what}{on}, CoOp on {spec.data_ref.label} with `{spec.model.backbone}`, "
+        names = ", ".join(dict.fromkeys([*methods] or [spec.method.name]))
+        return (f"**Study `{info['name']}`**: {what}{on}, {names} on {spec.data_ref.label} with "
+                f"`{spec.model.backbone}`, "
                 f"a {spec.prompt.n_ctx}-token {'class-specific' if spec.prompt.csc else 'unified'} context "
                 f"(class at the {spec.prompt.class_token_position}), at every shot count and seed; each trial is a "
                 "child run below. The table and figure appear here and under the `study/` artifacts when the trials "
@@ -297,6 +302,7 @@ def plan_studies(args: argparse.Namespace) -> list[tuple[str, RunSpec, tuple[Dat
     if len(set(args.shots)) != len(args.shots) or len(set(args.seeds)) != len(args.seeds):
         raise ValueError("--shots and --seeds must not repeat a value")
     classes = "base" if args.protocol == "base2new" else "all"
+    methods = [args.method] if isinstance(args.method, str) else list(args.method)
     # Every shot count and seed, once each: nothing searched, no trial stopped early (the plan's choice).
     grid = (f"train.shots={','.join(map(str, args.shots))}", f"train.seed={','.join(map(str, args.seeds))}")
     studies = []
@@ -306,6 +312,9 @@ def plan_studies(args: argparse.Namespace) -> list[tuple[str, RunSpec, tuple[Dat
         # the cluster once Ray is up.
         spec = spec_from_args(args, ref=source, shots=args.shots[0], seed=args.seeds[0], use_gpu=args.use_gpu != "no")
         if args.from_champion:
+            if len(methods) > 1:
+                raise ValueError("--from-champion trains the champion's own method; compare methods with flags or "
+                                 "a --preset instead")
             spec = with_champion(spec, resolve_tracking_uri(args.tracking_uri))
         name = f"{args.sweep_name}-{source.name}" if args.sweep_name and len(datasets) > 1 else args.sweep_name
         settings = dataclasses.replace(sweep_settings_from_args(args), grid=grid, num_samples=1, name=name)
@@ -334,7 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return out
 
         plan = SweepPlan(kind="study", entry_point="platform.study", search=False, early_stopping=False,
-                         register=False, describe=describe(args.protocol, targets), finish=finish_and_keep,
+                         register=False, describe=describe(args.protocol, targets, settings.methods),
+                         finish=finish_and_keep,
                          report=report, json_keys=("study",), eval_targets=targets,
                          resume_flags=resume_flags(args.protocol, targets))
         codes.append(present(run_sweep(spec, settings, infra, plan), plan, json_output=infra.json))

@@ -26,15 +26,39 @@ def _harmonic(a: float, b: float) -> float:
     return 2 * a * b / (a + b) if a + b > 0 else 0.0
 
 
+METHOD_FIELD = "method.name"  # the trial config's key of a study comparing methods (a grid field)
+
+
 def study_results(rows: Sequence[Mapping[str, Any]], protocol: str, source: str, targets: Sequence[str]
                   ) -> dict[str, Any]:
-    """The study's table from its trials: per shot count and dataset, CoOp's and zero-shot CLIP's test accuracy per
-    seed and their mean ± std over the seeds.
+    """The study's table from its trials: per shot count and dataset, the learned prompts' and zero-shot CLIP's test
+    accuracy per seed and their mean ± std over the seeds.
 
     Only trials that ran every epoch count. ``source`` is the training data's label, ``targets`` the evaluation
     targets' (``artifacts.target_key``); base-to-new adds the harmonic mean of base and new per seed, dg and cross
-    the average over the targets per seed.
+    the average over the targets per seed. A study comparing methods (trials with several ``method.name``) has
+    each method's table in ``by_method`` and their rows one after the other, labelled ``<dataset> · <method>``.
     """
+    methods = list(dict.fromkeys(str(r["config"][METHOD_FIELD]) for r in rows if METHOD_FIELD in r["config"]))
+    if len(methods) > 1:
+        return merge_methods({m: _one_method([r for r in rows if r["config"].get(METHOD_FIELD) == m], protocol,
+                                             source, targets) for m in methods})
+    return _one_method(rows, protocol, source, targets)
+
+
+def merge_methods(parts: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Several methods' results (each as :func:`study_results` gives one) as one table, each row labelled with its
+    method; ``by_method`` keeps each method's own results."""
+    first = next(iter(parts.values()))
+    cells = [{**c, "dataset": f"{c['dataset']} · {m}", "method": m} for m, r in parts.items() for c in r["cells"]]
+    return {**first, "datasets": [c["dataset"] for c in cells], "cells": cells, "methods": list(parts),
+            "by_method": dict(parts), "seeds": sorted({s for r in parts.values() for s in r["seeds"]}),
+            "trials_counted": sum(r["trials_counted"] for r in parts.values()),
+            "trials": sum(r["trials"] for r in parts.values())}
+
+
+def _one_method(rows: Sequence[Mapping[str, Any]], protocol: str, source: str, targets: Sequence[str]
+                ) -> dict[str, Any]:
     per: dict[tuple[Any, str], dict[str, dict[int, float]]] = {}
     shots_seen, seeds_seen = set(), set()
     for row in rows:
@@ -85,7 +109,9 @@ def study_results(rows: Sequence[Mapping[str, Any]], protocol: str, source: str,
 
 def format_table(results: Mapping[str, Any], markdown: bool = False) -> str:
     """The study's table: one row per shot count and dataset (Markdown for the MLflow run's description)."""
-    header = ("shots", "dataset", "CoOp test acc % (mean ± std)", "per seed", "zero-shot CLIP %", "CoOp - zero-shot")
+    learned = "prompts" if results.get("methods") else "CoOp"
+    header = ("shots", "dataset", f"{learned} test acc % (mean ± std)", "per seed", "zero-shot CLIP %",
+              f"{learned} - zero-shot")
     body = []
     for c in results["cells"]:
         seeds = ", ".join(f"{k}: {v:.2f}" for k, v in c["coop_per_seed"].items())
@@ -105,7 +131,11 @@ def format_table(results: Mapping[str, Any], markdown: bool = False) -> str:
 def combine(studies: Sequence[Mapping[str, Any]], protocol: str) -> dict[str, Any]:
     """Several datasets' study results as one table, with their average per shot count (each dataset's mean over
     seeds, averaged over the datasets; base-to-new's average harmonic mean is that of the average base and new
-    accuracies, as CoCoOp's tables report it)."""
+    accuracies, as CoCoOp's tables report it). Studies comparing methods are combined per method."""
+    if studies and all("by_method" in r for r in studies):
+        methods = list(studies[0]["by_method"])
+        if all(list(r["by_method"]) == methods for r in studies):
+            return merge_methods({m: combine([r["by_method"][m] for r in studies], protocol) for m in methods})
     cells, by_shots = [], {}
     for results in studies:
         for c in results["cells"]:

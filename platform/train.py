@@ -40,6 +40,8 @@ from typing import Any
 
 import ray
 
+from coop_core.config import METHOD_TITLES
+
 logger = logging.getLogger(__name__)
 
 BAR_LABELS = {"features": "image features", "epochs": "epochs"}
@@ -68,13 +70,14 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         v = summary.get(key)
         return f"{v:6.2f}" if isinstance(v, (int, float)) else "     -"
 
+    title = METHOD_TITLES.get(summary.get("method", "coop"), "CoOp")
     lines = [
         "",
-        f"CoOp on {summary['dataset']} ({summary['shots']}-shot, seed {summary['seed']}, {summary['backbone']}, "
+        f"{title} on {summary['dataset']} ({summary['shots']}-shot, seed {summary['seed']}, {summary['backbone']}, "
         f"{summary['epochs']} epochs, {summary['num_workers']} worker(s), {summary['text_sharding']}-sharded text)",
         "                      acc %   macro-F1 %",
         f"  val (few-shot)     {pct('val_acc')}   {pct('val_macro_f1')}",
-        f"  test (CoOp)        {pct('test_acc')}   {pct('test_macro_f1')}",
+        f"  test ({title})".ljust(21) + f"{pct('test_acc')}   {pct('test_macro_f1')}",
         f"  test (zero-shot)   {pct('zeroshot_test_acc')}   {pct('zeroshot_test_macro_f1')}",
         "",
         f"  MLflow run      {summary['run_id']}  (experiment {summary['experiment']!r})",
@@ -93,7 +96,8 @@ def run_description(spec: Any, final: Mapping[str, Any], experiment_id: str, run
     config_link = tracking.artifact_link(experiment_id, run_id, artifacts.CONFIG_FILE)
     prompts = f"{artifacts.PROMPTS_ARTIFACT_DIR}/{artifacts.PROMPTS_FILE}"
     return "\n".join([
-        f"**CoOp on {spec.dataset}**: {spec.train.shots}-shot, seed {spec.train.seed}, `{spec.model.backbone}`, "
+        f"**{METHOD_TITLES[spec.method.name]} on {spec.dataset}**: {spec.train.shots}-shot, seed {spec.train.seed}, "
+        f"`{spec.model.backbone}`, "
         f"{spec.train.resolved_epochs} epochs, {spec.num_workers} Ray Train worker(s)", "",
         f"- {accs or 'no final metrics'}",
         f"- config: [{artifacts.CONFIG_FILE}]({config_link}) (the resolved configuration; also this run's params)",
@@ -180,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     summary: dict[str, Any] = {
         "run_id": run_id, "experiment": experiment, "tracking_uri": tracking_uri, "dataset": spec.dataset,
-        "shots": spec.train.shots, "seed": spec.train.seed, "backbone": spec.model.backbone,
+        "shots": spec.train.shots, "seed": spec.train.seed, "backbone": spec.model.backbone, "method": spec.method.name,
         "epochs": spec.train.resolved_epochs, "num_workers": spec.num_workers, "use_gpu": spec.use_gpu,
         "text_sharding": resolved[artifacts.TEXT_SHARDING_USED_KEY],
         **{k: final[k] for k in ("val_acc", "val_macro_f1", *artifacts.FINAL_KEYS, "train_loss",

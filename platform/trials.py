@@ -37,8 +37,8 @@ import torch
 
 
 def searched_overrides(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The config-field entries (``prompt.*``, ``train.*``) of a Tune trial config."""
-    return {k: v for k, v in config.items() if k.partition(".")[0] in ("prompt", "train") and "." in k}
+    """The config-field entries (``prompt.*``, ``train.*``, ``method.*``) of a Tune trial config."""
+    return {k: v for k, v in config.items() if k.partition(".")[0] in ("prompt", "train", "method") and "." in k}
 
 
 def trial_spec(base_spec: Mapping[str, Any], config: Mapping[str, Any]) -> RunSpec:

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                "Then: mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///mlflow.db",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_run_arguments(parser)
+    add_run_arguments(parser, sweep=True)
     add_sweep_arguments(parser)
     add_infra_arguments(parser)
     return parser

@@ -45,6 +45,7 @@ from coop_core import (
     TrainState,
     build_few_shot,
     build_model,
+    build_objective,
     evaluate,
     evaluate_final,
     evaluation_features,
@@ -228,7 +229,8 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
             hook(int(metrics["epoch"]), rank)
 
     try:
-        train(model, feats.train, cfg, val=feats.val, dist=dist, on_epoch_end=on_epoch_end, resume=resume)
+        train(model, feats.train, cfg, val=feats.val, dist=dist, on_epoch_end=on_epoch_end, resume=resume,
+              objective=prep.objective)
     except NonFiniteLossError as err:  # every rank raises at the same step; each reports, so none is left waiting
         last = int(history[-1]["epoch"]) if history else 0
         report = {artifacts.FAILURE_KEY: str(err), "epoch": last}
@@ -245,7 +247,8 @@ def run_training(spec: RunSpec, session: Session, *, dist: Distributed | None = 
 @dataclasses.dataclass
 class PreparedRun:
     """What a run trains with, loaded through the process's warm cache: CLIP, the splits, the few-shot split, the
-    image features, the model, and the run's resolved config (``config.json``) before it knows whether it resumed."""
+    image features, the method's model and objective, and the run's resolved config (``config.json``) before it knows
+    whether it resumed."""
 
     clip: Any
     mkey: Any
@@ -253,6 +256,7 @@ class PreparedRun:
     fewshot: Any
     feats: Any
     model: Any
+    objective: Any
     n_ctx_effective: int
     text_sharding: str
     resolved: dict[str, Any]
@@ -282,7 +286,8 @@ def prepare_run(spec: RunSpec, device: torch.device, dist: Distributed, progress
         feats, hit_feats = cache.features(feature_key, lambda: prepare_features(
             clip, splits, fewshot, cfg, cache_dir=spec.cache_dir, device=device, with_test=with_test,
             progress=progress))
-    model = build_model(clip, splits.classnames, spec.prompt, cfg.seed, device)
+    model = build_model(clip, splits.classnames, spec.prompt, cfg.seed, device, method=spec.method)
+    objective = build_objective(spec.method, model, clip, splits.template)
     n_ctx_effective = model.prompt_learner.ctx.shape[-2]
     text_sharding = text_sharding_for(cfg.text_sharding, model, dist).name  # what engine.train will use
     t_setup = time.perf_counter()
@@ -299,7 +304,7 @@ def prepare_run(spec: RunSpec, device: torch.device, dist: Distributed, progress
         resolved[artifacts.REGISTRY_SET_KEY] = feats.registry_set
         resolved[artifacts.WEIGHTS_DIGEST_KEY] = cache.small(("weights_digest", mkey),
                                                              lambda: weights_digest(clip.model))[0]
-    return PreparedRun(clip, mkey, splits, fewshot, feats, model, n_ctx_effective, text_sharding, resolved,
+    return PreparedRun(clip, mkey, splits, fewshot, feats, model, objective, n_ctx_effective, text_sharding, resolved,
                        int(hit_model) + int(hit_splits) + int(hit_feats), t_model - t_start, t_setup - t_model)
 
 
@@ -326,7 +331,7 @@ def _evaluate_target(spec: RunSpec, target: DatasetRef, clip: Any, mkey: Any, mo
     feats, _ = cache.features((mkey, "target", *key), lambda: evaluation_features(
         clip, tsplits, "test", cache_dir=spec.cache_dir, device=device, loader_workers=spec.train.loader_workers)[0])
     target_model = prompt_model(clip, model.prompt_learner.ctx.detach(), spec.prompt, classnames,
-                                tsplits.classnames, device)
+                                tsplits.classnames, device, method=spec.method, learned=model.learned_state())
     coop = evaluate(target_model, feats, spec.train.precision)
     zs = zeroshot_evaluate(clip.model, clip.tokenizer, tsplits.classnames, tsplits.template, feats)
     values = {"test_acc": coop["acc"], "test_macro_f1": coop["macro_f1"], "zeroshot_test_acc": zs["acc"],
@@ -340,12 +345,12 @@ def write_final_artifacts(d: Path, spec: RunSpec, clip: Any, splits: DatasetSpli
                            metrics: Mapping[str, Any]) -> None:
     """The learned prompts (+ JSON), the nearest-words table and the final metrics, next to the last state."""
     ctx = model.prompt_learner.ctx.detach().cpu()
-    prompt = dataclasses.replace(spec.prompt, n_ctx=ctx.shape[-2])  # ctx_init's word count wins over n_ctx
+    prompt = dataclasses.replace(spec.prompt, n_ctx=ctx.shape[-2])  # ctx_init's word count wins (unless padded)
     extra = {"dataset": spec.dataset, "shots": str(spec.train.shots), "seed": str(spec.train.seed),
              "model_name": clip.model_name, "template": splits.template,
              **{k: f"{metrics[k]:.4f}" for k in ("val_acc", "test_acc", "zeroshot_test_acc") if k in metrics}}
     meta = PromptMeta(backbone=spec.model.backbone, pretrained=spec.model.pretrained, classnames=splits.classnames,
-                      prompt=prompt, extra=extra)
+                      prompt=prompt, extra=extra, method=spec.method, learned=model.learned_state())
     save_prompts(d / artifacts.PROMPTS_FILE, ctx, meta)
     words = nearest_words(ctx, text_tower(clip.model).token_embedding, clip.tokenizer)
     (d / artifacts.NEAREST_WORDS_FILE).write_text(nearest_words_table(words, list(splits.classnames)) + "\n")

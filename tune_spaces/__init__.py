@@ -24,6 +24,7 @@ from tune_spaces._builder import (
     sample_space,
     split_sample,
     template_words,
+    with_methods,
 )
 
 _SPACES: Catalog[Callable[[], Space]] = Catalog("search space", unknown="no search space for dataset {name!r}")
@@ -67,5 +68,5 @@ for _name in list_datasets():
 
 __all__ = [
     "Choice", "Domain", "LogUniform", "Space", "check_space", "coop_space", "get_space", "list_spaces",
-    "register_space", "sample_space", "space_for", "split_sample", "template_words",
+    "register_space", "sample_space", "space_for", "split_sample", "template_words", "with_methods",
 ]

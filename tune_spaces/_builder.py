@@ -16,7 +16,7 @@ from typing import Any
 from coop_core.config import CLASS_TOKEN_POSITIONS
 
 # Config sections a space may key into, and the dataclass each one builds.
-SECTIONS = ("prompt", "train")
+SECTIONS = ("prompt", "train", "method")
 
 PHOTO_WORDS = "a photo of a"  # CoOp's generic hand-crafted context
 N_CTX_CHOICES = (4, 8, 16)
@@ -91,21 +91,37 @@ def coop_space(template: str) -> Space:
     }
 
 
+def with_methods(space: Space, methods: tuple[str, ...]) -> Space:
+    """``space`` with the prompt learner searched too: ``method.name`` over ``methods`` (two or more; fewer leave the
+    space as it is). CoCoOp builds only a unified context with the class name at the end, so when it is among the
+    methods the space does not search ``prompt.csc`` or ``prompt.class_token_position`` (they stay at the run's
+    values): every point of the space is then a run every method can train."""
+    if len(methods) < 2:
+        return dict(space)
+    out = dict(space)
+    if "cocoop" in methods:
+        out.pop("prompt.csc", None)
+        out.pop("prompt.class_token_position", None)
+    out["method.name"] = Choice(tuple(methods))
+    return out
+
+
 def check_space(space: Space) -> Space:
     """Validate a space's keys (``<section>.<field>``) and domains; return it.
 
     Raises:
-        ValueError: A key does not name a field of PromptConfig/TrainConfig, or a value is not a domain.
+        ValueError: A key does not name a field of PromptConfig/TrainConfig/MethodConfig, or a value is not a domain.
     """
-    from coop_core.config import PromptConfig, TrainConfig
+    from coop_core.config import MethodConfig, PromptConfig, TrainConfig
 
-    fields = {"prompt": PromptConfig.__dataclass_fields__, "train": TrainConfig.__dataclass_fields__}
+    fields = {"prompt": PromptConfig.__dataclass_fields__, "train": TrainConfig.__dataclass_fields__,
+              "method": MethodConfig.__dataclass_fields__}
     for key, domain in space.items():
         section, _, name = key.partition(".")
         if section not in SECTIONS or name not in fields[section]:
             raise ValueError(
                 f"search-space key {key!r} must be '<section>.<field>' with section in {SECTIONS} and a field of "
-                "PromptConfig / TrainConfig"
+                "PromptConfig / TrainConfig / MethodConfig"
             )
         if not isinstance(domain, (Choice, LogUniform)):
             raise ValueError(f"search-space value for {key!r} must be a Choice or LogUniform, got {domain!r}")

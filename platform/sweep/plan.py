@@ -4,6 +4,7 @@ starts."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -11,6 +12,8 @@ from pathlib import Path
 from platform.artifacts import SELECTION_METRIC
 from platform.ray_runtime import USE_GPU_VALUES
 from typing import Any
+
+from coop_core.config import METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +81,8 @@ class SweepSettings:
     run's seed). grace_period, reduction_factor: ASHA's. max_failures: recoveries per trial. name: the sweep folder's
     name (None: made from the kind, dataset and time). resume: finish the interrupted sweep ``name``. pack_size:
     configurations per trial, trained together on one CLIP (``"auto"`` or a whole number; ``"1"``: a trial each).
+    methods: the methods the sweep compares (``--method A B``: a searched or grid dimension ``method.name``); empty
+    or one: the run's own method, not searched.
     """
 
     grid: tuple[str, ...] = ()
@@ -93,9 +98,16 @@ class SweepSettings:
     name: str | None = None
     resume: bool = False
     pack_size: str = "1"
+    methods: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_pack_size(self.pack_size)
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"--method: give distinct methods of {', '.join(METHODS)}, got {' '.join(self.methods)}")
+        if self.pack_size != "1" and any(m != "coop" for m in self.methods):
+            raise ValueError(f"--pack-size {self.pack_size}: packs train CoOp configurations only (one text step "
+                             f"shared by plain contexts); use --pack-size 1 with --method {' '.join(self.methods)}")
         check_trial_runner(self.trial_runner)
         check_gpu_share(self.gpus_per_trial)
         check_max_concurrent(self.max_concurrent)
@@ -183,8 +195,9 @@ def parse_grid(items: Sequence[str], spec: Any) -> dict[str, list[Any]]:
     for item in items:
         field, sep, raw = item.partition("=")
         section, _, name = field.partition(".")
-        if not sep or section not in ("prompt", "train") or not name or not raw:
-            raise ValueError(f"--grid {item!r}: expected FIELD=V1,V2,... with FIELD prompt.<name> or train.<name>")
+        if not sep or section not in ("prompt", "train", "method") or not name or not raw:
+            raise ValueError(f"--grid {item!r}: expected FIELD=V1,V2,... with FIELD prompt.<name>, train.<name> or "
+                             "method.<name>")
         config = getattr(spec, section)
         if not hasattr(config, name):
             raise ValueError(f"--grid {item!r}: {section} has no field {name!r}")
@@ -209,12 +222,19 @@ def parse_grid(items: Sequence[str], spec: Any) -> dict[str, list[Any]]:
         if len(set(values)) != len(values):
             raise ValueError(f"--grid {field}: repeated values in {raw!r}")
         grid[field] = values
+    for point in itertools.product(*grid.values()):  # fields that only fail together (cocoop with csc)
+        try:
+            spec.with_overrides(dict(zip(grid, point)))
+        except ValueError as err:
+            raise ValueError(f"--grid: {', '.join(f'{k}={v}' for k, v in zip(grid, point))} cannot run: {err}"
+                             ) from None
     return grid
 
 
 def prompt_candidates(spec: Any, space: Mapping[str, Any], grid: Mapping[str, Sequence[Any]] | None
-                      ) -> list[tuple[int, str]]:
-    """Every ``(n_ctx, ctx_init)`` a trial of the sweep may train: the grid's or the space's values, else the flag's.
+                      ) -> list[tuple[int, str, bool]]:
+    """Every ``(n_ctx, ctx_init, pad_ctx_init)`` a trial of the sweep may train: the grid's or the space's values,
+    else the flag's.
 
     The prompt's length depends on nothing else, so checking these before Ray starts proves every trial's prompt fits.
     """
@@ -226,8 +246,9 @@ def prompt_candidates(spec: Any, space: Mapping[str, Any], grid: Mapping[str, Se
         domain = space.get(field)
         return list(domain.values) if isinstance(domain, Choice) else [default]
 
-    return [(n, init) for n in values("prompt.n_ctx", spec.prompt.n_ctx)
-            for init in values("prompt.ctx_init", spec.prompt.ctx_init)]
+    return [(n, init, pad) for n in values("prompt.n_ctx", spec.prompt.n_ctx)
+            for init in values("prompt.ctx_init", spec.prompt.ctx_init)
+            for pad in values("prompt.pad_ctx_init", spec.prompt.pad_ctx_init)]
 
 
 def shot_candidates(spec: Any, grid: Mapping[str, Sequence[Any]] | None) -> list[int | str]:

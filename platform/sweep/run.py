@@ -69,7 +69,7 @@ from mlflow.tracking import MlflowClient
 from coop_core.backbone import text_dims
 from coop_core.datasets import get_dataset_spec
 from coop_core.distributed import text_activation_bytes
-from tune_spaces import space_for
+from tune_spaces import space_for, with_methods
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def resolve_target(spec: RunSpec, settings: SweepSettings, infra: InfraSettings,
                              "is this a sweep folder?")
     name = name or f"{plan.kind}-{ref.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     template = ref.source.template if ref.source is not None else get_dataset_spec(ref.name).template
-    space = space_for(ref.name, template) if plan.search else {}
+    space = with_methods(space_for(ref.name, template), settings.methods) if plan.search else {}
     unknown = sorted(set(settings.fixed) - set(space))
     if unknown:
         raise ValueError(f"--fixed {' '.join(unknown)}: not searched for {ref.name}; "
@@ -125,7 +125,12 @@ def resolve_target(spec: RunSpec, settings: SweepSettings, infra: InfraSettings,
         return Target(name, sweep_folder(storage_path, name), saved.spec, space, saved.grid, saved.trial_runner,
                       saved.tracking_uri, saved)
     spec = dataclasses.replace(spec, eval_targets=plan.eval_targets)
-    grid = parse_grid(settings.grid, spec)
+    grid_items = settings.grid
+    if settings.grid and len(settings.methods) > 1:  # a grid sweep compares the methods as one more grid field
+        if any(item.startswith("method.name=") for item in settings.grid):
+            raise ValueError("--method A B and --grid method.name=...: give the methods once")
+        grid_items = (*settings.grid, f"method.name={','.join(settings.methods)}")
+    grid = parse_grid(grid_items, spec)
     return Target(name, sweep_folder(storage_path, name), spec, {} if grid else space, grid,
                   resolve_trial_runner(settings.trial_runner, spec), resolve_tracking_uri(infra.tracking_uri))
 

@@ -49,11 +49,32 @@ def test_every_preset_builds_valid_configs_and_serialises(name):
 
 
 def test_the_registry_holds_the_papers_settings():
-    assert list_presets() == [
+    assert list_presets() == sorted([
         "coop_rn50_end", "coop_rn50_end_csc", "coop_rn50_imagenet", "coop_rn50_middle", "coop_rn50_middle_csc",
         "coop_vit_b16_ctxv1", "coop_vit_b16_ctxv1_imagenet", "coop_vit_b16_end", "coop_vit_b16_imagenet",
-    ]
+        "cocoop_vit_b16_ctxv1", "kgcoop_vit_b16_ctxv1", "prograd_rn50", "prograd_rn50_eurosat", "prograd_vit_b16",
+    ])
     assert coop_core.get_preset is get_preset and coop_core.list_presets is list_presets
+
+
+def test_method_presets_are_their_reference_configs():
+    """Each method's preset against its reference config file (the values read from the yaml and script, not from
+    our code): KgCoOp vit_b16_ep100_ctxv1.yaml + base2new_train.sh W=8.0; ProGrad rn50*.yaml (batch 32, T 1.0, 16
+    padded context tokens, lambda 1.0, epochs by shots); CoCoOp vit_b16_c4_ep10_batch1_ctxv1.yaml."""
+    kg = get_preset("kgcoop_vit_b16_ctxv1")
+    assert (kg.method.name, kg.method.kg_weight, kg.prompt.ctx_init, kg.prompt.n_ctx) == ("kgcoop", 8.0,
+                                                                                        "a photo of a", 4)
+    cfg = kg.train_config()
+    assert (cfg.batch_size, cfg.lr, cfg.epochs, cfg.warmup_epochs, cfg.warmup_lr) == (128, 0.002, 100, 1, 1e-5)
+    for name, words in (("prograd_rn50", "a photo of a"), ("prograd_rn50_eurosat", "a centered satellite photo of")):
+        pg = get_preset(name)
+        assert (pg.method.name, pg.method.prograd_lambda, pg.method.prograd_temperature) == ("prograd", 1.0, 1.0)
+        assert pg.prompt == PromptConfig(n_ctx=16, ctx_init=words, pad_ctx_init=True)
+        assert [pg.train_config(shots=k).resolved_epochs for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+        assert pg.train_config().batch_size == 32
+    co = get_preset("cocoop_vit_b16_ctxv1")
+    assert (co.method.name, co.method.meta_net_ratio) == ("cocoop", 16)
+    assert (co.train_config().batch_size, co.train_config().epochs, co.prompt.n_ctx) == (1, 10, 4)
 
 
 @pytest.mark.parametrize(
@@ -101,7 +122,7 @@ def test_cocoop_baseline_presets_are_vit_b16_with_a_photo_of_a(name, epochs, con
 
 
 def test_unknown_preset_lists_the_registered_ones():
-    with pytest.raises(ValueError, match=r"unknown preset 'coop'; available: coop_rn50_end, coop_rn50_end_csc, "):
+    with pytest.raises(ValueError, match=r"unknown preset 'coop'; available: cocoop_vit_b16_ctxv1, coop_rn50_end, "):
         get_preset("coop")
 
 
@@ -187,9 +208,13 @@ def test_published_numbers_pin_their_sources():
         ("zeroshot_clip", "base_acc"): 69.34, ("zeroshot_clip", "new_acc"): 74.22,
         ("zeroshot_clip", "harmonic_mean"): 71.70,
         ("coop", "base_acc"): 82.69, ("coop", "new_acc"): 63.22, ("coop", "harmonic_mean"): 71.66,
+        # KgCoOp CVPR'23, as its README's table quotes its comparison (CoCoOp's row is CoCoOp's Table 1(a)).
+        ("kgcoop", "base_acc"): 80.73, ("kgcoop", "new_acc"): 73.60, ("kgcoop", "harmonic_mean"): 77.00,
+        ("prograd", "base_acc"): 82.48, ("prograd", "new_acc"): 70.75, ("prograd", "harmonic_mean"): 76.16,
+        ("cocoop", "base_acc"): 80.47, ("cocoop", "new_acc"): 71.69, ("cocoop", "harmonic_mean"): 75.83,
     }
     # The harmonic means are the harmonic means of their base and new accuracies (to the table's rounding).
-    for method in ("zeroshot_clip", "coop"):
+    for method in ("zeroshot_clip", "coop", "kgcoop", "prograd", "cocoop"):
         base, new = b2n[(method, "base_acc")], b2n[(method, "new_acc")]
         assert 2 * base * new / (base + new) == pytest.approx(b2n[(method, "harmonic_mean")], abs=0.01)
     cross = {r.target: r.value for r in published_results(protocol="cross", dataset="imagenet")}
@@ -226,7 +251,7 @@ def test_only_the_numbers_without_a_table_checksum_are_pinned_one_by_one():
 
 def test_published_results_filter():
     assert all(r.dataset == AVERAGE_11 for r in published_results(dataset=AVERAGE_11))
-    assert len(published_results(dataset=AVERAGE_11)) == 6
+    assert len(published_results(dataset=AVERAGE_11)) == 15
     assert {r.metric for r in published_results(protocol="base2new", dataset="imagenet")} == {
         "base_acc", "new_acc", "harmonic_mean"}
     assert len(published_results()) == sum(len(published_results(protocol=p)) for p in PROTOCOLS)
@@ -238,7 +263,7 @@ def test_published_results_filter():
     ("overrides", "message"),
     [
         ({"protocol": "fewshots"}, r"protocol must be one of"),
-        ({"method": "cocoop"}, r"method must be one of \('coop', 'zeroshot_clip'\)"),
+        ({"method": "maple"}, r"method must be one of \('coop', 'kgcoop', 'prograd', 'cocoop', 'zeroshot_clip'\)"),
         ({"preset": "nope"}, r"unknown preset 'nope'; available:"),
         ({"dataset": "cifar10"}, r"dataset must be a registered dataset or 'average_11'"),
         ({"metric": "acc"}, r"metric must be one of"),

@@ -125,6 +125,9 @@ CHECKS = (
              "    from coop_core.datasets.base import read_rgb  # make sure each one is an image\n"
              "    missing = [p for p in paths if not (image_dir / p).is_file() or not read_rgb(image_dir / p)]\n",
              ("tests/test_folder_dataset.py::test_tree_with_coop_split_file",)),
+    Mutation("check-real-data-skips-in-ci", "a missing real-data root skipped in CI as on a developer's machine",
+             "tests/real_data.py", '    if os.environ.get("CI"):\n', "    if False:\n",
+             ("tests/test_real_data.py::test_a_missing_data_root_fails_in_ci_and_skips_elsewhere",)),
 )
 
 GROUPS = {"numerics": NUMERICS, "checks": CHECKS}

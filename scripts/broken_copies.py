@@ -130,8 +130,33 @@ CHECKS = (
              ("tests/test_real_data.py::test_a_missing_data_root_fails_in_ci_and_skips_elsewhere",)),
 )
 
-GROUPS = {"numerics": NUMERICS, "checks": CHECKS}
-MUTATIONS = (*NUMERICS, *CHECKS)
+# KgCoOp, ProGrad and CoCoOp against their references (tests/test_methods.py).
+METHODS = (
+    Mutation("kgcoop-sum-not-mean", "KgCoOp's text-feature term summed over classes instead of averaged",
+             "coop_core/methods.py", "(1.0 - cos.mean())", "(1.0 - cos.sum())",
+             ("tests/test_methods.py::test_kgcoop_step_equals_the_reference",)),
+    Mutation("kgcoop-term-per-worker", "KgCoOp's class term added once per worker (not divided by their number)",
+             "coop_core/methods.py", "(1.0 - cos.mean()) / world_size", "(1.0 - cos.mean())",
+             ("tests/test_methods.py::test_two_workers_take_the_one_process_steps",)),
+    Mutation("prograd-wrong-branch", "ProGrad projecting where the gradients agree instead of where they conflict",
+             "coop_core/methods.py", "g_kl_hat.flatten()) < 0:", "g_kl_hat.flatten()) > 0:",
+             ("tests/test_methods.py::test_prograd_step_equals_the_reference",)),
+    Mutation("prograd-teacher-no-temperature", "ProGrad's teacher distribution without the temperature",
+             "coop_core/methods.py", "soft = F.softmax(teacher / t, dim=-1)", "soft = F.softmax(teacher, dim=-1)",
+             ("tests/test_methods.py::test_prograd_step_equals_the_reference",)),
+    Mutation("prograd-unreduced-kl-gradient", "ProGrad comparing a worker's own distillation gradient (not summed)",
+             "coop_core/methods.py", "            reduce(p.grad)\n            kl_grads.append",
+             "            kl_grads.append",
+             ("tests/test_methods.py::test_two_workers_take_the_one_process_steps",)),
+    Mutation("cocoop-batch-mean-shift", "CoCoOp shifting every image's context by the batch's mean meta-net output",
+             "coop_core/model.py", "ctx = pl.ctx.unsqueeze(0) + bias.unsqueeze(1)",
+             "ctx = pl.ctx.unsqueeze(0) + bias.mean(0, keepdim=True).expand_as(bias).unsqueeze(1)",
+             ("tests/test_methods.py::test_cocoop_step_equals_the_reference",
+              "tests/test_methods.py::test_cocoop_conditions_each_image_on_its_own_features")),
+)
+
+GROUPS = {"numerics": NUMERICS, "checks": CHECKS, "methods": METHODS}
+MUTATIONS = (*NUMERICS, *CHECKS, *METHODS)
 
 ULPS = re.compile(r"(?P<what>[^\n:]*): differs by (?P<ulps>\d+) ulps of its max-abs \([^)]*\), "
                   r"over the (?P<budget>\d+)")

@@ -48,7 +48,9 @@ ZEROSHOT_TEST_METRIC = "zeroshot_test_acc"  # the hand-crafted prompt's test acc
 # The accuracies a person compares runs by: the columns of the MLflow runs table and the registry's version tags.
 ACCURACY_KEYS = (SELECTION_METRIC, TEST_METRIC, ZEROSHOT_TEST_METRIC)
 # Reported every epoch (coop_core.engine.train; val_* on validation epochs), logged with step = epoch.
-EPOCH_KEYS = ("epoch", "train_loss", "train_acc", "lr", "val_acc", "val_macro_f1", "epoch_time_s", "val_time_s")
+# KgCoOp's and ProGrad's own loss terms (coop_core.methods: terms "kg" and "kl", reported as train_<term>) ride along.
+EPOCH_KEYS = ("epoch", "train_loss", "train_acc", "lr", "val_acc", "val_macro_f1", "epoch_time_s", "val_time_s",
+              "train_kg", "train_kl")
 # Added to the last epoch's report (the test split is only measured, never used to choose).
 FINAL_KEYS = ("test_acc", "test_macro_f1", "zeroshot_test_acc", "zeroshot_test_macro_f1", "registry_acc")
 # The registry's champion rule compares runs by their accuracy on the dataset's registry evaluation set (the same

@@ -223,7 +223,7 @@ def finish(protocol: str, targets: Sequence[DatasetRef]):
         metrics = []
         for c in results["cells"]:
             if isinstance(c["shots"], int):
-                key = f"{STUDY_ARTIFACT_DIR}/{c['dataset']}"
+                key = f"{STUDY_ARTIFACT_DIR}/{metric_label(c)}"
                 metrics.append((f"{key}/test_acc_mean", c["coop_mean"], c["shots"]))
                 if c["coop_std"] is not None:  # one seed: no spread to log
                     metrics.append((f"{key}/test_acc_std", c["coop_std"], c["shots"]))
@@ -239,6 +239,12 @@ def finish(protocol: str, targets: Sequence[DatasetRef]):
                                     f"{STUDY_ARTIFACT_DIR}/acc_vs_shots.png", "figure_data": drawn}}
 
     return log
+
+
+def metric_label(cell: Mapping[str, Any]) -> str:
+    """A table row's name in MLflow metric keys: ``<dataset>``, or ``<method>/<dataset>`` in a study comparing
+    methods (the table's " · " is not a character MLflow takes in a name)."""
+    return f"{cell['method']}/{cell['source_dataset']}" if "method" in cell else cell["dataset"]
 
 
 def report(summary: Mapping[str, Any]) -> str:
@@ -274,7 +280,7 @@ def log_combined(results: Mapping[str, Any], parents: Mapping[str, str], trackin
             client.log_artifact(run_id, str(f), artifact_path=STUDY_ARTIFACT_DIR)
     for c in results["cells"]:
         if c["dataset"].startswith("average") and isinstance(c["shots"], int):
-            client.log_metric(run_id, f"{c['dataset'].replace(' ', '_')}/test_acc_mean", c["coop_mean"],
+            client.log_metric(run_id, f"{metric_label(c).replace(' ', '_')}/test_acc_mean", c["coop_mean"],
                               step=c["shots"])
     links = "\n".join(f"- {ds}: study run `{rid}`" for ds, rid in parents.items())
     tracking.set_description(run_id, f"**Study `{name}`** ({results['protocol']}) over {len(parents)} datasets; "

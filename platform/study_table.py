@@ -50,7 +50,8 @@ def merge_methods(parts: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Several methods' results (each as :func:`study_results` gives one) as one table, each row labelled with its
     method; ``by_method`` keeps each method's own results."""
     first = next(iter(parts.values()))
-    cells = [{**c, "dataset": f"{c['dataset']} · {m}", "method": m} for m, r in parts.items() for c in r["cells"]]
+    cells = [{**c, "dataset": f"{c['dataset']} · {m}", "method": m, "source_dataset": c["dataset"]}
+             for m, r in parts.items() for c in r["cells"]]
     return {**first, "datasets": [c["dataset"] for c in cells], "cells": cells, "methods": list(parts),
             "by_method": dict(parts), "seeds": sorted({s for r in parts.values() for s in r["seeds"]}),
             "trials_counted": sum(r["trials_counted"] for r in parts.values()),

@@ -214,3 +214,36 @@ def test_a_study_can_take_the_champions_prompt_configuration(studies, tmp_path):
     params = run.data.params
     assert (params["prompt.n_ctx"], params["prompt.class_token_position"], params["train.lr"]) == ("3", "front",
                                                                                                    "0.004")
+
+
+def test_a_study_comparing_methods_tables_each_method_and_averages_per_method():
+    """Trials of several methods (the grid field ``method.name``): each method's base, new and H rows from its own
+    trials only; over several datasets, each method's average of its own rows; MLflow metric names without the
+    table's separator."""
+    from platform.study import metric_label
+    from platform.study_table import combine, format_table, study_results
+
+    def row(method: str, seed: int, base: float, new: float, new_label: str = "eurosat.new") -> dict:
+        return {"finished": True, "config": {"train.shots": 16, "train.seed": seed, "method.name": method},
+                "last_result": {"test_acc": base, "zeroshot_test_acc": 50.0,
+                                f"target/{new_label}/test_acc": new, f"target/{new_label}/zeroshot_test_acc": 60.0}}
+
+    rows = [row("coop", 1, 90.0, 40.0), row("kgcoop", 1, 80.0, 70.0), row("coop", 2, 80.0, 50.0),
+            row("kgcoop", 2, 70.0, 60.0)]
+    one = study_results(rows, "base2new", "eurosat.base", ["eurosat.new"])
+    assert one["methods"] == ["coop", "kgcoop"]
+    cells = {(c["method"], c["source_dataset"]): c for c in one["cells"]}
+    assert cells[("coop", "eurosat.base")]["coop_mean"] == 85.0
+    assert cells[("kgcoop", "eurosat.new")]["coop_mean"] == 65.0
+    assert cells[("kgcoop", "harmonic mean")]["coop_per_seed"] == {"1": pytest.approx(2 * 80 * 70 / 150),
+                                                                    "2": pytest.approx(2 * 70 * 60 / 130)}
+    assert "eurosat.base · kgcoop" in format_table(one) and "prompts test acc" in format_table(one)
+    assert metric_label(cells[("kgcoop", "harmonic mean")]) == "kgcoop/harmonic mean"
+    other = study_results([row("coop", 1, 70.0, 20.0, "dtd.new"), row("kgcoop", 1, 60.0, 50.0, "dtd.new")],
+                          "base2new", "dtd.base",
+                          ["dtd.new"])
+    both = combine([one, other], "base2new")
+    averages = {(c["method"], c["source_dataset"]): c["coop_mean"] for c in both["cells"]
+                if c["source_dataset"].startswith("average")}
+    assert averages[("coop", "average.base")] == pytest.approx((85.0 + 70.0) / 2)
+    assert averages[("kgcoop", "average.new")] == pytest.approx((65.0 + 50.0) / 2)

@@ -257,7 +257,8 @@ def evaluate_prompts(ctx: torch.Tensor, meta: Any, ref: DatasetRef, *, split: st
         split = measured.pop("split_name")
         measured["weights_digest"] = weights_digest(clip.model)
     return measured | {
-            "dataset": ref.label, "split": split, "n_classes": len(splits.classnames), "n_images": len(feats.labels),
+            "dataset": ref.label, "split": split, "method": meta.method.name, "n_classes": len(splits.classnames),
+            "n_images": len(feats.labels),
             "skipped_images": skipped, "template": splits.template, "acc": coop["acc"], "macro_f1": coop["macro_f1"],
             "zeroshot_acc": zs["acc"], "zeroshot_macro_f1": zs["macro_f1"], "image_dir": str(splits.image_dir)}
 

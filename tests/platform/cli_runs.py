@@ -6,7 +6,26 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from pathlib import Path
 from typing import Any
+
+
+def aligned_sweep(tmp: Path, *, data_root: Path, shared_data: Path, feature_cache: Path, tiny_vit_config: str
+                  ) -> tuple[Path, str, list[str]]:
+    """What the end-to-end sweep tests share: the ridge-aligned tiny ViT (``tests/aligned.py``, so configurations
+    differ in accuracy), an SQLite store under ``tmp``, and the flags of a small 2-shot EuroSAT run on ``data_root``.
+
+    Returns:
+        The checkpoint, the tracking URI and the common flags (``--json`` included; add the batch size and the rest).
+    """
+    from aligned import aligned_tiny_checkpoint
+
+    checkpoint = aligned_tiny_checkpoint(tiny_vit_config, shared_data, tmp / "tiny-vit-eurosat.pt")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    argv = ["--dataset", "eurosat", "--data-root", str(data_root), "--backbone", tiny_vit_config,
+            "--pretrained", str(checkpoint), "--shots", "2", "--n-views", "1", "--max-test-items", "40",
+            "--cache-dir", str(feature_cache), "--storage-path", str(tmp / "ray"), "--tracking-uri", uri, "--json"]
+    return checkpoint, uri, argv
 
 
 def run_cli(cli: Any, argv: list[str]) -> dict:

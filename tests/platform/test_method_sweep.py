@@ -13,8 +13,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
-from aligned import aligned_tiny_checkpoint
-from cli_runs import child_runs, mlflow_client, run_cli
+from cli_runs import aligned_sweep, child_runs, mlflow_client, run_cli
 from numerics import ONE_PASS, assert_reordered
 from PIL import Image
 
@@ -30,12 +29,9 @@ METHODS = ("coop", "kgcoop", "prograd", "cocoop")
 @pytest.fixture(scope="module")
 def method_sweep(ray_session, small_eurosat_root, shared_data, feature_cache, tiny_vit_config, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("methods")
-    checkpoint = aligned_tiny_checkpoint(tiny_vit_config, shared_data, tmp / "tiny-vit-eurosat.pt")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    argv = ["--dataset", "eurosat", "--data-root", str(small_eurosat_root), "--backbone", tiny_vit_config,
-            "--pretrained", str(checkpoint), "--shots", "2", "--batch-size", "4", "--n-views", "1", "--epochs", "2",
-            "--warmup-epochs", "0", "--ctx-init", "a photo of a", "--max-test-items", "40",
-            "--cache-dir", str(feature_cache), "--storage-path", str(tmp / "ray"), "--tracking-uri", uri, "--json",
+    checkpoint, uri, common = aligned_sweep(tmp, data_root=small_eurosat_root, shared_data=shared_data,
+                                            feature_cache=feature_cache, tiny_vit_config=tiny_vit_config)
+    argv = [*common, "--batch-size", "4", "--epochs", "2", "--warmup-epochs", "0", "--ctx-init", "a photo of a",
             "--grid", "train.lr=0.01", "--method", *METHODS, "--max-concurrent", "2", "--sweep-name", "methods"]
     return {"uri": uri, "out": run_cli(main, argv), "checkpoint": checkpoint, "tiny": tiny_vit_config}
 

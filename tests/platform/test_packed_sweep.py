@@ -19,8 +19,7 @@ from platform.tune import main
 from types import SimpleNamespace
 
 import pytest
-from aligned import aligned_tiny_checkpoint
-from cli_runs import child_runs, mlflow_client, run_cli
+from cli_runs import aligned_sweep, child_runs, mlflow_client, run_cli
 from numerics import TRAJECTORY, assert_reordered_scalar
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
@@ -64,12 +63,9 @@ def test_packs_are_cut_evenly():
 @pytest.fixture(scope="module")
 def packed(ray_session, small_eurosat_root, shared_data, feature_cache, tiny_vit_config, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("packed")
-    checkpoint = aligned_tiny_checkpoint(tiny_vit_config, shared_data, tmp / "tiny-vit-eurosat.pt")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    common = ["--dataset", "eurosat", "--data-root", str(small_eurosat_root), "--backbone", tiny_vit_config,
-              "--pretrained", str(checkpoint), "--shots", "2", "--batch-size", "8", "--n-views", "1",
-              "--max-test-items", "40", "--cache-dir", str(feature_cache), "--storage-path", str(tmp / "ray"),
-              "--tracking-uri", uri, "--warmup-epochs", "0", "--json"]
+    _, uri, common = aligned_sweep(tmp, data_root=small_eurosat_root, shared_data=shared_data,
+                                   feature_cache=feature_cache, tiny_vit_config=tiny_vit_config)
+    common = [*common, "--batch-size", "8", "--warmup-epochs", "0"]
     # One pack at a time, so ASHA's records fill in a known order that the test replays.
     search = run_cli(main, [*common, "--epochs", str(EPOCHS), "--num-samples", "6", "--pack-size", "3",
                             "--max-concurrent", "1", "--sweep-name", "search"])

@@ -22,10 +22,9 @@ from platform.tracking import EARLY_STOPPED_TAG, TRIAL_TAG
 from platform.tune import main
 
 import pytest
-from aligned import aligned_tiny_checkpoint
+from cli_runs import aligned_sweep, run_cli
 from cli_runs import child_runs as _children
 from cli_runs import mlflow_client as _client
-from cli_runs import run_cli
 from numerics import ONE_PASS, assert_probabilities, assert_reordered, assert_reordered_scalar
 from servers import running_server
 
@@ -42,12 +41,9 @@ def _sweep(argv: list[str]) -> dict:
 @pytest.fixture(scope="module")
 def sweeps(ray_session, small_eurosat_root, shared_data, feature_cache, tiny_vit_config, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("sweep")
-    checkpoint = aligned_tiny_checkpoint(tiny_vit_config, shared_data, tmp / "tiny-vit-eurosat.pt")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    common = ["--dataset", "eurosat", "--data-root", str(small_eurosat_root), "--backbone", tiny_vit_config,
-              "--pretrained", str(checkpoint), "--shots", "2", "--batch-size", "8", "--n-views", "1",
-              "--max-test-items", "40", "--cache-dir", str(feature_cache), "--storage-path", str(tmp / "ray"),
-              "--tracking-uri", uri, "--json"]
+    checkpoint, uri, common = aligned_sweep(tmp, data_root=small_eurosat_root, shared_data=shared_data,
+                                            feature_cache=feature_cache, tiny_vit_config=tiny_vit_config)
+    common = [*common, "--batch-size", "8"]
     good = _sweep([*common, "--epochs", "2", "--warmup-epochs", "0", "--num-samples", "4", "--max-concurrent", "2",
                    "--sweep-name", "good"])
     worse = _sweep([*common, "--epochs", "1", "--num-samples", "2", "--fixed", "prompt.ctx_init", "train.lr",

@@ -46,8 +46,6 @@ class Objective:
     parameter's gradient, summed over workers, in ``.grad``.
     """
 
-    name = "coop"
-
     def terms(self, model: CoOpModel, logits: torch.Tensor, labels: torch.Tensor, image_features: torch.Tensor,
               text_features: torch.Tensor | None, n_global: int, world_size: int) -> dict[str, torch.Tensor]:
         """The step's loss terms.
@@ -77,8 +75,6 @@ class KgCoOp(Objective):
         weight: the term's weight (8.0 in the reference's base-to-new runs).
     """
 
-    name = "kgcoop"
-
     def __init__(self, anchors: torch.Tensor, weight: float) -> None:
         self.anchors = anchors.detach()
         self.weight = weight
@@ -99,8 +95,6 @@ class ProGrad(Objective):
         lam: lambda, the share of the conflicting component removed (1.0 in the reference).
         temperature: T of the distillation (1.0 in the reference).
     """
-
-    name = "prograd"
 
     def __init__(self, anchors: torch.Tensor, lam: float, temperature: float) -> None:
         self.anchors = anchors.detach()

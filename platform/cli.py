@@ -207,9 +207,12 @@ def parse_run_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) 
     known, _ = pre.parse_known_args(argv)
     if known.preset is not None:
         try:
-            parser.set_defaults(**preset_defaults(known.preset))
+            defaults = preset_defaults(known.preset)
         except ValueError as err:
             parser.error(f"argument --preset: {err}")
+        if isinstance(parser.get_default("method"), list):  # a sweep's or study's --method takes several
+            defaults["method"] = [defaults["method"]]
+        parser.set_defaults(**defaults)
     return parser.parse_args(argv)
 
 
@@ -252,7 +255,7 @@ def dataset_ref_from_args(args: argparse.Namespace, value: str | None = None, *,
 def method_from_args(args: argparse.Namespace, name: str | None = None) -> MethodConfig:
     """The ``--method`` flags as a :class:`MethodConfig` (``name``: one of a study's ``--method`` values)."""
     name = name if name is not None else args.method
-    if not isinstance(name, str):  # a sweep's or study's several --method values: the run's own is the first
+    if isinstance(name, list):  # a sweep's or study's several --method values: the run's own is the first
         name = name[0]
     return MethodConfig(name=name, kg_weight=args.kg_weight, prograd_lambda=args.prograd_lambda,
                         prograd_temperature=args.prograd_temperature, meta_net_ratio=args.meta_net_ratio)

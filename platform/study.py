@@ -187,7 +187,7 @@ def describe(protocol: str, targets: Sequence[DatasetRef], methods: Sequence[str
                 "base2new": "base-to-new generalisation (train on the base classes, test on base and new)",
                 "cross": "cross-dataset transfer"}[protocol]
         on = f" to {', '.join(t.label for t in targets)}" if protocol in ("dg", "cross") else ""
-        names = ", ".join(dict.fromkeys([*methods] or [spec.method.name]))
+        names = ", ".join(methods) or spec.method.name
         return (f"**Study `{info['name']}`**: {what}{on}, {names} on {spec.data_ref.label} with "
                 f"`{spec.model.backbone}`, "
                 f"a {spec.prompt.n_ctx}-token {'class-specific' if spec.prompt.csc else 'unified'} context "
@@ -308,7 +308,6 @@ def plan_studies(args: argparse.Namespace) -> list[tuple[str, RunSpec, tuple[Dat
     if len(set(args.shots)) != len(args.shots) or len(set(args.seeds)) != len(args.seeds):
         raise ValueError("--shots and --seeds must not repeat a value")
     classes = "base" if args.protocol == "base2new" else "all"
-    methods = [args.method] if isinstance(args.method, str) else list(args.method)
     # Every shot count and seed, once each: nothing searched, no trial stopped early (the plan's choice).
     grid = (f"train.shots={','.join(map(str, args.shots))}", f"train.seed={','.join(map(str, args.seeds))}")
     studies = []
@@ -318,7 +317,7 @@ def plan_studies(args: argparse.Namespace) -> list[tuple[str, RunSpec, tuple[Dat
         # the cluster once Ray is up.
         spec = spec_from_args(args, ref=source, shots=args.shots[0], seed=args.seeds[0], use_gpu=args.use_gpu != "no")
         if args.from_champion:
-            if len(methods) > 1:
+            if len(args.method) > 1:
                 raise ValueError("--from-champion trains the champion's own method; compare methods with flags or "
                                  "a --preset instead")
             spec = with_champion(spec, resolve_tracking_uri(args.tracking_uri))

@@ -75,8 +75,8 @@ def sweep_settings_from_args(args: argparse.Namespace) -> SweepSettings:
     """
     given = {k: getattr(args, k) for k in _SETTING_FLAGS if hasattr(args, k)}
     given |= {k: tuple(getattr(args, k)) for k in ("grid", "fixed") if hasattr(args, k)}
-    if hasattr(args, "method"):
-        given["methods"] = (args.method,) if isinstance(args.method, str) else tuple(args.method)
+    if hasattr(args, "method"):  # tune's and study's --method takes several values (platform.cli)
+        given["methods"] = tuple(args.method)
     return SweepSettings(**given, name=args.sweep_name)
 
 

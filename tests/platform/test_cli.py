@@ -18,6 +18,16 @@ def test_a_preset_sets_the_defaults(cli):
     assert args.epochs == 200
 
 
+@pytest.mark.parametrize("cli", [train, tune, study])
+def test_a_method_preset_sets_the_method_and_its_settings(cli):
+    """A run takes one ``--method``, a sweep or study a list of them: the preset's method arrives in the flag's form."""
+    args = parse_run_args(cli.build_parser(), ["--dataset", "eurosat", "--preset", "prograd_rn50_eurosat"])
+    assert args.method == ("prograd" if cli is train else ["prograd"])
+    assert (args.prograd_lambda, args.prograd_temperature, args.pad_ctx_init, args.n_ctx) == (1.0, 1.0, True, 16)
+    spec = spec_from_args(args, use_gpu=False)
+    assert spec.method.name == "prograd" and spec.prompt.ctx_init == "a centered satellite photo of"
+
+
 def test_flags_given_explicitly_win_over_the_preset():
     args = parse_run_args(train.build_parser(), ["--dataset", "eurosat", "--epochs", "3", "--preset",
                                                  "coop_rn50_imagenet", "--n-ctx", "8", "--csc"])

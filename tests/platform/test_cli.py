@@ -24,7 +24,8 @@ def test_a_method_preset_sets_the_method_and_its_settings(cli):
     args = parse_run_args(cli.build_parser(), ["--dataset", "eurosat", "--preset", "prograd_rn50_eurosat"])
     assert args.method == ("prograd" if cli is train else ["prograd"])
     assert (args.prograd_lambda, args.prograd_temperature, args.pad_ctx_init, args.n_ctx) == (1.0, 1.0, True, 16)
-    spec = spec_from_args(args, use_gpu=False)
+    several = {"ref": dataset_ref("eurosat"), "shots": 16, "seed": 1} if cli is study else {}  # a study's lists
+    spec = spec_from_args(args, use_gpu=False, **several)
     assert spec.method.name == "prograd" and spec.prompt.ctx_init == "a centered satellite photo of"
 
 

@@ -103,6 +103,7 @@ class CoOpClassifier(PythonModel):
             prompt_digest,
             prompt_model,
             test_transform,
+            text_tower,
         )
 
         config = dict(context.model_config or {})
@@ -116,10 +117,12 @@ class CoOpClassifier(PythonModel):
         self.device = torch.device(config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = int(config.get("batch_size", DEFAULT_BATCH_SIZE))
         clip = load_clip(backbone, pretrained, device=self.device)
+        # Refused before the model is built: a context of another backbone's width would otherwise fail in a copy.
+        width = text_tower(clip.model).token_embedding.weight.shape[1]
+        check_prompts_fit(ctx, meta, meta.classnames, (*meta.expected_shape(), width))
         # the method's model (CoCoOp's carries its meta-net: its prompts are built per image at predict time)
         model = prompt_model(clip, ctx, meta.prompt, meta.classnames, meta.classnames, self.device,
                              method=meta.method, learned=meta.learned)
-        check_prompts_fit(ctx, meta, model.classnames, model.prompt_learner.ctx.shape)
         with torch.no_grad():  # a CoOp-style model's class features are fixed: computed once
             self.text_features = None if model.conditional else model.text_features().float()  # (n_cls, d)
         model.eval()

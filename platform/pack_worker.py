@@ -104,6 +104,9 @@ def run_pack(member_ids: Sequence[str], specs: Sequence[RunSpec], session: Any, 
     ``session`` (a Tune session: ``report(metrics, checkpoint_dir)`` and ``checkpoint()``), each member's latest
     report under ``"members"``; ``stop`` is ASHA's decision per member (None: no early stopping)."""
     t_start, entered_at = time.perf_counter(), time.time()
+    others = sorted({spec.method.name for spec in specs} - {"coop"})
+    if others:  # the launch path refuses these (plan.check_pack_methods); a pack has no other method's loss
+        raise ValueError(f"a pack trains CoOp configurations only, got {', '.join(others)}")
     members = []
     for mid, spec in zip(member_ids, specs, strict=True):
         torch.manual_seed(spec.train.seed)

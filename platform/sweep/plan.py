@@ -105,9 +105,6 @@ class SweepSettings:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or len(set(self.methods)) != len(self.methods):
             raise ValueError(f"--method: give distinct methods of {', '.join(METHODS)}, got {' '.join(self.methods)}")
-        if self.pack_size != "1" and any(m != "coop" for m in self.methods):
-            raise ValueError(f"--pack-size {self.pack_size}: packs train CoOp configurations only (one text step "
-                             f"shared by plain contexts); use --pack-size 1 with --method {' '.join(self.methods)}")
         check_trial_runner(self.trial_runner)
         check_gpu_share(self.gpus_per_trial)
         check_max_concurrent(self.max_concurrent)
@@ -231,24 +228,40 @@ def parse_grid(items: Sequence[str], spec: Any) -> dict[str, list[Any]]:
     return grid
 
 
+def field_values(space: Mapping[str, Any], grid: Mapping[str, Sequence[Any]] | None, field: str, default: Any
+                 ) -> list[Any]:
+    """Every value a trial of the sweep may give ``field``: the grid's, the space's choices, else ``default``."""
+    from tune_spaces import Choice
+
+    if grid and field in grid:
+        return list(grid[field])
+    domain = space.get(field)
+    return list(domain.values) if isinstance(domain, Choice) else [default]
+
+
 def prompt_candidates(spec: Any, space: Mapping[str, Any], grid: Mapping[str, Sequence[Any]] | None
                       ) -> list[tuple[int, str, bool]]:
-    """Every ``(n_ctx, ctx_init, pad_ctx_init)`` a trial of the sweep may train: the grid's or the space's values,
-    else the flag's.
+    """Every ``(n_ctx, ctx_init, pad_ctx_init)`` a trial of the sweep may train (:func:`field_values`).
 
     The prompt's length depends on nothing else, so checking these before Ray starts proves every trial's prompt fits.
     """
-    from tune_spaces import Choice
+    return [(n, init, pad) for n in field_values(space, grid, "prompt.n_ctx", spec.prompt.n_ctx)
+            for init in field_values(space, grid, "prompt.ctx_init", spec.prompt.ctx_init)
+            for pad in field_values(space, grid, "prompt.pad_ctx_init", spec.prompt.pad_ctx_init)]
 
-    def values(field: str, default: Any) -> list[Any]:
-        if grid and field in grid:
-            return list(grid[field])
-        domain = space.get(field)
-        return list(domain.values) if isinstance(domain, Choice) else [default]
 
-    return [(n, init, pad) for n in values("prompt.n_ctx", spec.prompt.n_ctx)
-            for init in values("prompt.ctx_init", spec.prompt.ctx_init)
-            for pad in values("prompt.pad_ctx_init", spec.prompt.pad_ctx_init)]
+def check_pack_methods(pack_size: str, spec: Any, space: Mapping[str, Any], grid: Mapping[str, Sequence[Any]] | None
+                       ) -> None:
+    """Refuse packing a sweep whose trials may train another method than CoOp (the flag's, the searched or the grid's
+    ``method.name``): a pack shares one plain-context text step, which has no other method's loss or prompts.
+
+    Raises:
+        ValueError: the methods, and ``--pack-size 1`` as the fix.
+    """
+    methods = field_values(space, grid, "method.name", spec.method.name)
+    if pack_size != "1" and any(m != "coop" for m in methods):
+        raise ValueError(f"--pack-size {pack_size}: packs train CoOp configurations only (one text step shared by "
+                         f"plain contexts); use --pack-size 1 to train {', '.join(methods)}")
 
 
 def shot_candidates(spec: Any, grid: Mapping[str, Sequence[Any]] | None) -> list[int | str]:

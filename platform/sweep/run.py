@@ -35,6 +35,7 @@ from platform.sweep.plan import (
     InfraSettings,
     SweepPlan,
     SweepSettings,
+    check_pack_methods,
     grid_epochs,
     parse_grid,
     prompt_candidates,
@@ -131,6 +132,7 @@ def resolve_target(spec: RunSpec, settings: SweepSettings, infra: InfraSettings,
             raise ValueError("--method A B and --grid method.name=...: give the methods once")
         grid_items = (*settings.grid, f"method.name={','.join(settings.methods)}")
     grid = parse_grid(grid_items, spec)
+    check_pack_methods(settings.pack_size, spec, {} if grid else space, grid)
     return Target(name, sweep_folder(storage_path, name), spec, {} if grid else space, grid,
                   resolve_trial_runner(settings.trial_runner, spec), resolve_tracking_uri(infra.tracking_uri))
 

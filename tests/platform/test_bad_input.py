@@ -371,6 +371,18 @@ def test_sweep_settings_out_of_range_are_refused_before_ray_starts(capsys, monke
     assert not (tmp_path / "mlflow.db").exists()  # no MLflow run opened (and left RUNNING)
 
 
+@pytest.mark.parametrize("flags", [("--method", "kgcoop"), ("--method", "coop", "cocoop"),
+                                   ("--grid", "method.name=coop,prograd")], ids=["flag", "searched", "grid"])
+def test_packing_another_method_than_coop_is_refused_before_ray_starts(capsys, monkeypatch, base, tmp_path, flags):
+    """However a sweep's trials get a method (the flag, a searched choice, a grid field), packs refuse all but CoOp:
+    a pack's shared text step would silently train them as CoOp."""
+    forbid_ray_start(monkeypatch)
+    line, _ = refused(capsys, [*base, "--pack-size", "2", *flags], cli=tune)
+    assert line.startswith("error: --pack-size 2: packs train CoOp configurations only"), line
+    assert "use --pack-size 1 to train" in line
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
+
+
 # -- the rows of issue 20: refused before Ray starts, like every other row --------------------------------------------
 
 

@@ -97,8 +97,13 @@ def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContex
 
 
 @torch.no_grad()
-def evaluate(model: CoOpModel, data: FeatureSet, precision: str = "fp32", batch_size: int = 4096) -> dict[str, float]:
-    """Accuracy (%) and macro-F1 (%) from cached features: one text forward, then one matrix product per chunk."""
+def evaluate(model: CoOpModel, data: FeatureSet, precision: str = "fp32", batch_size: int = 4096, *,
+             text: torch.Tensor | None = None) -> dict[str, float]:
+    """Accuracy (%) and macro-F1 (%) from cached features: one text forward, then one matrix product per chunk.
+
+    ``text``: the model's normalised class features ``(n_cls, d)`` when the caller computed them already (a pack
+    encodes all its members' classes in one pass); not for an image-conditioned model.
+    """
     device = model.prompt_learner.ctx.device
     preds = []
     if model.conditional:  # each image has its own prompts (CoCoOp): the model encodes them in bounded chunks
@@ -107,8 +112,9 @@ def evaluate(model: CoOpModel, data: FeatureSet, precision: str = "fp32", batch_
                 logits = model.forward_features(chunk.to(device).float())  # (b, n_cls)
             preds.append(logits.float().argmax(dim=-1).cpu())
     else:
-        with _autocast(precision, device):
-            text = model.text_features()
+        if text is None:
+            with _autocast(precision, device):
+                text = model.text_features()
         for chunk in data.features.split(batch_size):
             preds.append(model.logits(chunk.to(device).float(), text.float()).argmax(dim=-1).cpu())
     pred = torch.cat(preds)

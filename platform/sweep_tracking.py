@@ -2,7 +2,10 @@
 
 Tune calls callbacks in the driver process, so the SQLite store has exactly one writer. The callback decides *when*:
 a trial's run is opened when the trial starts, each epoch is logged as it is reported, the run is closed when the
-trial completes or errors; what is written is ``platform.sweep.trial_runs.TrialRuns``'s. It also keeps the driver's
+trial completes or errors; what is written is ``platform.sweep.trial_runs.TrialRuns``'s. A packed trial reports every
+member's epoch at once: those epochs are logged in one batch per member at most every ``PACK_LOG_INTERVAL_S`` seconds,
+whenever a member ends, and when the trial ends (one MLflow write per member per pack epoch was the driver's main
+cost in a packed sweep). It also keeps the driver's
 timing stamps of each trial (when Tune first showed it, the MLflow logging time) and one progress line per event.
 
 When the store goes away (``_safely``), the sweep goes on: every trial's results stay in its checkpoint under the
@@ -27,6 +30,7 @@ from ray.tune import Callback
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 30.0  # after a tracking failure, MLflow is tried again this much later
+PACK_LOG_INTERVAL_S = 5.0  # a packed trial's member epochs are logged together at most this often (and when it ends)
 
 
 class MlflowSweepCallback(Callback):
@@ -58,10 +62,14 @@ class MlflowSweepCallback(Callback):
         self._tracking_s: dict[str, float] = {}
         self.timings: dict[str, dict[str, float]] = {}  # trial id -> worker and trial timings, once it ended
         self.windows: dict[str, tuple[float, float]] = {}  # trial id -> (created, ended) wall-clock times
+        self._pending: dict[str, dict[str, tuple[Mapping[str, Any], list[Mapping[str, Any]]]]] = {}  # packed trial
+        # id -> member id -> (config, epoch reports not logged yet)
+        self._flushed_at: dict[str, float] = {}  # packed trial id -> time.monotonic() of its last logged batch
 
     def __getstate__(self) -> dict[str, Any]:  # pickled into the Tuner's state: no caches
         state = self.__dict__.copy()
-        for key in ("_created", "_tracking_s", "timings", "windows", "unlogged", "outage", "_down_until"):
+        for key in ("_created", "_tracking_s", "timings", "windows", "unlogged", "outage", "_down_until", "_pending",
+                    "_flushed_at"):
             state.pop(key, None)
         return state
 
@@ -161,21 +169,51 @@ class MlflowSweepCallback(Callback):
             logger.info("trial %s started: %s", tid, describe_config(config))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if not packs.is_packed(trial.config):
+            self._log_result(trial.trial_id, trial.config, result)
+            return
+        pending = self._pending.setdefault(trial.trial_id, {})
+        ended = False
         for tid, config, report, _ in packs.configurations(trial.trial_id, trial.config, result):
-            self._log_result(tid, config, report)
+            ended |= report.get(packs.STATUS_KEY, packs.RUNNING) != packs.RUNNING
+            self._log_result(tid, config, report, pending=pending)
+        now = time.monotonic()
+        if ended or now - self._flushed_at.setdefault(trial.trial_id, now) >= PACK_LOG_INTERVAL_S:
+            self.flush(trial.trial_id)
 
-    def _log_result(self, trial_id: str, config: Mapping[str, Any], result: Mapping[str, Any]) -> None:
+    def flush(self, trial_id: str) -> None:
+        """Log the member epochs of packed trial ``trial_id`` not logged yet, one batch per member."""
+        self._flushed_at[trial_id] = time.monotonic()
+        for tid, (config, reports) in self._pending.pop(trial_id, {}).items():
+            def log_epochs(tid: str = tid, config: Mapping[str, Any] = config, reports: list = reports) -> None:
+                with self._tracking(tid):
+                    self.runs.log_epochs(tid, config, reports)
+
+            self._safely(tid, f"epochs {', '.join(str(r['epoch']) for r in reports)}", log_epochs)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        for trial_id in list(self._pending):
+            self.flush(trial_id)
+
+    def _log_result(self, trial_id: str, config: Mapping[str, Any], result: Mapping[str, Any], *,
+                    pending: dict[str, tuple[Mapping[str, Any], list[Mapping[str, Any]]]] | None = None) -> None:
+        """Log (or, for a pack's member, add to ``pending``) one epoch report, and its progress line."""
         if "epoch" not in result or artifacts.FAILURE_KEY in result:
             return  # a diverged trial's last report: closed by on_trial_complete
         epoch = int(result["epoch"])
         if self.runs.epoch_logged(trial_id, epoch):
             return  # a retried trial that resumed from an earlier checkpoint repeats an epoch: logged once
+        if pending is not None:
+            _, waiting = pending.setdefault(trial_id, (config, []))
+            if any(int(r["epoch"]) == epoch for r in waiting):
+                return  # an ended member's last report, repeated in its pack's later reports
+            waiting.append(result)
+        else:
+            def log_epoch() -> None:  # not done when MLflow failed: finish_from_result logs it from the checkpoint
+                with self._tracking(trial_id):
+                    self.runs.log_epochs(trial_id, config, [result])
 
-        def log_epoch() -> None:  # not done when MLflow failed: finish_from_result logs it from the checkpoint
-            with self._tracking(trial_id):
-                self.runs.log_epoch(trial_id, config, result)
-
-        self._safely(trial_id, f"epoch {epoch}", log_epoch)
+            self._safely(trial_id, f"epoch {epoch}", log_epoch)
         val = f" val_acc {result['val_acc']:.2f}" if "val_acc" in result else ""
         test = f" test_acc {result['test_acc']:.2f}" if "test_acc" in result else ""
         logger.info("trial %s epoch %d/%d: loss %.4f%s%s", trial_id, epoch,
@@ -185,6 +223,7 @@ class MlflowSweepCallback(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if self.stopping:
             return  # stopped by Ctrl-C, not ended: the CLI marks its run KILLED and --resume continues it
+        self.flush(trial.trial_id)
         last = trial.last_result or {}
         for tid, config, report, path in packs.configurations(trial.trial_id, trial.config, last,
                                                               trial_checkpoint_path(trial, last)):
@@ -194,6 +233,7 @@ class MlflowSweepCallback(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         reason = error_line(trial.get_error())
         logger.warning("trial %s failed: %s (see its Ray logs)", trial.trial_id, reason)
+        self.flush(trial.trial_id)
         last = trial.last_result or {}
         for tid, config, report, path in packs.configurations(trial.trial_id, trial.config, last,
                                                               trial_checkpoint_path(trial, last)):

@@ -26,6 +26,7 @@ from platform.pack_worker import run_pack
 from platform.progress import board_reporter
 from platform.run_spec import RunSpec
 from platform.sweep import packs
+from platform.sweep.halving import RungsClient
 from platform.trainer import build_trainer
 from platform.trial_stopping import TrialControllerCallback, TrialReportCallback, was_stopped_by_scheduler
 from platform.worker import EpochHook, RaySession, configure_worker_logging, run_training
@@ -91,10 +92,8 @@ def packed_trial(config: dict[str, Any], *, base_spec: dict[str, Any], log_level
     stop = None
     if rungs_actor is not None:
         actor = ray.get_actor(rungs_actor)
-
-        def stop(mid: str, epoch: int, value: float | None) -> bool:
-            return ray.get(actor.stop.remote(mid, epoch, value))
-
+        stop = RungsClient(lambda mid, epoch, value: ray.get(actor.stop.remote(mid, epoch, value)),
+                           *ray.get(actor.plan.remote())).stop
     run_pack([mid for mid, _ in members], specs, RaySession("tune"), device=_device(specs[0]), stop=stop,
              progress=_features_progress(progress_board))
 

@@ -11,7 +11,8 @@ sequence of results.
 The records are the sweep's, not a pack's: :class:`RungsActor` holds them for every pack of a sweep (a named Ray
 actor the driver starts), so a configuration is judged against every configuration of the sweep that reached the
 rung before it, in whatever pack it ran -- as ASHA judges trials. It saves them in the sweep folder after each record,
-so a resumed sweep keeps judging against them.
+so a resumed sweep keeps judging against them. A pack asks it only at a rung (:class:`RungsClient`): between rungs
+ASHA's answer is always to go on.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,33 @@ class AshaRungs:
         return rungs
 
 
+class RungsClient:
+    """A pack's side of the sweep's :class:`RungsActor`: ``stop(key, epoch, value)`` is the actor's decision, asked
+    only when the actor could say stop. :meth:`AshaRungs.stop` records a configuration at the highest rung at or
+    below its epoch that does not hold it yet and decides there; with no such rung it answers False. The client
+    keeps which rungs hold each of its configurations (a subset of the actor's: a rung it notes holds the
+    configuration once the actor was asked there), so it skips the call only where the actor would find no rung.
+
+    ``ask(key, epoch, value)``: the actor's ``stop``. ``max_t``, ``milestones``: the actor's (:meth:`RungsActor.plan`).
+    """
+
+    def __init__(self, ask: Callable[[str, int, float | None], bool], max_t: int, milestones: list[float]) -> None:
+        self.ask, self.max_t, self.milestones = ask, max_t, sorted(milestones)
+        self.held: dict[str, set[float]] = {}
+
+    def stop(self, key: str, epoch: int, value: float | None) -> bool:
+        if epoch >= self.max_t:
+            return True
+        held = self.held.setdefault(key, set())
+        open_rungs = [m for m in self.milestones if epoch >= m and m not in held]
+        if not open_rungs:
+            return False
+        decision = self.ask(key, epoch, value)
+        if value is not None and not math.isnan(value):
+            held.add(open_rungs[-1])
+        return decision
+
+
 class RungsActor:
     """The sweep's :class:`AshaRungs`, shared by its packs (wrapped with ``ray.remote`` by the driver); saved to
     ``save_dir/pack_rungs.json`` whenever a rung records a result, when the sweep folder is local."""
@@ -85,6 +114,10 @@ class RungsActor:
             self.rungs = saved
         else:
             self.rungs = AshaRungs(max_t, grace_period, reduction_factor)
+
+    def plan(self) -> tuple[int, list[float]]:
+        """``max_t`` and the rungs' milestones (for :class:`RungsClient`)."""
+        return self.rungs.max_t, [m for m, _ in self.rungs.rungs]
 
     def stop(self, key: str, epoch: int, value: float | None) -> bool:
         recorded = sum(len(r) for _, r in self.rungs.rungs)

@@ -18,7 +18,7 @@ queue wait, process start-up, model and feature loading, the training loop, eval
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from platform import artifacts, tracking
@@ -153,10 +153,12 @@ class TrialRuns:
         self._params_done: set[str] = set()  # trials whose resolved params are logged
         self._logged: dict[str, set[int]] = {}  # epochs in MLflow per trial
         self._experiment_id: str | None = None
+        self._existing: dict[str, str] | None = None  # child runs in MLflow by trial id, searched once per driver
+        self._created_now: set[str] = set()  # runs this driver just created (RUNNING)
 
     def __getstate__(self) -> dict[str, Any]:  # pickled into the Tuner's state (with the callback): no run caches
         state = self.__dict__.copy()
-        for key in ("_runs", "_params_done", "_logged", "_experiment_id"):
+        for key in ("_runs", "_params_done", "_logged", "_experiment_id", "_existing", "_created_now"):
             state.pop(key, None)
         return state
 
@@ -182,7 +184,9 @@ class TrialRuns:
     def pick_up(self) -> None:
         """Know a resumed sweep's child runs, with the epochs they already logged."""
         client = self.client()
-        for tid, run in self.child_runs().items():
+        runs = self.child_runs()
+        self._existing = {tid: run.info.run_id for tid, run in runs.items()}
+        for tid, run in runs.items():
             self._runs[tid] = run.info.run_id
             self._logged[tid] = {int(m.step) for m in client.get_metric_history(run.info.run_id, "train_loss")}
 
@@ -190,12 +194,15 @@ class TrialRuns:
         """The child run of ``trial_id``, created (with the trial's resolved config as params) if needed."""
         if trial_id in self._runs:
             return self._runs[trial_id]
-        existing = self.child_runs().get(trial_id)
+        if self._existing is None:  # one search per driver: after it, only this driver creates the sweep's runs
+            self._existing = {tid: run.info.run_id for tid, run in self.child_runs().items()}
+        existing = self._existing.get(trial_id)
         if existing is not None:
-            run_id = existing.info.run_id
+            run_id = existing
+            run = self.client().get_run(run_id)
             history = self.client().get_metric_history(run_id, "train_loss")
             self._logged.setdefault(trial_id, set()).update(int(m.step) for m in history)
-            if all(param in existing.data.params for param in artifacts.RESOLVED_PARAMS.values()):
+            if all(param in run.data.params for param in artifacts.RESOLVED_PARAMS.values()):
                 self._params_done.add(trial_id)
         else:
             tags = {TRIAL_TAG: trial_id, SWEEP_TAG: self.sweep_name, "coop.searched": describe_config(config)}
@@ -204,12 +211,17 @@ class TrialRuns:
             params = tracking.flatten_params(trial_spec(self.base_spec, config)) | {"trial_id": trial_id}
             tracking.log_params(run_id, params, tracking_uri=self.tracking_uri)
             self._describe(trial_id, run_id, config)
+            self._existing[trial_id] = run_id
+            self._created_now.add(trial_id)
         self._runs[trial_id] = run_id
         return run_id
 
     def set_running(self, trial_id: str, config: Mapping[str, Any]) -> None:
         """Open the trial's run, or set a resumed trial's run RUNNING again."""
         run_id = self.run_for(trial_id, config)
+        if trial_id in self._created_now:  # created RUNNING a moment ago
+            self._created_now.discard(trial_id)
+            return
         if self.client().get_run(run_id).info.status != "RUNNING":
             self.client().update_run(run_id, status="RUNNING")
 
@@ -236,13 +248,14 @@ class TrialRuns:
         reports some epochs again: each is logged once)."""
         return epoch in self._logged.get(trial_id, set())
 
-    def log_epoch(self, trial_id: str, config: Mapping[str, Any], result: Mapping[str, Any]) -> None:
-        """Log one epoch's report (``artifacts.EPOCH_KEYS``, ``step = epoch``) and, once, the resolved params."""
+    def log_epochs(self, trial_id: str, config: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) -> None:
+        """Log epoch reports (``artifacts.EPOCH_KEYS``, ``step = epoch``) in one batch and, once, the resolved
+        params."""
         run_id = self.run_for(trial_id, config)
-        row = {k: result[k] for k in artifacts.EPOCH_KEYS if k in result}
-        tracking.log_epoch_metrics(run_id, [row], tracking_uri=self.tracking_uri)
-        self._log_resolved_params(trial_id, run_id, result)
-        self._logged.setdefault(trial_id, set()).add(int(result["epoch"]))
+        rows = [{k: result[k] for k in artifacts.EPOCH_KEYS if k in result} for result in results]
+        tracking.log_epoch_metrics(run_id, rows, tracking_uri=self.tracking_uri)
+        self._log_resolved_params(trial_id, run_id, results[-1])
+        self._logged.setdefault(trial_id, set()).update(int(result["epoch"]) for result in results)
 
     # -- closing a trial's run ----------------------------------------------------------------------------------------
 

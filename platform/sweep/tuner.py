@@ -17,6 +17,7 @@ from typing import Any
 
 import optuna
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
@@ -96,6 +97,11 @@ def build_tuner(settings: SweepSettings, verbose: bool, spec: Any, space: Mappin
     # metric check would turn that report into an error the trial is retried for (diverging again). Without the
     # check ASHA ignores the report and Optuna records the trial as pruned. Read by Tune at every result.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # Tune's default loggers are its JSON and CSV results (kept: Tune's ResultGrid reads them) and TensorBoard event
+    # files, which nothing here reads (MLflow is the sweep's tracking) and which cost the driver more than the rest
+    # of Tune's result handling for a packed trial's report of every member. Read by Tune when the run starts.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    callbacks = [*callbacks, JsonLoggerCallback(), CSVLoggerCallback()]
     if restore and tune.Tuner.can_restore(sweep_dir):
         logger.info("resuming sweep %s from %s", name, sweep_dir)
         return tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)

@@ -9,8 +9,9 @@ sequences; the sweeps run on real EuroSAT with the tests' ridge-aligned tiny ViT
 from __future__ import annotations
 
 import json
+import math
 import random
-from platform.sweep.halving import AshaRungs
+from platform.sweep.halving import AshaRungs, RungsClient
 from platform.sweep.pack_search import PackedOptunaSearch
 from platform.sweep.packs import chunk, pack_sizes
 from platform.sweep.tuner import to_tune_space
@@ -49,6 +50,43 @@ def test_the_pack_rule_decides_as_rays_asha_bracket(max_t, grace, rf):
                 stopped.add(t)
         restored = AshaRungs.from_dict(ours.to_dict())  # what a resumed sweep reads back
         assert restored.rungs == ours.rungs
+
+
+@pytest.mark.parametrize(("max_t", "grace", "rf"), [(9, 1, 2), (9, 2, 3), (20, 3, 2.5), (40, 1, 3)])
+def test_a_pack_asks_the_rungs_only_where_they_could_stop_it_and_gets_their_answers(max_t, grace, rf):
+    rng = random.Random(max_t * 7 + grace)
+    for trial in range(20):
+        direct, behind = AshaRungs(max_t, grace, rf), AshaRungs(max_t, grace, rf)
+        asked = []
+
+        def ask(key, epoch, value, behind=behind, asked=asked):
+            asked.append((key, epoch))
+            return behind.stop(key, epoch, None if value is None or math.isnan(value) else value)  # as RungsActor
+
+        milestones = [m for m, _ in behind.rungs]
+        clients = [RungsClient(ask, max_t, milestones) for _ in range(2)]  # two packs of one sweep
+        keys = {f"t{i}": clients[i % 2] for i in range(rng.randint(2, 12))}
+        epoch, stopped = dict.fromkeys(keys, 0), set()
+        if trial % 4 == 3:  # a resumed sweep: the actor holds records the new packs' clients never saw
+            for key in keys:
+                value = rng.random() * 100
+                direct.stop(key, grace, value)
+                behind.stop(key, grace, value)
+                epoch[key] = grace
+        while running := [t for t in epoch if t not in stopped and epoch[t] < max_t]:
+            t = rng.choice(running)
+            epoch[t] += 1
+            value = rng.choice([rng.random() * 100, round(rng.random() * 10) * 10.0, None, float("nan")])
+            expected = direct.stop(t, epoch[t], None if value is None or math.isnan(value) else value)
+            assert keys[t].stop(t, epoch[t], value) == expected, (t, epoch[t], value)
+            if expected:
+                stopped.add(t)
+        assert behind.rungs == direct.rungs  # the actor recorded exactly what it would have been asked every epoch
+    # A configuration that reports a value every epoch asks once per rung, not once per epoch.
+    asked = []
+    client = RungsClient(lambda *a: asked.append(a) or False, max_t, [m for m, _ in AshaRungs(max_t, grace, rf).rungs])
+    assert [client.stop("t", e, 50.0) for e in range(1, max_t + 1)] == [False] * (max_t - 1) + [True]
+    assert [e for _, e, _ in asked] == sorted({math.ceil(m) for m, _ in AshaRungs(max_t, grace, rf).rungs})
 
 
 def test_packs_are_cut_evenly():

@@ -137,12 +137,15 @@ class Segments:
 
     buckets: the segments grouped by length (attention pads within a bucket only). out_index: ``(T,)`` row of each
     flat token in the buckets' padded query rows, concatenated. eot: ``(n,)`` flat index of each prompt's
-    end-of-text token, in prompt order.
+    end-of-text token, in prompt order. eot_kv_index ``(n, Lk)``, eot_bias ``(n, 1, 1, Lk)``: what each end-of-text
+    token attends to (its prompt's tokens; padded keys masked), for the last block, which runs only those tokens.
     """
 
     buckets: tuple[SegmentBucket, ...]
     out_index: torch.Tensor
     eot: torch.Tensor
+    eot_kv_index: torch.Tensor
+    eot_bias: torch.Tensor
 
     @property
     def n_tokens(self) -> int:
@@ -217,7 +220,18 @@ def segments(parents: Sequence[int], lengths: Sequence[int], eot: Sequence[int],
             out_index[start:start + n] = row0 + i * lq + torch.arange(n)
         row0 += len(members) * lq
         buckets.append(SegmentBucket(q_index.to(device), kv_index.to(device), bias.to(device)))
-    return Segments(tuple(buckets), out_index.to(device), torch.as_tensor(list(eot), dtype=torch.long).to(device))
+    ending = {start + n - 1: s for s, (start, n) in enumerate(zip(starts, lengths))}
+    if any(e not in ending for e in eot):
+        raise ValueError("every end-of-text token must end its segment")
+    prompts = [chains[ending[e]] + list(range(starts[ending[e]], e + 1)) for e in eot]
+    lk = max(len(p) for p in prompts)
+    eot_kv = torch.zeros(len(eot), lk, dtype=torch.long)
+    eot_bias = torch.full((len(eot), 1, 1, lk), float("-inf"))
+    for i, p in enumerate(prompts):
+        eot_kv[i, :len(p)] = torch.tensor(p)
+        eot_bias[i, 0, 0, :len(p)] = 0.0
+    return Segments(tuple(buckets), out_index.to(device), torch.as_tensor(list(eot), dtype=torch.long).to(device),
+                    eot_kv.to(device), eot_bias.to(device))
 
 
 def _block_forward_segments(block: nn.Module, x: torch.Tensor, seg: Segments,
@@ -244,6 +258,27 @@ def _block_forward_segments(block: nn.Module, x: torch.Tensor, seg: Segments,
     out = torch.cat(outs).index_select(0, seg.out_index)  # (T, width)
     x = x + block.ls_1(attn.out_proj(out))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def _last_block_at_eot(block: nn.Module, x: torch.Tensor, seg: Segments) -> torch.Tensor:
+    """The last block for the end-of-text tokens only (what the text feature reads): keys and values of every token,
+    queries, attention, projection and MLP for those tokens alone; ``(n, width)``."""
+    attn = block.attn
+    width = x.shape[1]
+    heads, hd = attn.num_heads, width // attn.num_heads
+    w, b = attn.in_proj_weight, attn.in_proj_bias
+    h = block.ln_1(x)
+    kv = F.linear(h, w[width:], None if b is None else b[width:])  # (T, 2 * width)
+    x_eot = x.index_select(0, seg.eot)  # (n, width)
+    q = F.linear(h.index_select(0, seg.eot), w[:width], None if b is None else b[:width])  # (n, width)
+    k, v = kv.view(-1, 2, heads, hd).unbind(1)  # (T, heads, hd) each
+    n, lk = seg.eot_kv_index.shape
+    keys = k.index_select(0, seg.eot_kv_index.reshape(-1)).view(n, lk, heads, hd).transpose(1, 2)
+    values = v.index_select(0, seg.eot_kv_index.reshape(-1)).view(n, lk, heads, hd).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.view(n, 1, heads, hd).transpose(1, 2), keys, values,
+                                         attn_mask=seg.eot_bias.to(q.dtype))  # (n, heads, 1, hd)
+    x_eot = x_eot + block.ls_1(attn.out_proj(out.reshape(n, width)))
+    return x_eot + block.ls_2(block.mlp(block.ln_2(x_eot)))
 
 
 class TextEncoder(nn.Module):
@@ -283,9 +318,10 @@ class TextEncoder(nn.Module):
         if not self.segments_ok:
             raise ValueError("this text tower cannot run flat segments (custom blocks or gradient checkpointing)")
         bias: dict[tuple[int, torch.dtype], torch.Tensor] = {}
-        for block in self.transformer.resblocks:
+        *blocks, last = self.transformer.resblocks
+        for block in blocks:
             x = _block_forward_segments(block, x, seg, bias)
-        return self._project(self.ln_final(x.index_select(0, seg.eot)))
+        return self._project(self.ln_final(_last_block_at_eot(last, x, seg)))
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         if self.text_projection is None:

@@ -234,6 +234,17 @@ def segments(parents: Sequence[int], lengths: Sequence[int], eot: Sequence[int],
                     eot_kv.to(device), eot_bias.to(device))
 
 
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``scaled_dot_product_attention(q, k, v, attn_mask)`` as its definition (batched matmuls and a softmax), with
+    ``bias`` ``(S * heads, Lq, Lk)``: for many short segments this is faster on CPU than the fused kernel, which
+    works in blocks sized for long sequences (the same values up to rounding)."""
+    n_seg, heads, lq, hd = q.shape
+    lk = k.shape[2]
+    scores = torch.baddbmm(bias, q.reshape(n_seg * heads, lq, hd), k.reshape(n_seg * heads, lk, hd).transpose(1, 2),
+                           alpha=hd ** -0.5)  # (S * heads, Lq, Lk)
+    return torch.bmm(scores.softmax(-1), v.reshape(n_seg * heads, lk, hd)).view(n_seg, heads, lq, hd)
+
+
 def _block_forward_segments(block: nn.Module, x: torch.Tensor, seg: Segments,
                             bias: dict[tuple[int, torch.dtype], torch.Tensor]) -> torch.Tensor:
     """:func:`_block_forward` on flat tokens ``(T, width)`` laid out as ``seg`` (``bias``: each bucket's mask per
@@ -250,10 +261,12 @@ def _block_forward_segments(block: nn.Module, x: torch.Tensor, seg: Segments,
 
     outs = []
     for b, bucket in enumerate(seg.buckets):
-        if (b, q.dtype) not in bias:
-            bias[b, q.dtype] = bucket.bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(rows(q, bucket.q_index), rows(k, bucket.kv_index),
-                                             rows(v, bucket.kv_index), attn_mask=bias[b, q.dtype])  # (S, h, Lq, hd)
+        n_seg, lq = bucket.q_index.shape
+        lk = bucket.kv_index.shape[1]
+        if (b, q.dtype) not in bias:  # (S * heads, Lq, Lk), the mask repeated for each head
+            bias[b, q.dtype] = bucket.bias.to(q.dtype).expand(n_seg, heads, lq, lk).reshape(n_seg * heads, lq, lk)
+        out = _attention(rows(q, bucket.q_index), rows(k, bucket.kv_index), rows(v, bucket.kv_index),
+                         bias[b, q.dtype])  # (S, heads, Lq, hd)
         outs.append(out.transpose(1, 2).reshape(-1, width))
     out = torch.cat(outs).index_select(0, seg.out_index)  # (T, width)
     x = x + block.ls_1(attn.out_proj(out))

@@ -4,9 +4,11 @@ the one-line failure."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from platform.ray_runtime import USE_GPU_VALUES, resolve_use_gpu
@@ -36,6 +38,34 @@ from coop_core.config import (
 from coop_core.datasets import CLASS_SUBSETS, DEFAULT_TEMPLATE, folder_source, list_datasets
 
 logger = logging.getLogger(__name__)
+
+
+def run_command(main: Any) -> NoReturn:
+    """A CLI's ``__main__``: run ``main()`` and end the process with its status (130, and no traceback, on a Ctrl-C
+    outside the training, which handles its own).
+
+    The process ends as the interpreter would end it -- output flushed, non-daemon threads joined, logging shut
+    down, ``atexit`` handlers run (Ray's shutdown, temporary folders removed) -- and then with ``os._exit``, skipping
+    the interpreter's module teardown that follows: with torch, torchvision and open_clip loaded it is about 1.5 s of
+    a 2-core machine's time after the command is done.
+    """
+    try:
+        status = main()
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        status = 130
+    except SystemExit as exit_:
+        status = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        if exit_.code is not None and not isinstance(exit_.code, int):
+            sys.stderr.write(f"{exit_.code}\n")
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    logging.shutdown()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status or 0)
 
 
 class Parser(argparse.ArgumentParser):

@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -371,10 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from platform.cli import run_command
     from platform.study import main as _main
 
-    try:
-        sys.exit(_main())
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
+    run_command(_main)

@@ -203,10 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Run the importable module's main, not this __main__ copy, so log records carry the "platform.train" logger name.
+    from platform.cli import run_command
     from platform.train import main as _main
 
-    try:
-        sys.exit(_main())
-    except KeyboardInterrupt:  # Ctrl-C outside the training itself (which handles its own): no traceback
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
+    run_command(_main)

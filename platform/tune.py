@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from platform.cli import (
     Parser,
@@ -88,10 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Run the importable module's main, not this __main__ copy, so log records carry the "platform.tune" logger name.
+    from platform.cli import run_command
     from platform.tune import main as _main
 
-    try:
-        sys.exit(_main())
-    except KeyboardInterrupt:  # Ctrl-C outside the training itself (which handles its own): no traceback
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
+    run_command(_main)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-from numerics import TRAJECTORY, assert_reordered, assert_reordered_scalar
+from numerics import FORWARD_BACKWARD, ONE_PASS, TRAJECTORY, assert_reordered, assert_reordered_scalar
 
 from coop_core.config import PromptConfig, TrainConfig
 from coop_core.engine import NonFiniteLossError, train
@@ -150,3 +151,46 @@ def test_a_resumed_pack_leaves_its_stopped_members_stopped(tiny_clip):
     assert results[1].history == [] and results[1].stopped_after == 0
     assert torch.equal(members[1].model.prompt_learner.ctx, before)
     assert len(results[0].history) == members[0].cfg.resolved_epochs
+
+
+@pytest.mark.parametrize("arch", ["vit", "custom_text"])
+def test_one_flat_text_pass_gives_every_member_its_own_features_and_gradients(arch, tiny_clip, tiny_vit_config,
+                                                                                tmp_path):
+    """The pack's text step (segments: the shared start token, each unified prefix once, no padding; the last block
+    only at the end-of-text tokens) against each member's own ``text_features`` with its own truncation."""
+    from coop_core.backbone import load_clip
+    from coop_core.pack import _PackedPrompts
+
+    if arch == "vit":
+        clip = tiny_clip
+    else:
+        config = json.loads(open(tiny_vit_config).read()) | {"custom_text": True}
+        (tmp_path / "custom.json").write_text(json.dumps(config))
+        clip = load_clip(str(tmp_path / "custom.json"), "none")
+    models = [_member(clip, c, i).model for i, c in enumerate(CONFIGS)]
+    g = torch.Generator().manual_seed(7)
+    weights = [torch.randn(m.prompt_learner.n_cls, D, generator=g) for m in models]  # a loss that reads every row
+
+    packed = _PackedPrompts.build(models).text_features(models)
+    sum((t * w).sum() for t, w in zip(packed, weights)).backward()
+    packed_grads = [m.prompt_learner.ctx.grad.clone() for m in models]
+    for m in models:
+        m.prompt_learner.ctx.grad = None
+    for i, (m, w, t, grad) in enumerate(zip(models, weights, packed, packed_grads)):
+        own = m.text_features()
+        (own * w).sum().backward()
+        assert_reordered(t, own, ONE_PASS, f"member {i} text features")
+        assert_reordered(grad, m.prompt_learner.ctx.grad, FORWARD_BACKWARD, f"member {i} context gradient")
+
+
+def test_a_tower_that_cannot_run_segments_packs_its_prompts_padded(tiny_vit_config):
+    from coop_core.backbone import load_clip
+
+    clip = load_clip(tiny_vit_config, "none")
+    clip.model.set_grad_checkpointing(True)  # open_clip's checkpointed blocks: not the plain ones segments reproduce
+    members = [_member(clip, c, i) for i, c in enumerate(CONFIGS[:3])]
+    assert not members[0].model.text_encoder.segments_ok
+    solos = [_solo(m) for m in members]
+    results = train_pack(members)
+    for i, (m, r, (history, ctx)) in enumerate(zip(members, results, solos)):
+        _same(r.history, m.model.prompt_learner.ctx.detach(), history, ctx, f"member {i}")

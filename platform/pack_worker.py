@@ -26,7 +26,7 @@ from platform import artifacts
 from platform.progress import ProgressFn
 from platform.run_spec import RunSpec
 from platform.sweep.packs import FAILED, FINISHED, MEMBERS_KEY, PACK_FILE, RUNNING, STATUS_KEY, STOPPED
-from platform.worker import PreparedRun, final_metrics, prepare_run, write_final_artifacts
+from platform.worker import EpochHook, PreparedRun, final_metrics, prepare_run, write_final_artifacts
 from typing import Any
 
 import torch
@@ -99,10 +99,12 @@ def _restore(session: Any, members: Sequence[_Member], keep: Path) -> None:
 
 
 def run_pack(member_ids: Sequence[str], specs: Sequence[RunSpec], session: Any, *, device: torch.device,
-             stop: StopRule | None = None, progress: ProgressFn | None = None) -> None:
+             stop: StopRule | None = None, progress: ProgressFn | None = None,
+             epoch_hooks: Sequence[EpochHook] = ()) -> None:
     """Train the configurations ``specs`` (member ids ``member_ids``) as one pack, reporting every pack epoch to
     ``session`` (a Tune session: ``report(metrics, checkpoint_dir)`` and ``checkpoint()``), each member's latest
-    report under ``"members"``; ``stop`` is ASHA's decision per member (None: no early stopping)."""
+    report under ``"members"``; ``stop`` is ASHA's decision per member (None: no early stopping); ``epoch_hooks``
+    are called after each pack epoch's report with ``(epoch, 0)``, as a solo run calls them."""
     t_start, entered_at = time.perf_counter(), time.time()
     others = sorted({spec.method.name for spec in specs} - {"coop"})
     if others:  # the launch path refuses these (plan.check_pack_methods); a pack has no other method's loss
@@ -175,6 +177,8 @@ def run_pack(member_ids: Sequence[str], specs: Sequence[RunSpec], session: Any, 
         for m in members:
             m.ended_now = False
         timing["time_report_s"] += time.perf_counter() - t0
+        for hook in epoch_hooks:
+            hook(epoch, 0)
 
     stopped = [j for j, m in enumerate(members) if m.status != RUNNING]
     logger.info("training a pack of %d configurations (%s) on %s", len(members), ", ".join(member_ids), device)

@@ -79,10 +79,12 @@ def _features_progress(progress_board: Any) -> Any:
 
 
 def packed_trial(config: dict[str, Any], *, base_spec: dict[str, Any], log_level: str = "WARNING",
-                 rungs_actor: str | None = None, progress_board: Any = None) -> None:
+                 rungs_actor: str | None = None, progress_board: Any = None,
+                 epoch_hooks: Sequence[EpochHook] = ()) -> None:
     """Tune function trainable: a pack of configurations (``config["pack"]``) trained together in this trial's
     process (see the module docstring). ``rungs_actor``: the name of the sweep's ``RungsActor`` (ASHA's records for
-    every configuration), or None when the sweep does not stop early (a study)."""
+    every configuration), or None when the sweep does not stop early (a study). ``epoch_hooks``: called after each
+    pack epoch's report with ``(epoch, 0)``."""
 
     trial_id = ray.tune.get_context().get_trial_id()
     members = packs.members(trial_id, config)
@@ -95,7 +97,7 @@ def packed_trial(config: dict[str, Any], *, base_spec: dict[str, Any], log_level
         stop = RungsClient(lambda mid, epoch, value: ray.get(actor.stop.remote(mid, epoch, value)),
                            *ray.get(actor.plan.remote())).stop
     run_pack([mid for mid, _ in members], specs, RaySession("tune"), device=_device(specs[0]), stop=stop,
-             progress=_features_progress(progress_board))
+             progress=_features_progress(progress_board), epoch_hooks=epoch_hooks)
 
 
 def ray_train_trial(config: dict[str, Any], *, base_spec: dict[str, Any], train_storage: str, max_failures: int,

@@ -68,7 +68,7 @@ def build_tuner(settings: SweepSettings, verbose: bool, spec: Any, space: Mappin
     if state.pack_size > 1:
         trainable = tune.with_resources(tune.with_parameters(
             packed_trial, base_spec=spec.to_dict(), log_level=log_level, rungs_actor=rungs_actor,
-            progress_board=progress_board),
+            progress_board=progress_board, epoch_hooks=list(epoch_hooks)),
             {"cpu": spec.cpus_per_worker, "gpu": state.gpus_per_trial if spec.use_gpu else 0})
         trial_failures = max_failures
     elif state.trial_runner == "in-process":

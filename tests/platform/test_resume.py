@@ -149,3 +149,82 @@ def test_resume_finishes_an_interrupted_sweep_without_rerunning_finished_trials(
         if child.data.tags["coop.trial_id"] in finished:
             assert sorted(steps) == list(range(1, EPOCHS + 1))
             assert "test_acc" in child.data.metrics
+
+
+PACKED_CONFIGS, PACKED_EPOCHS = 4, 4
+
+
+def test_resume_finishes_a_killed_packed_sweep_continuing_each_member_from_its_checkpoint(
+    small_eurosat_root, feature_cache, tiny_vit_config, tmp_path
+):
+    """Packs of 2 configurations, one pack at a time; the driver and its Ray are SIGKILLed once the first pack has
+    finished and the second has checkpointed an epoch. ``--resume`` leaves the finished pack as it was, continues
+    the second from its checkpoint (no epoch of it is reported twice), and ends with one FINISHED child run per
+    configuration holding each of its epochs once, and one registered version."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = tmp_path / "ray"
+    sweep_dir = storage / "packed"
+    args = ["--dataset", "eurosat", "--data-root", str(small_eurosat_root),
+            "--backbone", tiny_vit_config, "--pretrained", "none", "--shots", "1", "--epochs", str(PACKED_EPOCHS),
+            "--n-views", "1", "--batch-size", "8", "--max-test-items", "20", "--num-samples", str(PACKED_CONFIGS),
+            "--pack-size", "2", "--max-concurrent", "1", "--grace-period", str(PACKED_EPOCHS),
+            "--cache-dir", str(feature_cache), "--storage-path", str(storage), "--tracking-uri", uri,
+            "--sweep-name", "packed", "--json"]
+    slow = [sys.executable, "-c", "import sys; sys.path.insert(0, 'tests/platform'); import faults; "
+            "faults.tune_main_with_hooks()", json.dumps([{"pause": 1.0}]), *args]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"
+
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(slow, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    finished: dict[str, dict] = {}
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and proc.poll() is None:
+            states = _trial_states(sweep_dir)
+            finished = {tid: s for tid, s in states.items() if s["status"] == "TERMINATED"}
+            running = [s for s in states.values() if s["status"] == "RUNNING"]
+            if finished and running and _epochs_reported(sweep_dir, running[0]["logdir"]):
+                break  # the second pack has reported (and checkpointed) an epoch
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=180)
+        log.close()
+    first_log = (tmp_path / "first.log").read_text()
+    assert finished and proc.returncode == -signal.SIGKILL, f"rc {proc.returncode}:\n{first_log[-3000:]}"
+    rows_before = {tid: _result_rows(sweep_dir, s["logdir"]) for tid, s in finished.items()}
+
+    resumed = subprocess.run([sys.executable, "-m", "platform.tune", *args, "--resume"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary["resumed"] is True and summary["pack_size"] == 2
+    assert summary["trials"] == PACKED_CONFIGS and summary["trials_finished"] == PACKED_CONFIGS
+    assert summary["trials_errored"] == 0 and summary["registered_version"] == 1
+
+    states = _trial_states(sweep_dir)
+    assert len(states) == PACKED_CONFIGS // 2 and {s["status"] for s in states.values()} == {"TERMINATED"}
+    for tid, rows in rows_before.items():
+        assert _result_rows(sweep_dir, states[tid]["logdir"]) == rows, f"finished pack {tid} was run again"
+    for tid, s in states.items():  # the killed pack went on from its checkpoint: no pack epoch reported twice
+        epochs = _epochs_reported(sweep_dir, s["logdir"])
+        assert epochs == sorted(set(epochs)) and epochs[-1] == PACKED_EPOCHS, (tid, epochs)
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    members = sorted(f"{tid}-m{j}" for tid in states for j in range(2))
+    assert sorted(c.data.tags["coop.trial_id"] for c in children) == members  # one run per configuration
+    for child in children:
+        assert child.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
+        assert sorted(steps) == list(range(1, PACKED_EPOCHS + 1)), (child.data.tags["coop.trial_id"], steps)
+        assert "test_acc" in child.data.metrics
+    versions = client.search_model_versions("name = 'coop-eurosat'")
+    assert [int(v.version) for v in versions] == [1]

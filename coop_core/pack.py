@@ -3,12 +3,16 @@
 A sweep's configurations differ only in their context vectors and recipe; CLIP is frozen and shared. So a pack trains
 K members in one process with one copy of CLIP, and each step runs **one** text-encoder forward and backward over
 every member's prompts at once (different context lengths, class-token positions, unified and class-specific
-contexts, class lists: all padded into one batch of full-length prompts, truncated at the longest end-of-text
-token). This is exact, not an approximation: the text transformer is causal and reads each prompt at its own
-end-of-text position, so padding after it changes nothing; each row of the batch attends only to itself; and the
-members' losses are summed, so each member's context gets exactly its own loss's gradient (the frozen weights take
-none). What differs from a member's solo run (:func:`coop_core.engine.train`) is only float rounding: the batch's
-reductions run in another order and a solo unified context computes its shared prompt prefix once.
+contexts, class lists). The prompts are laid out flat, without padding (``TextEncoder.forward_segments``): the
+start-of-text token once for every prompt of every member, each unified context's prefix once for its classes, each
+class's remainder up to its end-of-text token, and the last block only at the end-of-text tokens. This is exact, not an
+approximation: the text transformer is causal and reads each prompt at its own end-of-text position, so a token's
+state depends only on the tokens before it in its own prompt, which is what each segment attends to; and the members'
+losses are summed, so each member's context gets exactly its own loss's gradient (the frozen weights take none). What
+differs from a member's solo run (:func:`coop_core.engine.train`) is only float rounding: the batch's reductions run
+in another order. The rest of the step is batched too: the members' logits and losses in one batched product, and
+one multi-tensor SGD update (the arithmetic of each member's ``torch.optim.SGD``) for the members sharing a learning
+rate; validation encodes every member due for it in one pass.
 
 Everything else is the member's own, as in its solo run: its training data (its shots and seed: the same
 ``global_batches`` and cached-view draws), SGD with its own momentum, weight decay, learning rate and CoOp schedule,

@@ -23,10 +23,12 @@ Segments (many prompt sets in one pass, ``coop_core.pack``): the shared prefix g
 tokens are laid out flat, without padding, as *segments*: runs of consecutive positions whose hidden states are the
 same wherever they occur (the start-of-text token, which every prompt of every prompt set shares; a unified
 context's prefix, which its classes share; each prompt's own remainder). A segment attends to its ancestors' tokens
-and causally to its own (:class:`Segments`), so each token's state is the one it has in its own prompt's full pass;
-the linear layers run on the flat tokens only, and attention on the segments padded to the longest (padding is
-masked out). With many prompt sets of different lengths this runs 2-3x fewer token rows than padding every prompt to
-the longest one.
+and causally to its own (:class:`Segments`), so each token's state is the one it has in its own prompt's full pass.
+The linear layers run on the flat tokens only; attention runs per bucket of similar-length segments, padded to the
+bucket's longest (padding masked out), as batched matmuls (faster on CPU than the fused kernel for short segments);
+and the last block runs only the end-of-text tokens, the only ones read (with every token's keys and values). For the
+32 configurations of ``bench/pack_step.py`` this is 2,949 token rows where padding every prompt to the longest gives
+7,360.
 """
 
 from __future__ import annotations

@@ -58,9 +58,7 @@ def run_command(main: Any) -> NoReturn:
         status = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
         if exit_.code is not None and not isinstance(exit_.code, int):
             sys.stderr.write(f"{exit_.code}\n")
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    threading._shutdown()  # what the interpreter does first: stop thread pools (their exit hooks), join threads
     logging.shutdown()
     atexit._run_exitfuncs()
     sys.stdout.flush()

@@ -74,3 +74,30 @@ def test_a_grid_over_shots_follows_coops_epochs_by_shots_unless_epochs_is_given(
     assert grid_epochs(spec, {"train.shots": [1, 4]}) == 100 and grid_epochs(spec, {"train.seed": [1, 2]}) == 50
     fixed = spec.with_overrides({"train.epochs": 3})
     assert grid_epochs(fixed, {"train.shots": [1, 16]}) == 3
+
+
+def test_a_command_ends_with_its_status_once_thread_pools_and_atexit_work_are_done(tmp_path):
+    """``run_command`` ends the process with ``os._exit`` (no interpreter teardown) only after what the interpreter
+    would finish first: a thread pool's queued work (MLflow uploads artifacts from one), then ``atexit`` handlers."""
+    import subprocess
+    import sys
+
+    done = tmp_path / "done"
+    code = f"""
+import atexit, sys, time
+from concurrent.futures import ThreadPoolExecutor
+from platform.cli import run_command
+pool = ThreadPoolExecutor(1)
+def main():
+    pool.submit(time.sleep, 0.3)
+    pool.submit(lambda: open({str(done / 'pool')!r}, "w").write("x"))
+    atexit.register(lambda: open({str(done / 'atexit')!r}, "w").write("x"))
+    print("out", end="")  # unflushed output is written too
+    return 3
+run_command(main)
+"""
+    done.mkdir()
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3 and result.stdout == "out", result.stderr
+    assert (done / "pool").exists() and (done / "atexit").exists()

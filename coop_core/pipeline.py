@@ -295,13 +295,17 @@ class FinalEvaluation:
 
 
 def evaluate_final(model: CoOpModel, clip: LoadedClip, splits: DatasetSplits, feats: RunFeatures,
-                   precision: str = "fp32") -> FinalEvaluation:
+                   precision: str = "fp32", zeroshot: Callable[[], dict[str, float]] | None = None
+                   ) -> FinalEvaluation:
     """What every run measures after its last epoch (:class:`FinalEvaluation`); ``feats`` must hold the test split
-    (``prepare_features(..., with_test=True)``)."""
+    (``prepare_features(..., with_test=True)``). ``zeroshot``: where the caller keeps zero-shot CLIP's test result,
+    which depends on CLIP, the class names, the template and the test split only (runs that share those, such as a
+    pack's members, measure it once); computed here by default."""
     if feats.test is None:
         raise ValueError("the final evaluation needs the test split's features (prepare_features with_test=True)")
     test = evaluate(model, feats.test, precision)
-    zeroshot = zeroshot_evaluate(clip.model, clip.tokenizer, splits.classnames, splits.template, feats.test)
+    zeroshot = zeroshot() if zeroshot is not None else zeroshot_evaluate(
+        clip.model, clip.tokenizer, splits.classnames, splits.template, feats.test)
     registry = evaluate(model, feats.registry, precision) if feats.registry is not None else None
     return FinalEvaluation(test, zeroshot, registry)
 

@@ -273,7 +273,7 @@ def prepare_run(spec: RunSpec, device: torch.device, dist: Distributed, progress
     mkey = model_key(spec.model.backbone, spec.model.pretrained, device)
     clip, hit_model = cache.model(mkey, lambda: load_clip(spec.model.backbone, spec.model.pretrained, device=device))
     t_model = time.perf_counter()
-    data_key = (json.dumps(spec.data_ref.to_dict(), sort_keys=True), spec.data_root, spec.max_test_items)
+    data_key = _data_key(spec)
     splits, hit_splits = cache.small(("splits", *data_key), lambda: load_splits(spec))
     fewshot, _ = cache.small(("fewshot", *data_key, cfg.shots, cfg.seed),
                              lambda: build_few_shot(splits, cfg.shots, cfg.seed, spec.cache_dir))
@@ -308,10 +308,23 @@ def prepare_run(spec: RunSpec, device: torch.device, dist: Distributed, progress
                        int(hit_model) + int(hit_splits) + int(hit_feats), t_model - t_start, t_setup - t_model)
 
 
+def _data_key(spec: RunSpec) -> tuple[str, str, int | None]:
+    """What a run's splits (and test split) are cached under in the warm process cache."""
+    return json.dumps(spec.data_ref.to_dict(), sort_keys=True), spec.data_root, spec.max_test_items
+
+
 def final_metrics(spec: RunSpec, prep: PreparedRun, device: torch.device) -> dict[str, float]:
     """The last epoch's measures (rank 0): test and zero-shot accuracy, the registry set's accuracy, and every
-    evaluation target's (``target/<label>/...``), as ``coop_core.run_coop`` measures them."""
-    done = evaluate_final(prep.model, prep.clip, prep.splits, prep.feats, spec.train.precision)
+    evaluation target's (``target/<label>/...``), as ``coop_core.run_coop`` measures them. Zero-shot CLIP's result is
+    the same for every run on the same CLIP and test split: measured once per process (a pack's members, the warm
+    trials of a sweep) and then taken from the warm cache."""
+    splits, feats = prep.splits, prep.feats
+
+    def zeroshot() -> dict[str, float]:
+        return process_cache().small(("zeroshot", prep.mkey, *_data_key(spec)), lambda: zeroshot_evaluate(
+            prep.clip.model, prep.clip.tokenizer, splits.classnames, splits.template, feats.test))[0]
+
+    done = evaluate_final(prep.model, prep.clip, prep.splits, prep.feats, spec.train.precision, zeroshot=zeroshot)
     metrics = {"test_acc": done.test["acc"], "test_macro_f1": done.test["macro_f1"],
                "zeroshot_test_acc": done.zeroshot_test["acc"], "zeroshot_test_macro_f1": done.zeroshot_test["macro_f1"]}
     if done.registry is not None:

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,39 @@ def _epochs_reported(sweep_dir: Path, logdir: str) -> list[int]:
     return [int(row["epoch"]) for row in rows if "epoch" in row]
 
 
+def _interrupt_when(args: list[str], sweep_dir: Path, tmp_path: Path, sig: int, ready: Callable[[dict], bool]
+                    ) -> tuple[subprocess.Popen, dict[str, dict], dict[str, str], str]:
+    """Run the sweep ``args`` pausing 1 s after every epoch (a hook injected in the child), send ``sig`` to its
+    process group once ``ready(trial states)`` holds, and wait for it: (process, the trials TERMINATED by then, the
+    environment for the resumed run, the first run's log)."""
+    slow = [sys.executable, "-c", "import sys; sys.path.insert(0, 'tests/platform'); import faults; "
+            "faults.tune_main_with_hooks()", json.dumps([{"pause": 1.0}]), *args]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"  # write the experiment state often, so the signal finds it current
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(slow, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    finished: dict[str, dict] = {}
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and proc.poll() is None:
+            states = _trial_states(sweep_dir)
+            finished = {tid: s for tid, s in states.items() if s["status"] == "TERMINATED"}
+            if ready(states):
+                break
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            # SIGKILL: the driver, its Ray cluster and every worker, no clean shutdown. SIGINT: Ctrl-C.
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        log.close()
+    return proc, finished, env, (tmp_path / "first.log").read_text()
+
+
 @pytest.mark.parametrize(("runner", "sig"), [("in-process", signal.SIGKILL), ("ray-train", signal.SIGKILL),
                                              ("in-process", signal.SIGINT)], ids=["in-process-SIGKILL",
                                                                                   "ray-train-SIGKILL",
@@ -68,35 +102,10 @@ def test_resume_finishes_an_interrupted_sweep_without_rerunning_finished_trials(
             "--n-views", "1", "--batch-size", "8", "--max-test-items", "20", "--num-samples", str(NUM_SAMPLES),
             "--max-concurrent", "2", "--cache-dir", str(feature_cache), "--storage-path", str(storage),
             "--tracking-uri", uri, "--sweep-name", "interrupted", "--trial-runner", runner, "--json"]
-    # The first run pauses after every epoch (a hook injected in the child), so trials take seconds and the kill
-    # below lands while later trials still run; the resumed run is the plain CLI.
-    slow = [sys.executable, "-c", "import sys; sys.path.insert(0, 'tests/platform'); import faults; "
-            "faults.tune_main_with_hooks()", json.dumps([{"pause": 1.0}]), *args]
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"  # write the experiment state often, so the kill below finds it current
-
-    log = (tmp_path / "first.log").open("w")
-    proc = subprocess.Popen(slow, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    finished: dict[str, dict] = {}
-    try:
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline and proc.poll() is None:
-            states = _trial_states(sweep_dir)
-            finished = {tid: s for tid, s in states.items() if s["status"] == "TERMINATED"}
-            if finished:
-                break
-            time.sleep(0.2)
-    finally:
-        if proc.poll() is None:
-            # SIGKILL: the driver, its Ray cluster and every worker, no clean shutdown. SIGINT: Ctrl-C.
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=180)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
-        log.close()
-    first_log = (tmp_path / "first.log").read_text()
+    # The first run pauses after every epoch, so trials take seconds and the signal lands while later trials run;
+    # the resumed run is the plain CLI.
+    proc, finished, env, first_log = _interrupt_when(
+        args, sweep_dir, tmp_path, sig, lambda states: any(s["status"] == "TERMINATED" for s in states.values()))
     assert finished, f"no trial finished before the deadline (rc {proc.returncode}):\n{first_log[-3000:]}"
     expected_rc = -signal.SIGKILL if sig == signal.SIGKILL else 130
     assert proc.returncode == expected_rc, f"rc {proc.returncode}, not interrupted as sent:\n{first_log[-3000:]}"
@@ -172,29 +181,14 @@ def test_resume_finishes_a_killed_packed_sweep_continuing_each_member_from_its_c
             "--pack-size", "2", "--max-concurrent", "1", "--grace-period", str(PACKED_EPOCHS),
             "--cache-dir", str(feature_cache), "--storage-path", str(storage), "--tracking-uri", uri,
             "--sweep-name", "packed", "--json"]
-    slow = [sys.executable, "-c", "import sys; sys.path.insert(0, 'tests/platform'); import faults; "
-            "faults.tune_main_with_hooks()", json.dumps([{"pause": 1.0}]), *args]
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"
 
-    log = (tmp_path / "first.log").open("w")
-    proc = subprocess.Popen(slow, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    finished: dict[str, dict] = {}
-    try:
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline and proc.poll() is None:
-            states = _trial_states(sweep_dir)
-            finished = {tid: s for tid, s in states.items() if s["status"] == "TERMINATED"}
-            running = [s for s in states.values() if s["status"] == "RUNNING"]
-            if finished and running and _epochs_reported(sweep_dir, running[0]["logdir"]):
-                break  # the second pack has reported (and checkpointed) an epoch
-            time.sleep(0.2)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=180)
-        log.close()
-    first_log = (tmp_path / "first.log").read_text()
+    def second_pack_checkpointed(states: dict) -> bool:
+        running = [s for s in states.values() if s["status"] == "RUNNING"]
+        return (any(s["status"] == "TERMINATED" for s in states.values()) and bool(running)
+                and bool(_epochs_reported(sweep_dir, running[0]["logdir"])))
+
+    proc, finished, env, first_log = _interrupt_when(args, sweep_dir, tmp_path, signal.SIGKILL,
+                                                     second_pack_checkpointed)
     assert finished and proc.returncode == -signal.SIGKILL, f"rc {proc.returncode}:\n{first_log[-3000:]}"
     rows_before = {tid: _result_rows(sweep_dir, s["logdir"]) for tid, s in finished.items()}
 

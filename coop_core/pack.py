@@ -305,15 +305,15 @@ def train_pack(members: Sequence[PackMember], *,
         if not active:
             continue
         t0 = time.perf_counter()
-        batches = {}
+        batches, drawn = {}, {}
         for s in active:
             key = (id(s.spec.data), s.spec.cfg.seed, s.spec.cfg.batch_size)  # members drawing the same batches
-            batches[id(s)] = batches.get(key) or global_batches(s.spec.data.labels.shape[0], s.spec.cfg.batch_size,
-                                                                s.spec.cfg.seed, epoch)
-            batches[key] = batches[id(s)]
+            if key not in drawn:
+                drawn[key] = global_batches(s.spec.data.labels.shape[0], s.spec.cfg.batch_size, s.spec.cfg.seed,
+                                            epoch)
+            batches[id(s)] = drawn[key]
         lrs = {id(s): s.opt.param_groups[0]["lr"] for s in active}
-        sums = torch.zeros(len(active), 2, dtype=torch.float64)  # each active member's summed loss and hits
-        seen = [0] * len(active)
+        sums = torch.zeros(len(active), 3, dtype=torch.float64)  # each active member's summed loss, hits, items
         for step in range(max(len(batches[id(s)]) for s in active)):
             stepping = [j for j, s in enumerate(active) if step < len(batches[id(s)]) and s.result.failure is None]
             if not stepping:
@@ -340,10 +340,10 @@ def train_pack(members: Sequence[PackMember], *,
             rows = torch.tensor(stepping)
             sums[rows, 0] += losses.detach().double().cpu() * n
             sums[rows, 1] += hits.double().cpu()
-            for j in stepping:
-                seen[j] += len(batches[id(active[j])][step])
+            sums[rows, 2] += n
         elapsed = time.perf_counter() - t0
-        ended = [(s, *map(float, sums[j]), seen[j]) for j, s in enumerate(active) if s.result.failure is None]
+        ended = [(s, float(sums[j, 0]), float(sums[j, 1]), int(sums[j, 2])) for j, s in enumerate(active)
+                 if s.result.failure is None]
         validated = _validate([s for s, *_ in ended if _due(s, epoch)], text_step, index, precision)
         for s, loss_sum, correct, n_seen in ended:
             _end_epoch(s, epoch, lrs[id(s)], elapsed, precision, loss_sum, correct, n_seen, validated.get(id(s)))

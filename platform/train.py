@@ -118,10 +118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # --use-gpu auto is resolved once Ray is up; until then assume GPUs may exist (so 'amp' is not refused yet).
         spec = spec_from_args(args, use_gpu=args.use_gpu != "no")
         checked = check_before_ray(spec, tracking_uri=tracking_uri, storage_path=args.storage_path)
+        started_ray = start_ray(args.ray_address, verbose=args.verbose, offline=checked.offline,
+                                tracking_uri=tracking_uri)
     except INPUT_ERRORS as err:
         return fail(str(err))
 
-    started_ray = start_ray(args.ray_address, verbose=args.verbose, offline=checked.offline)
     try:
         spec = resolve_gpus(spec, args.use_gpu)
         warn_unshared_paths(checked.splits, spec, args.storage_path)

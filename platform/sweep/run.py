@@ -2,9 +2,9 @@
 
 1. :func:`resolve_target`: what runs -- the sweep's name and folder, its trials' base run, search space or grid, and
    trial runner; from the saved state when resuming.
-2. ``platform.launch.check_before_ray``: every input checked (every shot count and prompt a trial may train), the
-   tracking store opened.
-3. Ray's start-up, then :func:`place`: the GPU share and how many trials fit at once.
+2. ``platform.launch.check_before_ray``: every input checked (every shot count and prompt a trial may train).
+3. Ray's start-up, the tracking store opened meanwhile (``platform.launch.start_ray``), then :func:`place`: the GPU
+   share and how many trials fit at once.
 4. :func:`start_or_continue`: the sweep's MLflow parent run opened (and its state file written), or the resumed
    one set running again.
 5. :func:`fit`: the Tuner runs every trial, each logged to its MLflow child run as it goes.
@@ -308,9 +308,10 @@ def run_sweep(spec: RunSpec, settings: SweepSettings, infra: InfraSettings, plan
         checked = check_before_ray(target.spec, tracking_uri=target.tracking_uri, storage_path=storage_path,
                                    prompts=prompt_candidates(target.spec, target.space, target.grid),
                                    shots=shot_candidates(target.spec, target.grid))
+        started_ray = start_ray(infra.ray_address, verbose=infra.verbose, offline=checked.offline,
+                                tracking_uri=target.tracking_uri)
     except INPUT_ERRORS as err:
         return SweepOutcome(status=2, error=str(err))
-    started_ray = start_ray(infra.ray_address, verbose=infra.verbose, offline=checked.offline)
     try:  # Ray stops before the outcome is printed: no worker log can follow the report and the JSON line
         try:
             placement = place(target, settings, infra, checked)

@@ -286,6 +286,34 @@ def test_tracking_store_that_is_not_a_database(capsys, base, tmp_path):
     assert "cannot be opened as an SQLite database (file is not a database)" in line
 
 
+@pytest.mark.parametrize("cli", [train, tune])
+def test_a_store_mlflow_cannot_upgrade_is_refused_once_ray_is_up_and_that_ray_is_stopped(capsys, monkeypatch, base,
+                                                                                           tmp_path, cli):
+    """An SQLite store that passes the probe but that MLflow cannot open (a schema revision it does not know, as a
+    newer MLflow leaves) is found while Ray starts (``launch.start_ray`` opens the store meanwhile): one line, exit 2,
+    and the Ray that command started is stopped before it returns."""
+    import sqlite3
+    from platform import launch
+
+    import ray
+
+    db = tmp_path / "newer.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)")
+        conn.execute("INSERT INTO alembic_version VALUES ('ffffffffffff')")
+    conn.close()
+    events: list[str] = []
+    monkeypatch.setattr(launch, "init_ray", lambda *a, **k: events.append("ray started") or True)
+    monkeypatch.setattr(ray, "shutdown", lambda *a, **k: events.append("ray stopped"))
+    rc = cli.main(with_flag(base, "--tracking-uri", f"sqlite:///{db}"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: MLflow cannot open the tracking store sqlite:///{db} (Can't locate revision identified "
+                      "by 'ffffffffffff'); pass another --tracking-uri"], err
+    assert events == ["ray started", "ray stopped"]
+
+
 @pytest.mark.parametrize("flag", ["--cache-dir", "--storage-path"])
 def test_unwritable_folder(capsys, base, tmp_path, flag):
     (tmp_path / "a-file").write_text("")

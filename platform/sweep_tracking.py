@@ -3,10 +3,10 @@
 Tune calls callbacks in the driver process, so the SQLite store has exactly one writer. The callback decides *when*:
 a trial's run is opened when the trial starts, each epoch is logged as it is reported, the run is closed when the
 trial completes or errors; what is written is ``platform.sweep.trial_runs.TrialRuns``'s. A packed trial reports every
-member's epoch at once: those epochs are logged in one batch per member at most every ``PACK_LOG_INTERVAL_S`` seconds,
-whenever a member ends, and when the trial ends (one MLflow write per member per pack epoch was the driver's main
-cost in a packed sweep). It also keeps the driver's
-timing stamps of each trial (when Tune first showed it, the MLflow logging time) and one progress line per event.
+member's epochs since its previous report at once (``platform.pack_worker``): those epochs are logged in one batch
+per member at most every ``PACK_LOG_INTERVAL_S`` seconds, whenever a member ends, and when the trial ends (one MLflow
+write per member per pack epoch was the driver's main cost in a packed sweep). It also keeps the driver's timing
+stamps of each trial (when Tune first showed it, the MLflow logging time) and one progress line per event.
 
 When the store goes away (``_safely``), the sweep goes on: every trial's results stay in its checkpoint under the
 sweep folder, and the runs are repaired later, by the driver once the store answers again or by the sweep's resume
@@ -174,8 +174,12 @@ class MlflowSweepCallback(Callback):
             return
         pending = self._pending.setdefault(trial.trial_id, {})
         ended = False
+        rows = packs.member_epochs(result)
         for tid, config, report, _ in packs.configurations(trial.trial_id, trial.config, result):
             ended |= report.get(packs.STATUS_KEY, packs.RUNNING) != packs.RUNNING
+            for row in rows.get(tid, []):  # the member's epochs since the pack's previous report, this one's last
+                if int(row["epoch"]) != int(report.get("epoch", -1)):
+                    self._log_result(tid, config, row, pending=pending)
             self._log_result(tid, config, report, pending=pending)
         now = time.monotonic()
         if ended or now - self._flushed_at.setdefault(trial.trial_id, now) >= PACK_LOG_INTERVAL_S:

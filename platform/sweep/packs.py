@@ -22,6 +22,7 @@ from typing import Any
 
 PACK_KEY = "pack"  # a packed trial's config: {"pack": [member config, ...]}
 MEMBERS_KEY = "members"  # a packed trial's report: {"members": {member id: member report}}
+MEMBER_EPOCHS_KEY = "member_epochs"  # and {"member_epochs": {member id: [epoch row since the previous report]}}
 STATUS_KEY = "pack_status"  # in a member's report: running | finished | stopped | failed
 PACK_FILE = "pack.json"  # in a pack's checkpoint: the members' ids, configs and statuses
 RUNNING, FINISHED, STOPPED, FAILED = "running", "finished", "stopped", "failed"
@@ -54,6 +55,16 @@ def member_reports(result: Mapping[str, Any] | None) -> dict[str, dict[str, Any]
             mid, _, field = rest.partition("/")
             out.setdefault(mid, {})[field] = value
     return out
+
+
+def member_epochs(result: Mapping[str, Any] | None) -> dict[str, list[dict[str, Any]]]:
+    """Each member's epoch rows since the previous report, in a packed trial's report (nested or flattened as
+    :func:`member_reports` reads): a pack reports at most every second, and the epochs in between come together."""
+    result = result or {}
+    if MEMBER_EPOCHS_KEY in result:
+        return {k: [dict(r) for r in v] for k, v in (result[MEMBER_EPOCHS_KEY] or {}).items()}
+    prefix = MEMBER_EPOCHS_KEY + "/"
+    return {k[len(prefix):]: [dict(r) for r in v] for k, v in result.items() if k.startswith(prefix)}
 
 
 def member_checkpoint(pack_checkpoint: str | None, mid: str) -> str | None:

@@ -11,6 +11,10 @@ from __future__ import annotations
 import json
 import math
 import random
+import tempfile
+import time
+from pathlib import Path
+from platform.pack_worker import _Report, _Reporter
 from platform.sweep.halving import AshaRungs, RungsClient
 from platform.sweep.pack_search import PackedOptunaSearch
 from platform.sweep.packs import chunk, pack_sizes
@@ -97,6 +101,85 @@ def test_packs_are_cut_evenly():
     assert chunk([], 3) == []
     assert pack_sizes(7, 4) == [4, 3] and pack_sizes(0, 4) == []
 
+
+
+class _SlowSession:
+    """A Tune session whose report takes ``delay`` seconds (the driver's round trip), recording what it was given;
+    its ``stop_after``-th report raises SystemExit, as Tune's does for a trial it stops."""
+
+    def __init__(self, delay: float, stop_after: int | None = None) -> None:
+        self.delay, self.stop_after, self.reports = delay, stop_after, []
+
+    def report(self, metrics, checkpoint_dir) -> None:
+        time.sleep(self.delay)
+        files = sorted(p.name for p in checkpoint_dir.iterdir()) if checkpoint_dir is not None else None
+        self.reports.append((metrics, checkpoint_dir, files))
+        if self.stop_after is not None and len(self.reports) >= self.stop_after:
+            raise SystemExit(0)
+
+
+def _put_epochs(reporter, n: int, *, checkpoint_every: int, members=("a", "b")) -> list:
+    """Put ``n`` pack epochs (each member one row per epoch, a checkpoint folder every ``checkpoint_every``)."""
+    folders = []
+    for epoch in range(1, n + 1):
+        checkpoint = None
+        if epoch % checkpoint_every == 0:
+            checkpoint = tempfile.TemporaryDirectory()
+            (Path(checkpoint.name) / f"epoch-{epoch}").write_text("")
+            folders.append(Path(checkpoint.name))
+        rows = {m: [{"epoch": epoch, "train_loss": 1.0 / epoch}] for m in members}
+        reporter.put(_Report({"epoch": epoch}, rows, checkpoint))
+    return folders
+
+
+def test_a_pack_trains_on_while_its_reports_wait_for_the_driver_and_every_epoch_is_reported_once():
+    """Reports go from a thread of their own: putting 30 epochs does not wait for a session that takes 0.2 s a
+    report; the reports carry each member's epochs once and in order, the last one carries the last epoch and its
+    checkpoint, and the checkpoints replaced while waiting are removed."""
+    session = _SlowSession(0.2)
+    reporter = _Reporter(session, interval=0.0)
+    t0 = time.perf_counter()
+    folders = _put_epochs(reporter, 30, checkpoint_every=5)
+    put_s = time.perf_counter() - t0
+    reporter.close()
+    assert put_s < 0.2 * 30 / 3, put_s  # not one round trip per epoch (measured: ~0.01 s against 6 s)
+    assert 2 <= len(session.reports) < 30
+    for member in ("a", "b"):
+        epochs = [row["epoch"] for metrics, _, _ in session.reports for row in metrics["member_epochs"][member]]
+        assert epochs == list(range(1, 31)), member
+    last, last_dir, last_files = session.reports[-1]
+    assert last["epoch"] == 30 and last_files == ["epoch-30"]
+    reported = [d for _, d, _ in session.reports if d is not None]
+    assert all(not d.exists() for d in folders), "a checkpoint folder was left behind"
+    assert set(reported) <= set(folders) and reported == sorted(reported, key=folders.index)
+
+
+def test_a_pack_reports_at_most_once_an_interval_and_its_last_report_at_once():
+    session = _SlowSession(0.0)
+    reporter = _Reporter(session, interval=0.5)
+    t0 = time.perf_counter()
+    for epoch in range(1, 6):
+        _put = {"a": [{"epoch": epoch}]}
+        reporter.put(_Report({"epoch": epoch}, _put, None))
+        time.sleep(0.1)
+    reporter.close()
+    wall = time.perf_counter() - t0
+    assert [m["epoch"] for m, _, _ in session.reports] == [1, 5] and wall < 0.5 + 0.3, (session.reports, wall)
+    assert [r["epoch"] for r in session.reports[1][0]["member_epochs"]["a"]] == [2, 3, 4, 5]
+
+
+def test_a_trial_tune_stops_ends_at_the_packs_next_epoch_and_leaves_no_checkpoint_folder():
+    session = _SlowSession(0.05, stop_after=1)
+    reporter = _Reporter(session, interval=0.0)
+    folders = []
+    with pytest.raises(SystemExit):
+        for _ in range(100):  # SystemExit reaches the training thread at a put once the report raised it
+            folders += _put_epochs(reporter, 1, checkpoint_every=1)
+            time.sleep(0.02)
+    reporter.close(raise_error=False)
+    assert len(session.reports) == 1 and all(not d.exists() for d in folders)
+    with pytest.raises(SystemExit):
+        reporter.close()
 
 @pytest.fixture(scope="module")
 def packed(ray_session, small_eurosat_root, shared_data, feature_cache, tiny_vit_config, tmp_path_factory) -> dict:

@@ -8,6 +8,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+ROWS_PER_PASS = 256  # context vectors per product with the vocabulary (256 x 49,408 distances: 50 MB)
+
 
 def _decode(tokenizer: Callable, token_id: int) -> str:
     inner = getattr(tokenizer, "tokenizer", tokenizer)  # open_clip wraps HF tokenizers
@@ -31,16 +33,23 @@ def nearest_words(ctx: torch.Tensor, token_embedding: nn.Embedding, tokenizer: C
         ``[context_set][position][rank] -> (word, distance)``; one context set for unified context, one per class
         for CSC.
     """
-    vocab = token_embedding.weight.float()  # (vocab, width)
-    sets = ctx.float().reshape(-1, ctx.shape[-2], ctx.shape[-1]).to(vocab.device)  # (n_sets, n_ctx, width)
-    out = []
-    for ctx_set in sets:
-        dist = torch.cdist(ctx_set, vocab)  # (n_ctx, vocab)
-        d, idx = dist.topk(topk, dim=-1, largest=False)
-        out.append(
-            [[(_decode(tokenizer, int(i)), float(v)) for i, v in zip(row_i, row_d)] for row_i, row_d in zip(idx, d)]
-        )
-    return out
+    vocab = token_embedding.weight.detach().float()  # (vocab, width)
+    n_sets, n_ctx, width = ctx.reshape(-1, ctx.shape[-2], ctx.shape[-1]).shape
+    rows = ctx.detach().float().reshape(-1, width).to(vocab.device)  # every context vector of every set
+    vocab_sq = (vocab * vocab).sum(-1)
+    ids, dists = [], []
+    for chunk in rows.split(ROWS_PER_PASS):
+        # |row - word|^2 less |row|^2 (the same for every word of a row): one product with the vocabulary for all
+        # rows, instead of torch.cdist per set, which copies the vocabulary padded each call (1.3 s for a CSC
+        # context of 10 classes at ViT-B/16 on one CPU thread; 0.1 s this way)
+        idx = torch.addmm(vocab_sq, chunk, vocab.T, alpha=-2).topk(topk, dim=-1, largest=False).indices
+        dist = (chunk[:, None, :] - vocab[idx]).norm(dim=-1)  # the chosen words' distances, computed directly
+        dist, order = dist.sort(dim=-1)
+        ids.append(idx.gather(-1, order))
+        dists.append(dist)
+    idx, dist = torch.cat(ids).view(n_sets, n_ctx, -1).tolist(), torch.cat(dists).view(n_sets, n_ctx, -1).tolist()
+    return [[[(_decode(tokenizer, i), d) for i, d in zip(row_i, row_d)] for row_i, row_d in zip(set_i, set_d)]
+            for set_i, set_d in zip(idx, dist)]
 
 
 def nearest_words_table(words: list[list[list[tuple[str, float]]]], classnames: list[str] | None = None) -> str:

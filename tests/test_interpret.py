@@ -69,3 +69,25 @@ def test_nearest_words_table_reads_back():
     assert list(parse_nearest_words_table(nearest_words_table(words[:1]))) == ["shared"]
     with pytest.raises(ValueError, match="header"):
         parse_nearest_words_table("position\tword\n1\ta")
+
+
+@pytest.mark.parametrize("rows_per_pass", [256, 5])
+def test_nearest_words_are_the_exact_nearest_by_direct_distance(tiny_clip, monkeypatch, rows_per_pass):
+    """Against the definition (every word's distance, computed directly): the same words in the same order and the
+    same distances, for unified and class-specific context, whether the rows go in one product or in several."""
+    import coop_core.interpret as interpret
+
+    monkeypatch.setattr(interpret, "ROWS_PER_PASS", rows_per_pass)
+    vocab = tiny_clip.model.token_embedding.weight.detach()
+    gen = torch.Generator().manual_seed(3)
+    for shape in [(4, vocab.shape[1]), (3, 4, vocab.shape[1])]:
+        ctx = vocab.std() * torch.randn(shape, generator=gen)
+        words = nearest_words(ctx, tiny_clip.model.token_embedding, tiny_clip.tokenizer, topk=4)
+        sets = ctx.reshape(-1, shape[-2], shape[-1])
+        assert len(words) == sets.shape[0]
+        for ctx_set, got in zip(sets, words):
+            for row, ranked in zip(ctx_set, got):
+                dist = (vocab - row).norm(dim=-1)
+                d, idx = dist.topk(4, largest=False)
+                assert [w for w, _ in ranked] == [interpret._decode(tiny_clip.tokenizer, int(i)) for i in idx]
+                assert [x for _, x in ranked] == pytest.approx(d.tolist(), rel=1e-5, abs=1e-6)

@@ -94,13 +94,49 @@ def pack_sizes(n_configs: int, pack_size: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(n_packs)]
 
 
-def chunk(configs: Sequence[Mapping[str, Any]], pack_size: int) -> list[list[dict[str, Any]]]:
-    """``configs`` cut into packs of :func:`pack_sizes`, in order."""
-    out, start = [], 0
-    for size in pack_sizes(len(configs), pack_size):
-        out.append([dict(c) for c in configs[start:start + size]])
-        start += size
-    return out
+def chunk(configs: Sequence[Mapping[str, Any]], pack_size: int,
+          costs: Sequence[float] | None = None) -> list[list[dict[str, Any]]]:
+    """``configs`` cut into packs of :func:`pack_sizes`: in order, or, given each configuration's ``costs``
+    (:func:`text_step_cost`), with the packs' total costs as even as the sizes allow (the costliest configuration
+    first, each into the open pack with the least cost so far; each pack's members in the grid's order).
+
+    Packs of a sweep train side by side, so the slowest one sets the sweep's time: cut in the grid's order, the 36
+    configurations of ``bench/packed_trials.py`` (``n_ctx`` 4/8/16 first) made one pack of short prompts and one of
+    long ones, and at ViT-B/16 one CPU core sat idle for the last fifth of the sweep.
+    """
+    sizes = pack_sizes(len(configs), pack_size)
+    if costs is None:
+        out, start = [], 0
+        for size in sizes:
+            out.append([dict(c) for c in configs[start:start + size]])
+            start += size
+        return out
+    if len(costs) != len(configs):
+        raise ValueError(f"{len(costs)} costs for {len(configs)} configurations")
+    members: list[list[int]] = [[] for _ in sizes]
+    load = [0.0] * len(sizes)
+    for i in sorted(range(len(configs)), key=lambda i: (-costs[i], i)):
+        j = min((j for j in range(len(sizes)) if len(members[j]) < sizes[j]), key=lambda j: (load[j], j))
+        members[j].append(i)
+        load[j] += costs[i]
+    return [[dict(configs[i]) for i in sorted(m)] for m in members]
+
+
+TAIL_TOKENS = 4  # what :func:`text_step_cost` counts for a class name, the period and the end-of-text token
+
+
+def text_step_cost(spec: Any, n_classes: int, n_train_all: int) -> float:
+    """About how much text-encoder work the configuration ``spec`` (a ``RunSpec``) trains, relative to the other
+    configurations of its sweep: prompt token rows per step times steps. A unified context with the class token at
+    the end is one prefix shared by every class in a pack's flat pass (its rows once); any other prompt's context is
+    per class. ``n_train_all``: the training items of ``--shots all``."""
+    prompt, train = spec.prompt, spec.train
+    if prompt.csc or prompt.class_token_position != "end":
+        rows = n_classes * (prompt.n_ctx + TAIL_TOKENS)
+    else:
+        rows = prompt.n_ctx + n_classes * TAIL_TOKENS
+    items = n_train_all if isinstance(train.shots, str) else min(n_train_all, train.shots * n_classes)
+    return float(train.resolved_epochs * math.ceil(items / train.batch_size) * rows)
 
 
 def grid_configs(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:

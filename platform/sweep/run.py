@@ -29,6 +29,7 @@ from platform.run_spec import RunSpec
 from platform.sweep.halving import RUNGS_ACTOR_PREFIX, RungsActor
 from platform.sweep.interrupt import SweepInterrupt, interrupted
 from platform.sweep.outcome import SweepOutcome, best_trial_summary, pick_best, register_best, summarise, trial_rows
+from platform.sweep.packs import text_step_cost
 from platform.sweep.parent_run import close_sweep, close_unclosed_runs, draw_dashboards, open_sweep
 from platform.sweep.plan import (
     METRIC,
@@ -61,6 +62,7 @@ from platform.sweep_tracking import MlflowSweepCallback
 from platform.tracking import resolve_tracking_uri
 from platform.tracking_store import limit_http_retries
 from platform.trial_stopping import CONTROLLERS_ACTOR_NAME, TrialControllersActor
+from platform.trials import trial_spec
 from typing import Any
 
 import ray
@@ -68,7 +70,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from coop_core.backbone import text_dims
-from coop_core.datasets import get_dataset_spec
+from coop_core.datasets import DatasetSplits, get_dataset_spec
 from coop_core.distributed import text_activation_bytes
 from tune_spaces import space_for, with_methods
 
@@ -230,10 +232,16 @@ def start_or_continue(target: Target, settings: SweepSettings, infra: InfraSetti
 
 
 def fit(target: Target, settings: SweepSettings, infra: InfraSettings, state: SweepState, placement: Placement,
-        callback: MlflowSweepCallback) -> tuple[list[dict[str, Any]], bool]:
+        callback: MlflowSweepCallback, splits: DatasetSplits) -> tuple[list[dict[str, Any]], bool]:
     """Run the Tuner (restored when resuming) with the MLflow callback and the console's bars; the trials' rows and
-    whether Ctrl-C stopped it."""
+    whether Ctrl-C stopped it. A packed grid is cut into packs of even estimated work (``packs.text_step_cost`` on
+    ``splits``' classes)."""
     spec, epochs = placement.spec, grid_epochs(placement.spec, state.grid)
+    base, n_classes, n_train_all = spec.to_dict(), len(splits.classnames), len(splits.train)
+
+    def pack_cost(config: Mapping[str, Any]) -> float:
+        return text_step_cost(trial_spec(base, config), n_classes, n_train_all)
+
     bars = ConsoleProgress(bars_wanted(json_output=infra.json, verbose=infra.verbose), labels=BAR_LABELS)
     with bars:
         trial_bar = TrialBar(bars, state.n_trials, epochs, METRIC)
@@ -245,7 +253,8 @@ def fit(target: Target, settings: SweepSettings, infra: InfraSettings, state: Sw
         tuner = build_tuner(settings, infra.verbose, spec, target.space, state, target.name,
                             infra.resolved_storage_path, target.sweep_dir, placement.max_concurrent,
                             [callback, trial_bar], restore=settings.resume, progress_board=bars.board,
-                            rungs_actor=RUNGS_ACTOR_PREFIX + target.name if rungs is not None else None)
+                            rungs_actor=RUNGS_ACTOR_PREFIX + target.name if rungs is not None else None,
+                            pack_cost=pack_cost)
         controllers = None
         if state.trial_runner == "ray-train":
             controllers = TrialControllersActor.options(name=CONTROLLERS_ACTOR_NAME, get_if_exists=True).remote()
@@ -330,7 +339,7 @@ def run_sweep(spec: RunSpec, settings: SweepSettings, infra: InfraSettings, plan
                                        storage_path=storage_path, epochs=grid_epochs(placement.spec, state.grid),
                                        sweep_name=target.name,
                                        resume_command=resume_command(state, target.name, storage_path))
-        rows, stopped = fit(target, settings, infra, state, placement, callback)
+        rows, stopped = fit(target, settings, infra, state, placement, callback, checked.splits)
         summary = summarise(rows, placement.spec, state, target.name, target.sweep_dir, settings.resume)
         summary["resume_command"] = callback.resume_command
         if stopped:  # Ctrl-C: Tune stopped the trials and saved its state, fit() returned early

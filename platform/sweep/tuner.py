@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from platform.artifacts import CHECKPOINTS_KEPT
 from platform.sweep.pack_search import PackedOptunaSearch
 from platform.sweep.packs import PACK_KEY, chunk, grid_configs, pack_sizes
@@ -47,7 +47,7 @@ def to_tune_space(space: Mapping[str, Any]) -> dict[str, Any]:
 def build_tuner(settings: SweepSettings, verbose: bool, spec: Any, space: Mapping[str, Any], state: SweepState,
                 name: str, storage_path: str, sweep_dir: str, max_concurrent: int, callbacks: Sequence[Any], *,
                 restore: bool, epoch_hooks: Sequence[Any] = (), progress_board: Any = None,
-                rungs_actor: str | None = None) -> Any:
+                rungs_actor: str | None = None, pack_cost: Callable[[Mapping[str, Any]], float] | None = None) -> Any:
     """The Tuner: restored from ``sweep_dir`` (searcher, scheduler, trial states) or new (Optuna TPE + ASHA).
 
     Single-worker trials (``in-process``) reserve their worker's CPUs and GPU share, reuse their actor for the next
@@ -57,8 +57,9 @@ def build_tuner(settings: SweepSettings, verbose: bool, spec: Any, space: Mappin
     ``progress_board`` (``platform.progress``) receives the trials' feature-extraction progress for the driver's bars.
 
     Packed sweeps (``state.pack_size > 1``, ``platform/sweep/packs.py``): each trial trains a pack of configurations
-    (``packed_trial``), asked from Optuna together (``PackedOptunaSearch``) or cut from the grid; Tune's scheduler is
-    FIFO and ASHA's rule is applied to each configuration by the sweep's ``RungsActor`` (``rungs_actor``, its name).
+    (``packed_trial``), asked from Optuna together (``PackedOptunaSearch``) or cut from the grid (into packs of even
+    ``pack_cost``, a grid configuration's estimated work, when given); Tune's scheduler is FIFO and ASHA's rule is
+    applied to each configuration by the sweep's ``RungsActor`` (``rungs_actor``, its name).
     """
 
     log_level = "INFO" if verbose else "WARNING"
@@ -116,7 +117,8 @@ def build_tuner(settings: SweepSettings, verbose: bool, spec: Any, space: Mappin
         scheduler = ASHAScheduler(**asha)
     num_samples = state.num_samples
     if state.pack_size > 1 and state.grid:  # every grid point, num_samples times, cut into packs
-        packs = chunk(grid_configs(state.grid) * state.num_samples, state.pack_size)
+        configs = grid_configs(state.grid) * state.num_samples
+        packs = chunk(configs, state.pack_size, None if pack_cost is None else [pack_cost(c) for c in configs])
         param_space, search_alg, num_samples = {PACK_KEY: tune.grid_search(packs)}, None, 1
     elif state.pack_size > 1:
         param_space = {}

@@ -102,6 +102,44 @@ def test_packs_are_cut_evenly():
     assert pack_sizes(7, 4) == [4, 3] and pack_sizes(0, 4) == []
 
 
+def test_a_packed_grid_is_cut_into_packs_of_even_work():
+    """The benchmark's grid (n_ctx first) cut in order makes one pack of short prompts and one of long ones; cut by
+    ``text_step_cost`` the two packs' estimated work is within one configuration's, sizes as ``pack_sizes`` says,
+    every configuration once and each pack in the grid's order."""
+    from platform.run_spec import RunSpec
+    from platform.sweep.packs import grid_configs, text_step_cost
+    from platform.trials import trial_spec
+
+    from coop_core.config import ModelConfig
+
+    grid = {"prompt.n_ctx": [4, 8, 16], "prompt.class_token_position": ["end", "middle", "front"],
+            "prompt.csc": [False, True], "train.lr": [0.002, 0.02]}
+    configs = grid_configs(grid)
+    base = RunSpec(dataset="eurosat", data_root="/data",
+                   model=ModelConfig(backbone="ViT-B-16", pretrained="none")).to_dict()
+    costs = [text_step_cost(trial_spec(base, c), 10, 27000) for c in configs]
+    key = [tuple(sorted(c.items())) for c in configs]
+
+    def work(packs):
+        return [sum(costs[key.index(tuple(sorted(c.items())))] for c in p) for p in packs]
+
+    in_order, balanced = chunk(configs, 18), chunk(configs, 18, costs)
+    assert max(work(in_order)) > 1.5 * min(work(in_order))  # what the grid's order gave
+    assert [len(p) for p in balanced] == [18, 18]
+    assert sorted(map(key.index, (tuple(sorted(c.items())) for p in balanced for c in p))) == list(range(36))
+    assert max(work(balanced)) - min(work(balanced)) <= max(costs)
+    for p in balanced:
+        idx = [key.index(tuple(sorted(c.items()))) for c in p]
+        assert idx == sorted(idx)
+    # the estimate: unified context at the end shares its prefix; CSC, shots and epochs scale it
+    spec = trial_spec(base, {"prompt.n_ctx": 16, "prompt.csc": False, "prompt.class_token_position": "end"})
+    csc = trial_spec(base, {"prompt.n_ctx": 16, "prompt.csc": True, "prompt.class_token_position": "end"})
+    assert text_step_cost(csc, 10, 27000) / text_step_cost(spec, 10, 27000) == pytest.approx(200 / 56)
+    assert text_step_cost(trial_spec(base, {"train.shots": "all"}), 10, 27000) > text_step_cost(spec, 10, 27000)
+    with pytest.raises(ValueError, match="2 costs for 3 configurations"):
+        chunk([{}] * 3, 2, [1.0, 2.0])
+
+
 
 class _SlowSession:
     """A Tune session whose report takes ``delay`` seconds (the driver's round trip), recording what it was given;

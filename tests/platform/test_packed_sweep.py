@@ -194,15 +194,14 @@ def test_a_pack_trains_on_while_its_reports_wait_for_the_driver_and_every_epoch_
 
 def test_a_pack_reports_at_most_once_an_interval_and_its_last_report_at_once():
     session = _SlowSession(0.0)
-    reporter = _Reporter(session, interval=0.5)
+    reporter = _Reporter(session, interval=5.0)
     t0 = time.perf_counter()
     for epoch in range(1, 6):
-        _put = {"a": [{"epoch": epoch}]}
-        reporter.put(_Report({"epoch": epoch}, _put, None))
+        reporter.put(_Report({"epoch": epoch}, {"a": [{"epoch": epoch}]}, None))
         time.sleep(0.1)
-    reporter.close()
+    reporter.close()  # the last report goes at once, not when the interval is over
     wall = time.perf_counter() - t0
-    assert [m["epoch"] for m, _, _ in session.reports] == [1, 5] and wall < 0.5 + 0.3, (session.reports, wall)
+    assert [m["epoch"] for m, _, _ in session.reports] == [1, 5] and wall < 3.0, (session.reports, wall)
     assert [r["epoch"] for r in session.reports[1][0]["member_epochs"]["a"]] == [2, 3, 4, 5]
 
 

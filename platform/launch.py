@@ -15,8 +15,8 @@ import logging
 import os
 import socket
 import tempfile
-import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from platform import tracking_store
@@ -183,20 +183,6 @@ def check_before_ray(spec: RunSpec, *, tracking_uri: str, storage_path: str,
     return Checked(splits, offline)
 
 
-class _Opening(threading.Thread):
-    """``tracking_store.open_store(uri)`` in a thread, keeping what it raised."""
-
-    def __init__(self, uri: str) -> None:
-        super().__init__(name="open-tracking-store", daemon=True)
-        self.uri, self.error = uri, None
-
-    def run(self) -> None:
-        try:
-            tracking_store.open_store(self.uri)
-        except BaseException as err:  # handed to the caller's thread by start_ray
-            self.error = err
-
-
 def start_ray(address: str | None, *, verbose: bool, offline: bool, tracking_uri: str) -> bool:
     """Start (or join) Ray with the platform's runtime environment; ``offline`` passes the Hub's cache-only mode on
     to the workers. Returns whether this call started it (then the caller shuts it down).
@@ -210,19 +196,17 @@ def start_ray(address: str | None, *, verbose: bool, offline: bool, tracking_uri
     Raises:
         TrackingUnavailableError: MLflow cannot create, read or upgrade the store.
     """
-    opening = _Opening(tracking_uri)
-    opening.start()
-    try:
+    with ThreadPoolExecutor(1, thread_name_prefix="open-tracking-store") as pool:  # waits for it on leaving
+        opening = pool.submit(tracking_store.open_store, tracking_uri)
         started = init_ray(address, quiet=not verbose,
                            runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}} if offline else None)
-    finally:
-        opening.join()
-    if opening.error is not None:
+    error = opening.exception()
+    if error is not None:
         if started:
             import ray
 
             ray.shutdown()
-        raise opening.error
+        raise error
     return started
 
 

@@ -156,31 +156,38 @@ class _SlowSession:
             raise SystemExit(0)
 
 
-def _put_epochs(reporter, n: int, *, checkpoint_every: int, members=("a", "b")) -> list:
-    """Put ``n`` pack epochs (each member one row per epoch, a checkpoint folder every ``checkpoint_every``)."""
-    folders = []
-    for epoch in range(1, n + 1):
-        checkpoint = None
-        if epoch % checkpoint_every == 0:
+def _put_epochs(reporter, n: int, *, checkpoint_every: int, members=("a", "b"), epoch_s: float = 0.0) -> list:
+    """Put ``n`` pack epochs of ``epoch_s`` seconds each (each member one row per epoch, a checkpoint every
+    ``checkpoint_every``); returns the folders the checkpoints were written to (a checkpoint is written only when its
+    report is sent)."""
+    written = []
+
+    def writer(epoch: int):
+        def write():
             checkpoint = tempfile.TemporaryDirectory()
             (Path(checkpoint.name) / f"epoch-{epoch}").write_text("")
-            folders.append(Path(checkpoint.name))
+            written.append(Path(checkpoint.name))
+            return checkpoint
+        return write
+
+    for epoch in range(1, n + 1):
+        time.sleep(epoch_s)
         rows = {m: [{"epoch": epoch, "train_loss": 1.0 / epoch}] for m in members}
-        reporter.put(_Report({"epoch": epoch}, rows, checkpoint))
-    return folders
+        reporter.put(_Report({"epoch": epoch}, rows, writer(epoch) if epoch % checkpoint_every == 0 else None))
+    return written
 
 
 def test_a_pack_trains_on_while_its_reports_wait_for_the_driver_and_every_epoch_is_reported_once():
     """Reports go from a thread of their own: putting 30 epochs does not wait for a session that takes 0.2 s a
     report; the reports carry each member's epochs once and in order, the last one carries the last epoch and its
-    checkpoint, and the checkpoints replaced while waiting are removed."""
+    checkpoint, a checkpoint replaced while waiting is never written, and each one reported is removed after."""
     session = _SlowSession(0.2)
     reporter = _Reporter(session, interval=0.0)
     t0 = time.perf_counter()
-    folders = _put_epochs(reporter, 30, checkpoint_every=5)
+    written = _put_epochs(reporter, 30, checkpoint_every=5, epoch_s=0.01)
     put_s = time.perf_counter() - t0
     reporter.close()
-    assert put_s < 0.2 * 30 / 3, put_s  # not one round trip per epoch (measured: ~0.01 s against 6 s)
+    assert put_s < 0.2 * 30 / 3, put_s  # not one round trip per epoch (measured: ~0.3 s against 6 s)
     assert 2 <= len(session.reports) < 30
     for member in ("a", "b"):
         epochs = [row["epoch"] for metrics, _, _ in session.reports for row in metrics["member_epochs"][member]]
@@ -188,8 +195,10 @@ def test_a_pack_trains_on_while_its_reports_wait_for_the_driver_and_every_epoch_
     last, last_dir, last_files = session.reports[-1]
     assert last["epoch"] == 30 and last_files == ["epoch-30"]
     reported = [d for _, d, _ in session.reports if d is not None]
-    assert all(not d.exists() for d in folders), "a checkpoint folder was left behind"
-    assert set(reported) <= set(folders) and reported == sorted(reported, key=folders.index)
+    assert reported == written, "a checkpoint was written that was never reported"
+    assert all(not d.exists() for d in written), "a checkpoint folder was left behind"
+    epochs = [int(files[0].split("-")[1]) for _, d, files in session.reports if d is not None]
+    assert epochs == sorted(epochs) and epochs[-1] == 30
 
 
 def test_a_pack_reports_at_most_once_an_interval_and_its_last_report_at_once():
@@ -208,15 +217,36 @@ def test_a_pack_reports_at_most_once_an_interval_and_its_last_report_at_once():
 def test_a_trial_tune_stops_ends_at_the_packs_next_epoch_and_leaves_no_checkpoint_folder():
     session = _SlowSession(0.05, stop_after=1)
     reporter = _Reporter(session, interval=0.0)
-    folders = []
+    written = []  # each put's list of written folders, filled when its report is sent
     with pytest.raises(SystemExit):
         for _ in range(100):  # SystemExit reaches the training thread at a put once the report raised it
-            folders += _put_epochs(reporter, 1, checkpoint_every=1)
+            written.append(_put_epochs(reporter, 1, checkpoint_every=1))
             time.sleep(0.02)
     reporter.close(raise_error=False)
-    assert len(session.reports) == 1 and all(not d.exists() for d in folders)
+    folders = [d for w in written for d in w]
+    assert len(session.reports) == 1 and len(folders) == 1 and not folders[0].exists()
     with pytest.raises(SystemExit):
         reporter.close()
+
+
+def test_a_pack_checkpoint_that_cannot_be_written_fails_the_pack_at_its_next_epoch():
+    """A checkpoint is written when its report is sent, in the reporter's thread: a full disk there is raised in
+    the training thread at the next put (or at close), as it would have been where the pack wrote it before."""
+    from platform.artifacts import CheckpointError
+
+    def full_disk():
+        raise CheckpointError("cannot write the checkpoint in /tmp/x (No space left on device); free space there")
+
+    session = _SlowSession(0.0)
+    reporter = _Reporter(session, interval=0.0)
+    reporter.put(_Report({"epoch": 1}, {"a": [{"epoch": 1}]}, full_disk))
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        for _ in range(100):
+            time.sleep(0.02)
+            reporter.put(_Report({"epoch": 2}, {"a": [{"epoch": 2}]}, None))
+    with pytest.raises(CheckpointError):
+        reporter.close()
+    assert session.reports == []
 
 @pytest.fixture(scope="module")
 def packed(ray_session, small_eurosat_root, shared_data, feature_cache, tiny_vit_config, tmp_path_factory) -> dict:

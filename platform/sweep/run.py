@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -321,6 +322,7 @@ def run_sweep(spec: RunSpec, settings: SweepSettings, infra: InfraSettings, plan
                                 tracking_uri=target.tracking_uri)
     except INPUT_ERRORS as err:
         return SweepOutcome(status=2, error=str(err))
+    stopping: threading.Thread | None = None  # Ray's shutdown, once the trials are over
     try:  # Ray stops before the outcome is printed: no worker log can follow the report and the JSON line
         try:
             placement = place(target, settings, infra, checked)
@@ -344,8 +346,13 @@ def run_sweep(spec: RunSpec, settings: SweepSettings, infra: InfraSettings, plan
         summary["resume_command"] = callback.resume_command
         if stopped:  # Ctrl-C: Tune stopped the trials and saved its state, fit() returned early
             return SweepOutcome(status=130, summary=summary, rows=tuple(rows), notice=interrupted(callback, summary))
+        if started_ray:  # what is left reads MLflow and the trials' folders, not Ray: it stops meanwhile
+            stopping = threading.Thread(target=ray.shutdown, name="ray-shutdown")
+            stopping.start()
         status = conclude(rows, summary, state, plan, callback, target, storage_path, t0)
         return SweepOutcome(status=status, summary=summary, rows=tuple(rows))
     finally:
-        if started_ray:
+        if stopping is not None:
+            stopping.join()
+        elif started_ray:
             ray.shutdown()

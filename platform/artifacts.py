@@ -94,8 +94,8 @@ def write_failure(d: Path, reason: str, history: Sequence[Mapping[str, Any]], re
 
 def _history_json(history: Sequence[Mapping[str, Any]]) -> str:
     """The history as a JSON list with one epoch's row per line: as readable as an indented list, and written by
-    json's C encoder (an indented dump is pure Python: rewritten at every checkpoint, it grew with the epochs and was
-    a third of a packed tiny model's checkpoint time)."""
+    json's C encoder (an indented dump runs its pure-Python one, and the history, growing with the epochs, is rewritten
+    at every checkpoint)."""
     return "[\n" + ",\n".join(json.dumps(row) for row in history) + "\n]\n" if history else "[]\n"
 
 

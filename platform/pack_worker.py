@@ -13,7 +13,8 @@ diverged loss): a member's final artifacts are always in a checkpoint. An ended 
 it ends, and linked into the pack's later checkpoints (its prompts, nearest words and final metrics do not change).
 The running members' folders are written only when the checkpoint is reported: until then a checkpoint is a snapshot
 in memory (each member's :class:`TrainState` is already a copy), so a checkpoint replaced while waiting is never
-written (at 20 epochs a tiny pack of 18 wrote 20 checkpoints for 7 reports, a quarter of its wall time).
+written (a tiny pack of 18 at 20 epochs sends 6 reports, and wrote 20 checkpoints: 4.9 s of wall time before, 4.5 s
+now).
 
 Reports go to Tune from a thread of their own (:class:`_Reporter`), so the pack trains on while the driver takes one:
 a Tune function trainable's report waits until the driver has processed it and asked for the next (55 ms a report

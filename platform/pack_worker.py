@@ -151,6 +151,7 @@ class _Member:
 
     def __init__(self, mid: str, spec: RunSpec, prep: PreparedRun) -> None:
         self.mid, self.spec, self.prep = mid, spec, prep
+        self.config = prep.resolved | {"resumed_from_epoch": None}  # its checkpoints' config.json
         self.history: list[dict[str, Any]] = []
         self.state: TrainState | None = None
         self.status = RUNNING
@@ -171,11 +172,10 @@ class _Member:
             return
         d = keep / self.mid
         d.mkdir()
-        resolved = self.prep.resolved | {"resumed_from_epoch": None}
         if self.status == FAILED:
-            artifacts.write_failure(d, self.failure or "failed", self.history, resolved)
+            artifacts.write_failure(d, self.failure or "failed", self.history, self.config)
         else:
-            artifacts.write_checkpoint(d, self.state, self.history, resolved)
+            artifacts.write_checkpoint(d, self.state, self.history, self.config)
             if self.status == FINISHED:
                 write_final_artifacts(d, self.spec, self.prep.clip, self.prep.splits, self.prep.model, self.report)
         artifacts.seal(d)
@@ -190,11 +190,11 @@ class _Member:
             return lambda d: shutil.copytree(frozen, d, copy_function=_link_or_copy)
         if self.state is None:
             return None
-        state, history, resolved = self.state, tuple(self.history), self.prep.resolved | {"resumed_from_epoch": None}
+        state, history, config = self.state, tuple(self.history), self.config
 
         def write(d: Path) -> None:
             d.mkdir()
-            artifacts.write_checkpoint(d, state, history, resolved)
+            artifacts.write_checkpoint(d, state, history, config)
             artifacts.seal(d)
         return write
 

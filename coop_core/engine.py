@@ -97,6 +97,16 @@ def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContex
 
 
 @torch.no_grad()
+def eval_text_features(model: CoOpModel, precision: str = "fp32") -> torch.Tensor | None:
+    """The class text features :func:`evaluate` classifies with ``(n_cls, d)``, for a caller evaluating one model on
+    several sets (one text pass for all); None for an image-conditioned model, whose prompts depend on each image."""
+    if model.conditional:
+        return None
+    with _autocast(precision, model.prompt_learner.ctx.device):
+        return model.text_features()
+
+
+@torch.no_grad()
 def evaluate(model: CoOpModel, data: FeatureSet, precision: str = "fp32", batch_size: int = 4096, *,
              text: torch.Tensor | None = None) -> dict[str, float]:
     """Accuracy (%) and macro-F1 (%) from cached features: one text forward, then one matrix product per chunk.
@@ -106,15 +116,14 @@ def evaluate(model: CoOpModel, data: FeatureSet, precision: str = "fp32", batch_
     """
     device = model.prompt_learner.ctx.device
     preds = []
+    if text is None:
+        text = eval_text_features(model, precision)
     if model.conditional:  # each image has its own prompts (CoCoOp): the model encodes them in bounded chunks
         for chunk in data.features.split(batch_size):
             with _autocast(precision, device):
                 logits = model.forward_features(chunk.to(device).float())  # (b, n_cls)
             preds.append(logits.float().argmax(dim=-1).cpu())
     else:
-        if text is None:
-            with _autocast(precision, device):
-                text = model.text_features()
         for chunk in data.features.split(batch_size):
             preds.append(model.logits(chunk.to(device).float(), text.float()).argmax(dim=-1).cpu())
     pred = torch.cat(preds)

@@ -4,15 +4,17 @@ A sweep's configurations differ only in their context vectors and recipe; CLIP i
 K members in one process with one copy of CLIP, and each step runs **one** text-encoder forward and backward over
 every member's prompts at once (different context lengths, class-token positions, unified and class-specific
 contexts, class lists). The prompts are laid out flat, without padding (``TextEncoder.forward_segments``): the
-start-of-text token once for every prompt of every member, each unified context's prefix once for its classes, each
-class's remainder up to its end-of-text token, and the last block only at the end-of-text tokens. This is exact, not an
+start-of-text token once for every prompt of every member, each unified context's prefix once for its classes, a
+front-position class name once for every member that opens its prompts with it, each class's remainder up to its
+end-of-text token, and the last block only at the end-of-text tokens. This is exact, not an
 approximation: the text transformer is causal and reads each prompt at its own end-of-text position, so a token's
 state depends only on the tokens before it in its own prompt, which is what each segment attends to; and the members'
 losses are summed, so each member's context gets exactly its own loss's gradient (the frozen weights take none). What
 differs from a member's solo run (:func:`coop_core.engine.train`) is only float rounding: the batch's reductions run
 in another order. The rest of the step is batched too: the members' logits and losses in one batched product, and
 one multi-tensor SGD update (the arithmetic of each member's ``torch.optim.SGD``) for the members sharing a learning
-rate; validation encodes every member due for it in one pass.
+rate; validation encodes every member due for it in one pass, and that pass, run with autograd on, is the next
+epoch's first step's text forward (the contexts have not moved since).
 
 Everything else is the member's own, as in its solo run: its training data (its shots and seed: the same
 ``global_batches`` and cached-view draws), SGD with its own momentum, weight decay, learning rate and CoOp schedule,
@@ -147,8 +149,13 @@ class _PackedPrompts:
     @classmethod
     def build(cls, models: Sequence[CoOpModel]) -> _PackedPrompts:
         """Segments: one start-of-text token shared by every prompt; per member, its shared prefix (a unified
-        context's start, ``CoOpModel.shared_prefix`` positions) when it has one; per class, the rest of its prompt
-        up to its end-of-text token."""
+        context's start, ``CoOpModel.shared_prefix`` positions) when it has one; the frozen tokens that open a prompt
+        after its start token (a front-position class name, before the context) once for every prompt of the pack
+        that opens with the same ones; per class, the rest of its prompt up to its end-of-text token.
+
+        Sharing frozen tokens is exact whatever the members: they hold no context, so their states (the causal
+        transformer's, at the same positions) are the same in every prompt that opens with them, and no gradient is
+        routed through them to a member."""
         encoder = models[0].text_encoder
         cast = encoder.transformer.get_cast_dtype()
         first = models[0].prompt_learner
@@ -158,6 +165,7 @@ class _PackedPrompts:
             torch.zeros(1, dtype=torch.bool, device=device)], [torch.zeros(1, dtype=torch.long, device=device)]
         parents, lengths, eot = [-1], [1], []
         tokens, row_offset = 1, 0
+        heads: dict[tuple[int, bytes], int] = {}  # frozen opening tokens (their count, their embeddings) -> segment
         for model in models:
             pl = model.prompt_learner
             n_cls, n_ctx = pl.n_cls, pl.n_ctx
@@ -181,14 +189,33 @@ class _PackedPrompts:
                 parents.append(0)
                 lengths.append(prefix - 1)
                 tokens += prefix - 1
-            start = max(prefix, 1)
-            keep = (positions >= start) & (positions <= pl.eot_idx.unsqueeze(1))  # (n_cls, length)
+            start = torch.full((n_cls,), max(prefix, 1), dtype=torch.long, device=device)
+            class_parents = [parent] * n_cls
+            if prefix <= 1:  # each class's frozen tokens before its first context slot (a front class name)
+                first_ctx = torch.where(ctx.any(1), ctx.long().argmax(1), pl.eot_idx)
+                start = torch.minimum(first_ctx, pl.eot_idx).clamp(min=1)  # the end-of-text token is never shared
+                for c in range(n_cls):
+                    n = int(start[c]) - 1
+                    if n == 0:
+                        continue
+                    key = (n, emb[c, 1:1 + n].detach().cpu().numpy().tobytes())
+                    if key not in heads:
+                        heads[key] = len(lengths)
+                        base.append(emb[c, 1:1 + n])
+                        pos.append(positions[1:1 + n])
+                        is_ctx.append(ctx[c, 1:1 + n])
+                        rows.append(row[c, 1:1 + n])
+                        parents.append(0)
+                        lengths.append(n)
+                        tokens += n
+                    class_parents[c] = heads[key]
+            keep = (positions >= start.unsqueeze(1)) & (positions <= pl.eot_idx.unsqueeze(1))  # (n_cls, length)
             base.append(emb[keep])
             pos.append(positions.expand(n_cls, length)[keep])
             is_ctx.append(ctx[keep])
             rows.append(row[keep])
             own = (pl.eot_idx - start + 1).tolist()
-            parents.extend([parent] * n_cls)
+            parents.extend(class_parents)
             lengths.extend(own)
             ends = tokens - 1 + torch.tensor(own).cumsum(0)
             eot.extend(ends.tolist())
@@ -220,22 +247,37 @@ def _padded_text_features(models: Sequence[CoOpModel]) -> list[torch.Tensor]:
 
 
 class _TextStep:
-    """The pack's text step for whichever members step together, laid out once per such set."""
+    """The pack's text step for whichever members step together, laid out once per such set.
+
+    A pass run with ``keep=True`` (a validation's, with autograd on) is kept for the next call: when that call asks
+    for the same members with their contexts untouched since (the tensors' version counters), which is the next
+    epoch's first step after a validation, it takes the kept features and their graph instead of running the same
+    pass again. The features are the same either way; one text forward of every epoch's is saved.
+    """
 
     def __init__(self, models: Sequence[CoOpModel]) -> None:
         self.models = list(models)
         self.flat = models[0].text_encoder.segments_ok
         self._layouts: dict[tuple[int, ...], _PackedPrompts] = {}
+        self._kept: tuple[tuple[int, ...], tuple[int, ...], list[torch.Tensor]] | None = None
 
-    def __call__(self, which: Sequence[int]) -> list[torch.Tensor]:
+    def __call__(self, which: Sequence[int], *, keep: bool = False) -> list[torch.Tensor]:
         models = [self.models[i] for i in which]
-        if not self.flat:
-            return _padded_text_features(models)
         key = tuple(which)
-        if key not in self._layouts:
-            with torch.no_grad():
-                self._layouts[key] = _PackedPrompts.build(models)
-        return self._layouts[key].text_features(models)
+        versions = tuple(m.prompt_learner.ctx._version for m in models)
+        kept, self._kept = self._kept, None  # a kept pass serves the next call or none
+        if kept is not None and torch.is_grad_enabled() and kept[:2] == (key, versions):
+            return kept[2]
+        if not self.flat:
+            texts = _padded_text_features(models)
+        else:
+            if key not in self._layouts:
+                with torch.no_grad():
+                    self._layouts[key] = _PackedPrompts.build(models)
+            texts = self._layouts[key].text_features(models)
+        if keep and torch.is_grad_enabled():
+            self._kept = (key, versions, texts)
+        return texts
 
 
 def _sgd_step(states: Sequence[_Member]) -> None:
@@ -344,7 +386,7 @@ def train_pack(members: Sequence[PackMember], *,
         elapsed = time.perf_counter() - t0
         ended = [(s, float(sums[j, 0]), float(sums[j, 1]), int(sums[j, 2])) for j, s in enumerate(active)
                  if s.result.failure is None]
-        validated = _validate([s for s, *_ in ended if _due(s, epoch)], text_step, index, precision)
+        validated = _validate([s for s, *_ in ended if _due(s, epoch)], text_step, index, precision, epoch)
         for s, loss_sum, correct, n_seen in ended:
             _end_epoch(s, epoch, lrs[id(s)], elapsed, precision, loss_sum, correct, n_seen, validated.get(id(s)))
         if after_epoch is not None:
@@ -402,15 +444,18 @@ def _due(s: _Member, epoch: int) -> bool:
     return s.spec.val is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == s.epochs)
 
 
-def _validate(states: Sequence[_Member], text_step: _TextStep, index: dict[int, int], precision: str
+def _validate(states: Sequence[_Member], text_step: _TextStep, index: dict[int, int], precision: str, epoch: int
               ) -> dict[int, dict[str, float]]:
-    """The validation metrics of the members due for it, their text features from one pass (``evaluate``'s)."""
+    """The validation metrics of the members due for it after ``epoch`` (0-based), their text features from one pass
+    (``evaluate``'s), kept for the next epoch's first step while one of them trains on."""
     if not states:
         return {}
     t0 = time.perf_counter()
     device = states[0].spec.model.prompt_learner.ctx.device
-    with torch.no_grad(), _autocast(precision, device):
-        texts = text_step([index[id(s)] for s in states])
+    # With autograd on while a member trains on: the next epoch's first step takes this pass (``_TextStep``).
+    keep = any(epoch + 1 < s.epochs for s in states)
+    with torch.set_grad_enabled(keep), _autocast(precision, device):
+        texts = [t.detach() for t in text_step([index[id(s)] for s in states], keep=keep)]
     shared = (time.perf_counter() - t0) / len(states)
     out = {}
     for s, text in zip(states, texts):

@@ -18,7 +18,7 @@ from coop_core.backbone import LoadedClip
 from coop_core.config import MethodConfig, PromptConfig, TrainConfig, check_method_prompt
 from coop_core.datasets import DatasetSplits, ImageListDataset, Item
 from coop_core.datasets.base import unreadable_images
-from coop_core.engine import Distributed, TrainState, evaluate, train
+from coop_core.engine import Distributed, TrainState, eval_text_features, evaluate, train
 from coop_core.features import (
     CachedViews,
     ExactImages,
@@ -303,10 +303,11 @@ def evaluate_final(model: CoOpModel, clip: LoadedClip, splits: DatasetSplits, fe
     pack's members, measure it once); computed here by default."""
     if feats.test is None:
         raise ValueError("the final evaluation needs the test split's features (prepare_features with_test=True)")
-    test = evaluate(model, feats.test, precision)
+    text = eval_text_features(model, precision)  # one text pass for the test and registry sets
+    test = evaluate(model, feats.test, precision, text=text)
     zeroshot = zeroshot() if zeroshot is not None else zeroshot_evaluate(
         clip.model, clip.tokenizer, splits.classnames, splits.template, feats.test)
-    registry = evaluate(model, feats.registry, precision) if feats.registry is not None else None
+    registry = evaluate(model, feats.registry, precision, text=text) if feats.registry is not None else None
     return FinalEvaluation(test, zeroshot, registry)
 
 

@@ -49,6 +49,8 @@ CONFIGS = [
          train=TrainConfig(lr=0.002, epochs=2, batch_size=3, seed=4, warmup_epochs=0), n=10, classes=4),
     dict(prompt=PromptConfig(ctx_init="a centered satellite photo of", class_token_position="middle"),
          train=TrainConfig(lr=0.05, epochs=3, batch_size=5, seed=5, warmup_epochs=0), n=20, classes=5),
+    dict(prompt=PromptConfig(n_ctx=4, csc=True, class_token_position="front"),  # opens with member 2's class names
+         train=TrainConfig(lr=0.002, epochs=3, batch_size=4, seed=6, warmup_epochs=1), n=10, classes=5),
 ]
 
 
@@ -181,6 +183,47 @@ def test_one_flat_text_pass_gives_every_member_its_own_features_and_gradients(ar
         (own * w).sum().backward()
         assert_reordered(t, own, ONE_PASS, f"member {i} text features")
         assert_reordered(grad, m.prompt_learner.ctx.grad, FORWARD_BACKWARD, f"member {i} context gradient")
+
+
+def test_front_class_names_are_encoded_once_for_the_pack(tiny_clip):
+    from coop_core.pack import _PackedPrompts
+
+    unified, csc = (_member(tiny_clip, CONFIGS[i], i).model for i in (2, 5))  # front; 3 and 5 classes
+    alone = [_PackedPrompts.build([m]).seg.n_tokens for m in (unified, csc)]
+    together = _PackedPrompts.build([unified, csc]).seg.n_tokens
+    # one start token, and the 3 class names that open both members' prompts, once
+    assert together == sum(alone) - 1 - sum(unified.prompt_learner.name_lens)
+
+
+def test_the_next_epochs_first_step_takes_the_validation_pass(tiny_clip, monkeypatch):
+    """A validation pass with autograd on is the next epoch's first text forward: one forward an epoch fewer, and
+    the same trajectory, bit for bit, as a pack that runs that forward again."""
+    from coop_core import pack
+    from coop_core.text_encoder import TextEncoder
+
+    configs = [CONFIGS[0], CONFIGS[2]]  # 4 epochs of 4 steps each, validated after every epoch
+    forward, passes = TextEncoder.forward_segments, []
+
+    def counted(self, x, seg):
+        passes.append(torch.is_grad_enabled())
+        return forward(self, x, seg)
+
+    monkeypatch.setattr(TextEncoder, "forward_segments", counted)
+    kept = [_member(tiny_clip, c, i) for i, c in enumerate(configs)]
+    kept_results = train_pack(kept)
+    kept_passes, passes[:] = list(passes), []
+    call = pack._TextStep.__call__
+    monkeypatch.setattr(pack._TextStep, "__call__", lambda self, which, keep=False: call(self, which))
+    again = [_member(tiny_clip, c, i) for i, c in enumerate(configs)]
+    again_results = train_pack(again)
+    assert len(passes) == 4 * (4 + 1)  # every epoch: 4 steps and a validation
+    assert len(kept_passes) == len(passes) - 3  # the validations after epochs 1-3 were the next steps' forwards
+    assert kept_passes[-1] is False  # the last validation, which no step follows, runs without autograd
+    for k, a, k_result, a_result in zip(kept, again, kept_results, again_results):
+        assert torch.equal(k.model.prompt_learner.ctx, a.model.prompt_learner.ctx)
+        assert [h["train_loss"] for h in k_result.history] == [h["train_loss"] for h in a_result.history]
+        # validation read features from a pass with autograd on: the same up to the kernels' rounding
+        assert [h["val_acc"] for h in k_result.history] == pytest.approx([h["val_acc"] for h in a_result.history])
 
 
 def test_a_tower_that_cannot_run_segments_packs_its_prompts_padded(tiny_vit_config):

@@ -165,7 +165,7 @@ class _PackedPrompts:
             torch.zeros(1, dtype=torch.bool, device=device)], [torch.zeros(1, dtype=torch.long, device=device)]
         parents, lengths, eot = [-1], [1], []
         tokens, row_offset = 1, 0
-        heads: dict[tuple[int, bytes], int] = {}  # frozen opening tokens (their count, their embeddings) -> segment
+        heads: dict[tuple[int, ...], int] = {}  # frozen opening tokens (their ids) -> their segment
         for model in models:
             pl = model.prompt_learner
             n_cls, n_ctx = pl.n_cls, pl.n_ctx
@@ -179,26 +179,27 @@ class _PackedPrompts:
             if pl.csc:
                 row = row + n_ctx * torch.arange(n_cls, device=device).unsqueeze(1)
             prefix = model.shared_prefix
-            parent = 0
             if prefix > 1:  # positions 1..prefix-1 are the same in every class's prompt by construction
                 base.append(emb[0, 1:prefix])
                 pos.append(positions[1:prefix])
                 is_ctx.append(ctx[0, 1:prefix])
                 rows.append(row[0, 1:prefix])
-                parent = len(lengths)
+                class_parents = [len(lengths)] * n_cls
                 parents.append(0)
                 lengths.append(prefix - 1)
                 tokens += prefix - 1
-            start = torch.full((n_cls,), max(prefix, 1), dtype=torch.long, device=device)
-            class_parents = [parent] * n_cls
-            if prefix <= 1:  # each class's frozen tokens before its first context slot (a front class name)
-                first_ctx = torch.where(ctx.any(1), ctx.long().argmax(1), pl.eot_idx)
-                start = torch.minimum(first_ctx, pl.eot_idx).clamp(min=1)  # the end-of-text token is never shared
+                start = torch.full((n_cls,), prefix, dtype=torch.long, device=device)
+            else:  # each class's frozen tokens before its first context slot (a front class name), shared by token
+                # ids (every member embeds them with the pack's one CLIP); without a context slot, all before the
+                # end-of-text token, which is never shared
+                class_parents = [0] * n_cls
+                start = torch.where(ctx.any(1), ctx.long().argmax(1), pl.eot_idx)
+                ids = pl.tokenized_prompts.gather(1, src)  # (n_cls, length): the token at each position
                 for c in range(n_cls):
                     n = int(start[c]) - 1
                     if n == 0:
                         continue
-                    key = (n, emb[c, 1:1 + n].detach().cpu().numpy().tobytes())
+                    key = tuple(ids[c, 1:1 + n].tolist())
                     if key not in heads:
                         heads[key] = len(lengths)
                         base.append(emb[c, 1:1 + n])
